@@ -1,0 +1,1 @@
+"""HTTP API. Only this package imports FastAPI."""

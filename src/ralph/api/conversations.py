@@ -1,0 +1,88 @@
+"""Messages and activity: `/users/{user_id}/messages`, `/users/{user_id}/activity`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from fastapi import APIRouter, Query
+from pydantic import AwareDatetime, BaseModel, Field
+
+from ralph.api.deps import ServicesDep
+from ralph.api.params import UserIdPath
+from ralph.clock import utc
+from ralph.conversations.store import Message, Role
+
+router = APIRouter(prefix="/users/{user_id}", tags=["conversations"])
+
+MAX_MESSAGE_CHARS = 64 * 1024
+
+
+class MessageIn(BaseModel):
+    role: Role = Role.USER
+    content: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS)
+
+
+class MessageOut(BaseModel):
+    id: int
+    user_id: str
+    role: Role
+    content: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, message: Message) -> MessageOut:
+        return cls.model_validate(message, from_attributes=True)
+
+
+class ActivityIn(BaseModel):
+    at: AwareDatetime | None = Field(default=None, description="Defaults to now.")
+
+
+class ActivityOut(BaseModel):
+    user_id: str
+    last_message_at: datetime | None
+
+
+@router.post("/messages", response_model=MessageOut, status_code=201)
+async def add_message(user_id: UserIdPath, payload: MessageIn, services: ServicesDep) -> MessageOut:
+    """Store a message; a `user` message also records the user's activity."""
+    message = await services.conversations.add_message(
+        user_id, payload.role, payload.content, services.clock.now()
+    )
+    return MessageOut.of(message)
+
+
+@router.get("/messages", response_model=list[MessageOut])
+async def list_messages(
+    user_id: UserIdPath,
+    services: ServicesDep,
+    limit: int = Query(default=50, ge=1, le=500),
+    before: int | None = Query(default=None, description="Only messages older than this id."),
+    q: str | None = Query(default=None, min_length=1, max_length=200, description="Text search"),
+) -> list[MessageOut]:
+    """Newest first; page with `before=<smallest id seen>`."""
+    store = services.conversations
+    if q is not None:
+        found = await store.search_messages(user_id, q, limit=limit)
+    else:
+        found = await store.list_messages(user_id, limit=limit, before=before)
+    return [MessageOut.of(m) for m in found]
+
+
+@router.post("/activity", response_model=ActivityOut)
+async def record_activity(
+    user_id: UserIdPath, services: ServicesDep, payload: ActivityIn | None = None
+) -> ActivityOut:
+    """Record that the user was active (for chat front ends that keep messages elsewhere)."""
+    at = utc(payload.at) if payload and payload.at else services.clock.now()
+    await services.conversations.record_activity(user_id, at)
+    return ActivityOut(
+        user_id=user_id, last_message_at=await services.conversations.last_activity(user_id)
+    )
+
+
+@router.get("/activity", response_model=ActivityOut)
+async def get_activity(user_id: UserIdPath, services: ServicesDep) -> ActivityOut:
+    return ActivityOut(
+        user_id=user_id, last_message_at=await services.conversations.last_activity(user_id)
+    )

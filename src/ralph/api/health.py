@@ -1,0 +1,45 @@
+"""`GET /health`: is the database reachable, and which schema version is it at."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy import text
+
+from ralph import __version__
+from ralph.api.deps import ServicesDep
+from ralph.db import migrate
+
+router = APIRouter(tags=["health"])
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    database: str
+    schema_version: str | None
+    schema_head: str
+
+
+@router.get("/health", response_model=Health, responses={503: {"model": Health}})
+async def health(services: ServicesDep) -> JSONResponse:
+    """200 when the database answers and its schema is current; 503 otherwise."""
+    head = migrate.head_revision()
+    try:
+        async with services.engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+        current = await migrate.current_revision(services.engine)
+        database = "ok"
+    except Exception as exc:  # any driver error means "unreachable" to a health probe
+        current = None
+        database = f"unreachable: {type(exc).__name__}"
+    ok = database == "ok" and current == head
+    body = Health(
+        status="ok" if ok else "degraded",
+        version=__version__,
+        database=database,
+        schema_version=current,
+        schema_head=head,
+    )
+    return JSONResponse(status_code=200 if ok else 503, content=body.model_dump())

@@ -1,0 +1,118 @@
+"""Memory blocks and their history: `/users/{user_id}/blocks...`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, Field
+
+from ralph.api.deps import ServicesDep
+from ralph.api.params import LabelPath, UserIdPath
+from ralph.memory.models import Block, BlockVersion
+
+router = APIRouter(prefix="/users/{user_id}/blocks", tags=["memory"])
+
+
+class BlockOut(BaseModel):
+    user_id: str
+    label: str
+    title: str
+    body: str
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, block: Block) -> BlockOut:
+        return cls.model_validate(block, from_attributes=True)
+
+
+class BlockIn(BaseModel):
+    title: str | None = Field(default=None, max_length=255)
+    body: str
+    expected_version: int | None = Field(
+        default=None, ge=0, description="Apply only if the block is at this version (0: new)."
+    )
+    author: Literal["user", "api"] = "api"
+
+
+class VersionSummary(BaseModel):
+    version: int
+    title: str
+    deleted: bool
+    author: str
+    proposal_id: str | None
+    created_at: datetime
+
+
+class VersionOut(VersionSummary):
+    label: str
+    body: str
+
+    @classmethod
+    def of(cls, version: BlockVersion) -> VersionOut:
+        return cls.model_validate(version, from_attributes=True)
+
+
+class Deleted(BaseModel):
+    deleted: bool
+    version: int
+
+
+@router.get("", response_model=list[BlockOut])
+async def list_blocks(user_id: UserIdPath, services: ServicesDep) -> list[BlockOut]:
+    """All of the user's blocks, by label."""
+    return [BlockOut.of(b) for b in await services.memory.list_blocks(user_id)]
+
+
+@router.get("/{label}", response_model=BlockOut)
+async def get_block(user_id: UserIdPath, label: LabelPath, services: ServicesDep) -> BlockOut:
+    return BlockOut.of(await services.memory.get_block(user_id, label))
+
+
+@router.put("/{label}", response_model=BlockOut)
+async def put_block(
+    user_id: UserIdPath, label: LabelPath, payload: BlockIn, services: ServicesDep
+) -> BlockOut:
+    """Create or replace a block. With `expected_version`, a mismatch is 409."""
+    block = await services.memory.put_block(
+        user_id,
+        label,
+        title=payload.title,
+        body=payload.body,
+        author=payload.author,
+        expected_version=payload.expected_version,
+    )
+    return BlockOut.of(block)
+
+
+@router.delete("/{label}", response_model=Deleted)
+async def delete_block(
+    user_id: UserIdPath,
+    label: LabelPath,
+    services: ServicesDep,
+    expected_version: int | None = Query(default=None, ge=1),
+) -> Deleted:
+    """Delete a block; its history stays readable."""
+    version = await services.memory.delete_block(
+        user_id, label, author="api", expected_version=expected_version
+    )
+    return Deleted(deleted=True, version=version)
+
+
+@router.get("/{label}/history", response_model=list[VersionSummary])
+async def history(
+    user_id: UserIdPath, label: LabelPath, services: ServicesDep
+) -> list[VersionSummary]:
+    """Every version, newest first, with author and time."""
+    versions = await services.memory.history(user_id, label)
+    return [VersionSummary.model_validate(v, from_attributes=True) for v in versions]
+
+
+@router.get("/{label}/history/{version}", response_model=VersionOut)
+async def get_version(
+    user_id: UserIdPath, label: LabelPath, version: int, services: ServicesDep
+) -> VersionOut:
+    return VersionOut.of(await services.memory.get_version(user_id, label, version))

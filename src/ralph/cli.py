@@ -1,0 +1,110 @@
+"""The `ralph` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from ralph import __version__
+from ralph.config import Settings, SettingsError, load_settings
+
+app = typer.Typer(
+    name="ralph",
+    help="Ralph: agents that keep a memory of each user and work for them in the background.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _settings(**overrides: object) -> Settings:
+    try:
+        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except SettingsError as exc:
+        typer.echo(f"error: invalid settings: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default RALPH_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default RALPH_PORT).")] = None,
+) -> None:
+    """Run the HTTP API with its scheduler; applies pending migrations first."""
+    import uvicorn
+
+    from ralph.app import create_app
+    from ralph.logs import configure_logging
+
+    settings = _settings(host=host, port=port)
+    if not _is_loopback(settings.host) and settings.api_token is None:
+        typer.echo(
+            f"error: refusing to listen on {settings.host} without RALPH_API_TOKEN; "
+            "set a token or bind to 127.0.0.1",
+            err=True,
+        )
+        raise typer.Exit(2)
+    os.environ.setdefault("AGNO_TELEMETRY", "false")
+    configure_logging(settings.log_level, settings.log_json)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
+    )
+
+
+@app.command()
+def migrate(
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+    down: Annotated[bool, typer.Option("--down", help="Downgrade to REVISION instead.")] = False,
+) -> None:
+    """Apply database migrations (or roll them back with --down)."""
+    from ralph.db import migrate as migrations
+    from ralph.db.engine import create_engine
+
+    settings = _settings()
+
+    async def _run() -> str | None:
+        engine = create_engine(settings.effective_database_url)
+        try:
+            if down:
+                await migrations.downgrade(engine, revision)
+            else:
+                await migrations.upgrade(engine, revision)
+            return await migrations.current_revision(engine)
+        finally:
+            await engine.dispose()
+
+    current = asyncio.run(_run())
+    typer.echo(f"database at revision {current or 'base (empty)'}")
+
+
+@app.command()
+def version() -> None:
+    """Print Ralph's version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app(prog_name="ralph")
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

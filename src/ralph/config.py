@@ -1,0 +1,98 @@
+"""Settings: one object, read from `RALPH_*` environment variables and an optional `.env` file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ModelProvider = Literal["dev", "openai", "openrouter"]
+ENV_PREFIX = "RALPH_"
+
+
+class Settings(BaseSettings):
+    """Everything that varies between deployments. Field `x` is read from `RALPH_X`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # Storage
+    data_dir: Path = Path("./data")
+    database_url: str | None = None
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(default=8200, ge=1, le=65535)
+    api_token: SecretStr | None = None
+    max_request_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool | None = None  # None: JSON when stderr is not a TTY
+
+    # Model (see the agent runtime)
+    model_provider: ModelProvider | None = None
+    model_id: str | None = None
+    model_base_url: str | None = None
+    model_api_key: SecretStr | None = None
+    model_timeout_seconds: float = Field(default=120.0, gt=0)
+    model_max_retries: int = Field(default=3, ge=0, le=10)
+
+    # Agents
+    allow_shell_tools: bool = False
+    agent_transcript_max_chars: int = Field(default=200_000, ge=1000)
+
+    # Memory
+    memory_max_body_bytes: int = Field(default=64 * 1024, ge=1)
+
+    # Background
+    scheduler_enabled: bool = True
+    run_lease_seconds: float = Field(default=60.0, gt=0)
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    rerun_interrupted_users: int = Field(default=1, ge=0)
+    wait_max_seconds: float = Field(default=600.0, gt=0)
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("sqlite+aiosqlite://", "mysql+asyncmy://")):
+            raise ValueError(
+                "must start with sqlite+aiosqlite:// or mysql+asyncmy:// "
+                f"(got {value.split('://', 1)[0]}://...)"
+            )
+        return value
+
+    @property
+    def effective_database_url(self) -> str:
+        """The configured URL, or a SQLite file inside the data directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'ralph.db').resolve()}"
+
+
+class SettingsError(ValueError):
+    """Settings could not be loaded; the message names the offending variable."""
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One readable line per invalid field, naming the environment variable."""
+    lines: list[str] = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "settings"
+        lines.append(f"{ENV_PREFIX}{field.upper()}: {item['msg']}")
+    return "; ".join(lines)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Load settings from the environment; raise SettingsError with a one-line message."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise SettingsError(describe_validation_error(exc)) from None

@@ -1,0 +1,1 @@
+"""Messages per user and the activity timestamps idle triggers read."""

@@ -1,0 +1,103 @@
+"""SQL storage for messages and user activity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ralph.db.engine import excluded_of, is_sqlite, upsert
+from ralph.db.tables import messages, user_activity
+
+
+class Role(StrEnum):
+    USER = "user"
+    ASSISTANT = "assistant"
+    SYSTEM = "system"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    id: int
+    user_id: str
+    role: Role
+    content: str
+    created_at: datetime
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+class ConversationStore:
+    """Messages and `last_message_at` per user.
+
+    Activity only moves forward: recording an older time than the stored one changes nothing,
+    so out-of-order writers cannot make a user look idle.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        excluded = excluded_of(engine, user_activity).last_message_at
+        greatest = func.max if is_sqlite(engine) else func.greatest
+        self._activity_upsert = upsert(
+            engine,
+            user_activity,
+            {"last_message_at": greatest(user_activity.c.last_message_at, excluded)},
+        )
+
+    async def add_message(self, user_id: str, role: Role, content: str, at: datetime) -> Message:
+        """Store a message; a user message also records activity, in the same transaction."""
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                messages.insert().values(
+                    user_id=user_id, role=role.value, content=content, created_at=at
+                )
+            )
+            if role is Role.USER:
+                await self._record(conn, user_id, at)
+        (message_id,) = result.inserted_primary_key or (0,)
+        return Message(int(message_id), user_id, role, content, at)
+
+    async def list_messages(
+        self, user_id: str, *, limit: int = 50, before: int | None = None
+    ) -> list[Message]:
+        """The newest `limit` messages (older than message id `before`), newest first."""
+        query = select(messages).where(messages.c.user_id == user_id)
+        if before is not None:
+            query = query.where(messages.c.id < before)
+        query = query.order_by(messages.c.id.desc()).limit(limit)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [Message(r.id, r.user_id, Role(r.role), r.content, r.created_at) for r in rows]
+
+    async def search_messages(self, user_id: str, text: str, *, limit: int = 20) -> list[Message]:
+        """Messages containing `text` (case-insensitive), newest first."""
+        pattern = f"%{_escape_like(text.lower())}%"
+        query = (
+            select(messages)
+            .where(
+                messages.c.user_id == user_id,
+                func.lower(messages.c.content).like(pattern, escape="\\"),
+            )
+            .order_by(messages.c.id.desc())
+            .limit(limit)
+        )
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [Message(r.id, r.user_id, Role(r.role), r.content, r.created_at) for r in rows]
+
+    async def record_activity(self, user_id: str, at: datetime) -> None:
+        async with self._engine.begin() as conn:
+            await self._record(conn, user_id, at)
+
+    async def _record(self, conn: AsyncConnection, user_id: str, at: datetime) -> None:
+        await conn.execute(self._activity_upsert, {"user_id": user_id, "last_message_at": at})
+
+    async def last_activity(self, user_id: str) -> datetime | None:
+        query = select(user_activity.c.last_message_at).where(user_activity.c.user_id == user_id)
+        async with self._engine.connect() as conn:
+            return (await conn.execute(query)).scalar()

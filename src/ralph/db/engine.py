@@ -1,0 +1,87 @@
+"""Engine creation and the few dialect differences the stores need."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Insert, Table, event
+from sqlalchemy.dialects.mysql import insert as mysql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+
+def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+    """An async engine for `url` (sqlite+aiosqlite or mysql+asyncmy).
+
+    SQLite: the parent directory is created, WAL mode and a busy timeout are set, and every
+    transaction starts with BEGIN IMMEDIATE, so a read-then-write transaction never fails
+    half-way with "database is locked" when another connection or process writes concurrently.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+        _configure_sqlite(engine)
+        return engine
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        isolation_level="READ COMMITTED",
+    )
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    sync_engine = engine.sync_engine
+
+    @event.listens_for(sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from the driver so "begin" below decides how to start.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(sync_engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def is_sqlite(engine: AsyncEngine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def insert_ignore(engine: AsyncEngine, table: Table) -> Insert:
+    """INSERT that silently skips rows whose primary or unique key already exists."""
+    if is_sqlite(engine):
+        return sqlite_insert(table).on_conflict_do_nothing()
+    return mysql_insert(table).prefix_with("IGNORE")
+
+
+def upsert(engine: AsyncEngine, table: Table, update: dict[str, Any]) -> Insert:
+    """INSERT ... ON CONFLICT/DUPLICATE KEY UPDATE with `update` (column -> SQL expression).
+
+    The expressions may use `excluded(column)` from `excluded_of`, which names the proposed row.
+    """
+    if is_sqlite(engine):
+        stmt = sqlite_insert(table)
+        return stmt.on_conflict_do_update(
+            index_elements=list(table.primary_key.columns), set_=update
+        )
+    return mysql_insert(table).on_duplicate_key_update(update)
+
+
+def excluded_of(engine: AsyncEngine, table: Table) -> Any:
+    """The "proposed row" namespace for `upsert` updates on this dialect."""
+    if is_sqlite(engine):
+        return sqlite_insert(table).excluded
+    return mysql_insert(table).inserted

@@ -1,0 +1,219 @@
+"""Table definitions. The migrations in `migrations/versions` create exactly these."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+from ralph.db.types import LongText, UTCDateTime
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+USER = 128
+LABEL = 64
+TASK = 64
+UUID = 36
+AUTHOR = 160
+
+# --- memory -------------------------------------------------------------------------------
+
+memory_blocks = Table(
+    "memory_blocks",
+    metadata,
+    Column("user_id", String(USER), primary_key=True),
+    Column("label", String(LABEL), primary_key=True),
+    Column("title", String(255), nullable=False),
+    Column("body", LongText(), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+# Every version of every block, the current one included. The primary key makes two writers
+# producing the same version impossible.
+memory_block_versions = Table(
+    "memory_block_versions",
+    metadata,
+    Column("user_id", String(USER), primary_key=True),
+    Column("label", String(LABEL), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("title", String(255), nullable=False),
+    Column("body", LongText(), nullable=False),
+    Column("deleted", Boolean, nullable=False, default=False),
+    Column("author", String(AUTHOR), nullable=False),
+    Column("proposal_id", String(UUID), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+proposals = Table(
+    "proposals",
+    metadata,
+    Column("id", String(UUID), primary_key=True),
+    Column("user_id", String(USER), nullable=False),
+    Column("label", String(LABEL), nullable=False),
+    Column("kind", String(16), nullable=False),  # "body" | "replace"
+    Column("title", String(255), nullable=True),
+    Column("body", LongText(), nullable=True),
+    Column("old_text", LongText(), nullable=True),
+    Column("new_text", LongText(), nullable=True),
+    Column("reason", Text(), nullable=False),
+    Column("author", String(AUTHOR), nullable=False),
+    Column("run_id", String(UUID), nullable=True),
+    Column("base_version", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("diff", LongText(), nullable=False),
+    Column("comment", Text(), nullable=True),
+    Column("applied_version", Integer, nullable=True),
+    Column("idempotency_key", String(64), nullable=True, unique=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("decided_at", UTCDateTime(), nullable=True),
+    Index(None, "user_id", "status", "created_at"),
+    Index(None, "run_id"),
+)
+
+# --- conversations ------------------------------------------------------------------------
+
+messages = Table(
+    "messages",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("user_id", String(USER), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("content", LongText(), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Index(None, "user_id", "id"),
+)
+
+user_activity = Table(
+    "user_activity",
+    metadata,
+    Column("user_id", String(USER), primary_key=True),
+    Column("last_message_at", UTCDateTime(), nullable=False, index=True),
+)
+
+# --- background tasks ---------------------------------------------------------------------
+
+background_tasks = Table(
+    "background_tasks",
+    metadata,
+    Column("name", String(TASK), primary_key=True),
+    Column("definition", LongText(), nullable=False),  # JSON of the task, minus user ids
+    Column("trigger_type", String(16), nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    Column("user_count", Integer, nullable=False),
+    # Slots at or before this instant never fire: set on create, enable and trigger change.
+    Column("schedule_from", UTCDateTime(), nullable=False),
+    Column("revision", Integer, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+# A task's explicit users, one row each: idle selection joins on it.
+task_users = Table(
+    "task_users",
+    metadata,
+    Column("task_name", String(TASK), primary_key=True),
+    Column("user_id", String(USER), primary_key=True),
+    Column("position", Integer, nullable=False),
+    Index(None, "task_name", "position"),
+)
+
+task_runs = Table(
+    "task_runs",
+    metadata,
+    Column("id", String(UUID), primary_key=True),
+    Column("task_name", String(TASK), nullable=False),
+    Column("trigger_type", String(16), nullable=False),
+    # "cron:<slot iso>" for cron runs, "idle:<tick iso>" for idle runs; unique per task, so a
+    # slot claimed by one replica cannot be claimed by another.
+    Column("slot_key", String(64), nullable=True),
+    Column("slot_at", UTCDateTime(), nullable=True),
+    Column("status", String(16), nullable=False),
+    Column("task_snapshot", LongText(), nullable=False),
+    Column("owner", String(64), nullable=True),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("user_total", Integer, nullable=False, default=0),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("started_at", UTCDateTime(), nullable=True),
+    Column("completed_at", UTCDateTime(), nullable=True),
+    Column("heartbeat_at", UTCDateTime(), nullable=True),
+    Column("input_tokens", BigInteger, nullable=False, default=0),
+    Column("output_tokens", BigInteger, nullable=False, default=0),
+    Column("total_tokens", BigInteger, nullable=False, default=0),
+    Column("error", Text(), nullable=True),
+    UniqueConstraint("task_name", "slot_key"),
+    Index(None, "task_name", "created_at"),
+    Index(None, "status", "heartbeat_at"),
+)
+
+task_run_users = Table(
+    "task_run_users",
+    metadata,
+    Column("run_id", String(UUID), primary_key=True),
+    Column("user_id", String(USER), primary_key=True),
+    Column("position", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("started_at", UTCDateTime(), nullable=True),
+    Column("completed_at", UTCDateTime(), nullable=True),
+    Column("turns_used", Integer, nullable=False, default=0),
+    Column("tool_calls", Integer, nullable=False, default=0),
+    Column("proposals_created", Integer, nullable=False, default=0),
+    Column("input_tokens", BigInteger, nullable=False, default=0),
+    Column("output_tokens", BigInteger, nullable=False, default=0),
+    Column("total_tokens", BigInteger, nullable=False, default=0),
+    Column("error", Text(), nullable=True),
+    Column("transcript", LongText(), nullable=True),
+    Index(None, "run_id", "status", "position"),
+    Index(None, "run_id", "position"),
+)
+
+# One row while a (task, user) agent is in flight: the key makes a second one impossible.
+task_user_locks = Table(
+    "task_user_locks",
+    metadata,
+    Column("task_name", String(TASK), primary_key=True),
+    Column("user_id", String(USER), primary_key=True),
+    Column("run_id", String(UUID), nullable=False),
+    Column("acquired_at", UTCDateTime(), nullable=False),
+    Index(None, "run_id"),
+)
+
+# Idle trigger state per (task, user): which message the last fired episode covered.
+idle_state = Table(
+    "idle_state",
+    metadata,
+    Column("task_name", String(TASK), primary_key=True),
+    Column("user_id", String(USER), primary_key=True),
+    Column("episode_message_at", UTCDateTime(), nullable=False),
+    Column("last_run_at", UTCDateTime(), nullable=False),
+)
+
+scheduler_replicas = Table(
+    "scheduler_replicas",
+    metadata,
+    Column("replica_id", String(64), primary_key=True),
+    Column("hostname", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("heartbeat_at", UTCDateTime(), nullable=False),
+    Column("last_tick_at", UTCDateTime(), nullable=True),
+)

@@ -1,0 +1,1 @@
+"""Memory blocks with history, and the proposals through which agents change them."""

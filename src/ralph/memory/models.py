@@ -1,0 +1,85 @@
+"""Memory domain objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    user_id: str
+    label: str
+    title: str
+    body: str
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class BlockVersion:
+    user_id: str
+    label: str
+    version: int
+    title: str
+    body: str
+    deleted: bool
+    author: str
+    proposal_id: str | None
+    created_at: datetime
+
+
+class ProposalStatus(StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    SUPERSEDED = "superseded"
+    CONFLICT = "conflict"
+
+
+class ProposalKind(StrEnum):
+    BODY = "body"  # replace the whole body (and optionally the title)
+    REPLACE = "replace"  # replace one exact passage with another
+
+
+@dataclass(frozen=True, slots=True)
+class Proposal:
+    id: str
+    user_id: str
+    label: str
+    kind: ProposalKind
+    title: str | None
+    body: str | None
+    old_text: str | None
+    new_text: str | None
+    reason: str
+    author: str
+    run_id: str | None
+    base_version: int
+    status: ProposalStatus
+    diff: str
+    comment: str | None
+    applied_version: int | None
+    created_at: datetime
+    decided_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProposalDraft:
+    """What an author proposes; the service turns it into a Proposal."""
+
+    user_id: str
+    label: str
+    reason: str
+    author: str
+    body: str | None = None
+    title: str | None = None
+    old_text: str | None = None
+    new_text: str | None = None
+    run_id: str | None = None
+
+    @property
+    def kind(self) -> ProposalKind:
+        return ProposalKind.BODY if self.body is not None else ProposalKind.REPLACE

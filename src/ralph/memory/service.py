@@ -1,0 +1,241 @@
+"""Memory use cases: edit blocks, propose and decide changes, render context for agents."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import uuid
+from collections.abc import Sequence
+
+from ralph.clock import Clock
+from ralph.errors import Conflict, InvalidInput, NotFound
+from ralph.memory.models import (
+    Block,
+    BlockVersion,
+    Proposal,
+    ProposalDraft,
+    ProposalKind,
+    ProposalStatus,
+)
+from ralph.memory.store import EditFn, MemoryStore, labels_in_order
+
+
+def unified_diff(label: str, before: str, after: str) -> str:
+    lines = difflib.unified_diff(
+        before.splitlines(keepends=True),
+        after.splitlines(keepends=True),
+        fromfile=f"{label} (current)",
+        tofile=f"{label} (proposed)",
+    )
+    return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+
+
+def _replace_once(body: str, old: str, new: str, label: str) -> str:
+    count = body.count(old)
+    if count == 0:
+        raise Conflict(f"the text to replace is no longer in block '{label}'")
+    if count > 1:
+        raise Conflict(f"the text to replace occurs {count} times in block '{label}'")
+    return body.replace(old, new, 1)
+
+
+class MemoryService:
+    """Blocks with history; proposals that a person approves before anything changes."""
+
+    def __init__(self, store: MemoryStore, clock: Clock, max_body_bytes: int) -> None:
+        self.store = store
+        self._clock = clock
+        self._max_body_bytes = max_body_bytes
+
+    def _check_body(self, body: str) -> None:
+        size = len(body.encode("utf-8"))
+        if size > self._max_body_bytes:
+            raise InvalidInput(f"body is {size} bytes; the limit is {self._max_body_bytes} bytes")
+
+    # --- blocks ---------------------------------------------------------------------------
+
+    async def list_blocks(self, user_id: str) -> list[Block]:
+        return await self.store.list_blocks(user_id)
+
+    async def get_block(self, user_id: str, label: str) -> Block:
+        block = await self.store.get_block(user_id, label)
+        if block is None:
+            raise NotFound(f"block '{label}' not found for user '{user_id}'")
+        return block
+
+    async def put_block(
+        self,
+        user_id: str,
+        label: str,
+        *,
+        title: str | None,
+        body: str,
+        author: str,
+        expected_version: int | None = None,
+    ) -> Block:
+        """Create or replace a block; `expected_version` makes it conditional (409 on mismatch)."""
+        self._check_body(body)
+
+        def edit(current: Block | None) -> tuple[str, str]:
+            if title is not None:
+                return title, body
+            return (current.title if current else label.replace("_", " ").title()), body
+
+        return await self.store.write_block(
+            user_id,
+            label,
+            edit,
+            author=author,
+            now=self._clock.now(),
+            expected_version=expected_version,
+        )
+
+    async def delete_block(
+        self, user_id: str, label: str, *, author: str, expected_version: int | None = None
+    ) -> int:
+        return await self.store.delete_block(
+            user_id, label, author=author, now=self._clock.now(), expected_version=expected_version
+        )
+
+    async def history(self, user_id: str, label: str) -> list[BlockVersion]:
+        versions = await self.store.history(user_id, label)
+        if not versions:
+            raise NotFound(f"block '{label}' has no history for user '{user_id}'")
+        return versions
+
+    async def get_version(self, user_id: str, label: str, version: int) -> BlockVersion:
+        found = await self.store.get_version(user_id, label, version)
+        if found is None:
+            raise NotFound(f"block '{label}' has no version {version}")
+        return found
+
+    async def build_memory_context(self, user_id: str, labels: Sequence[str] = ()) -> str:
+        """The chosen blocks as markdown for a system prompt, in `labels` order.
+
+        With no labels, every block of the user in label order. Missing blocks are skipped.
+        """
+        blocks = labels_in_order(await self.store.list_blocks(user_id), labels)
+        sections = [
+            f"## {b.title} (`{b.label}`, version {b.version})\n\n{b.body.strip()}\n" for b in blocks
+        ]
+        return "\n".join(sections)
+
+    # --- proposals ------------------------------------------------------------------------
+
+    async def propose(self, draft: ProposalDraft) -> tuple[Proposal, bool]:
+        """Record a pending proposal; returns it and whether it is new.
+
+        A proposal is idempotent per (run, block, content): the same run proposing the same
+        edit again gets the first proposal back. Replace-style edits must apply to the block as
+        it is now (InvalidInput otherwise).
+        """
+        if not draft.reason.strip():
+            raise InvalidInput("a proposal needs a reason")
+        if draft.kind is ProposalKind.BODY:
+            if draft.old_text is not None or draft.new_text is not None:
+                raise InvalidInput("give either body, or old_text and new_text, not both")
+            assert draft.body is not None
+            self._check_body(draft.body)
+        elif draft.old_text is None or draft.new_text is None or not draft.old_text:
+            raise InvalidInput("give either body, or a non-empty old_text with new_text")
+
+        current = await self.store.get_block(draft.user_id, draft.label)
+        before = current.body if current else ""
+        try:
+            after = (
+                draft.body
+                if draft.body is not None
+                else _replace_once(before, draft.old_text or "", draft.new_text or "", draft.label)
+            )
+        except Conflict as exc:
+            raise InvalidInput(str(exc)) from None
+        assert after is not None
+        self._check_body(after)
+
+        key = None
+        if draft.run_id is not None:
+            content = json.dumps(
+                [
+                    draft.label,
+                    draft.kind.value,
+                    draft.title,
+                    draft.body,
+                    draft.old_text,
+                    draft.new_text,
+                ],
+            )
+            key = hashlib.sha256(f"{draft.run_id}\0{content}".encode()).hexdigest()
+        values = {
+            "id": str(uuid.uuid4()),
+            "user_id": draft.user_id,
+            "label": draft.label,
+            "kind": draft.kind.value,
+            "title": draft.title,
+            "body": draft.body,
+            "old_text": draft.old_text,
+            "new_text": draft.new_text,
+            "reason": draft.reason,
+            "author": draft.author,
+            "run_id": draft.run_id,
+            "base_version": current.version if current else 0,
+            "status": ProposalStatus.PENDING.value,
+            "diff": unified_diff(draft.label, before, after),
+            "idempotency_key": key,
+            "created_at": self._clock.now(),
+        }
+        return await self.store.insert_proposal(values)
+
+    async def get_proposal(self, proposal_id: str) -> Proposal:
+        proposal = await self.store.get_proposal(proposal_id)
+        if proposal is None:
+            raise NotFound(f"proposal '{proposal_id}' not found")
+        return proposal
+
+    async def list_proposals(
+        self, user_id: str, status: ProposalStatus | None = None, limit: int = 100
+    ) -> list[Proposal]:
+        return await self.store.list_proposals(user_id, status=status, limit=limit)
+
+    async def approve(self, proposal_id: str, comment: str | None = None) -> Proposal:
+        """Apply the proposal as a new block version (409 if not pending or if it conflicts)."""
+        return await self.store.decide(
+            proposal_id,
+            approve=True,
+            comment=comment,
+            now=self._clock.now(),
+            edit_for=self._edit_for,
+        )
+
+    async def reject(self, proposal_id: str, comment: str | None = None) -> Proposal:
+        return await self.store.decide(
+            proposal_id,
+            approve=False,
+            comment=comment,
+            now=self._clock.now(),
+            edit_for=self._edit_for,
+        )
+
+    def _edit_for(self, proposal: Proposal) -> EditFn:
+        def edit(current: Block | None) -> tuple[str, str]:
+            current_version = current.version if current else 0
+            default_title = proposal.label.replace("_", " ").title()
+            title = proposal.title or (current.title if current else default_title)
+            if proposal.kind is ProposalKind.BODY:
+                if current_version != proposal.base_version:
+                    raise Conflict(
+                        f"block '{proposal.label}' changed since the proposal "
+                        f"(version {proposal.base_version} -> {current_version})"
+                    )
+                assert proposal.body is not None
+                return title, proposal.body
+            body = _replace_once(
+                current.body if current else "",
+                proposal.old_text or "",
+                proposal.new_text or "",
+                proposal.label,
+            )
+            self._check_body(body)
+            return title, body
+
+        return edit

@@ -1,0 +1,423 @@
+"""SQL storage for memory blocks, their versions and proposals."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import RowMapping, and_, func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ralph.db.engine import insert_ignore, is_sqlite
+from ralph.db.retry import retrying
+from ralph.db.tables import memory_block_versions, memory_blocks, proposals
+from ralph.errors import Conflict, NotFound
+from ralph.memory.models import (
+    Block,
+    BlockVersion,
+    Proposal,
+    ProposalKind,
+    ProposalStatus,
+)
+
+# Computes the new (title, body) from the current block, or raises Conflict.
+EditFn = Callable[[Block | None], tuple[str, str]]
+
+
+def _block(m: RowMapping) -> Block:
+    return Block(
+        user_id=m["user_id"],
+        label=m["label"],
+        title=m["title"],
+        body=m["body"],
+        version=m["version"],
+        created_at=m["created_at"],
+        updated_at=m["updated_at"],
+    )
+
+
+def _version(m: RowMapping) -> BlockVersion:
+    return BlockVersion(
+        user_id=m["user_id"],
+        label=m["label"],
+        version=m["version"],
+        title=m["title"],
+        body=m["body"],
+        deleted=bool(m["deleted"]),
+        author=m["author"],
+        proposal_id=m["proposal_id"],
+        created_at=m["created_at"],
+    )
+
+
+def _proposal(m: RowMapping) -> Proposal:
+    return Proposal(
+        id=m["id"],
+        user_id=m["user_id"],
+        label=m["label"],
+        kind=ProposalKind(m["kind"]),
+        title=m["title"],
+        body=m["body"],
+        old_text=m["old_text"],
+        new_text=m["new_text"],
+        reason=m["reason"],
+        author=m["author"],
+        run_id=m["run_id"],
+        base_version=m["base_version"],
+        status=ProposalStatus(m["status"]),
+        diff=m["diff"],
+        comment=m["comment"],
+        applied_version=m["applied_version"],
+        created_at=m["created_at"],
+        decided_at=m["decided_at"],
+    )
+
+
+class MemoryStore:
+    """Blocks, versions and proposals in SQL.
+
+    Every write is one transaction that reads the block with a row lock (SQLite: the whole
+    database, taken at BEGIN) and appends a version whose number is part of the primary key, so
+    two concurrent writers can never both produce version N: the loser retries from the start
+    and sees the winner's change.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._lock_rows = not is_sqlite(engine)
+
+    # --- blocks ---------------------------------------------------------------------------
+
+    async def list_blocks(self, user_id: str) -> list[Block]:
+        query = select(memory_blocks).where(memory_blocks.c.user_id == user_id)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query.order_by(memory_blocks.c.label))).mappings().all()
+        return [_block(r) for r in rows]
+
+    async def get_block(self, user_id: str, label: str) -> Block | None:
+        async with self._engine.connect() as conn:
+            return await self._get_block(conn, user_id, label, lock=False)
+
+    async def _get_block(
+        self, conn: AsyncConnection, user_id: str, label: str, *, lock: bool
+    ) -> Block | None:
+        query = select(memory_blocks).where(
+            memory_blocks.c.user_id == user_id, memory_blocks.c.label == label
+        )
+        if lock and self._lock_rows:
+            query = query.with_for_update()
+        row = (await conn.execute(query)).mappings().first()
+        return _block(row) if row else None
+
+    async def _last_version(self, conn: AsyncConnection, user_id: str, label: str) -> int:
+        query = select(func.max(memory_block_versions.c.version)).where(
+            memory_block_versions.c.user_id == user_id, memory_block_versions.c.label == label
+        )
+        return int((await conn.execute(query)).scalar() or 0)
+
+    async def write_block(
+        self,
+        user_id: str,
+        label: str,
+        edit: EditFn,
+        *,
+        author: str,
+        now: datetime,
+        expected_version: int | None = None,
+        proposal_id: str | None = None,
+    ) -> Block:
+        """Apply `edit` to the block's current content as a new version, atomically.
+
+        `expected_version`: the version the caller last saw (0 = "must not exist"); a different
+        current version raises Conflict with `current_version`. `edit` may raise Conflict too;
+        nothing is written then.
+        """
+
+        async def attempt() -> Block:
+            async with self._engine.begin() as conn:
+                return await self._write(
+                    conn, user_id, label, edit, author, now, expected_version, proposal_id
+                )
+
+        return await retrying(attempt)
+
+    async def _write(
+        self,
+        conn: AsyncConnection,
+        user_id: str,
+        label: str,
+        edit: EditFn,
+        author: str,
+        now: datetime,
+        expected_version: int | None,
+        proposal_id: str | None,
+    ) -> Block:
+        current = await self._get_block(conn, user_id, label, lock=True)
+        current_version = current.version if current else 0
+        if expected_version is not None and expected_version != current_version:
+            raise Conflict(
+                f"block '{label}' is at version {current_version}, not {expected_version}",
+                current_version=current_version,
+            )
+        title, body = edit(current)
+        version = await self._last_version(conn, user_id, label) + 1
+        await conn.execute(
+            memory_block_versions.insert().values(
+                user_id=user_id,
+                label=label,
+                version=version,
+                title=title,
+                body=body,
+                deleted=False,
+                author=author,
+                proposal_id=proposal_id,
+                created_at=now,
+            )
+        )
+        if current is None:
+            await conn.execute(
+                memory_blocks.insert().values(
+                    user_id=user_id,
+                    label=label,
+                    title=title,
+                    body=body,
+                    version=version,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            return Block(user_id, label, title, body, version, now, now)
+        await conn.execute(
+            update(memory_blocks)
+            .where(memory_blocks.c.user_id == user_id, memory_blocks.c.label == label)
+            .values(title=title, body=body, version=version, updated_at=now)
+        )
+        return Block(user_id, label, title, body, version, current.created_at, now)
+
+    async def delete_block(
+        self,
+        user_id: str,
+        label: str,
+        *,
+        author: str,
+        now: datetime,
+        expected_version: int | None = None,
+    ) -> int:
+        """Delete the block, keeping its history (a tombstone version). Returns that version."""
+
+        async def attempt() -> int:
+            async with self._engine.begin() as conn:
+                current = await self._get_block(conn, user_id, label, lock=True)
+                if current is None:
+                    raise NotFound(f"block '{label}' not found for user '{user_id}'")
+                if expected_version is not None and expected_version != current.version:
+                    raise Conflict(
+                        f"block '{label}' is at version {current.version}, not {expected_version}",
+                        current_version=current.version,
+                    )
+                version = await self._last_version(conn, user_id, label) + 1
+                await conn.execute(
+                    memory_block_versions.insert().values(
+                        user_id=user_id,
+                        label=label,
+                        version=version,
+                        title=current.title,
+                        body="",
+                        deleted=True,
+                        author=author,
+                        created_at=now,
+                    )
+                )
+                await conn.execute(
+                    memory_blocks.delete().where(
+                        memory_blocks.c.user_id == user_id, memory_blocks.c.label == label
+                    )
+                )
+                return version
+
+        return await retrying(attempt)
+
+    async def history(self, user_id: str, label: str) -> list[BlockVersion]:
+        """Every version of the block, newest first (tombstones of deletions included)."""
+        query = (
+            select(memory_block_versions)
+            .where(
+                memory_block_versions.c.user_id == user_id,
+                memory_block_versions.c.label == label,
+            )
+            .order_by(memory_block_versions.c.version.desc())
+        )
+        async with self._engine.connect() as conn:
+            return [_version(r) for r in (await conn.execute(query)).mappings().all()]
+
+    async def get_version(self, user_id: str, label: str, version: int) -> BlockVersion | None:
+        query = select(memory_block_versions).where(
+            memory_block_versions.c.user_id == user_id,
+            memory_block_versions.c.label == label,
+            memory_block_versions.c.version == version,
+        )
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(query)).mappings().first()
+        return _version(row) if row else None
+
+    # --- proposals ------------------------------------------------------------------------
+
+    async def insert_proposal(self, values: dict[str, Any]) -> tuple[Proposal, bool]:
+        """Insert a proposal unless one with the same `idempotency_key` exists.
+
+        Returns the stored proposal and whether it was created by this call.
+        """
+        async with self._engine.begin() as conn:
+            result = await conn.execute(insert_ignore(self._engine, proposals).values(**values))
+            created = result.rowcount == 1
+            key = values.get("idempotency_key")
+            if created or key is None:
+                where = proposals.c.id == values["id"]
+            else:
+                where = proposals.c.idempotency_key == key
+            row = (await conn.execute(select(proposals).where(where))).mappings().one()
+        return _proposal(row), created
+
+    async def get_proposal(self, proposal_id: str) -> Proposal | None:
+        async with self._engine.connect() as conn:
+            row = (
+                (await conn.execute(select(proposals).where(proposals.c.id == proposal_id)))
+                .mappings()
+                .first()
+            )
+        return _proposal(row) if row else None
+
+    async def list_proposals(
+        self,
+        user_id: str,
+        *,
+        status: ProposalStatus | None = None,
+        run_id: str | None = None,
+        limit: int = 100,
+    ) -> list[Proposal]:
+        query = select(proposals).where(proposals.c.user_id == user_id)
+        if status is not None:
+            query = query.where(proposals.c.status == status.value)
+        if run_id is not None:
+            query = query.where(proposals.c.run_id == run_id)
+        query = query.order_by(proposals.c.created_at.desc(), proposals.c.id).limit(limit)
+        async with self._engine.connect() as conn:
+            return [_proposal(r) for r in (await conn.execute(query)).mappings().all()]
+
+    async def count_proposals(self, run_id: str, user_id: str) -> int:
+        query = select(func.count()).where(
+            proposals.c.run_id == run_id, proposals.c.user_id == user_id
+        )
+        async with self._engine.connect() as conn:
+            return int((await conn.execute(query)).scalar() or 0)
+
+    async def decide(
+        self,
+        proposal_id: str,
+        *,
+        approve: bool,
+        comment: str | None,
+        now: datetime,
+        edit_for: Callable[[Proposal], EditFn],
+    ) -> Proposal:
+        """Approve or reject a pending proposal, atomically with the block change.
+
+        Approval applies `edit_for(proposal)` as a new block version in the same transaction; if
+        that edit raises Conflict, the proposal is stored as `conflict`, the block is untouched,
+        and Conflict is raised. A proposal that is not pending raises Conflict and changes
+        nothing. After an approval, pending whole-body proposals on the same block that were
+        based on an older version are marked `superseded`.
+        """
+
+        async def attempt() -> tuple[Proposal, Conflict | None]:
+            async with self._engine.begin() as conn:
+                query = select(proposals).where(proposals.c.id == proposal_id)
+                if self._lock_rows:
+                    query = query.with_for_update()
+                row = (await conn.execute(query)).mappings().first()
+                if row is None:
+                    raise NotFound(f"proposal '{proposal_id}' not found")
+                proposal = _proposal(row)
+                if proposal.status is not ProposalStatus.PENDING:
+                    raise Conflict(
+                        f"proposal '{proposal_id}' is already {proposal.status.value}",
+                        status=proposal.status.value,
+                    )
+                if not approve:
+                    return await self._set_status(
+                        conn, proposal, ProposalStatus.REJECTED, comment, now, None
+                    ), None
+                try:
+                    block = await self._write(
+                        conn,
+                        proposal.user_id,
+                        proposal.label,
+                        edit_for(proposal),
+                        proposal.author,
+                        now,
+                        None,
+                        proposal.id,
+                    )
+                except Conflict as conflict:
+                    stored = await self._set_status(
+                        conn, proposal, ProposalStatus.CONFLICT, comment, now, None
+                    )
+                    return stored, conflict
+                await conn.execute(
+                    update(proposals)
+                    .where(
+                        and_(
+                            proposals.c.user_id == proposal.user_id,
+                            proposals.c.label == proposal.label,
+                            proposals.c.status == ProposalStatus.PENDING.value,
+                            proposals.c.kind == ProposalKind.BODY.value,
+                            proposals.c.base_version < block.version,
+                            proposals.c.id != proposal.id,
+                        )
+                    )
+                    .values(status=ProposalStatus.SUPERSEDED.value, decided_at=now)
+                )
+                stored = await self._set_status(
+                    conn, proposal, ProposalStatus.APPROVED, comment, now, block.version
+                )
+                return stored, None
+
+        stored, conflict = await retrying(attempt)
+        if conflict is not None:
+            raise Conflict(str(conflict), status=stored.status.value, proposal_id=stored.id)
+        return stored
+
+    async def _set_status(
+        self,
+        conn: AsyncConnection,
+        proposal: Proposal,
+        status: ProposalStatus,
+        comment: str | None,
+        now: datetime,
+        applied_version: int | None,
+    ) -> Proposal:
+        await conn.execute(
+            update(proposals)
+            .where(proposals.c.id == proposal.id)
+            .values(
+                status=status.value,
+                comment=comment,
+                decided_at=now,
+                applied_version=applied_version,
+            )
+        )
+        row = (
+            (await conn.execute(select(proposals).where(proposals.c.id == proposal.id)))
+            .mappings()
+            .one()
+        )
+        return _proposal(row)
+
+
+def labels_in_order(blocks: Sequence[Block], labels: Sequence[str]) -> list[Block]:
+    """`blocks` in the order of `labels` (all blocks by label when `labels` is empty)."""
+    if not labels:
+        return sorted(blocks, key=lambda b: b.label)
+    by_label = {b.label: b for b in blocks}
+    return [by_label[label] for label in labels if label in by_label]

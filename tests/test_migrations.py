@@ -1,0 +1,63 @@
+"""Migrations go from empty to head and back on every backend."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect
+
+from ralph.db import migrate
+from ralph.db.engine import create_engine
+from ralph.db.tables import metadata
+from tests.conftest import create_mariadb_database, drop_mariadb_database
+
+
+@pytest.fixture(params=["sqlite", "mariadb"])
+async def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+        return
+    url = await create_mariadb_database()
+    yield url
+    await drop_mariadb_database(url)
+
+
+async def _table_names(url: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as connection:
+            names = await connection.run_sync(lambda c: inspect(c).get_table_names())
+        return set(names) - {"alembic_version"}
+    finally:
+        await engine.dispose()
+
+
+async def test_upgrade_to_head_then_downgrade_to_base(empty_database_url: str) -> None:
+    engine = create_engine(empty_database_url)
+    try:
+        assert await migrate.current_revision(engine) is None
+        await migrate.upgrade(engine)
+        assert await migrate.current_revision(engine) == migrate.head_revision()
+        assert await _table_names(empty_database_url) == set(metadata.tables)
+
+        await migrate.downgrade(engine, "base")
+        assert await migrate.current_revision(engine) is None
+        assert await _table_names(empty_database_url) == set()
+
+        # and up again: a downgrade leaves nothing behind that blocks a fresh upgrade
+        await migrate.upgrade(engine)
+        assert await migrate.current_revision(engine) == migrate.head_revision()
+    finally:
+        await engine.dispose()
+
+
+async def test_upgrade_is_idempotent(empty_database_url: str) -> None:
+    engine = create_engine(empty_database_url)
+    try:
+        await migrate.upgrade(engine)
+        await migrate.upgrade(engine)
+        assert await migrate.current_revision(engine) == migrate.head_revision()
+    finally:
+        await engine.dispose()

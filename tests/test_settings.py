@@ -1,0 +1,92 @@
+"""Settings come from RALPH_* variables and fail with a line that names the variable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ralph.config import SettingsError, load_settings
+
+pytestmark = pytest.mark.usefixtures("clean_env")
+
+
+def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings()
+    assert settings.host == "127.0.0.1"
+    assert settings.port == 8200
+    assert settings.api_token is None
+    assert settings.effective_database_url == (
+        f"sqlite+aiosqlite:///{(tmp_path / 'data' / 'ralph.db').resolve()}"
+    )
+
+
+def test_environment_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("RALPH_PORT", "9001")
+    monkeypatch.setenv("RALPH_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("RALPH_API_TOKEN", "s3cret")
+    settings = load_settings()
+    assert settings.port == 9001
+    assert settings.data_dir == tmp_path
+    assert settings.api_token is not None
+    assert settings.api_token.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(settings)
+
+
+def test_dotenv_file_is_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("RALPH_PORT=8555\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_settings().port == 8555
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("RALPH_PORT", "not-a-port"),
+        ("RALPH_PORT", "70000"),
+        ("RALPH_DATABASE_URL", "postgres://x/y"),
+        ("RALPH_MODEL_PROVIDER", "skynet"),
+        ("RALPH_MAX_REQUEST_BYTES", "5"),
+    ],
+)
+def test_invalid_value_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert str(caught.value).startswith(f"{variable}:")
+    assert "\n" not in str(caught.value)
+
+
+def test_cli_reports_invalid_settings_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ralph.cli", "migrate"],
+        env={"RALPH_PORT": "eighty", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "RALPH_PORT" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_public_host_without_token(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ralph.cli", "serve", "--host", "0.0.0.0"],
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "RALPH_DATA_DIR": str(tmp_path)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "RALPH_API_TOKEN" in result.stderr
