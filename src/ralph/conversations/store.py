@@ -9,7 +9,7 @@ from enum import StrEnum
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ralph.db.engine import excluded_of, is_sqlite, upsert
+from ralph.db.engine import is_sqlite, upsert
 from ralph.db.tables import messages, user_activity
 
 
@@ -41,12 +41,15 @@ class ConversationStore:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        excluded = excluded_of(engine, user_activity).last_message_at
         greatest = func.max if is_sqlite(engine) else func.greatest
         self._activity_upsert = upsert(
             engine,
             user_activity,
-            {"last_message_at": greatest(user_activity.c.last_message_at, excluded)},
+            lambda proposed: {
+                "last_message_at": greatest(
+                    user_activity.c.last_message_at, proposed.last_message_at
+                )
+            },
         )
 
     async def add_message(self, user_id: str, role: Role, content: str, at: datetime) -> Message:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,21 +68,16 @@ def insert_ignore(engine: AsyncEngine, table: Table) -> Insert:
     return mysql_insert(table).prefix_with("IGNORE")
 
 
-def upsert(engine: AsyncEngine, table: Table, update: dict[str, Any]) -> Insert:
-    """INSERT ... ON CONFLICT/DUPLICATE KEY UPDATE with `update` (column -> SQL expression).
+def upsert(engine: AsyncEngine, table: Table, update: Callable[[Any], dict[str, Any]]) -> Insert:
+    """INSERT ... ON CONFLICT (primary key) / ON DUPLICATE KEY UPDATE.
 
-    The expressions may use `excluded(column)` from `excluded_of`, which names the proposed row.
+    `update(proposed)` returns column -> SQL expression; `proposed` names the row that was
+    being inserted (SQLite's `excluded`, MySQL's `VALUES()`).
     """
     if is_sqlite(engine):
         stmt = sqlite_insert(table)
         return stmt.on_conflict_do_update(
-            index_elements=list(table.primary_key.columns), set_=update
+            index_elements=list(table.primary_key.columns), set_=update(stmt.excluded)
         )
-    return mysql_insert(table).on_duplicate_key_update(update)
-
-
-def excluded_of(engine: AsyncEngine, table: Table) -> Any:
-    """The "proposed row" namespace for `upsert` updates on this dialect."""
-    if is_sqlite(engine):
-        return sqlite_insert(table).excluded
-    return mysql_insert(table).inserted
+    stmt = mysql_insert(table)
+    return stmt.on_duplicate_key_update(update(stmt.inserted))

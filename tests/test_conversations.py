@@ -1,0 +1,63 @@
+"""Messages and user activity, on SQLite and MariaDB."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from httpx import AsyncClient
+
+from ralph.testing.clock import FakeClock
+
+
+async def test_user_message_records_activity(client: AsyncClient, clock: FakeClock) -> None:
+    assert (await client.get("/users/u1/activity")).json()["last_message_at"] is None
+    await client.post("/users/u1/messages", json={"role": "user", "content": "hi"})
+    first = (await client.get("/users/u1/activity")).json()["last_message_at"]
+    assert datetime.fromisoformat(first) == clock.now()
+
+    await clock.advance(60)
+    await client.post("/users/u1/messages", json={"role": "assistant", "content": "hello"})
+    unchanged = (await client.get("/users/u1/activity")).json()["last_message_at"]
+    assert unchanged == first  # only the user's own messages count
+
+    await client.post("/users/u1/messages", json={"content": "another"})
+    later = (await client.get("/users/u1/activity")).json()["last_message_at"]
+    assert datetime.fromisoformat(later) == clock.now()
+
+
+async def test_activity_only_moves_forward(client: AsyncClient, clock: FakeClock) -> None:
+    now = clock.now()
+    await client.post("/users/u2/activity", json={"at": now.isoformat()})
+    older = (now - timedelta(hours=1)).isoformat()
+    response = await client.post("/users/u2/activity", json={"at": older})
+    assert datetime.fromisoformat(response.json()["last_message_at"]) == now
+    naive = await client.post("/users/u2/activity", json={"at": "2026-01-01T00:00:00"})
+    assert naive.status_code == 422
+
+
+async def test_messages_page_and_search(client: AsyncClient) -> None:
+    for i in range(5):
+        await client.post("/users/u1/messages", json={"content": f"message {i} about 100%"})
+    await client.post("/users/u2/messages", json={"content": "message for someone else"})
+    newest = (await client.get("/users/u1/messages", params={"limit": 2})).json()
+    assert [m["content"][:9] for m in newest] == ["message 4", "message 3"]
+    older = (
+        await client.get("/users/u1/messages", params={"limit": 10, "before": newest[-1]["id"]})
+    ).json()
+    assert [m["content"][:9] for m in older] == ["message 2", "message 1", "message 0"]
+    found = (await client.get("/users/u1/messages", params={"q": "MESSAGE 3"})).json()
+    assert [m["content"] for m in found] == ["message 3 about 100%"]
+    percent = (await client.get("/users/u1/messages", params={"q": "0%"})).json()
+    assert len(percent) == 5  # '%' is literal, not a wildcard
+    assert (await client.get("/users/u1/messages", params={"q": "_"})).json() == []
+
+
+async def test_message_validation(client: AsyncClient) -> None:
+    assert (await client.post("/users/u1/messages", json={"content": ""})).status_code == 422
+    bad_role = await client.post("/users/u1/messages", json={"role": "robot", "content": "x"})
+    assert bad_role.status_code == 422
+    assert (await client.post("/users/a..b/messages", json={"content": "x"})).status_code == 422
+
+
+def test_fake_clock_starts_aware() -> None:
+    assert FakeClock().now().tzinfo is UTC

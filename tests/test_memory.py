@@ -1,0 +1,249 @@
+"""Memory blocks, history and proposals over the HTTP API, on SQLite and MariaDB."""
+
+from __future__ import annotations
+
+import asyncio
+
+from httpx import AsyncClient
+
+from ralph.memory.models import ProposalDraft, ProposalStatus
+from tests.conftest import AppHarness
+
+BLOCK = "/users/u1/blocks/student"
+
+
+async def test_every_change_is_kept_in_history(client: AsyncClient) -> None:
+    first = await client.put(BLOCK, json={"title": "Student", "body": "likes maths"})
+    assert first.status_code == 200
+    assert first.json()["version"] == 1
+    second = await client.put(BLOCK, json={"body": "likes maths and physics", "author": "user"})
+    assert second.json()["version"] == 2
+    assert second.json()["title"] == "Student"  # kept when not given
+
+    history = (await client.get(f"{BLOCK}/history")).json()
+    assert [(v["version"], v["author"]) for v in history] == [(2, "user"), (1, "api")]
+    old = (await client.get(f"{BLOCK}/history/1")).json()
+    assert old["body"] == "likes maths"
+
+    deleted = await client.delete(BLOCK)
+    assert deleted.json() == {"deleted": True, "version": 3}
+    assert (await client.get(BLOCK)).status_code == 404
+    history = (await client.get(f"{BLOCK}/history")).json()
+    assert [(v["version"], v["deleted"]) for v in history][0] == (3, True)
+
+    recreated = await client.put(BLOCK, json={"title": "Student", "body": "new start"})
+    assert recreated.json()["version"] == 4  # numbering continues past the deletion
+
+
+async def test_expected_version_mismatch_is_409(client: AsyncClient) -> None:
+    await client.put(BLOCK, json={"title": "S", "body": "a"})
+    ok = await client.put(BLOCK, json={"body": "b", "expected_version": 1})
+    assert ok.status_code == 200
+    stale = await client.put(BLOCK, json={"body": "c", "expected_version": 1})
+    assert stale.status_code == 409
+    assert stale.json()["current_version"] == 2
+    assert (await client.get(BLOCK)).json()["body"] == "b"
+
+    must_be_new = await client.put(BLOCK, json={"body": "d", "expected_version": 0})
+    assert must_be_new.status_code == 409
+    fresh = await client.put("/users/u1/blocks/other", json={"body": "d", "expected_version": 0})
+    assert fresh.status_code == 200
+
+
+async def test_concurrent_conditional_writes_one_wins(client: AsyncClient) -> None:
+    await client.put(BLOCK, json={"title": "S", "body": "base"})
+    results = await asyncio.gather(
+        *[client.put(BLOCK, json={"body": f"w{i}", "expected_version": 1}) for i in range(5)]
+    )
+    codes = sorted(r.status_code for r in results)
+    assert codes == [200, 409, 409, 409, 409]
+    history = (await client.get(f"{BLOCK}/history")).json()
+    assert [v["version"] for v in history] == [2, 1]
+
+
+async def _propose(client: AsyncClient, **fields: object) -> dict[str, object]:
+    response = await client.post("/users/u1/proposals", json={"reason": "why not", **fields})
+    assert response.status_code == 201, response.text
+    body: dict[str, object] = response.json()
+    return body
+
+
+async def test_proposal_leaves_block_alone_until_approved(client: AsyncClient) -> None:
+    await client.put(BLOCK, json={"title": "Student", "body": "line one\nline two\n"})
+    proposal = await _propose(client, label="student", body="line one\nline 2\n")
+    assert proposal["status"] == "pending"
+    assert proposal["base_version"] == 1
+    assert proposal["diff"] == (
+        "--- student (current)\n+++ student (proposed)\n@@ -1,2 +1,2 @@\n"
+        " line one\n-line two\n+line 2\n"
+    )
+    assert (await client.get(BLOCK)).json()["body"] == "line one\nline two\n"
+    pending = (await client.get("/users/u1/proposals", params={"status": "pending"})).json()
+    assert [p["id"] for p in pending] == [proposal["id"]]
+
+    approved = await client.post(f"/proposals/{proposal['id']}/approve", json={"comment": "ok"})
+    assert approved.status_code == 200
+    assert approved.json()["status"] == "approved"
+    assert approved.json()["applied_version"] == 2
+    block = (await client.get(BLOCK)).json()
+    assert block["body"] == "line one\nline 2\n"
+    history = (await client.get(f"{BLOCK}/history")).json()
+    assert history[0]["author"] == "api"
+    assert history[0]["proposal_id"] == proposal["id"]
+
+
+async def test_deciding_twice_is_409(client: AsyncClient) -> None:
+    proposal = await _propose(client, label="student", body="x")
+    assert (await client.post(f"/proposals/{proposal['id']}/reject")).status_code == 200
+    again = await client.post(f"/proposals/{proposal['id']}/reject")
+    assert again.status_code == 409
+    assert again.json()["status"] == "rejected"
+    assert (await client.post(f"/proposals/{proposal['id']}/approve")).status_code == 409
+    assert (await client.get(BLOCK)).status_code == 404
+
+    other = await _propose(client, label="student", body="y")
+    assert (await client.post(f"/proposals/{other['id']}/approve")).status_code == 200
+    assert (await client.post(f"/proposals/{other['id']}/approve")).status_code == 409
+    assert [v["version"] for v in (await client.get(f"{BLOCK}/history")).json()] == [1]
+
+
+async def test_proposal_for_missing_block_creates_it(client: AsyncClient) -> None:
+    proposal = await _propose(client, label="progress", body="week 1 done", title="Progress")
+    assert proposal["base_version"] == 0
+    await client.post(f"/proposals/{proposal['id']}/approve")
+    block = (await client.get("/users/u1/blocks/progress")).json()
+    assert (block["title"], block["body"], block["version"]) == ("Progress", "week 1 done", 1)
+
+
+async def test_whole_body_proposal_on_changed_block_conflicts(client: AsyncClient) -> None:
+    await client.put(BLOCK, json={"title": "S", "body": "v1"})
+    proposal = await _propose(client, label="student", body="agent's v2")
+    await client.put(BLOCK, json={"body": "human's v2"})
+    response = await client.post(f"/proposals/{proposal['id']}/approve")
+    assert response.status_code == 409
+    assert response.json()["status"] == "conflict"
+    assert (await client.get(BLOCK)).json()["body"] == "human's v2"
+    stored = (await client.get(f"/proposals/{proposal['id']}")).json()
+    assert stored["status"] == "conflict"
+
+
+async def test_replace_edit_applies_on_changed_block_when_clean(client: AsyncClient) -> None:
+    await client.put(BLOCK, json={"title": "S", "body": "Name: Ann\nGoal: algebra\n"})
+    proposal = await _propose(
+        client, label="student", old_text="Goal: algebra", new_text="Goal: geometry"
+    )
+    await client.put(BLOCK, json={"body": "Name: Ann B.\nGoal: algebra\n"})
+    response = await client.post(f"/proposals/{proposal['id']}/approve")
+    assert response.status_code == 200
+    assert (await client.get(BLOCK)).json()["body"] == "Name: Ann B.\nGoal: geometry\n"
+
+
+async def test_replace_edit_conflicts_when_text_is_gone(client: AsyncClient) -> None:
+    await client.put(BLOCK, json={"title": "S", "body": "Goal: algebra\n"})
+    proposal = await _propose(
+        client, label="student", old_text="Goal: algebra", new_text="Goal: geometry"
+    )
+    await client.put(BLOCK, json={"body": "Goal: calculus\n"})
+    response = await client.post(f"/proposals/{proposal['id']}/approve")
+    assert response.status_code == 409
+    assert (await client.get(BLOCK)).json()["body"] == "Goal: calculus\n"
+
+
+async def test_replace_edit_that_does_not_apply_now_is_422(client: AsyncClient) -> None:
+    await client.put(BLOCK, json={"title": "S", "body": "abc"})
+    response = await client.post(
+        "/users/u1/proposals",
+        json={"label": "student", "reason": "r", "old_text": "zzz", "new_text": "y"},
+    )
+    assert response.status_code == 422
+    assert "no longer" in response.json()["detail"]
+
+
+async def test_approving_supersedes_older_whole_body_proposals(client: AsyncClient) -> None:
+    await client.put(BLOCK, json={"title": "S", "body": "v1"})
+    first = await _propose(client, label="student", body="first idea")
+    second = await _propose(client, label="student", body="second idea")
+    await client.post(f"/proposals/{second['id']}/approve")
+    assert (await client.get(f"/proposals/{first['id']}")).json()["status"] == "superseded"
+
+
+async def test_same_run_same_edit_is_one_proposal(harness: AppHarness) -> None:
+    memory = harness.services.memory
+    draft = ProposalDraft(
+        user_id="u1", label="student", reason="r", author="agent:t", body="b", run_id="run-1"
+    )
+    first, created_first = await memory.propose(draft)
+    again, created_again = await memory.propose(draft)
+    assert created_first
+    assert not created_again
+    assert again.id == first.id
+    other_run, created_other = await memory.propose(
+        ProposalDraft(
+            user_id="u1", label="student", reason="r", author="agent:t", body="b", run_id="run-2"
+        )
+    )
+    assert created_other
+    assert other_run.id != first.id
+    assert len(await memory.list_proposals("u1")) == 2
+
+
+async def test_concurrent_approvals_on_one_block_lose_no_update(harness: AppHarness) -> None:
+    client = harness.client
+    body = "".join(f"item {i}: todo\n" for i in range(6))
+    await client.put(BLOCK, json={"title": "S", "body": body})
+    ids = [
+        (
+            await _propose(
+                client, label="student", old_text=f"item {i}: todo", new_text=f"item {i}: done"
+            )
+        )["id"]
+        for i in range(6)
+    ]
+    results = await asyncio.gather(*[client.post(f"/proposals/{i}/approve") for i in ids])
+    assert [r.status_code for r in results] == [200] * 6
+    final = (await client.get(BLOCK)).json()
+    assert final["body"] == "".join(f"item {i}: done\n" for i in range(6))
+    assert final["version"] == 7
+    history = (await client.get(f"{BLOCK}/history")).json()
+    assert [v["version"] for v in history] == [7, 6, 5, 4, 3, 2, 1]
+    decided = [await harness.services.memory.get_proposal(i) for i in ids]
+    applied = sorted(p.applied_version or 0 for p in decided)
+    assert applied == [2, 3, 4, 5, 6, 7]
+    statuses = {p.status for p in await harness.services.memory.list_proposals("u1")}
+    assert statuses == {ProposalStatus.APPROVED}
+
+
+async def test_memory_context_is_rendered_in_label_order(harness: AppHarness) -> None:
+    client = harness.client
+    await client.put("/users/u1/blocks/progress", json={"title": "Progress", "body": "week 2"})
+    await client.put(BLOCK, json={"title": "Student", "body": "Ann"})
+    memory = harness.services.memory
+    chosen = await memory.build_memory_context("u1", ["student", "progress", "missing"])
+    assert chosen == (
+        "## Student (`student`, version 1)\n\nAnn\n\n## Progress (`progress`, version 1)\n\nweek 2\n"
+    )
+    everything = await memory.build_memory_context("u1")
+    assert everything.index("Progress") < everything.index("Student")
+    assert await memory.build_memory_context("nobody") == ""
+
+
+async def test_bad_ids_labels_and_sizes_are_422(client: AsyncClient) -> None:
+    for bad_user in ["a..b", "..x", "has space", "x" * 129, "semi;colon"]:
+        response = await client.get(f"/users/{bad_user}/blocks")
+        assert response.status_code == 422, bad_user
+    assert (await client.get("/users/u1/blocks/Bad-Label")).status_code == 422
+    assert (await client.put("/users/u1/blocks/" + "a" * 65, json={"body": "x"})).status_code == 422
+    too_big = "é" * 40_000  # 80,000 bytes in UTF-8, over the 64 KiB default
+    response = await client.put(BLOCK, json={"title": "S", "body": too_big})
+    assert response.status_code == 422
+    assert "65536" in response.json()["detail"]
+    bad_label = await client.post(
+        "/users/u1/proposals", json={"label": "NO", "reason": "r", "body": "x"}
+    )
+    assert bad_label.status_code == 422
+    both = await client.post(
+        "/users/u1/proposals",
+        json={"label": "ok", "reason": "r", "body": "x", "old_text": "a", "new_text": "b"},
+    )
+    assert both.status_code == 422
+    assert (await client.get("/proposals/nope")).status_code == 404
