@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from httpx import AsyncClient
 
@@ -29,7 +30,7 @@ async def test_every_change_is_kept_in_history(client: AsyncClient) -> None:
     assert deleted.json() == {"deleted": True, "version": 3}
     assert (await client.get(BLOCK)).status_code == 404
     history = (await client.get(f"{BLOCK}/history")).json()
-    assert [(v["version"], v["deleted"]) for v in history][0] == (3, True)
+    assert (history[0]["version"], history[0]["deleted"]) == (3, True)
 
     recreated = await client.put(BLOCK, json={"title": "Student", "body": "new start"})
     assert recreated.json()["version"] == 4  # numbering continues past the deletion
@@ -61,10 +62,10 @@ async def test_concurrent_conditional_writes_one_wins(client: AsyncClient) -> No
     assert [v["version"] for v in history] == [2, 1]
 
 
-async def _propose(client: AsyncClient, **fields: object) -> dict[str, object]:
+async def _propose(client: AsyncClient, **fields: object) -> dict[str, Any]:
     response = await client.post("/users/u1/proposals", json={"reason": "why not", **fields})
     assert response.status_code == 201, response.text
-    body: dict[str, object] = response.json()
+    body: dict[str, Any] = response.json()
     return body
 
 
@@ -220,7 +221,8 @@ async def test_memory_context_is_rendered_in_label_order(harness: AppHarness) ->
     memory = harness.services.memory
     chosen = await memory.build_memory_context("u1", ["student", "progress", "missing"])
     assert chosen == (
-        "## Student (`student`, version 1)\n\nAnn\n\n## Progress (`progress`, version 1)\n\nweek 2\n"
+        "## Student (`student`, version 1)\n\nAnn\n\n"
+        "## Progress (`progress`, version 1)\n\nweek 2\n"
     )
     everything = await memory.build_memory_context("u1")
     assert everything.index("Progress") < everything.index("Student")
