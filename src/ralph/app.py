@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from ralph import __version__
-from ralph.api import conversations, health, memory, proposals
+from ralph.api import chat, conversations, health, memory, proposals
 from ralph.api.deps import require_token
 from ralph.api.errors import install_error_handlers
 from ralph.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
@@ -23,6 +23,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncGenerator[None]:
         async with open_services(settings, clock=clock) as services:
+            services.models.warn_if_dev()
             app.state.services = services
             yield
 
@@ -42,6 +43,6 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
 
     app.include_router(health.router)
     protected = [Depends(require_token)]
-    for router in (memory.router, proposals.router, conversations.router):
+    for router in (memory.router, proposals.router, conversations.router, chat.router):
         app.include_router(router, dependencies=protected)
     return app

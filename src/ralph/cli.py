@@ -46,10 +46,16 @@ def serve(
     """Run the HTTP API with its scheduler; applies pending migrations first."""
     import uvicorn
 
+    from ralph.agents.models import check_model_settings
     from ralph.app import create_app
     from ralph.logs import configure_logging
 
     settings = _settings(host=host, port=port)
+    try:
+        check_model_settings(settings)
+    except SettingsError as exc:
+        typer.echo(f"error: invalid settings: {exc}", err=True)
+        raise typer.Exit(2) from None
     if not _is_loopback(settings.host) and settings.api_token is None:
         typer.echo(
             f"error: refusing to listen on {settings.host} without RALPH_API_TOKEN; "

@@ -1,0 +1,109 @@
+"""Build Agno models from settings: `openrouter`, `openai` (any compatible server) or `dev`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import httpx
+import structlog
+from agno.models.base import Model
+from agno.models.openai.like import OpenAILike
+from agno.models.openrouter import OpenRouter
+
+from ralph.agents.dev_model import DEV_MODEL_ID, dev_http_client
+from ralph.config import Settings, SettingsError
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_OPENROUTER_MODEL = "openai/gpt-4o-mini"
+
+
+def check_model_settings(settings: Settings) -> None:
+    """Raise SettingsError (naming the variable) if the chosen provider lacks what it needs."""
+    provider = settings.model_provider or "dev"
+    if provider == "openai":
+        if not settings.model_base_url:
+            raise SettingsError("RALPH_MODEL_BASE_URL: required when RALPH_MODEL_PROVIDER=openai")
+        if not settings.model_id:
+            raise SettingsError("RALPH_MODEL_ID: required when RALPH_MODEL_PROVIDER=openai")
+    if provider == "openrouter" and not (
+        settings.model_api_key or os.environ.get("OPENROUTER_API_KEY")
+    ):
+        raise SettingsError(
+            "RALPH_MODEL_API_KEY: required when RALPH_MODEL_PROVIDER=openrouter "
+            "(or set OPENROUTER_API_KEY)"
+        )
+
+
+class ModelFactory:
+    """Makes a fresh Agno model per agent run; shares one HTTP connection pool between them.
+
+    Provider failures (timeouts, 429, 5xx, dropped connections) are retried by the OpenAI
+    client with exponential backoff, `RALPH_MODEL_MAX_RETRIES` times, honouring Retry-After.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        check_model_settings(settings)
+        self.provider = settings.model_provider or "dev"
+        self._settings = settings
+        self._http: httpx.AsyncClient
+        self._make: Callable[[], Model]
+        api_key = settings.model_api_key.get_secret_value() if settings.model_api_key else None
+        common = {
+            "timeout": settings.model_timeout_seconds,
+            "max_retries": settings.model_max_retries,
+        }
+        if self.provider == "dev":
+            self._http = dev_http_client()
+            self.model_id = DEV_MODEL_ID
+            self._make = lambda: OpenAILike(
+                id=DEV_MODEL_ID,
+                base_url="http://dev-model.invalid/v1",
+                api_key="dev",
+                http_client=self._http,
+                max_retries=0,
+            )
+        elif self.provider == "openai":
+            assert settings.model_id
+            assert settings.model_base_url
+            self._http = httpx.AsyncClient(timeout=settings.model_timeout_seconds)
+            self.model_id = settings.model_id
+            base_url = settings.model_base_url
+            self._make = lambda: OpenAILike(
+                id=self.model_id,
+                base_url=base_url,
+                api_key=api_key or "not-needed",
+                http_client=self._http,
+                **common,  # type: ignore[arg-type]
+            )
+        else:
+            key = api_key or os.environ.get("OPENROUTER_API_KEY")
+            self._http = httpx.AsyncClient(timeout=settings.model_timeout_seconds)
+            self.model_id = settings.model_id or DEFAULT_OPENROUTER_MODEL
+            base = settings.model_base_url
+            extra = {"base_url": base} if base else {}
+            self._make = lambda: OpenRouter(
+                id=self.model_id,
+                api_key=key,
+                http_client=self._http,
+                **common,  # type: ignore[arg-type]
+                **extra,  # type: ignore[arg-type]
+            )
+
+    def __call__(self) -> Model:
+        return self._make()
+
+    def warn_if_dev(self) -> None:
+        if self.provider == "dev":
+            log.warning(
+                "dev_model_in_use",
+                message=(
+                    "No model provider configured: using the offline dev model, which is not "
+                    "an LLM. Set RALPH_MODEL_PROVIDER=openrouter with RALPH_MODEL_API_KEY, or "
+                    "RALPH_MODEL_PROVIDER=openai with RALPH_MODEL_BASE_URL and RALPH_MODEL_ID."
+                ),
+            )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

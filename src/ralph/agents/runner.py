@@ -1,0 +1,156 @@
+"""Run one Agno agent for one user, with a hard cap on model calls and on wall-clock time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agno.agent import Agent
+from agno.models.base import Model
+from agno.run.agent import RunOutput
+from agno.run.base import RunStatus as AgnoRunStatus
+
+from ralph.agents.tools import ToolContext, build_tools
+
+
+class TurnLimitReached(Exception):
+    """Raised inside the model when an agent asks for one model call more than allowed."""
+
+
+@dataclass
+class AgentOutcome:
+    """What happened in one agent run for one user."""
+
+    turns_used: int = 0
+    tool_calls: int = 0
+    proposal_ids: list[str] = field(default_factory=list[str])
+    final_text: str | None = None
+    error: str | None = None
+    stopped_by: str | None = None  # "max_turns" | "timeout" | None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    transcript: list[dict[str, Any]] = field(default_factory=list[dict[str, Any]])
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def limit_model_calls(model: Model, max_turns: int) -> Callable[[], int]:
+    """Make `model` refuse its (max_turns + 1)-th call; return a reader of the call count.
+
+    A turn is one model call. Agno's `tool_call_limit` caps tool executions only, so a model
+    that keeps asking for tools would otherwise be called forever.
+    """
+    calls = 0
+    # Agno's signatures are partly untyped; these wrappers pass everything through.
+    ainvoke: Callable[..., Any] = model.ainvoke  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+    ainvoke_stream: Callable[..., Any] = model.ainvoke_stream  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+
+    def count() -> None:
+        nonlocal calls
+        if calls >= max_turns:
+            raise TurnLimitReached(f"stopped after {max_turns} model calls (max_turns)")
+        calls += 1
+
+    async def limited_ainvoke(*args: Any, **kwargs: Any) -> Any:
+        count()
+        return await ainvoke(*args, **kwargs)
+
+    def limited_ainvoke_stream(*args: Any, **kwargs: Any) -> Any:
+        count()
+        return ainvoke_stream(*args, **kwargs)
+
+    model.ainvoke = limited_ainvoke  # type: ignore[method-assign]
+    model.ainvoke_stream = limited_ainvoke_stream  # type: ignore[method-assign]
+    return lambda: calls
+
+
+def _transcript(output: RunOutput | None, max_chars: int) -> list[dict[str, Any]]:
+    """Messages with tool calls and results, cut to about `max_chars` characters in total."""
+    if output is None or not output.messages:
+        return []
+    entries: list[dict[str, Any]] = []
+    budget = max_chars
+    for message in output.messages:
+        if message.from_history:
+            continue
+        entry: dict[str, Any] = {"role": message.role}
+        content = message.content
+        if content is not None:
+            text = content if isinstance(content, str) else json.dumps(content, default=str)
+            entry["content"] = text[: max(budget, 0)]
+            if len(text) > budget:
+                entry["truncated"] = True
+            budget -= len(text)
+        if message.tool_calls:
+            entry["tool_calls"] = message.tool_calls
+        if message.tool_name:
+            entry["tool_name"] = message.tool_name
+        entries.append(entry)
+        if budget <= 0:
+            entries.append({"role": "note", "content": "transcript truncated"})
+            break
+    return entries
+
+
+async def run_agent(
+    *,
+    model: Model,
+    tools: Sequence[str],
+    context: ToolContext,
+    instructions: str,
+    prompt: str,
+    max_turns: int,
+    timeout_seconds: float,
+    transcript_max_chars: int = 200_000,
+) -> AgentOutcome:
+    """Run one agent for `context.user_id` and report what it did. Never raises for agent or
+    provider failures: they come back in `outcome.error`. Cancellation propagates.
+    """
+    started = time.perf_counter()
+    outcome = AgentOutcome()
+    turns = limit_model_calls(model, max_turns)
+    agent = Agent(
+        model=model,
+        tools=build_tools(tools, context),
+        instructions=instructions,
+        telemetry=False,
+        markdown=False,
+    )
+    output: RunOutput | None = None
+    try:
+        async with asyncio.timeout(timeout_seconds):
+            output = await agent.arun(prompt, user_id=context.user_id)  # pyright: ignore[reportUnknownMemberType]
+    except TimeoutError:
+        outcome.error = f"timed out after {timeout_seconds:g} s"
+        outcome.stopped_by = "timeout"
+    except TurnLimitReached as exc:  # when Agno lets it through rather than recording it
+        outcome.error = str(exc)
+        outcome.stopped_by = "max_turns"
+
+    outcome.turns_used = turns()
+    if output is not None:
+        if output.status == AgnoRunStatus.error:
+            outcome.error = str(output.content or "agent run failed")
+        else:
+            outcome.final_text = output.content if isinstance(output.content, str) else None
+        if outcome.error and "max_turns" in outcome.error:
+            outcome.stopped_by = "max_turns"
+        messages = [m for m in output.messages or [] if not m.from_history]
+        outcome.tool_calls = sum(1 for m in messages if m.role == "tool")
+        metrics = output.metrics
+        if metrics is not None:
+            outcome.input_tokens = metrics.input_tokens or 0
+            outcome.output_tokens = metrics.output_tokens or 0
+            outcome.total_tokens = metrics.total_tokens or 0
+        outcome.transcript = _transcript(output, transcript_max_chars)
+    outcome.proposal_ids = list(context.proposal_ids)
+    outcome.seconds = time.perf_counter() - started
+    return outcome

@@ -1,0 +1,255 @@
+"""The agent runtime against a real HTTP server speaking the OpenAI protocol."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ralph.agents.models import ModelFactory
+from ralph.agents.runner import AgentOutcome, run_agent
+from ralph.agents.tools import ToolContext, build_tools, check_tool_names, workspace_dir
+from ralph.config import Settings, SettingsError
+from ralph.errors import InvalidInput
+from ralph.memory.models import ProposalStatus
+from ralph.services import Services
+from ralph.testing.model_server import (
+    Delay,
+    Fail,
+    Garbage,
+    ModelServer,
+    Responder,
+    call,
+    in_order,
+    scripted,
+    text,
+)
+from tests.conftest import AppHarness
+
+
+@pytest.fixture
+def model_server() -> Iterator[ModelServer]:
+    server = ModelServer(scripted(text("nothing to do")))
+    with server:
+        yield server
+
+
+def factory_for(server: ModelServer, settings: Settings, retries: int = 0) -> ModelFactory:
+    return ModelFactory(
+        settings.model_copy(
+            update={
+                "model_provider": "openai",
+                "model_base_url": server.base_url,
+                "model_id": "scripted",
+                "model_max_retries": retries,
+                "model_timeout_seconds": 5.0,
+            }
+        )
+    )
+
+
+async def run_for(
+    services: Services,
+    server: ModelServer,
+    responder: Responder,
+    *,
+    tools: tuple[str, ...] = ("list_memory_blocks", "read_memory_block", "edit_memory_block"),
+    max_turns: int = 10,
+    timeout_seconds: float = 10.0,
+    retries: int = 0,
+    user_id: str = "u1",
+) -> AgentOutcome:
+    server.responder = responder
+    factory = factory_for(server, services.settings, retries)
+    try:
+        context = ToolContext(
+            user_id=user_id,
+            memory=services.memory,
+            conversations=services.conversations,
+            data_dir=services.settings.data_dir,
+            author="agent:test",
+            run_id="run-1",
+        )
+        return await run_agent(
+            model=factory(),
+            tools=tools,
+            context=context,
+            instructions="You keep notes about the user.",
+            prompt="Do your background task.",
+            max_turns=max_turns,
+            timeout_seconds=timeout_seconds,
+        )
+    finally:
+        await factory.aclose()
+
+
+async def test_two_edits_make_two_pending_proposals_in_three_turns(
+    harness: AppHarness, model_server: ModelServer
+) -> None:
+    await harness.services.memory.put_block("u1", "student", title="S", body="Ann", author="api")
+    outcome = await run_for(
+        harness.services,
+        model_server,
+        scripted(
+            call("edit_memory_block", label="student", body="Ann, 12", reason="age"),
+            call("edit_memory_block", label="progress", body="week 1", reason="new"),
+            text("proposed two edits"),
+        ),
+    )
+    assert outcome.error is None
+    assert outcome.turns_used == 3
+    assert outcome.tool_calls == 2
+    assert outcome.final_text == "proposed two edits"
+    assert len(outcome.proposal_ids) == 2
+    pending = await harness.services.memory.list_proposals("u1", ProposalStatus.PENDING)
+    assert {p.id for p in pending} == set(outcome.proposal_ids)
+    assert {p.author for p in pending} == {"agent:test"}
+    # the block itself is untouched
+    assert (await harness.services.memory.get_block("u1", "student")).body == "Ann"
+    assert outcome.total_tokens == 45  # 3 calls x 15 tokens reported by the server
+    roles = [entry["role"] for entry in outcome.transcript]
+    assert roles.count("tool") == 2
+    assert model_server.calls == 3
+
+
+async def test_model_that_calls_tools_forever_stops_at_max_turns(
+    harness: AppHarness, model_server: ModelServer
+) -> None:
+    outcome = await run_for(
+        harness.services, model_server, scripted(call("list_memory_blocks")), max_turns=4
+    )
+    assert outcome.turns_used == 4
+    assert model_server.calls == 4
+    assert outcome.stopped_by == "max_turns"
+    assert outcome.error is not None
+    assert "max_turns" in outcome.error
+
+
+async def test_slow_model_hits_the_timeout(harness: AppHarness, model_server: ModelServer) -> None:
+    outcome = await run_for(
+        harness.services, model_server, scripted(Delay(5.0, text("late"))), timeout_seconds=0.3
+    )
+    assert outcome.stopped_by == "timeout"
+    assert outcome.error == "timed out after 0.3 s"
+
+
+async def test_429_then_success_is_retried(harness: AppHarness, model_server: ModelServer) -> None:
+    outcome = await run_for(
+        harness.services,
+        model_server,
+        in_order(
+            Fail(429, "slow down", headers={"retry-after-ms": "10"}),
+            Fail(503, "busy", headers={"retry-after-ms": "10"}),
+            then=scripted(text("ok after retries")),
+        ),
+        retries=3,
+    )
+    assert outcome.error is None
+    assert outcome.final_text == "ok after retries"
+    assert outcome.turns_used == 1  # retries of one call are one turn
+    assert model_server.calls == 3
+
+
+async def test_persistent_5xx_is_a_clean_error(
+    harness: AppHarness, model_server: ModelServer
+) -> None:
+    outcome = await run_for(
+        harness.services,
+        model_server,
+        scripted(Fail(500, "boom", headers={"retry-after-ms": "10"})),
+        retries=2,
+    )
+    assert outcome.error is not None
+    assert model_server.calls == 3
+
+
+async def test_garbage_json_is_a_clean_error(
+    harness: AppHarness, model_server: ModelServer
+) -> None:
+    outcome = await run_for(harness.services, model_server, scripted(Garbage()))
+    assert outcome.error is not None
+    assert outcome.final_text is None
+
+
+async def test_unknown_tool_names_are_rejected() -> None:
+    with pytest.raises(InvalidInput, match="unknown tool"):
+        check_tool_names(["edit_memory_block", "rm_rf"], allow_shell=False)
+    with pytest.raises(InvalidInput, match="RALPH_ALLOW_SHELL_TOOLS"):
+        check_tool_names(["shell_tools"], allow_shell=False)
+    check_tool_names(["shell_tools", "query_honcho"], allow_shell=True)
+
+
+def test_provider_settings_are_checked(settings: Settings) -> None:
+    with pytest.raises(SettingsError, match="RALPH_MODEL_BASE_URL"):
+        ModelFactory(settings.model_copy(update={"model_provider": "openai"}))
+    os.environ.pop("OPENROUTER_API_KEY", None)
+    with pytest.raises(SettingsError, match="RALPH_MODEL_API_KEY"):
+        ModelFactory(settings.model_copy(update={"model_provider": "openrouter"}))
+
+
+async def test_dev_model_reviews_and_proposes(harness: AppHarness) -> None:
+    services = harness.services
+    await services.memory.put_block("u1", "student", title="S", body="Ann", author="api")
+    factory = ModelFactory(services.settings)
+    try:
+        outcome = await run_agent(
+            model=factory(),
+            tools=("list_memory_blocks", "edit_memory_block"),
+            context=ToolContext(
+                "u1",
+                services.memory,
+                services.conversations,
+                services.settings.data_dir,
+                author="agent:dev",
+                run_id="r",
+            ),
+            instructions="review",
+            prompt="go",
+            max_turns=5,
+            timeout_seconds=10,
+        )
+    finally:
+        await factory.aclose()
+    assert outcome.error is None
+    assert outcome.turns_used == 3
+    assert len(outcome.proposal_ids) == 1
+    proposal = await services.memory.get_proposal(outcome.proposal_ids[0])
+    assert proposal.label == "last_reviewed"
+    assert "student" in (proposal.body or "")
+    assert outcome.final_text is not None
+    assert "not an LLM" in outcome.final_text
+
+
+# --- workspace containment ------------------------------------------------------------------
+
+
+def _file_tools(tmp_path: Path, services: Services, user_id: str = "u1") -> object:
+    context = ToolContext(user_id, services.memory, services.conversations, tmp_path)
+    (toolkit,) = build_tools(["file_tools"], context)
+    return toolkit
+
+
+async def test_file_tools_stay_inside_the_workspace(harness: AppHarness, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("top secret")
+    toolkit = _file_tools(tmp_path, harness.services)
+    workspace = workspace_dir(tmp_path, "u1")
+    assert toolkit.base_dir == workspace  # type: ignore[attr-defined]
+
+    assert "top secret" not in toolkit.read_file("../../../secret.txt")  # type: ignore[attr-defined]
+    assert "top secret" not in toolkit.read_file(str(secret))  # type: ignore[attr-defined]
+    (workspace / "link").symlink_to(secret)
+    assert "top secret" not in toolkit.read_file("link")  # type: ignore[attr-defined]
+    toolkit.save_file("escaped", "../../../escaped.txt")  # type: ignore[attr-defined]
+    assert not (tmp_path / "escaped.txt").exists()
+    toolkit.save_file("fine", "notes.txt")  # type: ignore[attr-defined]
+    assert (workspace / "notes.txt").read_text() == "fine"
+
+
+@pytest.mark.parametrize("user_id", ["..", "../other", "a/b", "a..b", "", "x" * 200])
+def test_odd_user_ids_cannot_name_a_workspace(tmp_path: Path, user_id: str) -> None:
+    with pytest.raises((ValueError, InvalidInput)):
+        workspace_dir(tmp_path, user_id)
+    assert not (tmp_path / "users").exists() or list((tmp_path / "users").iterdir()) == []

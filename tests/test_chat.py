@@ -1,0 +1,102 @@
+"""`POST /chat/stream` end to end: the real Agno client against the test model server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from httpx import ASGITransport, AsyncClient
+
+from ralph.app import create_app
+from ralph.config import Settings
+from ralph.testing.clock import FakeClock
+from ralph.testing.model_server import Fail, ModelServer, call, scripted, text
+
+
+@pytest.fixture
+def model_server() -> Iterator[ModelServer]:
+    with ModelServer(scripted(text("hello"))) as server:
+        yield server
+
+
+@pytest.fixture
+async def chat_client(
+    settings: Settings, model_server: ModelServer, clock: FakeClock
+) -> AsyncIterator[AsyncClient]:
+    settings = settings.model_copy(
+        update={
+            "model_provider": "openai",
+            "model_base_url": model_server.base_url,
+            "model_id": "scripted",
+            "model_max_retries": 0,
+        }
+    )
+    app = create_app(settings, clock=clock)
+    async with (
+        app.router.lifespan_context(app),
+        AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
+    ):
+        yield client
+
+
+async def _events(client: AsyncClient, user_id: str, message: str) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    async with client.stream(
+        "POST", "/chat/stream", json={"user_id": user_id, "message": message}
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[len("data: ") :]))
+    return events
+
+
+async def test_chat_streams_stores_and_records_activity(
+    chat_client: AsyncClient, model_server: ModelServer, clock: FakeClock
+) -> None:
+    await chat_client.put("/users/u1/blocks/student", json={"title": "Student", "body": "Ann"})
+    model_server.responder = scripted(
+        call("edit_memory_block", label="student", body="Ann, likes chess", reason="said so"),
+        text("Nice to meet you, Ann! I noted that you like chess."),
+    )
+    events = await _events(chat_client, "u1", "I like chess")
+    tokens = "".join(e["content"] for e in events if e["type"] == "token")
+    assert tokens == "Nice to meet you, Ann! I noted that you like chess."
+    assert events[-1]["type"] == "done"
+
+    # the memory context reached the model as instructions
+    system = model_server.requests[0]["messages"][0]
+    assert system["role"] == "system"
+    assert "Ann" in system["content"]
+    assert model_server.requests[0]["stream"] is True
+
+    messages = (await chat_client.get("/users/u1/messages")).json()
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("assistant", tokens),
+        ("user", "I like chess"),
+    ]
+    activity = (await chat_client.get("/users/u1/activity")).json()["last_message_at"]
+    assert activity is not None
+    pending = (await chat_client.get("/users/u1/proposals?status=pending")).json()
+    assert [p["author"] for p in pending] == ["agent:chat"]
+    assert (await chat_client.get("/users/u1/blocks/student")).json()["body"] == "Ann"
+
+
+async def test_failed_chat_stores_nothing(
+    chat_client: AsyncClient, model_server: ModelServer
+) -> None:
+    model_server.responder = scripted(Fail(500, "provider down"))
+    events = await _events(chat_client, "u2", "hello?")
+    assert events[-1]["type"] == "error"
+    assert (await chat_client.get("/users/u2/messages")).json() == []
+    assert (await chat_client.get("/users/u2/activity")).json()["last_message_at"] is None
+
+
+async def test_chat_validates_input(chat_client: AsyncClient) -> None:
+    bad = await chat_client.post("/chat/stream", json={"user_id": "a..b", "message": "x"})
+    assert bad.status_code == 422
+    empty = await chat_client.post("/chat/stream", json={"user_id": "u1", "message": ""})
+    assert empty.status_code == 422
