@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from ralph import __version__
-from ralph.api import chat, conversations, health, memory, proposals
+from ralph.api import background, chat, conversations, health, memory, proposals
 from ralph.api.deps import require_token
 from ralph.api.errors import install_error_handlers
 from ralph.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
@@ -25,7 +25,10 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
         async with open_services(settings, clock=clock) as services:
             services.models.warn_if_dev()
             app.state.services = services
-            yield
+            try:
+                yield
+            finally:
+                await services.executor.shutdown(settings.shutdown_grace_seconds)
 
     app = FastAPI(
         title="Ralph",
@@ -43,6 +46,12 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
 
     app.include_router(health.router)
     protected = [Depends(require_token)]
-    for router in (memory.router, proposals.router, conversations.router, chat.router):
+    for router in (
+        memory.router,
+        proposals.router,
+        conversations.router,
+        chat.router,
+        background.router,
+    ):
         app.include_router(router, dependencies=protected)
     return app

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ralph.agents.models import ModelFactory
+from ralph.background.executor import Executor
+from ralph.background.registry import TaskRegistry
+from ralph.background.store import RunStore, TaskStore
 from ralph.chat import ChatService
 from ralph.clock import Clock, SystemClock
 from ralph.config import Settings
@@ -30,6 +33,9 @@ class Services:
     conversations: ConversationStore
     models: ModelFactory
     chat: ChatService
+    registry: TaskRegistry
+    runs: RunStore
+    executor: Executor
 
 
 @asynccontextmanager
@@ -47,8 +53,21 @@ async def open_services(
         if apply_migrations:
             await migrate.upgrade(engine)
         clock = clock or SystemClock()
-        memory = MemoryService(MemoryStore(engine), clock, settings.memory_max_body_bytes)
+        memory_store = MemoryStore(engine)
+        memory = MemoryService(memory_store, clock, settings.memory_max_body_bytes)
         conversations = ConversationStore(engine)
+        runs = RunStore(engine)
+        executor = Executor(
+            runs=runs,
+            memory=memory,
+            memory_store=memory_store,
+            conversations=conversations,
+            models=models,
+            clock=clock,
+            data_dir=settings.data_dir,
+            allow_shell=settings.allow_shell_tools,
+            transcript_max_chars=settings.agent_transcript_max_chars,
+        )
         yield Services(
             settings=settings,
             clock=clock,
@@ -64,6 +83,9 @@ async def open_services(
                 data_dir=settings.data_dir,
                 timeout=settings.model_timeout_seconds * 2,
             ),
+            registry=TaskRegistry(TaskStore(engine), clock, allow_shell=settings.allow_shell_tools),
+            runs=runs,
+            executor=executor,
         )
     finally:
         await engine.dispose()

@@ -116,6 +116,7 @@ class ModelServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
         app = Starlette(routes=[Route("/v1/chat/completions", self._complete, methods=["POST"])])
         config = uvicorn.Config(
             app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
@@ -149,7 +150,20 @@ class ModelServer:
     def calls(self) -> int:
         return len(self.requests)
 
+    async def wait_for_in_flight(self, count: int, timeout_seconds: float = 10.0) -> None:
+        """Return once at least `count` requests are being answered at the same time."""
+        async with asyncio.timeout(timeout_seconds):
+            # the counter lives on the server's thread: poll it
+            while self.in_flight < count:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The server thread's event loop (for responders that await events)."""
+        return self._loop
+
     async def _complete(self, request: Request) -> Response:
+        self._loop = asyncio.get_running_loop()
         body = await request.json()
         with self._lock:
             self.requests.append(body)

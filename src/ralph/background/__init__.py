@@ -1,0 +1,1 @@
+"""Background tasks: definitions, runs, the executor and the scheduler."""

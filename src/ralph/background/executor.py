@@ -1,0 +1,274 @@
+"""Run a task for its users: at most `batch_size` agents in flight, each slot refilled as it
+frees (a sliding window), every user's result stored in its own row."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from ralph.agents.models import ModelFactory
+from ralph.agents.runner import AgentOutcome, run_agent
+from ralph.agents.tools import ToolContext
+from ralph.background.models import (
+    RunStatus,
+    TaskDefinition,
+    TaskRun,
+    TriggerType,
+    UserStatus,
+)
+from ralph.background.store import RunStore
+from ralph.clock import Clock
+from ralph.conversations.store import ConversationStore
+from ralph.errors import InvalidInput
+from ralph.memory.service import MemoryService
+from ralph.memory.store import MemoryStore
+
+log = structlog.get_logger(__name__)
+
+BACKGROUND_PROMPT = (
+    "Execute your background task now. Review the user's context and take appropriate action."
+)
+
+
+def replica_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Executor:
+    """Executes runs. The unit of work is (run id, user id): everything needed to execute it
+    is read from the database, so another process could pick it up."""
+
+    def __init__(
+        self,
+        *,
+        runs: RunStore,
+        memory: MemoryService,
+        memory_store: MemoryStore,
+        conversations: ConversationStore,
+        models: ModelFactory,
+        clock: Clock,
+        data_dir: Path,
+        allow_shell: bool = False,
+        transcript_max_chars: int = 200_000,
+        heartbeat_seconds: float = 5.0,
+        owner: str | None = None,
+    ) -> None:
+        self.runs = runs
+        self._memory = memory
+        self._memory_store = memory_store
+        self._conversations = conversations
+        self._models = models
+        self._clock = clock
+        self._data_dir = data_dir
+        self._allow_shell = allow_shell
+        self._transcript_max_chars = transcript_max_chars
+        self._heartbeat_seconds = heartbeat_seconds
+        self.owner = owner or replica_id()
+        self._active: dict[str, asyncio.Task[TaskRun]] = {}
+        self._in_flight: dict[str, set[asyncio.Task[None]]] = {}
+        self._cancelled: set[str] = set()
+        self._stopping = False
+
+    # --- starting runs --------------------------------------------------------------------
+
+    async def create_run(
+        self,
+        task: TaskDefinition,
+        trigger: TriggerType,
+        user_ids: Sequence[str] | None = None,
+        **claim: object,
+    ) -> str | None:
+        """Record a run for `user_ids` (default: all the task's users); see RunStore.create."""
+        users = list(task.user_ids if user_ids is None else user_ids)
+        if user_ids is not None:
+            allowed = set(task.user_ids)
+            outside = [u for u in users if u not in allowed]
+            if outside:
+                raise InvalidInput(f"user ids not in task '{task.name}': {', '.join(outside[:5])}")
+        return await self.runs.create(
+            task,
+            trigger,
+            users,
+            self._clock.now(),
+            **claim,  # type: ignore[arg-type]
+        )
+
+    def start(self, run_id: str) -> asyncio.Task[TaskRun]:
+        """Execute the run in the background; the returned task finishes with the run."""
+        task = asyncio.create_task(self.execute(run_id), name=f"run:{run_id}")
+        self._active[run_id] = task
+        task.add_done_callback(lambda _: self._active.pop(run_id, None))
+        return task
+
+    async def execute_task(
+        self,
+        task: TaskDefinition,
+        trigger: TriggerType,
+        user_ids: Sequence[str] | None = None,
+    ) -> TaskRun:
+        """Create a run and execute it to the end (the plan's `execute_task`)."""
+        run_id = await self.create_run(task, trigger, user_ids)
+        assert run_id is not None
+        return await self.execute(run_id)
+
+    @property
+    def active_runs(self) -> list[str]:
+        return list(self._active)
+
+    async def cancel(self, run_id: str) -> TaskRun:
+        """Request cancellation: pending users become `cancelled`, running agents are stopped."""
+        run = await self.runs.request_cancel(run_id)
+        self._cancel_in_flight(run_id)
+        return run
+
+    def _cancel_in_flight(self, run_id: str) -> None:
+        self._cancelled.add(run_id)
+        for task in self._in_flight.get(run_id, set()):
+            task.cancel()
+
+    async def shutdown(self, grace_seconds: float) -> None:
+        """Stop starting users; give in-flight agents `grace_seconds`, then cancel them (their
+        users are marked `interrupted`)."""
+        self._stopping = True
+        runs = list(self._active.values())
+        if not runs:
+            return
+        _, still_running = await asyncio.wait(runs, timeout=grace_seconds)
+        for in_flight in self._in_flight.values():
+            for job in in_flight:
+                job.cancel()
+        if still_running:
+            await asyncio.wait(still_running, timeout=10)
+
+    # --- executing ------------------------------------------------------------------------
+
+    async def execute(self, run_id: str) -> TaskRun:
+        """Execute a pending run to the end and return its final state."""
+        task = await self.runs.snapshot(run_id)
+        if not await self.runs.mark_started(run_id, self.owner, self._clock.now()):
+            return await self.runs.get(run_id)
+        log.info("run_started", run_id=run_id, task=task.name, batch_size=task.batch_size)
+        in_flight: set[asyncio.Task[None]] = set()
+        self._in_flight[run_id] = in_flight
+        heartbeat = asyncio.create_task(self._heartbeat(run_id))
+        error: str | None = None
+        try:
+            await self._window(run_id, task, in_flight)
+        except Exception as exc:  # a storage failure: record it instead of leaving "running"
+            log.exception("run_failed", run_id=run_id)
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            self._in_flight.pop(run_id, None)
+            self._cancelled.discard(run_id)
+        run = await self.runs.get(run_id)
+        leftover = UserStatus.CANCELLED if run.cancel_requested else UserStatus.INTERRUPTED
+        if self._stopping or run.cancel_requested or error:
+            await self.runs.cancel_pending_users(run_id, self._clock.now(), leftover)
+        run = await self.runs.finish(run_id, self._clock.now(), error)
+        log.info("run_finished", run_id=run_id, task=task.name, status=run.status, **run.counts)
+        return run
+
+    async def _window(
+        self, run_id: str, task: TaskDefinition, in_flight: set[asyncio.Task[None]]
+    ) -> None:
+        page = max(task.batch_size * 2, 100)
+        after = -1
+        while not self._stopping:
+            batch = await self.runs.pending_users(run_id, after, page)
+            if not batch:
+                break
+            for position, user_id in batch:
+                while len(in_flight) >= task.batch_size:
+                    done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    in_flight.difference_update(done)
+                if self._stopping or run_id in self._cancelled:
+                    break
+                job = asyncio.create_task(self._run_user(run_id, task, user_id))
+                in_flight.add(job)
+                after = position
+            else:
+                continue
+            break
+        if in_flight:
+            await asyncio.wait(in_flight)
+
+    async def _heartbeat(self, run_id: str) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_seconds)
+            # a cancel requested through another replica reaches this one here
+            if await self.runs.heartbeat(run_id, self._clock.now()):
+                self._cancel_in_flight(run_id)
+
+    async def _run_user(self, run_id: str, task: TaskDefinition, user_id: str) -> None:
+        holder = await self.runs.start_user(run_id, task.name, user_id, self._clock.now())
+        if holder is not None:
+            log.info("user_skipped", run_id=run_id, user_id=user_id, running_in=holder)
+            return
+        status = UserStatus.FAILED
+        outcome = AgentOutcome()
+        try:
+            outcome = await self._agent(run_id, task, user_id)
+            status = UserStatus.SUCCESS if outcome.ok else UserStatus.FAILED
+        except asyncio.CancelledError:
+            cancelled = run_id in self._cancelled
+            status = UserStatus.CANCELLED if cancelled else UserStatus.INTERRUPTED
+            outcome.error = "cancelled" if cancelled else "interrupted by shutdown"
+        except Exception as exc:
+            log.exception("user_run_error", run_id=run_id, user_id=user_id)
+            outcome.error = f"{type(exc).__name__}: {exc}"
+        proposals = await self._memory_store.count_proposals(run_id, user_id)
+        await self.runs.finish_user(
+            run_id,
+            task.name,
+            user_id,
+            {
+                "status": status.value,
+                "completed_at": self._clock.now(),
+                "turns_used": outcome.turns_used,
+                "tool_calls": outcome.tool_calls,
+                "proposals_created": proposals,
+                "input_tokens": outcome.input_tokens,
+                "output_tokens": outcome.output_tokens,
+                "total_tokens": outcome.total_tokens,
+                "error": outcome.error,
+                "transcript": json.dumps(outcome.transcript, default=str),
+            },
+        )
+
+    async def _agent(self, run_id: str, task: TaskDefinition, user_id: str) -> AgentOutcome:
+        context = await self._memory.build_memory_context(user_id, task.memory_blocks)
+        instructions = task.system_prompt
+        if context:
+            instructions += f"\n\n---\n\n# What you know about the user\n\n{context}"
+        return await run_agent(
+            model=self._models(),
+            tools=task.tools,
+            context=ToolContext(
+                user_id=user_id,
+                memory=self._memory,
+                conversations=self._conversations,
+                data_dir=self._data_dir,
+                author=f"agent:{task.name}",
+                run_id=run_id,
+                allow_shell=self._allow_shell,
+            ),
+            instructions=instructions,
+            prompt=BACKGROUND_PROMPT,
+            max_turns=task.max_turns,
+            timeout_seconds=task.timeout_seconds,
+            transcript_max_chars=self._transcript_max_chars,
+        )
+
+
+__all__ = ["Executor", "RunStatus"]

@@ -1,0 +1,179 @@
+"""Background task definitions, triggers, runs and per-user results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ralph.validation import Label, TaskName, UserId
+
+
+class CronTrigger(BaseModel):
+    """Fire at each slot of a cron expression, read in an IANA timezone."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["cron"] = "cron"
+    schedule: str = Field(examples=["0 3 * * *"])
+    timezone: str = "UTC"
+
+    @field_validator("schedule")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        value = " ".join(value.split())
+        if len(value.split(" ")) != 5 or not croniter.is_valid(value):
+            raise ValueError(f"invalid cron expression {value!r} (5 fields: m h dom mon dow)")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _valid_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {value!r} (use an IANA name)") from None
+        return value
+
+
+class IdleTrigger(BaseModel):
+    """Fire once per idle episode: `idle_minutes` after a user's last message."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["idle"] = "idle"
+    idle_minutes: int = Field(ge=1, le=60 * 24 * 365)
+    cooldown_minutes: int = Field(default=60, ge=0, le=60 * 24 * 365)
+
+
+Trigger = Annotated[CronTrigger | IdleTrigger, Field(discriminator="type")]
+
+
+class TaskDefinition(BaseModel):
+    """What a background task does, for whom, and when."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: TaskName
+    system_prompt: str = Field(min_length=1, max_length=100_000)
+    tools: list[str] = Field(default_factory=list[str], max_length=20)
+    memory_blocks: list[Label] = Field(default_factory=list[str], max_length=50)
+    trigger: Trigger
+    user_ids: list[UserId] = Field(max_length=1_000_000)
+    batch_size: int = Field(default=5, ge=1, le=1000)
+    max_turns: int = Field(default=10, ge=1, le=100)
+    timeout_seconds: float = Field(default=300.0, gt=0, le=24 * 3600)
+    misfire_grace_seconds: int = Field(default=300, ge=0, le=7 * 24 * 3600)
+    enabled: bool = True
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("system_prompt must not be blank")
+        return value
+
+    @field_validator("user_ids")
+    @classmethod
+    def _unique_users(cls, value: list[str]) -> list[str]:
+        seen: set[str] = set()
+        duplicates = sorted({u for u in value if u in seen or seen.add(u)})
+        if duplicates:
+            shown = ", ".join(duplicates[:5])
+            raise ValueError(f"duplicate user ids: {shown}")
+        return value
+
+    @field_validator("tools", "memory_blocks")
+    @classmethod
+    def _unique_names(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("names must be unique")
+        return value
+
+
+class TriggerType(StrEnum):
+    CRON = "cron"
+    IDLE = "idle"
+    MANUAL = "manual"
+
+
+class RunStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCESS = "success"
+    FAILED = "failed"
+    PARTIAL = "partial"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+    MISSED = "missed"
+
+
+class UserStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCESS = "success"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+
+FINISHED_RUN = {
+    RunStatus.SUCCESS,
+    RunStatus.FAILED,
+    RunStatus.PARTIAL,
+    RunStatus.CANCELLED,
+    RunStatus.INTERRUPTED,
+    RunStatus.MISSED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTask:
+    definition: TaskDefinition
+    created_at: datetime
+    updated_at: datetime
+    schedule_from: datetime
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRun:
+    id: str
+    task_name: str
+    trigger_type: TriggerType
+    status: RunStatus
+    slot_at: datetime | None
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    heartbeat_at: datetime | None
+    owner: str | None
+    cancel_requested: bool
+    user_total: int
+    counts: dict[str, int]
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class UserResult:
+    run_id: str
+    user_id: str
+    position: int
+    status: UserStatus
+    attempts: int
+    started_at: datetime | None
+    completed_at: datetime | None
+    turns_used: int
+    tool_calls: int
+    proposals_created: int
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    error: str | None
+    transcript: str | None

@@ -1,0 +1,514 @@
+"""SQL storage for task definitions, runs and per-user results."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import RowMapping, and_, delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ralph.background.models import (
+    FINISHED_RUN,
+    RunStatus,
+    StoredTask,
+    TaskDefinition,
+    TaskRun,
+    TriggerType,
+    UserResult,
+    UserStatus,
+)
+from ralph.db.engine import insert_ignore
+from ralph.db.tables import background_tasks, task_run_users, task_runs, task_user_locks, task_users
+from ralph.errors import Conflict, NotFound
+
+CHUNK = 1000
+
+
+def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class TaskStore:
+    """Task definitions. The database is the source of truth; `revision` grows on every change
+    so caches in other replicas can tell when to reload."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def _users(self, conn: AsyncConnection, name: str) -> list[str]:
+        query = (
+            select(task_users.c.user_id)
+            .where(task_users.c.task_name == name)
+            .order_by(task_users.c.position)
+        )
+        return list((await conn.execute(query)).scalars().all())
+
+    async def _write_users(self, conn: AsyncConnection, name: str, user_ids: list[str]) -> None:
+        await conn.execute(delete(task_users).where(task_users.c.task_name == name))
+        rows = [{"task_name": name, "user_id": u, "position": i} for i, u in enumerate(user_ids)]
+        for chunk in _chunks(rows):
+            await conn.execute(task_users.insert(), list(chunk))
+
+    @staticmethod
+    def _row_values(task: TaskDefinition) -> dict[str, Any]:
+        return {
+            "definition": task.model_dump_json(exclude={"user_ids"}),
+            "trigger_type": task.trigger.type,
+            "enabled": task.enabled,
+            "user_count": len(task.user_ids),
+        }
+
+    async def create(self, task: TaskDefinition, now: datetime) -> StoredTask:
+        """Store a new task; Conflict if the name is taken."""
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(
+                    background_tasks.insert().values(
+                        name=task.name,
+                        schedule_from=now,
+                        revision=1,
+                        created_at=now,
+                        updated_at=now,
+                        **self._row_values(task),
+                    )
+                )
+                await self._write_users(conn, task.name, task.user_ids)
+        except IntegrityError:
+            raise Conflict(f"task '{task.name}' already exists; PUT replaces it") from None
+        return StoredTask(task, now, now, now, 1)
+
+    async def replace(self, task: TaskDefinition, now: datetime) -> StoredTask:
+        """Replace a task's definition. The schedule restarts from now if the trigger changed or
+        the task was re-enabled (no immediate fire for slots in between)."""
+        async with self._engine.begin() as conn:
+            current = await self._get(conn, task.name)
+            if current is None:
+                raise NotFound(f"task '{task.name}' not found")
+            restart = current.definition.trigger != task.trigger or (
+                task.enabled and not current.definition.enabled
+            )
+            schedule_from = now if restart else current.schedule_from
+            await conn.execute(
+                update(background_tasks)
+                .where(background_tasks.c.name == task.name)
+                .values(
+                    schedule_from=schedule_from,
+                    revision=background_tasks.c.revision + 1,
+                    updated_at=now,
+                    **self._row_values(task),
+                )
+            )
+            await self._write_users(conn, task.name, task.user_ids)
+        return StoredTask(task, current.created_at, now, schedule_from, current.revision + 1)
+
+    async def set_enabled(self, name: str, enabled: bool, now: datetime) -> StoredTask:
+        async with self._engine.begin() as conn:
+            current = await self._get(conn, name)
+            if current is None:
+                raise NotFound(f"task '{name}' not found")
+            if current.definition.enabled != enabled:
+                task = current.definition.model_copy(update={"enabled": enabled})
+                values = self._row_values(task)
+                values.pop("user_count")
+                await conn.execute(
+                    update(background_tasks)
+                    .where(background_tasks.c.name == name)
+                    .values(
+                        revision=background_tasks.c.revision + 1,
+                        updated_at=now,
+                        schedule_from=now if enabled else current.schedule_from,
+                        **values,
+                    )
+                )
+        stored = await self.get(name)
+        assert stored is not None
+        return stored
+
+    async def delete(self, name: str) -> None:
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                delete(background_tasks).where(background_tasks.c.name == name)
+            )
+            if result.rowcount == 0:
+                raise NotFound(f"task '{name}' not found")
+            await conn.execute(delete(task_users).where(task_users.c.task_name == name))
+
+    async def get(self, name: str) -> StoredTask | None:
+        async with self._engine.connect() as conn:
+            return await self._get(conn, name)
+
+    async def _get(self, conn: AsyncConnection, name: str) -> StoredTask | None:
+        row = (
+            (await conn.execute(select(background_tasks).where(background_tasks.c.name == name)))
+            .mappings()
+            .first()
+        )
+        if row is None:
+            return None
+        return self._stored(row, await self._users(conn, name))
+
+    @staticmethod
+    def _stored(row: RowMapping, user_ids: list[str]) -> StoredTask:
+        data = json.loads(row["definition"])
+        data["user_ids"] = user_ids
+        data["enabled"] = bool(row["enabled"])
+        definition = TaskDefinition.model_validate(data)
+        return StoredTask(
+            definition, row["created_at"], row["updated_at"], row["schedule_from"], row["revision"]
+        )
+
+    async def list(self) -> list[StoredTask]:
+        async with self._engine.connect() as conn:
+            rows = (
+                (await conn.execute(select(background_tasks).order_by(background_tasks.c.name)))
+                .mappings()
+                .all()
+            )
+            return [self._stored(r, await self._users(conn, r["name"])) for r in rows]
+
+    async def fingerprint(self) -> tuple[int, int]:
+        """(number of tasks, sum of revisions): changes whenever any task changes."""
+        query = select(func.count(), func.coalesce(func.sum(background_tasks.c.revision), 0))
+        async with self._engine.connect() as conn:
+            count, total = (await conn.execute(query)).one()
+        return int(count), int(total)
+
+
+def _run(row: RowMapping, counts: dict[str, int]) -> TaskRun:
+    return TaskRun(
+        id=row["id"],
+        task_name=row["task_name"],
+        trigger_type=TriggerType(row["trigger_type"]),
+        status=RunStatus(row["status"]),
+        slot_at=row["slot_at"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        completed_at=row["completed_at"],
+        heartbeat_at=row["heartbeat_at"],
+        owner=row["owner"],
+        cancel_requested=bool(row["cancel_requested"]),
+        user_total=row["user_total"],
+        counts=counts,
+        input_tokens=row["input_tokens"],
+        output_tokens=row["output_tokens"],
+        total_tokens=row["total_tokens"],
+        error=row["error"],
+    )
+
+
+def _user(row: RowMapping) -> UserResult:
+    return UserResult(
+        run_id=row["run_id"],
+        user_id=row["user_id"],
+        position=row["position"],
+        status=UserStatus(row["status"]),
+        attempts=row["attempts"],
+        started_at=row["started_at"],
+        completed_at=row["completed_at"],
+        turns_used=row["turns_used"],
+        tool_calls=row["tool_calls"],
+        proposals_created=row["proposals_created"],
+        input_tokens=row["input_tokens"],
+        output_tokens=row["output_tokens"],
+        total_tokens=row["total_tokens"],
+        error=row["error"],
+        transcript=row["transcript"],
+    )
+
+
+class RunStore:
+    """Runs and their per-user rows: one row per (run, user), never a JSON blob."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def create(
+        self,
+        task: TaskDefinition,
+        trigger: TriggerType,
+        user_ids: Sequence[str],
+        now: datetime,
+        *,
+        slot_key: str | None = None,
+        slot_at: datetime | None = None,
+        status: RunStatus = RunStatus.PENDING,
+    ) -> str | None:
+        """Create a run with one pending row per user and return its id.
+
+        With `slot_key`, the (task, slot_key) pair is claimed: if another caller (in any
+        process) created that run first, nothing is written and None is returned.
+        """
+        run_id = str(uuid.uuid4())
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                insert_ignore(self._engine, task_runs).values(
+                    id=run_id,
+                    task_name=task.name,
+                    trigger_type=trigger.value,
+                    slot_key=slot_key,
+                    slot_at=slot_at,
+                    status=status.value,
+                    task_snapshot=task.model_dump_json(exclude={"user_ids"}),
+                    cancel_requested=False,
+                    user_total=len(user_ids),
+                    created_at=now,
+                    completed_at=now if status in FINISHED_RUN else None,
+                    input_tokens=0,
+                    output_tokens=0,
+                    total_tokens=0,
+                )
+            )
+            if result.rowcount != 1:
+                return None
+            rows = [
+                {
+                    "run_id": run_id,
+                    "user_id": user_id,
+                    "position": position,
+                    "status": UserStatus.PENDING.value,
+                    "attempts": 0,
+                    "turns_used": 0,
+                    "tool_calls": 0,
+                    "proposals_created": 0,
+                    "input_tokens": 0,
+                    "output_tokens": 0,
+                    "total_tokens": 0,
+                }
+                for position, user_id in enumerate(user_ids)
+            ]
+            for chunk in _chunks(rows):
+                await conn.execute(task_run_users.insert(), list(chunk))
+        return run_id
+
+    async def snapshot(self, run_id: str) -> TaskDefinition:
+        """The task definition the run was created with (users excluded)."""
+        query = select(task_runs.c.task_snapshot).where(task_runs.c.id == run_id)
+        async with self._engine.connect() as conn:
+            raw = (await conn.execute(query)).scalar()
+        if raw is None:
+            raise NotFound(f"run '{run_id}' not found")
+        data = json.loads(raw)
+        data["user_ids"] = []
+        return TaskDefinition.model_validate(data)
+
+    async def mark_started(self, run_id: str, owner: str, now: datetime) -> bool:
+        """pending -> running, owned by `owner`. False if the run was not pending."""
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(task_runs)
+                .where(task_runs.c.id == run_id, task_runs.c.status == RunStatus.PENDING.value)
+                .values(
+                    status=RunStatus.RUNNING.value, owner=owner, started_at=now, heartbeat_at=now
+                )
+            )
+        return result.rowcount == 1
+
+    async def heartbeat(self, run_id: str, now: datetime) -> bool:
+        """Refresh the run's lease; returns whether a cancel was requested."""
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(task_runs).where(task_runs.c.id == run_id).values(heartbeat_at=now)
+            )
+            flag = (
+                await conn.execute(
+                    select(task_runs.c.cancel_requested).where(task_runs.c.id == run_id)
+                )
+            ).scalar()
+        return bool(flag)
+
+    async def get_cancel_flag(self, run_id: str) -> bool:
+        query = select(task_runs.c.cancel_requested).where(task_runs.c.id == run_id)
+        async with self._engine.connect() as conn:
+            return bool((await conn.execute(query)).scalar())
+
+    async def pending_users(
+        self, run_id: str, after_position: int, limit: int
+    ) -> list[tuple[int, str]]:
+        """The next `limit` pending users after `after_position`, in list order."""
+        query = (
+            select(task_run_users.c.position, task_run_users.c.user_id)
+            .where(
+                task_run_users.c.run_id == run_id,
+                task_run_users.c.status == UserStatus.PENDING.value,
+                task_run_users.c.position > after_position,
+            )
+            .order_by(task_run_users.c.position)
+            .limit(limit)
+        )
+        async with self._engine.connect() as conn:
+            return [(r.position, r.user_id) for r in (await conn.execute(query)).all()]
+
+    async def start_user(
+        self, run_id: str, task_name: str, user_id: str, now: datetime
+    ) -> str | None:
+        """Take the (task, user) lock and mark the user running.
+
+        Returns None on success, or the id of the run that already holds the lock (the user
+        is then marked `skipped`). The lock's primary key makes two holders impossible.
+        """
+        async with self._engine.begin() as conn:
+            taken = await conn.execute(
+                insert_ignore(self._engine, task_user_locks).values(
+                    task_name=task_name, user_id=user_id, run_id=run_id, acquired_at=now
+                )
+            )
+            if taken.rowcount != 1:
+                holder = (
+                    await conn.execute(
+                        select(task_user_locks.c.run_id).where(
+                            task_user_locks.c.task_name == task_name,
+                            task_user_locks.c.user_id == user_id,
+                        )
+                    )
+                ).scalar()
+                await conn.execute(
+                    self._user_update(run_id, user_id).values(
+                        status=UserStatus.SKIPPED.value,
+                        completed_at=now,
+                        error=f"already running for this task in run {holder}",
+                    )
+                )
+                return str(holder)
+            await conn.execute(
+                self._user_update(run_id, user_id).values(
+                    status=UserStatus.RUNNING.value,
+                    started_at=now,
+                    attempts=task_run_users.c.attempts + 1,
+                )
+            )
+        return None
+
+    @staticmethod
+    def _user_update(run_id: str, user_id: str) -> Any:
+        return update(task_run_users).where(
+            task_run_users.c.run_id == run_id, task_run_users.c.user_id == user_id
+        )
+
+    async def finish_user(
+        self, run_id: str, task_name: str, user_id: str, values: dict[str, Any]
+    ) -> None:
+        """Record the user's result and release the (task, user) lock, atomically."""
+        async with self._engine.begin() as conn:
+            await conn.execute(self._user_update(run_id, user_id).values(**values))
+            tokens = {
+                k: values.get(k, 0) for k in ("input_tokens", "output_tokens", "total_tokens")
+            }
+            if any(tokens.values()):
+                await conn.execute(
+                    update(task_runs)
+                    .where(task_runs.c.id == run_id)
+                    .values(
+                        input_tokens=task_runs.c.input_tokens + tokens["input_tokens"],
+                        output_tokens=task_runs.c.output_tokens + tokens["output_tokens"],
+                        total_tokens=task_runs.c.total_tokens + tokens["total_tokens"],
+                    )
+                )
+            await conn.execute(
+                delete(task_user_locks).where(
+                    task_user_locks.c.task_name == task_name,
+                    task_user_locks.c.user_id == user_id,
+                    task_user_locks.c.run_id == run_id,
+                )
+            )
+
+    async def cancel_pending_users(self, run_id: str, now: datetime, status: UserStatus) -> int:
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(task_run_users)
+                .where(
+                    task_run_users.c.run_id == run_id,
+                    task_run_users.c.status == UserStatus.PENDING.value,
+                )
+                .values(status=status.value, completed_at=now)
+            )
+        return result.rowcount
+
+    async def counts(self, run_id: str) -> dict[str, int]:
+        query = (
+            select(task_run_users.c.status, func.count())
+            .where(task_run_users.c.run_id == run_id)
+            .group_by(task_run_users.c.status)
+        )
+        async with self._engine.connect() as conn:
+            return {status: int(n) for status, n in (await conn.execute(query)).all()}
+
+    async def finish(self, run_id: str, now: datetime, error: str | None = None) -> TaskRun:
+        """Set the final run status from its users' statuses."""
+        counts = await self.counts(run_id)
+        run = await self.get(run_id)
+        succeeded = counts.get(UserStatus.SUCCESS, 0)
+        failed = counts.get(UserStatus.FAILED, 0) + counts.get(UserStatus.INTERRUPTED, 0)
+        cancelled = counts.get(UserStatus.CANCELLED, 0)
+        if run.cancel_requested and cancelled:
+            status = RunStatus.CANCELLED
+        elif error is not None or (failed and not succeeded):
+            status = RunStatus.FAILED
+        elif failed or cancelled:
+            status = RunStatus.PARTIAL
+        else:
+            status = RunStatus.SUCCESS
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(task_runs)
+                .where(task_runs.c.id == run_id)
+                .values(status=status.value, completed_at=now, heartbeat_at=now, error=error)
+            )
+        return await self.get(run_id)
+
+    async def request_cancel(self, run_id: str) -> TaskRun:
+        run = await self.get(run_id)
+        if run.status in FINISHED_RUN:
+            raise Conflict(f"run '{run_id}' already finished ({run.status.value})")
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(task_runs).where(task_runs.c.id == run_id).values(cancel_requested=True)
+            )
+        return await self.get(run_id)
+
+    async def get(self, run_id: str) -> TaskRun:
+        async with self._engine.connect() as conn:
+            row = (
+                (await conn.execute(select(task_runs).where(task_runs.c.id == run_id)))
+                .mappings()
+                .first()
+            )
+        if row is None:
+            raise NotFound(f"run '{run_id}' not found")
+        return _run(row, await self.counts(run_id))
+
+    async def list(
+        self, task_name: str, *, status: RunStatus | None = None, limit: int = 50
+    ) -> list[TaskRun]:
+        query = select(task_runs).where(task_runs.c.task_name == task_name)
+        if status is not None:
+            query = query.where(task_runs.c.status == status.value)
+        query = query.order_by(task_runs.c.created_at.desc(), task_runs.c.id).limit(limit)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_run(r, await self.counts(r["id"])) for r in rows]
+
+    async def users(
+        self, run_id: str, *, offset: int = 0, limit: int = 100, status: UserStatus | None = None
+    ) -> list[UserResult]:
+        query = select(task_run_users).where(task_run_users.c.run_id == run_id)
+        if status is not None:
+            query = query.where(task_run_users.c.status == status.value)
+        query = query.order_by(task_run_users.c.position).offset(offset).limit(limit)
+        async with self._engine.connect() as conn:
+            return [_user(r) for r in (await conn.execute(query)).mappings().all()]
+
+    async def user(self, run_id: str, user_id: str) -> UserResult:
+        query = select(task_run_users).where(
+            and_(task_run_users.c.run_id == run_id, task_run_users.c.user_id == user_id)
+        )
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(query)).mappings().first()
+        if row is None:
+            raise NotFound(f"user '{user_id}' is not part of run '{run_id}'")
+        return _user(row)

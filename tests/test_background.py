@@ -1,0 +1,326 @@
+"""Background tasks end to end: definitions, the executor's window, runs and their API."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from httpx import ASGITransport, AsyncClient
+
+from ralph.app import create_app
+from ralph.config import Settings
+from ralph.services import Services
+from ralph.testing.clock import FakeClock
+from ralph.testing.model_server import (
+    Delay,
+    Fail,
+    ModelServer,
+    call,
+    scripted,
+    text,
+)
+
+
+@pytest.fixture
+def model_server() -> Iterator[ModelServer]:
+    with ModelServer(scripted(text("done"))) as server:
+        yield server
+
+
+class BackgroundHarness:
+    def __init__(self, client: AsyncClient, services: Services, server: ModelServer) -> None:
+        self.client = client
+        self.services = services
+        self.server = server
+
+
+@pytest.fixture
+async def bg(
+    settings: Settings, model_server: ModelServer, clock: FakeClock
+) -> AsyncIterator[BackgroundHarness]:
+    settings = settings.model_copy(
+        update={
+            "model_provider": "openai",
+            "model_base_url": model_server.base_url,
+            "model_id": "scripted",
+            "model_max_retries": 0,
+            "wait_max_seconds": 30.0,
+        }
+    )
+    app = create_app(settings, clock=clock)
+    async with (
+        app.router.lifespan_context(app),
+        AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
+    ):
+        yield BackgroundHarness(client, app.state.services, model_server)
+
+
+def task_body(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "name": "test-progress-tracker",
+        "system_prompt": "You are a background agent. Review the student context.",
+        "tools": ["file_tools", "edit_memory_block", "read_memory_block"],
+        "memory_blocks": ["student", "progress"],
+        "trigger": {"type": "cron", "schedule": "*/5 * * * *"},
+        "user_ids": ["test-user-1"],
+        "batch_size": 5,
+        "max_turns": 5,
+    }
+    body.update(overrides)
+    return body
+
+
+async def test_plan_manual_steps(bg: BackgroundHarness) -> None:
+    """The plan's curl steps: create the task, run it, list its runs."""
+    client = bg.client
+    await client.put("/users/test-user-1/blocks/student", json={"title": "S", "body": "Ann"})
+    bg.server.responder = scripted(
+        call("edit_memory_block", label="progress", body="week 1 reviewed", reason="review"),
+        text("reviewed"),
+    )
+    created = await client.post("/background/tasks", json=task_body())
+    assert created.status_code == 201, created.text
+    assert created.json()["trigger"] == {
+        "type": "cron",
+        "schedule": "*/5 * * * *",
+        "timezone": "UTC",
+    }
+    listed = (await client.get("/background/tasks")).json()
+    assert [t["name"] for t in listed] == ["test-progress-tracker"]
+
+    started = await client.post("/background/tasks/test-progress-tracker/run")
+    assert started.status_code == 202
+    run_id = started.json()["run_id"]
+    await asyncio.wait_for(_finished(bg, run_id), 30)
+
+    runs = (await client.get("/background/tasks/test-progress-tracker/runs")).json()
+    assert [r["id"] for r in runs] == [run_id]
+    run = runs[0]
+    assert run["status"] == "success"
+    assert run["trigger_type"] == "manual"
+    assert run["counts"] == {"success": 1}
+    assert run["total_tokens"] == 30
+
+    detail = (await client.get(f"/background/runs/{run_id}")).json()
+    (user,) = detail["user_results"]
+    assert user["user_id"] == "test-user-1"
+    assert (user["turns_used"], user["tool_calls"], user["proposals_created"]) == (2, 1, 1)
+    one = (await client.get(f"/background/runs/{run_id}/users/test-user-1")).json()
+    tool_messages = [m for m in one["transcript"] if m["role"] == "tool"]
+    assert "proposal_id" in tool_messages[0]["content"]
+    # the memory context reached the agent
+    assert "Ann" in bg.server.requests[0]["messages"][0]["content"]
+    pending = (await client.get("/users/test-user-1/proposals?status=pending")).json()
+    assert [(p["label"], p["author"], p["run_id"]) for p in pending] == [
+        ("progress", "agent:test-progress-tracker", run_id)
+    ]
+
+
+async def _finished(bg: BackgroundHarness, run_id: str) -> dict[str, Any]:
+    task = bg.services.executor._active.get(run_id)  # pyright: ignore[reportPrivateUsage]
+    if task is not None:
+        await task
+    body: dict[str, Any] = (await bg.client.get(f"/background/runs/{run_id}")).json()
+    return body
+
+
+async def test_wait_returns_the_finished_run(bg: BackgroundHarness) -> None:
+    await bg.client.post("/background/tasks", json=task_body(user_ids=["a", "b"]))
+    response = await bg.client.post("/background/tasks/test-progress-tracker/run?wait=true")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "success"
+    assert [u["user_id"] for u in body["user_results"]] == ["a", "b"]
+
+
+async def test_concurrency_never_exceeds_batch_size(bg: BackgroundHarness) -> None:
+    users = [f"user-{i}" for i in range(12)]
+    bg.server.responder = scripted(Delay(0.05, call("list_memory_blocks")), text("ok"))
+    await bg.client.post(
+        "/background/tasks",
+        json=task_body(user_ids=users, batch_size=3, tools=["list_memory_blocks"]),
+    )
+    response = await bg.client.post("/background/tasks/test-progress-tracker/run?wait=true")
+    body = response.json()
+    assert body["status"] == "success"
+    assert body["counts"] == {"success": 12}
+    assert bg.server.max_in_flight == 3  # the window was full, and never over
+    assert bg.server.calls == 24
+
+
+async def test_slots_refill_as_they_free(bg: BackgroundHarness) -> None:
+    """One slow user must not hold the other slot idle (the plan's batch-by-batch flaw)."""
+    slow_done = False
+    fast_arrivals: list[bool] = []
+
+    async def respond(request: dict[str, Any]) -> Any:
+        nonlocal slow_done
+        if "slow-user" in str(request["messages"]):
+            await asyncio.sleep(1.0)
+            slow_done = True
+        else:
+            fast_arrivals.append(slow_done)
+        return text("ok")
+
+    users = ["slow-user", *[f"fast-{i}" for i in range(10)]]
+    for user in users:  # the memory context names the user, so the server can tell them apart
+        await bg.client.put(f"/users/{user}/blocks/student", json={"body": user})
+    bg.server.responder = respond
+    await bg.client.post(
+        "/background/tasks", json=task_body(user_ids=users, batch_size=2, tools=[])
+    )
+    body = (await bg.client.post("/background/tasks/test-progress-tracker/run?wait=true")).json()
+    assert body["counts"] == {"success": 11}
+    # every fast user was served while the slow one still held the other slot
+    assert fast_arrivals == [False] * 10
+    assert bg.server.max_in_flight == 2
+
+
+async def test_partial_when_some_users_fail(bg: BackgroundHarness) -> None:
+    def respond(request: dict[str, Any]) -> Any:
+        return Fail(500, "boom") if "bad-user" in str(request["messages"]) else text("ok")
+
+    users = ["good-1", "bad-user", "good-2"]
+    for user in users:
+        await bg.client.put(f"/users/{user}/blocks/student", json={"body": user})
+    bg.server.responder = respond
+    await bg.client.post("/background/tasks", json=task_body(user_ids=users, tools=[]))
+    body = (await bg.client.post("/background/tasks/test-progress-tracker/run?wait=true")).json()
+    assert body["status"] == "partial"
+    assert body["counts"] == {"success": 2, "failed": 1}
+    failed = [u for u in body["user_results"] if u["status"] == "failed"]
+    assert [u["user_id"] for u in failed] == ["bad-user"]
+    assert failed[0]["error"]
+
+
+async def test_all_failed_is_failed(bg: BackgroundHarness) -> None:
+    bg.server.responder = scripted(Fail(500, "down"))
+    await bg.client.post("/background/tasks", json=task_body(user_ids=["a", "b"], tools=[]))
+    body = (await bg.client.post("/background/tasks/test-progress-tracker/run?wait=true")).json()
+    assert body["status"] == "failed"
+
+
+async def test_subset_run(bg: BackgroundHarness) -> None:
+    await bg.client.post("/background/tasks", json=task_body(user_ids=["a", "b", "c"], tools=[]))
+    response = await bg.client.post(
+        "/background/tasks/test-progress-tracker/run?wait=true", json={"user_ids": ["c", "a"]}
+    )
+    body = response.json()
+    assert [u["user_id"] for u in body["user_results"]] == ["c", "a"]
+    outside = await bg.client.post(
+        "/background/tasks/test-progress-tracker/run", json={"user_ids": ["zzz"]}
+    )
+    assert outside.status_code == 422
+    assert "zzz" in outside.json()["detail"]
+
+
+async def test_cancel_stops_running_and_pending_users(bg: BackgroundHarness) -> None:
+    bg.server.responder = scripted(Delay(30.0, text("never")))
+    users = [f"u{i}" for i in range(6)]
+    await bg.client.post(
+        "/background/tasks", json=task_body(user_ids=users, batch_size=2, tools=[])
+    )
+    run_id = (await bg.client.post("/background/tasks/test-progress-tracker/run")).json()["run_id"]
+    await bg.server.wait_for_in_flight(2)
+    cancelled = await bg.client.post(f"/background/runs/{run_id}/cancel")
+    assert cancelled.status_code == 200
+    body = await asyncio.wait_for(_finished(bg, run_id), 10)
+    assert body["status"] == "cancelled"
+    assert body["counts"] == {"cancelled": 6}
+    again = await bg.client.post(f"/background/runs/{run_id}/cancel")
+    assert again.status_code == 409
+
+
+async def test_same_user_is_never_run_twice_at_once(bg: BackgroundHarness) -> None:
+    gate = asyncio.Event()
+
+    async def respond(request: dict[str, Any]) -> Any:
+        await gate.wait()
+        return text("ok")
+
+    bg.server.responder = respond
+    await bg.client.post("/background/tasks", json=task_body(user_ids=["a"], tools=[]))
+    first = (await bg.client.post("/background/tasks/test-progress-tracker/run")).json()["run_id"]
+    await bg.server.wait_for_in_flight(1)
+    second = await bg.client.post("/background/tasks/test-progress-tracker/run?wait=true")
+    body = second.json()
+    assert body["user_results"][0]["status"] == "skipped"
+    assert first in body["user_results"][0]["error"]
+    bg.server.responder = scripted(text("ok"))
+    # the gate lives on the server's loop: release it from there
+    assert bg.server.loop is not None
+    bg.server.loop.call_soon_threadsafe(gate.set)
+    done = await asyncio.wait_for(_finished(bg, first), 10)
+    assert done["status"] == "success"
+
+
+async def test_task_validation_errors(bg: BackgroundHarness) -> None:
+    client = bg.client
+    cases = {
+        "name": task_body(name="Bad Name"),
+        "cron": task_body(trigger={"type": "cron", "schedule": "61 * * * *"}),
+        "timezone": task_body(
+            trigger={"type": "cron", "schedule": "0 3 * * *", "timezone": "Mars/Olympus"}
+        ),
+        "tool": task_body(tools=["rm_rf"]),
+        "label": task_body(memory_blocks=["Not A Label"]),
+        "user": task_body(user_ids=["a..b"]),
+        "duplicate": task_body(user_ids=["a", "b", "a"]),
+        "batch": task_body(batch_size=0),
+        "turns": task_body(max_turns=101),
+        "prompt": task_body(system_prompt="   "),
+        "idle": task_body(trigger={"type": "idle", "idle_minutes": 0}),
+        "trigger": task_body(trigger={"type": "sometimes"}),
+    }
+    for case, body in cases.items():
+        response = await client.post("/background/tasks", json=body)
+        assert response.status_code == 422, (case, response.text)
+        assert response.json()["detail"], case
+    assert (await client.get("/background/tasks")).json() == []
+
+
+async def test_task_crud_status_codes(bg: BackgroundHarness) -> None:
+    client = bg.client
+    assert (await client.get("/background/tasks/nope")).status_code == 404
+    assert (await client.post("/background/tasks/nope/run")).status_code == 404
+    assert (await client.post("/background/tasks/nope/enable")).status_code == 404
+    assert (await client.delete("/background/tasks/nope")).status_code == 404
+    assert (await client.get("/background/runs/nope")).status_code == 404
+    assert (await client.post("/background/tasks", json=task_body())).status_code == 201
+    assert (await client.post("/background/tasks", json=task_body())).status_code == 409
+
+    replaced = await client.put(
+        "/background/tasks/test-progress-tracker",
+        json=task_body(trigger={"type": "idle", "idle_minutes": 30}, batch_size=9),
+    )
+    assert replaced.status_code == 200
+    assert replaced.json()["trigger"] == {
+        "type": "idle",
+        "idle_minutes": 30,
+        "cooldown_minutes": 60,
+    }
+    mismatch = await client.put("/background/tasks/other", json=task_body())
+    assert mismatch.status_code == 422
+    disabled = await client.post("/background/tasks/test-progress-tracker/disable")
+    assert disabled.json()["enabled"] is False
+    enabled = await client.post("/background/tasks/test-progress-tracker/enable")
+    assert enabled.json()["enabled"] is True
+    assert (await client.delete("/background/tasks/test-progress-tracker")).status_code == 200
+    assert (await client.get("/background/tasks/test-progress-tracker")).status_code == 404
+
+
+async def test_registry_sees_changes_made_by_another_replica(bg: BackgroundHarness) -> None:
+    from ralph.background.models import TaskDefinition
+    from ralph.background.registry import TaskRegistry
+    from ralph.background.store import TaskStore
+
+    other = TaskRegistry(TaskStore(bg.services.engine), bg.services.clock)
+    assert await other.list() == []
+    await bg.client.post("/background/tasks", json=task_body(tools=[]))
+    assert [t.definition.name for t in await other.list()] == ["test-progress-tracker"]
+    await other.set_enabled("test-progress-tracker", False)
+    mine = await bg.services.registry.get("test-progress-tracker")
+    assert mine.definition.enabled is False
+    assert isinstance(mine.definition, TaskDefinition)
