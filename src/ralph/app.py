@@ -25,9 +25,12 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
         async with open_services(settings, clock=clock) as services:
             services.models.warn_if_dev()
             app.state.services = services
+            if settings.scheduler_enabled:
+                services.scheduler.start()
             try:
                 yield
             finally:
+                await services.scheduler.stop()
                 await services.executor.shutdown(settings.shutdown_grace_seconds)
 
     app = FastAPI(

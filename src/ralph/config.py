@@ -52,6 +52,7 @@ class Settings(BaseSettings):
 
     # Background
     scheduler_enabled: bool = True
+    idle_check_seconds: float = Field(default=30.0, gt=0)
     run_lease_seconds: float = Field(default=60.0, gt=0)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     rerun_interrupted_users: int = Field(default=1, ge=0)

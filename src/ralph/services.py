@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ralph.agents.models import ModelFactory
 from ralph.background.executor import Executor
 from ralph.background.registry import TaskRegistry
+from ralph.background.scheduler import Scheduler
 from ralph.background.store import RunStore, TaskStore
 from ralph.chat import ChatService
 from ralph.clock import Clock, SystemClock
@@ -36,6 +37,7 @@ class Services:
     registry: TaskRegistry
     runs: RunStore
     executor: Executor
+    scheduler: Scheduler
 
 
 @asynccontextmanager
@@ -68,6 +70,7 @@ async def open_services(
             allow_shell=settings.allow_shell_tools,
             transcript_max_chars=settings.agent_transcript_max_chars,
         )
+        registry = TaskRegistry(TaskStore(engine), clock, allow_shell=settings.allow_shell_tools)
         yield Services(
             settings=settings,
             clock=clock,
@@ -83,9 +86,18 @@ async def open_services(
                 data_dir=settings.data_dir,
                 timeout=settings.model_timeout_seconds * 2,
             ),
-            registry=TaskRegistry(TaskStore(engine), clock, allow_shell=settings.allow_shell_tools),
+            registry=registry,
             runs=runs,
             executor=executor,
+            scheduler=Scheduler(
+                engine=engine,
+                registry=registry,
+                executor=executor,
+                clock=clock,
+                idle_interval_seconds=settings.idle_check_seconds,
+                lease_seconds=settings.run_lease_seconds,
+                rerun_interrupted=settings.rerun_interrupted_users,
+            ),
         )
     finally:
         await engine.dispose()

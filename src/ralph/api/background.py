@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Query
@@ -13,7 +13,9 @@ from pydantic import BaseModel, Field
 
 from ralph.api.deps import ServicesDep
 from ralph.api.params import TaskNamePath, UserIdPath
+from ralph.background.cron import next_slot
 from ralph.background.models import (
+    CronTrigger,
     RunStatus,
     StoredTask,
     TaskDefinition,
@@ -214,3 +216,47 @@ async def get_run_user(run_id: str, user_id: UserIdPath, services: ServicesDep) 
 async def cancel_run(run_id: str, services: ServicesDep) -> RunOut:
     """Cancel: running agents are stopped, pending users are marked `cancelled`."""
     return RunOut.of(await services.executor.cancel(run_id))
+
+
+class SchedulerTask(BaseModel):
+    name: str
+    trigger_type: str
+    next_fire_at: datetime | None
+
+
+class SchedulerOut(BaseModel):
+    replica_id: str
+    running: bool
+    last_tick_at: datetime | None
+    tasks: list[SchedulerTask]
+    replicas: list[dict[str, Any]]
+
+
+@router.get("/scheduler", response_model=SchedulerOut)
+async def scheduler_state(services: ServicesDep) -> SchedulerOut:
+    """Each enabled task's next fire time, this replica's last tick, replicas seen recently."""
+    now = services.clock.now()
+    scheduler = services.scheduler
+    tasks: list[SchedulerTask] = []
+    for stored in await services.registry.list():
+        trigger = stored.definition.trigger
+        if not stored.definition.enabled:
+            continue
+        upcoming = (
+            next_slot(trigger.schedule, trigger.timezone, max(now, stored.schedule_from))
+            if isinstance(trigger, CronTrigger)
+            else None
+        )
+        tasks.append(
+            SchedulerTask(
+                name=stored.definition.name, trigger_type=trigger.type, next_fire_at=upcoming
+            )
+        )
+    replicas = await scheduler.replicas(now - timedelta(minutes=10))
+    return SchedulerOut(
+        replica_id=scheduler.replica_id,
+        running=services.settings.scheduler_enabled,
+        last_tick_at=scheduler.last_tick,
+        tasks=tasks,
+        replicas=replicas,
+    )

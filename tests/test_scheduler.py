@@ -1,0 +1,258 @@
+"""The scheduler under a fake clock: cron slots, misfires, replicas, idle episodes, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+
+from ralph.background.cron import due_slots
+from ralph.background.executor import Executor
+from ralph.background.models import (
+    CronTrigger,
+    IdleTrigger,
+    RunStatus,
+    TaskDefinition,
+    TriggerType,
+)
+from ralph.background.registry import TaskRegistry
+from ralph.background.scheduler import Scheduler
+from ralph.background.store import TaskStore
+from ralph.db.tables import task_runs
+from ralph.services import Services
+from ralph.testing.clock import FakeClock
+from tests.conftest import AppHarness
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def definition(**overrides: Any) -> TaskDefinition:
+    values: dict[str, Any] = {
+        "name": "nightly",
+        "system_prompt": "review",
+        "tools": [],
+        "trigger": CronTrigger(schedule="0 3 * * *"),
+        "user_ids": ["a"],
+    }
+    values.update(overrides)
+    return TaskDefinition(**values)
+
+
+async def drain(executor: Executor) -> None:
+    while executor.active_runs:
+        await asyncio.gather(
+            *[executor._active[r] for r in executor.active_runs],  # pyright: ignore[reportPrivateUsage]
+        )
+
+
+async def cron_runs(services: Services) -> list[tuple[datetime | None, str]]:
+    query = (
+        select(task_runs.c.slot_at, task_runs.c.status)
+        .where(task_runs.c.trigger_type == TriggerType.CRON.value)
+        .order_by(task_runs.c.slot_at)
+    )
+    async with services.engine.connect() as conn:
+        return [(r.slot_at, r.status) for r in (await conn.execute(query)).all()]
+
+
+async def test_cron_fires_at_the_slot_and_not_before(harness: AppHarness, clock: FakeClock) -> None:
+    services = harness.services
+    await services.registry.create(definition())
+    await clock.set(T0.replace(hour=2, minute=59, second=59))
+    report = await services.scheduler.tick()
+    assert report.started == []
+    assert report.next_wake == T0.replace(hour=3)
+
+    await clock.set(T0.replace(hour=3))
+    report = await services.scheduler.tick()
+    assert len(report.started) == 1
+    await drain(services.executor)
+    assert await cron_runs(services) == [(T0.replace(hour=3), "success")]
+    # the next slot is a day away; the loop still re-ticks hourly to see other replicas' changes
+    assert report.next_wake == T0.replace(hour=4)
+
+    await clock.advance(1)
+    assert (await services.scheduler.tick()).started == []  # a slot fires once
+
+
+async def test_restart_after_three_missed_slots(harness: AppHarness, clock: FakeClock) -> None:
+    services = harness.services
+    await services.registry.create(definition(trigger=CronTrigger(schedule="0 * * * *")))
+    await clock.set(T0.replace(hour=3, second=30))  # 01:00, 02:00 and 03:00 were due
+    report = await services.scheduler.tick()
+    await drain(services.executor)
+    assert report.missed == 2
+    assert await cron_runs(services) == [
+        (T0.replace(hour=1), "missed"),
+        (T0.replace(hour=2), "missed"),
+        (T0.replace(hour=3), "success"),
+    ]
+
+
+async def test_slots_outside_the_grace_window_are_all_missed(
+    harness: AppHarness, clock: FakeClock
+) -> None:
+    services = harness.services
+    await services.registry.create(
+        definition(trigger=CronTrigger(schedule="0 * * * *"), misfire_grace_seconds=60)
+    )
+    await clock.set(T0.replace(hour=2, minute=5))
+    report = await services.scheduler.tick()
+    assert report.started == []
+    assert [s for _, s in await cron_runs(services)] == ["missed", "missed"]
+
+
+async def test_new_and_reenabled_tasks_start_at_their_next_slot(
+    harness: AppHarness, clock: FakeClock
+) -> None:
+    services = harness.services
+    await clock.set(T0.replace(hour=5))
+    await services.registry.create(definition(trigger=CronTrigger(schedule="0 * * * *")))
+    assert (await services.scheduler.tick()).started == []  # nothing from before creation
+    await services.registry.set_enabled("nightly", False)
+    await clock.set(T0.replace(hour=9, minute=30))
+    assert (await services.scheduler.tick()).started == []
+    await services.registry.set_enabled("nightly", True)
+    assert (await services.scheduler.tick()).started == []  # 06:00..09:00 are not caught up
+    await clock.set(T0.replace(hour=10))
+    assert len((await services.scheduler.tick()).started) == 1
+    await drain(services.executor)
+
+
+async def test_two_schedulers_fire_each_of_100_slots_once(
+    harness: AppHarness, clock: FakeClock
+) -> None:
+    services = harness.services
+    await services.registry.create(
+        definition(trigger=CronTrigger(schedule="* * * * *"), user_ids=[])
+    )
+    other_executor = Executor(
+        runs=services.runs,
+        memory=services.memory,
+        memory_store=services.memory.store,
+        conversations=services.conversations,
+        models=services.models,
+        clock=clock,
+        data_dir=services.settings.data_dir,
+    )
+    other = Scheduler(
+        engine=services.engine,
+        registry=TaskRegistry(TaskStore(services.engine), clock),
+        executor=other_executor,
+        clock=clock,
+    )
+    started = 0
+    for _ in range(100):
+        await clock.advance(60)
+        reports = await asyncio.gather(services.scheduler.tick(), other.tick())
+        started += sum(len(r.started) for r in reports)
+        await drain(services.executor)
+        await drain(other_executor)
+    runs = await cron_runs(services)
+    assert started == 100
+    assert len(runs) == 100
+    assert len({slot for slot, _ in runs}) == 100
+    assert {status for _, status in runs} == {"success"}
+
+
+def test_dst_spring_forward_and_fall_back() -> None:
+    berlin = "Europe/Berlin"
+    # 2026-03-29: 02:00-03:00 local does not exist; "30 2 * * *" fires at 03:00 local (01:00Z)
+    spring = due_slots(
+        "30 2 * * *",
+        berlin,
+        datetime(2026, 3, 28, 12, tzinfo=UTC),
+        datetime(2026, 3, 30, 12, tzinfo=UTC),
+    )
+    assert spring == [
+        datetime(2026, 3, 29, 1, 0, tzinfo=UTC),
+        datetime(2026, 3, 30, 0, 30, tzinfo=UTC),
+    ]
+    # 2026-10-25: 02:00-03:00 local happens twice; 02:30 fires once, at the first one
+    fall = due_slots(
+        "30 2 * * *",
+        berlin,
+        datetime(2026, 10, 24, 12, tzinfo=UTC),
+        datetime(2026, 10, 26, 12, tzinfo=UTC),
+    )
+    assert fall == [
+        datetime(2026, 10, 25, 0, 30, tzinfo=UTC),
+        datetime(2026, 10, 26, 1, 30, tzinfo=UTC),
+    ]
+
+
+async def test_idle_fires_once_per_episode_with_cooldown(
+    harness: AppHarness, clock: FakeClock
+) -> None:
+    services = harness.services
+    scheduler = services.scheduler
+    await services.registry.create(
+        definition(
+            name="idle-review",
+            trigger=IdleTrigger(idle_minutes=30, cooldown_minutes=60),
+            user_ids=["a", "b"],
+        )
+    )
+    conversations = services.conversations
+    await conversations.record_activity("a", clock.now())
+    await conversations.record_activity("outsider", clock.now())  # not in the task's list
+
+    async def fired() -> list[str]:
+        report = await scheduler.tick()
+        await drain(services.executor)
+        users: list[str] = []
+        for run_id in report.started:
+            users += [u.user_id for u in await services.runs.users(run_id)]
+        return users
+
+    await clock.advance(timedelta(minutes=29))
+    assert await fired() == []
+    await clock.advance(timedelta(minutes=1))
+    assert await fired() == ["a"]
+    await clock.advance(timedelta(minutes=1))
+    assert await fired() == []
+    await clock.advance(timedelta(days=7))
+    assert await fired() == []  # still the same episode: not re-run every cooldown
+
+    await conversations.record_activity("a", clock.now())  # a new episode
+    await clock.advance(timedelta(minutes=30))
+    assert await fired() == ["a"]
+
+    # a message right after that run: idle again 30 min later, but the cooldown holds it
+    await clock.advance(timedelta(minutes=5))
+    await conversations.record_activity("a", clock.now())
+    await clock.advance(timedelta(minutes=30))
+    assert await fired() == []
+    await clock.advance(timedelta(minutes=25))  # 60 min since the last run
+    assert await fired() == ["a"]
+
+
+async def test_crashed_run_is_interrupted_and_its_users_rerun_once(
+    harness: AppHarness, clock: FakeClock
+) -> None:
+    services = harness.services
+    task = definition(user_ids=["a", "b", "c"], trigger=CronTrigger(schedule="0 3 1 1 *"))
+    await services.registry.create(task)
+    run_id = await services.executor.create_run(task, TriggerType.MANUAL)
+    assert run_id is not None
+    # a process that started the run, finished "a", then died
+    assert await services.runs.mark_started(run_id, "dead-replica", clock.now())
+    assert await services.runs.start_user(run_id, task.name, "a", clock.now()) is None
+    await services.runs.finish_user(run_id, task.name, "a", {"status": "success"})
+    assert await services.runs.start_user(run_id, task.name, "b", clock.now()) is None
+
+    await clock.advance(services.settings.run_lease_seconds - 1)
+    assert (await services.scheduler.tick()).recovered == []  # lease not yet expired
+    await clock.advance(2)
+    report = await services.scheduler.tick()
+    assert len(report.recovered) == 1
+    await drain(services.executor)
+    dead = await services.runs.get(run_id)
+    assert dead.status is RunStatus.INTERRUPTED
+    assert dead.counts == {"success": 1, "interrupted": 2}
+    rerun = await services.runs.get(report.recovered[0])
+    assert rerun.status is RunStatus.SUCCESS
+    assert [u.user_id for u in await services.runs.users(rerun.id)] == ["b", "c"]
+    assert (await services.scheduler.tick()).recovered == []  # recovered once only
