@@ -18,11 +18,11 @@ from pathlib import Path
 
 os.environ.setdefault("AGNO_TELEMETRY", "false")
 
-from ralph.background.models import CronTrigger, TaskDefinition, TriggerType  # noqa: E402
-from ralph.config import Settings  # noqa: E402
-from ralph.logs import configure_logging  # noqa: E402
-from ralph.services import open_services  # noqa: E402
-from ralph.testing.model_server import Delay, ModelServer, call, scripted, text  # noqa: E402
+from ralph.background.models import CronTrigger, TaskDefinition, TriggerType
+from ralph.config import Settings
+from ralph.logs import configure_logging
+from ralph.services import open_services
+from ralph.testing.model_server import Delay, ModelServer, call, scripted, text
 
 
 async def main(users: int, latency: float, batch_size: int) -> None:
