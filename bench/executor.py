@@ -1,10 +1,12 @@
-"""Executor throughput against the test model server.
+"""Executor throughput against the scripted model server (run in its own process).
 
-Runs a task for N users (default 2,000) with every model call taking LATENCY seconds (default
-0.2) and 2 model calls per user, `batch_size` 50, on a SQLite file, and prints the achieved
-throughput as a ratio of the ideal: users x calls x latency / batch_size.
+1. N users (default 2,000), 2 model calls per user, every call LATENCY s (default 0.2),
+   `batch_size` 50: achieved throughput as a ratio of the ideal users x calls x latency /
+   batch_size.
+2. Heavy-tailed (lognormal) latency with the same median: the sliding window's throughput as
+   a ratio of the original plan's batch-by-batch scheme (each batch waits for its slowest user).
 
-    uv run python bench/executor.py [users] [latency] [batch_size]
+    uv run python bench/executor.py [users] [latency] [batch_size] [sigma]
 """
 
 from __future__ import annotations
@@ -17,53 +19,103 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("AGNO_TELEMETRY", "false")
+sys.path.insert(0, str(Path(__file__).parent))
 
+from _server import model_server_process, server_stats
+from ralph.background.executor import Executor
 from ralph.background.models import CronTrigger, TaskDefinition, TriggerType
 from ralph.config import Settings
 from ralph.logs import configure_logging
-from ralph.services import open_services
-from ralph.testing.model_server import Delay, ModelServer, call, scripted, text
+from ralph.services import Services, open_services
 
 
-async def main(users: int, latency: float, batch_size: int) -> None:
-    configure_logging("warning", json=True)
-    responder = scripted(Delay(latency, call("list_memory_blocks")), Delay(latency, text("ok")))
-    with tempfile.TemporaryDirectory() as tmp, ModelServer(responder) as server:
-        settings = Settings(
-            data_dir=Path(tmp),
-            model_provider="openai",
-            model_base_url=server.base_url,
-            model_id="bench",
-            model_max_retries=0,
-            _env_file=None,  # type: ignore[call-arg]
+def settings_for(base_url: str, data_dir: Path) -> Settings:
+    return Settings(
+        data_dir=data_dir,
+        model_provider="openai",
+        model_base_url=base_url,
+        model_id="bench",
+        model_max_retries=0,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+
+
+def task_for(users: int, batch_size: int) -> TaskDefinition:
+    return TaskDefinition(
+        name="bench",
+        system_prompt="bench",
+        tools=["list_memory_blocks"],
+        trigger=CronTrigger(schedule="0 3 * * *"),
+        user_ids=[f"user-{i}" for i in range(users)],
+        batch_size=batch_size,
+        max_turns=5,
+    )
+
+
+async def sliding(services: Services, task: TaskDefinition) -> float:
+    started = time.perf_counter()
+    run = await services.executor.execute_task(task, TriggerType.MANUAL)
+    assert run.counts == {"success": len(task.user_ids)}, run.counts
+    return time.perf_counter() - started
+
+
+async def batch_by_batch(services: Services, task: TaskDefinition) -> float:
+    """The original plan's scheme: gather one batch, then start the next."""
+    executor: Executor = services.executor
+    run_id = await executor.create_run(task, TriggerType.MANUAL)
+    assert run_id is not None
+    await services.runs.mark_started(run_id, executor.owner, services.clock.now())
+    started = time.perf_counter()
+    users = task.user_ids
+    for i in range(0, len(users), task.batch_size):
+        await asyncio.gather(
+            *[
+                executor._run_user(run_id, task, u)  # pyright: ignore[reportPrivateUsage]
+                for u in users[i : i + task.batch_size]
+            ]
         )
-        async with open_services(settings) as services:
-            task = TaskDefinition(
-                name="bench",
-                system_prompt="bench",
-                tools=["list_memory_blocks"],
-                trigger=CronTrigger(schedule="0 3 * * *"),
-                user_ids=[f"user-{i}" for i in range(users)],
-                batch_size=batch_size,
-                max_turns=5,
-            )
+    return time.perf_counter() - started
+
+
+async def measure(base_url: str, users: int, batch_size: int, scheme: str) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        async with open_services(settings_for(base_url, Path(tmp))) as services:
+            task = task_for(users, batch_size)
             await services.registry.create(task)
-            started = time.perf_counter()
-            run = await services.executor.execute_task(task, TriggerType.MANUAL)
-            elapsed = time.perf_counter() - started
+            if scheme == "sliding":
+                return await sliding(services, task)
+            return await batch_by_batch(services, task)
+
+
+def main(users: int, latency: float, batch_size: int, sigma: float) -> None:
+    configure_logging("warning", json=True)
+    steps = ("tool:list_memory_blocks", "ok")
+    with model_server_process(latency, 0.0, *steps) as url:
+        elapsed = asyncio.run(measure(url, users, batch_size, "sliding"))
+        stats = server_stats(url)
     ideal = users * 2 * latency / batch_size
-    print(f"users={users} latency={latency}s calls/user=2 batch_size={batch_size}")
-    print(f"status={run.status.value} counts={run.counts} model_calls={server.calls}")
-    print(f"peak concurrent model requests={server.max_in_flight}")
-    print(f"elapsed={elapsed:.2f}s ideal={ideal:.2f}s throughput/ideal={ideal / elapsed:.3f}")
+    print(f"fixed latency: users={users} latency={latency}s calls/user=2 batch_size={batch_size}")
+    print(f"  model calls={stats['calls']} peak in flight={stats['max_in_flight']}")
+    print(f"  elapsed={elapsed:.2f}s ideal={ideal:.2f}s throughput/ideal={ideal / elapsed:.3f}")
+
+    times: dict[str, float] = {}
+    for scheme in ("sliding", "batch-by-batch"):
+        with model_server_process(latency, sigma, *steps) as url:
+            times[scheme] = asyncio.run(measure(url, users, batch_size, scheme))
+    print(f"lognormal latency (median {latency}s, sigma {sigma}):")
+    for scheme, seconds in times.items():
+        print(f"  {scheme}: {seconds:.2f}s")
+    print(
+        f"  sliding window speed-up over batch-by-batch: "
+        f"{times['batch-by-batch'] / times['sliding']:.2f}x"
+    )
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    asyncio.run(
-        main(
-            int(args[0]) if args else 2000,
-            float(args[1]) if len(args) > 1 else 0.2,
-            int(args[2]) if len(args) > 2 else 50,
-        )
+    main(
+        int(args[0]) if args else 2000,
+        float(args[1]) if len(args) > 1 else 0.2,
+        int(args[2]) if len(args) > 2 else 50,
+        float(args[3]) if len(args) > 3 else 1.0,
     )

@@ -131,7 +131,6 @@ async def test_two_schedulers_fire_each_of_100_slots_once(
     other_executor = Executor(
         runs=services.runs,
         memory=services.memory,
-        memory_store=services.memory.store,
         conversations=services.conversations,
         models=services.models,
         clock=clock,

@@ -62,7 +62,6 @@ async def open_services(
         executor = Executor(
             runs=runs,
             memory=memory,
-            memory_store=memory_store,
             conversations=conversations,
             models=models,
             clock=clock,

@@ -29,7 +29,6 @@ from ralph.clock import Clock
 from ralph.conversations.store import ConversationStore
 from ralph.errors import InvalidInput
 from ralph.memory.service import MemoryService
-from ralph.memory.store import MemoryStore
 
 log = structlog.get_logger(__name__)
 
@@ -51,7 +50,6 @@ class Executor:
         *,
         runs: RunStore,
         memory: MemoryService,
-        memory_store: MemoryStore,
         conversations: ConversationStore,
         models: ModelFactory,
         clock: Clock,
@@ -63,7 +61,6 @@ class Executor:
     ) -> None:
         self.runs = runs
         self._memory = memory
-        self._memory_store = memory_store
         self._conversations = conversations
         self._models = models
         self._clock = clock
@@ -217,8 +214,17 @@ class Executor:
             return
         status = UserStatus.FAILED
         outcome = AgentOutcome()
+        context = ToolContext(
+            user_id=user_id,
+            memory=self._memory,
+            conversations=self._conversations,
+            data_dir=self._data_dir,
+            author=f"agent:{task.name}",
+            run_id=run_id,
+            allow_shell=self._allow_shell,
+        )
         try:
-            outcome = await self._agent(run_id, task, user_id)
+            outcome = await self._agent(task, context)
             status = UserStatus.SUCCESS if outcome.ok else UserStatus.FAILED
         except asyncio.CancelledError:
             cancelled = run_id in self._cancelled
@@ -227,7 +233,9 @@ class Executor:
         except Exception as exc:
             log.exception("user_run_error", run_id=run_id, user_id=user_id)
             outcome.error = f"{type(exc).__name__}: {exc}"
-        proposals = await self._memory_store.count_proposals(run_id, user_id)
+        # ids of the proposal rows this user's tools stored (or found stored, on a retry); kept
+        # even when the agent was cancelled half-way
+        proposals = len(context.proposal_ids)
         await self.runs.finish_user(
             run_id,
             task.name,
@@ -246,23 +254,15 @@ class Executor:
             },
         )
 
-    async def _agent(self, run_id: str, task: TaskDefinition, user_id: str) -> AgentOutcome:
-        context = await self._memory.build_memory_context(user_id, task.memory_blocks)
+    async def _agent(self, task: TaskDefinition, context: ToolContext) -> AgentOutcome:
+        memory = await self._memory.build_memory_context(context.user_id, task.memory_blocks)
         instructions = task.system_prompt
-        if context:
-            instructions += f"\n\n---\n\n# What you know about the user\n\n{context}"
+        if memory:
+            instructions += f"\n\n---\n\n# What you know about the user\n\n{memory}"
         return await run_agent(
             model=self._models(),
             tools=task.tools,
-            context=ToolContext(
-                user_id=user_id,
-                memory=self._memory,
-                conversations=self._conversations,
-                data_dir=self._data_dir,
-                author=f"agent:{task.name}",
-                run_id=run_id,
-                allow_shell=self._allow_shell,
-            ),
+            context=context,
             instructions=instructions,
             prompt=BACKGROUND_PROMPT,
             max_turns=task.max_turns,

@@ -393,22 +393,10 @@ class RunStore:
     async def finish_user(
         self, run_id: str, task_name: str, user_id: str, values: dict[str, Any]
     ) -> None:
-        """Record the user's result and release the (task, user) lock, atomically."""
+        """Record the user's result and release the (task, user) lock, atomically. The run's
+        token totals are summed from these rows when the run finishes."""
         async with self._engine.begin() as conn:
             await conn.execute(self._user_update(run_id, user_id).values(**values))
-            tokens = {
-                k: values.get(k, 0) for k in ("input_tokens", "output_tokens", "total_tokens")
-            }
-            if any(tokens.values()):
-                await conn.execute(
-                    update(task_runs)
-                    .where(task_runs.c.id == run_id)
-                    .values(
-                        input_tokens=task_runs.c.input_tokens + tokens["input_tokens"],
-                        output_tokens=task_runs.c.output_tokens + tokens["output_tokens"],
-                        total_tokens=task_runs.c.total_tokens + tokens["total_tokens"],
-                    )
-                )
             await conn.execute(
                 delete(task_user_locks).where(
                     task_user_locks.c.task_name == task_name,
@@ -453,11 +441,25 @@ class RunStore:
             status = RunStatus.PARTIAL
         else:
             status = RunStatus.SUCCESS
+        tokens = select(
+            func.coalesce(func.sum(task_run_users.c.input_tokens), 0),
+            func.coalesce(func.sum(task_run_users.c.output_tokens), 0),
+            func.coalesce(func.sum(task_run_users.c.total_tokens), 0),
+        ).where(task_run_users.c.run_id == run_id)
         async with self._engine.begin() as conn:
+            input_tokens, output_tokens, total_tokens = (await conn.execute(tokens)).one()
             await conn.execute(
                 update(task_runs)
                 .where(task_runs.c.id == run_id)
-                .values(status=status.value, completed_at=now, heartbeat_at=now, error=error)
+                .values(
+                    status=status.value,
+                    completed_at=now,
+                    heartbeat_at=now,
+                    error=error,
+                    input_tokens=int(input_tokens),
+                    output_tokens=int(output_tokens),
+                    total_tokens=int(total_tokens),
+                )
             )
         return await self.get(run_id)
 

@@ -16,7 +16,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     """An async engine for `url` (sqlite+aiosqlite or mysql+asyncmy).
 
-    SQLite: the parent directory is created, WAL mode and a busy timeout are set, and every
+    SQLite: the parent directory is created, one pooled connection serves the process (callers
+    must not hold a connection while waiting for another), WAL mode and a busy timeout are set,
+    and every
     transaction starts with BEGIN IMMEDIATE, so a read-then-write transaction never fails
     half-way with "database is locked" when another connection or process writes concurrently.
     """
@@ -25,7 +27,12 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         database = parsed.database or ""
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        # One connection per process: SQLite has a single writer anyway, and queueing in the
+        # pool is far cheaper than SQLite's busy-wait back-off between connections of one
+        # process. Other processes on the same file still coordinate through the file lock.
+        engine = create_async_engine(
+            url, connect_args={"timeout": 30}, pool_size=1, max_overflow=0, pool_timeout=300
+        )
         _configure_sqlite(engine)
         return engine
     return create_async_engine(

@@ -117,7 +117,12 @@ class ModelServer:
         self.max_in_flight = 0
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        app = Starlette(routes=[Route("/v1/chat/completions", self._complete, methods=["POST"])])
+        app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self._complete, methods=["POST"]),
+                Route("/stats", self._stats, methods=["GET"]),
+            ]
+        )
         config = uvicorn.Config(
             app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
         )
@@ -161,6 +166,10 @@ class ModelServer:
     def loop(self) -> asyncio.AbstractEventLoop | None:
         """The server thread's event loop (for responders that await events)."""
         return self._loop
+
+    async def _stats(self, _: Request) -> Response:
+        """Counters, for a client in another process."""
+        return JSONResponse({"calls": self.calls, "max_in_flight": self.max_in_flight})
 
     async def _complete(self, request: Request) -> Response:
         self._loop = asyncio.get_running_loop()
@@ -215,3 +224,43 @@ __all__: Sequence[str] = [
     "served",
     "text",
 ]
+
+
+def _main() -> None:
+    """Serve a fixed script from its own process (for benchmarks): each conversation's n-th
+    call gets the n-th step; `tool:NAME` asks for that tool, anything else is answered text."""
+    import argparse
+    import random
+    import time
+
+    parser = argparse.ArgumentParser(description=_main.__doc__)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds per call (median)")
+    parser.add_argument("--sigma", type=float, default=0.0, help="lognormal sigma (0: fixed)")
+    parser.add_argument("steps", nargs="+", help="e.g. tool:list_memory_blocks done")
+    args = parser.parse_args()
+    steps = [call(s[5:]) if s.startswith("tool:") else text(s) for s in args.steps]
+    rng = random.Random(42)
+
+    def respond(request: dict[str, Any]) -> Action:
+        step = steps[min(turn_of(request), len(steps) - 1)]
+        if args.latency <= 0:
+            return step
+        seconds = args.latency * (rng.lognormvariate(0, args.sigma) if args.sigma else 1.0)
+        return Delay(seconds, step)
+
+    server = ModelServer(respond)
+    if args.port:
+        server.port = args.port
+        server._server.config.port = args.port  # pyright: ignore[reportPrivateUsage]
+    server.start()
+    print(server.base_url, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    _main()
