@@ -38,6 +38,16 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _register_subcommands() -> None:
+    from ralph.cli_client import runs_app, tasks_app
+
+    app.add_typer(tasks_app, name="tasks")
+    app.add_typer(runs_app, name="runs")
+
+
+_register_subcommands()
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (default RALPH_HOST).")] = None,

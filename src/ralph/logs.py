@@ -45,3 +45,7 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
     root.setLevel(level.upper())
     # Agno logs every model call at INFO; keep it for debugging only.
     logging.getLogger("agno").setLevel(max(logging.WARNING, root.level))
+    # One INFO line per HTTP request to the model provider: debugging only.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
+    # MariaDB notes such as "Name 'pk_x' ignored for PRIMARY key" during migrations.
+    logging.getLogger("asyncmy").setLevel(max(logging.ERROR, root.level))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ralph.background.cron import due_slots, next_slot
@@ -32,6 +32,8 @@ from ralph.background.registry import TaskRegistry
 from ralph.clock import Clock
 from ralph.db.engine import insert_ignore, upsert
 from ralph.db.tables import (
+    background_tasks,
+    idle_deferred,
     idle_state,
     scheduler_replicas,
     task_run_users,
@@ -163,42 +165,66 @@ class Scheduler:
 
     async def due_idle_users(
         self, task_name: str, trigger: IdleTrigger, now: datetime
-    ) -> list[tuple[str, datetime]]:
-        """Users of the task that are idle and due: idle for `idle_minutes`, with a message
-        since the task last ran for them, and past the cooldown since that run."""
+    ) -> tuple[list[tuple[str, datetime]], list[tuple[str, datetime]], datetime]:
+        """The task's users whose idle episode is due now, and those held back by the cooldown.
+
+        Due: in the task's list, idle for `idle_minutes`, a message since the task last ran
+        for them, and past the cooldown since that run. Only activity newer than the task's
+        watermark is read (an index range on `last_message_at`), plus deferred users whose
+        cooldown ends by now, so the cost follows the users becoming due, not the size of the
+        activity table. Returns (due, deferred with their due time, new watermark).
+        """
         idle_cutoff = now - timedelta(minutes=trigger.idle_minutes)
-        cooldown_cutoff = now - timedelta(minutes=trigger.cooldown_minutes)
-        query = (
-            select(user_activity.c.user_id, user_activity.c.last_message_at)
-            .select_from(
+        cooldown = timedelta(minutes=trigger.cooldown_minutes)
+        watermark_query = select(background_tasks.c.idle_watermark).where(
+            background_tasks.c.name == task_name
+        )
+        columns = (
+            user_activity.c.user_id,
+            user_activity.c.last_message_at,
+            idle_state.c.episode_message_at,
+            idle_state.c.last_run_at,
+        )
+        state_join = and_(
+            idle_state.c.task_name == task_name, idle_state.c.user_id == user_activity.c.user_id
+        )
+        async with self._engine.connect() as conn:
+            watermark = (await conn.execute(watermark_query)).scalar()
+            window = select(*columns).select_from(
                 user_activity.join(
                     task_users,
                     and_(
-                        task_users.c.user_id == user_activity.c.user_id,
                         task_users.c.task_name == task_name,
+                        task_users.c.user_id == user_activity.c.user_id,
                     ),
-                ).outerjoin(
-                    idle_state,
-                    and_(
-                        idle_state.c.task_name == task_name,
-                        idle_state.c.user_id == user_activity.c.user_id,
-                    ),
+                ).outerjoin(idle_state, state_join)
+            )
+            window = window.where(user_activity.c.last_message_at <= idle_cutoff)
+            if watermark is not None:
+                window = window.where(user_activity.c.last_message_at > watermark)
+            deferred = (
+                select(*columns)
+                .select_from(
+                    idle_deferred.join(
+                        user_activity, user_activity.c.user_id == idle_deferred.c.user_id
+                    ).outerjoin(idle_state, state_join)
                 )
+                .where(idle_deferred.c.task_name == task_name, idle_deferred.c.due_at <= now)
             )
-            .where(
-                user_activity.c.last_message_at <= idle_cutoff,
-                or_(
-                    idle_state.c.user_id.is_(None),
-                    and_(
-                        user_activity.c.last_message_at > idle_state.c.episode_message_at,
-                        idle_state.c.last_run_at <= cooldown_cutoff,
-                    ),
-                ),
-            )
-            .order_by(task_users.c.position)
-        )
-        async with self._engine.connect() as conn:
-            return [(r.user_id, r.last_message_at) for r in (await conn.execute(query)).all()]
+            rows = [*(await conn.execute(window)).all(), *(await conn.execute(deferred)).all()]
+        due: dict[str, datetime] = {}
+        held: list[tuple[str, datetime]] = []
+        for user_id, message_at, episode_at, last_run_at in rows:
+            if message_at > idle_cutoff:
+                continue  # active again: the window will find them when they go idle
+            if episode_at is not None and message_at <= episode_at:
+                continue  # this episode already ran
+            if last_run_at is not None and last_run_at > now - cooldown:
+                held.append((user_id, last_run_at + cooldown))
+                continue
+            due[user_id] = message_at
+        new_watermark = idle_cutoff if watermark is None else max(watermark, idle_cutoff)
+        return list(due.items()), held, new_watermark
 
     async def _claim_episode(
         self,
@@ -238,11 +264,37 @@ class Scheduler:
     ) -> tuple[str | None, int]:
         task = stored.definition
         cooldown_cutoff = now - timedelta(minutes=trigger.cooldown_minutes)
+        due, held, watermark = await self.due_idle_users(task.name, trigger, now)
         claimed = [
             user_id
-            for user_id, message_at in await self.due_idle_users(task.name, trigger, now)
+            for user_id, message_at in due
             if await self._claim_episode(task.name, user_id, message_at, now, cooldown_cutoff)
         ]
+        async with self._engine.begin() as conn:
+            # every deferred row read this tick has been dealt with: due now, held again
+            # (re-inserted below), or active again (the window will see them go idle)
+            await conn.execute(
+                delete(idle_deferred).where(
+                    idle_deferred.c.task_name == task.name, idle_deferred.c.due_at <= now
+                )
+            )
+            for user_id, due_at in held:
+                await conn.execute(
+                    upsert(self._engine, idle_deferred, lambda p: {"due_at": p.due_at}),
+                    {"task_name": task.name, "user_id": user_id, "due_at": due_at},
+                )
+            # Moves only forward, whichever replica writes last.
+            await conn.execute(
+                update(background_tasks)
+                .where(
+                    background_tasks.c.name == task.name,
+                    or_(
+                        background_tasks.c.idle_watermark.is_(None),
+                        background_tasks.c.idle_watermark < watermark,
+                    ),
+                )
+                .values(idle_watermark=watermark)
+            )
         if not claimed:
             return None, 0
         run_id = await self._executor.runs.create(task, TriggerType.IDLE, claimed, now)

@@ -99,6 +99,7 @@ class TaskStore:
                 .where(background_tasks.c.name == task.name)
                 .values(
                     schedule_from=schedule_from,
+                    idle_watermark=None,  # users or trigger may have changed: rescan once
                     revision=background_tasks.c.revision + 1,
                     updated_at=now,
                     **self._row_values(task),

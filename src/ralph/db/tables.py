@@ -124,6 +124,9 @@ background_tasks = Table(
     Column("revision", Integer, nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
+    # Idle tasks: activity at or before this instant has been examined; the next scan reads
+    # only activity after it. NULL: scan everything once (new task, changed users/trigger).
+    Column("idle_watermark", UTCDateTime(), nullable=True),
 )
 
 # A task's explicit users, one row each: idle selection joins on it.
@@ -205,6 +208,16 @@ idle_state = Table(
     Column("user_id", String(USER), primary_key=True),
     Column("episode_message_at", UTCDateTime(), nullable=False),
     Column("last_run_at", UTCDateTime(), nullable=False),
+)
+
+# Idle users whose episode is due but held back by the cooldown, and when to look again.
+idle_deferred = Table(
+    "idle_deferred",
+    metadata,
+    Column("task_name", String(TASK), primary_key=True),
+    Column("user_id", String(USER), primary_key=True),
+    Column("due_at", UTCDateTime(), nullable=False),
+    Index(None, "task_name", "due_at"),
 )
 
 scheduler_replicas = Table(

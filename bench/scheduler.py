@@ -1,0 +1,130 @@
+"""Idle-trigger selection time against the size of the activity table.
+
+For each size (default 10k, 100k, 1M users, all in the task's list), 99% of users went idle
+before the task's watermark (examined already) and 1% became idle since: the tick must find
+exactly those. Prints the selection time (median of 5) on SQLite and, when reachable, MariaDB.
+
+    uv run python bench/scheduler.py [sizes...]      e.g. 10000 100000
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+os.environ.setdefault("AGNO_TELEMETRY", "false")
+
+from sqlalchemy import text, update
+
+from ralph.background.models import IdleTrigger, TaskDefinition
+from ralph.config import Settings
+from ralph.db.engine import create_engine
+from ralph.db.tables import background_tasks, task_users, user_activity
+from ralph.logs import configure_logging
+from ralph.services import open_services
+from ralph.testing.clock import FakeClock
+
+MARIADB = os.environ.get("RALPH_TEST_MARIADB_URL", "mysql+asyncmy://root@127.0.0.1:3306")
+NOW = datetime(2026, 6, 1, tzinfo=UTC)
+CHUNK = 10_000
+
+
+async def run_size(url: str, users: int) -> tuple[float, int]:
+    settings = Settings(
+        database_url=url,
+        data_dir=Path(tempfile.gettempdir()),
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    clock = FakeClock(NOW)
+    async with open_services(settings, clock=clock) as services:
+        trigger = IdleTrigger(idle_minutes=30, cooldown_minutes=60)
+        task = TaskDefinition(
+            name="idle-bench", system_prompt="x", trigger=trigger, user_ids=["seed"]
+        )
+        await services.registry.create(task)
+        watermark = NOW - timedelta(hours=1)
+        due_every = 100  # 1% due
+        async with services.engine.begin() as conn:
+            await conn.execute(task_users.delete())
+            for start in range(0, users, CHUNK):
+                ids = range(start, min(start + CHUNK, users))
+                await conn.execute(
+                    task_users.insert(),
+                    [{"task_name": "idle-bench", "user_id": f"u{i}", "position": i} for i in ids],
+                )
+                await conn.execute(
+                    user_activity.insert(),
+                    [
+                        {
+                            "user_id": f"u{i}",
+                            "last_message_at": (NOW - timedelta(minutes=45))
+                            if i % due_every == 0
+                            else (NOW - timedelta(days=3, seconds=i)),
+                        }
+                        for i in ids
+                    ],
+                )
+            await conn.execute(update(background_tasks).values(idle_watermark=watermark))
+        scheduler = services.scheduler
+        timings: list[float] = []
+        found = 0
+        for _ in range(5):
+            started = time.perf_counter()
+            due, _, _ = await scheduler.due_idle_users("idle-bench", trigger, NOW)
+            timings.append(time.perf_counter() - started)
+            found = len(due)
+        return statistics.median(timings) * 1000, found
+
+
+async def mariadb_url() -> str | None:
+    engine = create_engine(MARIADB + "/")
+    try:
+        name = f"ralph_bench_{uuid.uuid4().hex[:8]}"
+        async with engine.begin() as conn:
+            await conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
+        return f"{MARIADB}/{name}?charset=utf8mb4"
+    except Exception:
+        return None
+    finally:
+        await engine.dispose()
+
+
+async def drop(url: str) -> None:
+    engine = create_engine(MARIADB + "/")
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1].split('?')[0]}")
+            )
+    finally:
+        await engine.dispose()
+
+
+async def main(sizes: list[int]) -> None:
+    configure_logging("warning", json=True)
+    print("idle selection, 1% of users due, median of 5 ticks")
+    for size in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            ms, found = await run_size(f"sqlite+aiosqlite:///{tmp}/bench.db", size)
+        print(f"  sqlite   users={size:>9,} due={found:>6,} selection={ms:8.2f} ms")
+        url = await mariadb_url()
+        if url is None:
+            print("  mariadb  not reachable, skipped")
+            continue
+        try:
+            ms, found = await run_size(url, size)
+            print(f"  mariadb  users={size:>9,} due={found:>6,} selection={ms:8.2f} ms")
+        finally:
+            await drop(url)
+
+
+if __name__ == "__main__":
+    sizes = [int(a) for a in sys.argv[1:]] or [10_000, 100_000, 1_000_000]
+    asyncio.run(main(sizes))

@@ -1,0 +1,179 @@
+"""`ralph tasks ...` and `ralph runs ...`: the background API from the command line."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Column, Table
+
+from ralph.config import load_settings
+
+tasks_app = typer.Typer(help="Background task definitions (talks to a running server).")
+runs_app = typer.Typer(help="Runs of background tasks (talks to a running server).")
+console = Console()
+
+UrlOption = Annotated[
+    str | None,
+    typer.Option("--url", help="Server URL (default http://RALPH_HOST:RALPH_PORT)."),
+]
+
+FINISHED = {"success", "failed", "partial", "cancelled", "interrupted", "missed"}
+
+
+def _client(url: str | None) -> httpx.Client:
+    settings = load_settings()
+    base = url or f"http://{settings.host}:{settings.port}"
+    headers: dict[str, str] = {}
+    if settings.api_token is not None:
+        headers["Authorization"] = f"Bearer {settings.api_token.get_secret_value()}"
+    return httpx.Client(base_url=base, headers=headers, timeout=30)
+
+
+def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
+    try:
+        response = client.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        console.print(f"[red]error:[/red] cannot reach {client.base_url}: {exc}")
+        raise typer.Exit(1) from None
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        console.print(f"[red]error {response.status_code}:[/red] {detail}")
+        raise typer.Exit(1)
+    return response.json()
+
+
+@tasks_app.command("list")
+def tasks_list(url: UrlOption = None) -> None:
+    """List tasks."""
+    with _client(url) as client:
+        tasks = _call(client, "GET", "/background/tasks")
+    table = Table("name", "trigger", "users", "batch", "enabled")
+    for task in tasks:
+        trigger = task["trigger"]
+        when = (
+            f"cron {trigger['schedule']} ({trigger['timezone']})"
+            if trigger["type"] == "cron"
+            else f"idle {trigger['idle_minutes']}m, cooldown {trigger['cooldown_minutes']}m"
+        )
+        table.add_row(
+            task["name"],
+            when,
+            str(len(task["user_ids"])),
+            str(task["batch_size"]),
+            "yes" if task["enabled"] else "no",
+        )
+    console.print(table)
+
+
+@tasks_app.command("show")
+def tasks_show(name: str, url: UrlOption = None) -> None:
+    """Show one task as JSON."""
+    with _client(url) as client:
+        console.print_json(json.dumps(_call(client, "GET", f"/background/tasks/{name}")))
+
+
+@tasks_app.command("create")
+def tasks_create(
+    file: Annotated[Path, typer.Option("-f", "--file", help="Task definition (JSON).")],
+    replace: Annotated[bool, typer.Option(help="Replace the task if it exists.")] = False,
+    url: UrlOption = None,
+) -> None:
+    """Create (or with --replace, replace) a task from a JSON file."""
+    try:
+        body = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        console.print(f"[red]error:[/red] cannot read {file}: {exc}")
+        raise typer.Exit(1) from None
+    with _client(url) as client:
+        if replace:
+            task = _call(client, "PUT", f"/background/tasks/{body.get('name')}", json=body)
+        else:
+            task = _call(client, "POST", "/background/tasks", json=body)
+    console.print(f"task [bold]{task['name']}[/bold] saved")
+
+
+@tasks_app.command("run")
+def tasks_run(
+    name: str,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the run with a progress bar.")
+    ] = False,
+    user: Annotated[
+        list[str] | None, typer.Option("--user", help="Only this user (repeat).")
+    ] = None,
+    url: UrlOption = None,
+) -> None:
+    """Start a run now; with --wait, follow it to the end."""
+    with _client(url) as client:
+        body = {"user_ids": user} if user else None
+        started = _call(client, "POST", f"/background/tasks/{name}/run", json=body)
+        run_id = started["run_id"]
+        console.print(f"run {run_id} started")
+        if not wait:
+            return
+        run = _follow(client, run_id)
+    console.print(f"run {run_id}: [bold]{run['status']}[/bold] {run['counts']}")
+    if run["status"] not in ("success",):
+        raise typer.Exit(1)
+
+
+def _follow(client: httpx.Client, run_id: str, interval: float = 0.5) -> dict[str, Any]:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        bar = progress.add_task("users", total=None)
+        while True:
+            run: dict[str, Any] = _call(client, "GET", f"/background/runs/{run_id}?users_limit=0")
+            counts: dict[str, int] = run["counts"]
+            done = sum(n for status, n in counts.items() if status not in ("pending", "running"))
+            progress.update(bar, total=run["user_total"], completed=done, description=run["status"])
+            if run["status"] in FINISHED:
+                return run
+            time.sleep(interval)
+
+
+@runs_app.command("list")
+def runs_list(
+    task: str,
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+    url: UrlOption = None,
+) -> None:
+    """List a task's runs."""
+    with _client(url) as client:
+        runs = _call(client, "GET", f"/background/tasks/{task}/runs", params={"limit": limit})
+    table = Table(Column("run id", no_wrap=True), "trigger", "status", "users", "created")
+    for run in runs:
+        table.add_row(
+            run["id"],
+            run["trigger_type"],
+            run["status"],
+            ", ".join(f"{k} {v}" for k, v in sorted(run["counts"].items())),
+            run["created_at"],
+        )
+    console.print(table)
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: str,
+    user: Annotated[str | None, typer.Option(help="One user's result with transcript.")] = None,
+    url: UrlOption = None,
+) -> None:
+    """Show a run (or one user's result in it) as JSON."""
+    path = f"/background/runs/{run_id}" + (f"/users/{user}" if user else "")
+    with _client(url) as client:
+        console.print_json(json.dumps(_call(client, "GET", path)))
