@@ -10,6 +10,7 @@ import pytest
 from httpx import ASGITransport, AsyncClient
 
 from ralph.app import create_app
+from ralph.background.models import RunStatus, TaskDefinition, TriggerType
 from ralph.config import Settings
 from ralph.services import Services
 from ralph.testing.clock import FakeClock
@@ -324,3 +325,40 @@ async def test_registry_sees_changes_made_by_another_replica(bg: BackgroundHarne
     mine = await bg.services.registry.get("test-progress-tracker")
     assert mine.definition.enabled is False
     assert isinstance(mine.definition, TaskDefinition)
+
+
+async def test_shutdown_gives_grace_then_interrupts(
+    settings: Settings, model_server: ModelServer, clock: FakeClock
+) -> None:
+    settings = settings.model_copy(
+        update={
+            "model_provider": "openai",
+            "model_base_url": model_server.base_url,
+            "model_id": "scripted",
+            "model_max_retries": 0,
+            "shutdown_grace_seconds": 0.2,
+        }
+    )
+    model_server.responder = scripted(Delay(30.0, text("never")))
+    app = create_app(settings, clock=clock)
+    async with app.router.lifespan_context(app):
+        services: Services = app.state.services
+        await services.registry.create(
+            TaskDefinition.model_validate(
+                task_body(user_ids=["a", "b", "c"], batch_size=2, tools=[])
+            )
+        )
+        run_id = await services.executor.create_run(
+            (await services.registry.get("test-progress-tracker")).definition, TriggerType.MANUAL
+        )
+        assert run_id is not None
+        services.executor.start(run_id)
+        await model_server.wait_for_in_flight(2)
+    # the lifespan has ended: the grace period passed, agents were cancelled
+    async with app.router.lifespan_context(app):
+        services = app.state.services
+        run = await services.runs.get(run_id)
+        assert run.status is RunStatus.INTERRUPTED
+        assert run.counts == {"interrupted": 3}
+        users = await services.runs.users(run_id)
+        assert {u.error for u in users if u.started_at} == {"interrupted by shutdown"}

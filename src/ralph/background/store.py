@@ -428,13 +428,16 @@ class RunStore:
             return {status: int(n) for status, n in (await conn.execute(query)).all()}
 
     async def finish(self, run_id: str, now: datetime, error: str | None = None) -> TaskRun:
-        """Set the final run status from its users' statuses."""
+        """Set the final run status from its users' statuses: `interrupted` if any user was
+        cut short by a shutdown, `cancelled` after a cancel, else success / partial / failed."""
         counts = await self.counts(run_id)
         run = await self.get(run_id)
         succeeded = counts.get(UserStatus.SUCCESS, 0)
-        failed = counts.get(UserStatus.FAILED, 0) + counts.get(UserStatus.INTERRUPTED, 0)
+        failed = counts.get(UserStatus.FAILED, 0)
         cancelled = counts.get(UserStatus.CANCELLED, 0)
-        if run.cancel_requested and cancelled:
+        if counts.get(UserStatus.INTERRUPTED, 0):
+            status = RunStatus.INTERRUPTED
+        elif run.cancel_requested and cancelled:
             status = RunStatus.CANCELLED
         elif error is not None or (failed and not succeeded):
             status = RunStatus.FAILED

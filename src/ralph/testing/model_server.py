@@ -142,7 +142,9 @@ class ModelServer:
         return self
 
     def stop(self) -> None:
+        # don't wait for scripted delays still in progress
         self._server.should_exit = True
+        self._server.force_exit = True
         self._thread.join(timeout=10)
 
     def __enter__(self) -> ModelServer:
