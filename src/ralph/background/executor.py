@@ -70,7 +70,9 @@ class Executor:
         self._heartbeat_seconds = heartbeat_seconds
         self.owner = owner or replica_id()
         self._active: dict[str, asyncio.Task[TaskRun]] = {}
-        self._in_flight: dict[str, set[asyncio.Task[None]]] = {}
+        # The agents in flight per run: cancelling targets these, never the bookkeeping
+        # around them, so a user's row is always written to its final state.
+        self._agents: dict[str, set[asyncio.Task[AgentOutcome]]] = {}
         self._cancelled: set[str] = set()
         self._stopping = False
 
@@ -128,8 +130,8 @@ class Executor:
 
     def _cancel_in_flight(self, run_id: str) -> None:
         self._cancelled.add(run_id)
-        for task in self._in_flight.get(run_id, set()):
-            task.cancel()
+        for agent in self._agents.get(run_id, set()):
+            agent.cancel()
 
     async def shutdown(self, grace_seconds: float) -> None:
         """Stop starting users; give in-flight agents `grace_seconds`, then cancel them (their
@@ -139,9 +141,9 @@ class Executor:
         if not runs:
             return
         _, still_running = await asyncio.wait(runs, timeout=grace_seconds)
-        for in_flight in self._in_flight.values():
-            for job in in_flight:
-                job.cancel()
+        for agents in self._agents.values():
+            for agent in agents:
+                agent.cancel()
         if still_running:
             await asyncio.wait(still_running, timeout=10)
 
@@ -154,7 +156,7 @@ class Executor:
             return await self.runs.get(run_id)
         log.info("run_started", run_id=run_id, task=task.name, batch_size=task.batch_size)
         in_flight: set[asyncio.Task[None]] = set()
-        self._in_flight[run_id] = in_flight
+        self._agents[run_id] = set()
         heartbeat = asyncio.create_task(self._heartbeat(run_id))
         error: str | None = None
         try:
@@ -166,7 +168,7 @@ class Executor:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-            self._in_flight.pop(run_id, None)
+            self._agents.pop(run_id, None)
             self._cancelled.discard(run_id)
         run = await self.runs.get(run_id)
         leftover = UserStatus.CANCELLED if run.cancel_requested else UserStatus.INTERRUPTED
@@ -223,16 +225,23 @@ class Executor:
             run_id=run_id,
             allow_shell=self._allow_shell,
         )
+        agent = asyncio.create_task(self._agent(task, context))
+        agents = self._agents.setdefault(run_id, set())
+        agents.add(agent)
         try:
-            outcome = await self._agent(task, context)
+            outcome = await agent
             status = UserStatus.SUCCESS if outcome.ok else UserStatus.FAILED
         except asyncio.CancelledError:
+            if not agent.cancelled():
+                raise  # this bookkeeping task itself was cancelled: not ours to swallow
             cancelled = run_id in self._cancelled
             status = UserStatus.CANCELLED if cancelled else UserStatus.INTERRUPTED
             outcome.error = "cancelled" if cancelled else "interrupted by shutdown"
         except Exception as exc:
             log.exception("user_run_error", run_id=run_id, user_id=user_id)
             outcome.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            agents.discard(agent)
         # ids of the proposal rows this user's tools stored (or found stored, on a retry); kept
         # even when the agent was cancelled half-way
         proposals = len(context.proposal_ids)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -29,11 +29,6 @@ from ralph.errors import Conflict, NotFound
 CHUNK = 1000
 
 
-def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 class TaskStore:
     """Task definitions. The database is the source of truth; `revision` grows on every change
     so caches in other replicas can tell when to reload."""
@@ -51,9 +46,15 @@ class TaskStore:
 
     async def _write_users(self, conn: AsyncConnection, name: str, user_ids: list[str]) -> None:
         await conn.execute(delete(task_users).where(task_users.c.task_name == name))
-        rows = [{"task_name": name, "user_id": u, "position": i} for i, u in enumerate(user_ids)]
-        for chunk in _chunks(rows):
-            await conn.execute(task_users.insert(), list(chunk))
+        for start in range(0, len(user_ids), CHUNK):
+            chunk = user_ids[start : start + CHUNK]
+            await conn.execute(
+                task_users.insert(),
+                [
+                    {"task_name": name, "user_id": u, "position": start + i}
+                    for i, u in enumerate(chunk)
+                ],
+            )
 
     @staticmethod
     def _row_values(task: TaskDefinition) -> dict[str, Any]:
@@ -267,24 +268,28 @@ class RunStore:
             )
             if result.rowcount != 1:
                 return None
-            rows = [
-                {
-                    "run_id": run_id,
-                    "user_id": user_id,
-                    "position": position,
-                    "status": UserStatus.PENDING.value,
-                    "attempts": 0,
-                    "turns_used": 0,
-                    "tool_calls": 0,
-                    "proposals_created": 0,
-                    "input_tokens": 0,
-                    "output_tokens": 0,
-                    "total_tokens": 0,
-                }
-                for position, user_id in enumerate(user_ids)
-            ]
-            for chunk in _chunks(rows):
-                await conn.execute(task_run_users.insert(), list(chunk))
+            # in chunks: a 100k-user run never holds 100k row dicts at once
+            for start in range(0, len(user_ids), CHUNK):
+                chunk = user_ids[start : start + CHUNK]
+                await conn.execute(
+                    task_run_users.insert(),
+                    [
+                        {
+                            "run_id": run_id,
+                            "user_id": user_id,
+                            "position": start + offset,
+                            "status": UserStatus.PENDING.value,
+                            "attempts": 0,
+                            "turns_used": 0,
+                            "tool_calls": 0,
+                            "proposals_created": 0,
+                            "input_tokens": 0,
+                            "output_tokens": 0,
+                            "total_tokens": 0,
+                        }
+                        for offset, user_id in enumerate(chunk)
+                    ],
+                )
         return run_id
 
     async def snapshot(self, run_id: str) -> TaskDefinition:

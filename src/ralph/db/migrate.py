@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 from alembic import command
@@ -20,7 +21,9 @@ def alembic_config() -> Config:
     return config
 
 
+@cache
 def head_revision() -> str:
+    """The newest revision shipped with this code (read from the scripts once per process)."""
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None
     return head

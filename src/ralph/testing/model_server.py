@@ -241,7 +241,14 @@ def _main() -> None:
     parser.add_argument("--sigma", type=float, default=0.0, help="lognormal sigma (0: fixed)")
     parser.add_argument("steps", nargs="+", help="e.g. tool:list_memory_blocks done")
     args = parser.parse_args()
-    steps = [call(s[5:]) if s.startswith("tool:") else text(s) for s in args.steps]
+
+    def step(spec: str) -> Reply:
+        if not spec.startswith("tool:"):
+            return text(spec)
+        name, _, arguments = spec[5:].partition(":")
+        return call(name, **(json.loads(arguments) if arguments else {}))
+
+    steps = [step(spec) for spec in args.steps]
     rng = random.Random(42)
 
     def respond(request: dict[str, Any]) -> Action:
