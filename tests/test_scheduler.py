@@ -255,3 +255,93 @@ async def test_crashed_run_is_interrupted_and_its_users_rerun_once(
     assert rerun.status is RunStatus.SUCCESS
     assert [u.user_id for u in await services.runs.users(rerun.id)] == ["b", "c"]
     assert (await services.scheduler.tick()).recovered == []  # recovered once only
+
+
+async def test_loop_sleeps_until_the_slot_and_wakes_on_changes(
+    harness: AppHarness, clock: FakeClock
+) -> None:
+    """The real loop on the fake clock: nothing before the slot, one run at it."""
+    services = harness.services
+    scheduler = services.scheduler
+    scheduler.start()
+    try:
+        await _until(lambda: clock.sleepers > 0)
+        # a task created through the API wakes the sleeping loop, which plans for its slot
+        await services.registry.create(definition(trigger=CronTrigger(schedule="0 1 * * *")))
+        await _until(lambda: scheduler.last_tick is not None and clock.sleepers > 0)
+        await clock.set(T0.replace(hour=0, minute=59, second=59))
+        await asyncio.sleep(0.05)
+        assert await cron_runs(services) == []
+        await clock.set(T0.replace(hour=1))
+
+        async def fired() -> bool:
+            return len(await cron_runs(services)) == 1
+
+        await _until_async(fired)
+        await drain(services.executor)
+        assert await cron_runs(services) == [(T0.replace(hour=1), "success")]
+    finally:
+        await scheduler.stop()
+
+
+async def _until(condition: Any) -> None:
+    """Poll state owned by the loop under test (it has no event to wait on), for up to 5 s."""
+    async with asyncio.timeout(5):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+
+
+async def _until_async(condition: Any) -> None:
+    async with asyncio.timeout(5):
+        while not await condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+
+
+async def test_two_schedulers_claim_each_idle_episode_once(
+    harness: AppHarness, clock: FakeClock
+) -> None:
+    services = harness.services
+    users = [f"user-{i}" for i in range(30)]
+    await services.registry.create(
+        definition(name="idle-pair", trigger=IdleTrigger(idle_minutes=5), user_ids=users)
+    )
+    for user in users:
+        await services.conversations.record_activity(user, clock.now())
+    other = Scheduler(
+        engine=services.engine,
+        registry=TaskRegistry(TaskStore(services.engine), clock),
+        executor=Executor(
+            runs=services.runs,
+            memory=services.memory,
+            conversations=services.conversations,
+            models=services.models,
+            clock=clock,
+            data_dir=services.settings.data_dir,
+        ),
+        clock=clock,
+    )
+    await clock.advance(timedelta(minutes=5))
+    reports = await asyncio.gather(services.scheduler.tick(), other.tick())
+    assert sum(r.idle_users for r in reports) == 30
+    claimed: list[str] = []
+    for report in reports:
+        for run_id in report.started:
+            claimed += [u.user_id for u in await services.runs.users(run_id)]
+    assert sorted(claimed) == sorted(users)
+    await drain(services.executor)
+
+
+async def test_scheduler_endpoint(harness: AppHarness, clock: FakeClock) -> None:
+    services = harness.services
+    await services.registry.create(
+        definition(trigger=CronTrigger(schedule="0 3 * * *", timezone="Europe/Berlin"))
+    )
+    await services.registry.create(definition(name="idle-one", trigger=IdleTrigger(idle_minutes=5)))
+    await services.scheduler.tick()
+    body = (await harness.client.get("/background/scheduler")).json()
+    tasks = {t["name"]: t for t in body["tasks"]}
+    # 03:00 in Berlin (UTC+1 in January) is 02:00Z
+    assert tasks["nightly"]["next_fire_at"] == "2026-01-01T02:00:00Z"
+    assert tasks["idle-one"]["next_fire_at"] is None
+    assert body["last_tick_at"] == "2026-01-01T00:00:00Z"
+    assert [r["replica_id"] for r in body["replicas"]] == [body["replica_id"]]
