@@ -23,6 +23,8 @@ from ralph.db.engine import create_engine
 from ralph.db.tables import metadata
 from ralph.services import Services
 from ralph.testing.clock import FakeClock
+from ralph.testing.model_server import ModelServer, scripted
+from ralph.testing.model_server import text as text_reply
 
 os.environ["AGNO_TELEMETRY"] = "false"
 T = TypeVar("T")
@@ -150,6 +152,25 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         model_provider="dev",
         _env_file=None,  # type: ignore[call-arg]
     )
+
+
+def using_model_server(settings: Settings, server: ModelServer, **extra: object) -> Settings:
+    """`settings` with the `openai` provider pointed at the scripted server, no retries."""
+    update: dict[str, object] = {
+        "model_provider": "openai",
+        "model_base_url": server.base_url,
+        "model_id": "scripted",
+        "model_max_retries": 0,
+        **extra,
+    }
+    return settings.model_copy(update=update)
+
+
+@pytest.fixture
+def model_server() -> Iterator[ModelServer]:
+    """A scripted model server answering "done" until a test sets its responder."""
+    with ModelServer(scripted(text_reply("done"))) as server:
+        yield server
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,27 +25,12 @@ from ralph.testing.model_server import (
     scripted,
     text,
 )
-from tests.conftest import AppHarness
-
-
-@pytest.fixture
-def model_server() -> Iterator[ModelServer]:
-    server = ModelServer(scripted(text("nothing to do")))
-    with server:
-        yield server
+from tests.conftest import AppHarness, using_model_server
 
 
 def factory_for(server: ModelServer, settings: Settings, retries: int = 0) -> ModelFactory:
     return ModelFactory(
-        settings.model_copy(
-            update={
-                "model_provider": "openai",
-                "model_base_url": server.base_url,
-                "model_id": "scripted",
-                "model_max_retries": retries,
-                "model_timeout_seconds": 5.0,
-            }
-        )
+        using_model_server(settings, server, model_max_retries=retries, model_timeout_seconds=5.0)
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -22,12 +22,7 @@ from ralph.testing.model_server import (
     scripted,
     text,
 )
-
-
-@pytest.fixture
-def model_server() -> Iterator[ModelServer]:
-    with ModelServer(scripted(text("done"))) as server:
-        yield server
+from tests.conftest import using_model_server
 
 
 class BackgroundHarness:
@@ -41,15 +36,7 @@ class BackgroundHarness:
 async def bg(
     settings: Settings, model_server: ModelServer, clock: FakeClock
 ) -> AsyncIterator[BackgroundHarness]:
-    settings = settings.model_copy(
-        update={
-            "model_provider": "openai",
-            "model_base_url": model_server.base_url,
-            "model_id": "scripted",
-            "model_max_retries": 0,
-            "wait_max_seconds": 30.0,
-        }
-    )
+    settings = using_model_server(settings, model_server, wait_max_seconds=30.0)
     app = create_app(settings, clock=clock)
     async with (
         app.router.lifespan_context(app),
@@ -330,15 +317,7 @@ async def test_registry_sees_changes_made_by_another_replica(bg: BackgroundHarne
 async def test_shutdown_gives_grace_then_interrupts(
     settings: Settings, model_server: ModelServer, clock: FakeClock
 ) -> None:
-    settings = settings.model_copy(
-        update={
-            "model_provider": "openai",
-            "model_base_url": model_server.base_url,
-            "model_id": "scripted",
-            "model_max_retries": 0,
-            "shutdown_grace_seconds": 0.2,
-        }
-    )
+    settings = using_model_server(settings, model_server, shutdown_grace_seconds=0.2)
     model_server.responder = scripted(Delay(30.0, text("never")))
     app = create_app(settings, clock=clock)
     async with app.router.lifespan_context(app):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -13,26 +13,14 @@ from ralph.app import create_app
 from ralph.config import Settings
 from ralph.testing.clock import FakeClock
 from ralph.testing.model_server import Fail, ModelServer, call, scripted, text
-
-
-@pytest.fixture
-def model_server() -> Iterator[ModelServer]:
-    with ModelServer(scripted(text("hello"))) as server:
-        yield server
+from tests.conftest import using_model_server
 
 
 @pytest.fixture
 async def chat_client(
     settings: Settings, model_server: ModelServer, clock: FakeClock
 ) -> AsyncIterator[AsyncClient]:
-    settings = settings.model_copy(
-        update={
-            "model_provider": "openai",
-            "model_base_url": model_server.base_url,
-            "model_id": "scripted",
-            "model_max_retries": 0,
-        }
-    )
+    settings = using_model_server(settings, model_server)
     app = create_app(settings, clock=clock)
     async with (
         app.router.lifespan_context(app),

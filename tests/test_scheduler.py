@@ -18,6 +18,7 @@ from ralph.background.models import (
     TriggerType,
 )
 from ralph.background.registry import TaskRegistry
+from ralph.background.schedule_store import ScheduleStore
 from ralph.background.scheduler import Scheduler
 from ralph.background.store import TaskStore
 from ralph.db.tables import task_runs
@@ -38,6 +39,24 @@ def definition(**overrides: Any) -> TaskDefinition:
     }
     values.update(overrides)
     return TaskDefinition(**values)
+
+
+def second_replica(services: Services, clock: FakeClock) -> Scheduler:
+    """Another scheduler on the same database, as a second server process would have."""
+    executor = Executor(
+        runs=services.runs,
+        memory=services.memory,
+        conversations=services.conversations,
+        models=services.models,
+        clock=clock,
+        data_dir=services.settings.data_dir,
+    )
+    return Scheduler(
+        store=ScheduleStore(services.engine),
+        registry=TaskRegistry(TaskStore(services.engine), clock),
+        executor=executor,
+        clock=clock,
+    )
 
 
 async def drain(executor: Executor) -> None:
@@ -128,20 +147,8 @@ async def test_two_schedulers_fire_each_of_100_slots_once(
     await services.registry.create(
         definition(trigger=CronTrigger(schedule="* * * * *"), user_ids=[])
     )
-    other_executor = Executor(
-        runs=services.runs,
-        memory=services.memory,
-        conversations=services.conversations,
-        models=services.models,
-        clock=clock,
-        data_dir=services.settings.data_dir,
-    )
-    other = Scheduler(
-        engine=services.engine,
-        registry=TaskRegistry(TaskStore(services.engine), clock),
-        executor=other_executor,
-        clock=clock,
-    )
+    other = second_replica(services, clock)
+    other_executor = other.executor
     started = 0
     for _ in range(100):
         await clock.advance(60)
@@ -307,19 +314,7 @@ async def test_two_schedulers_claim_each_idle_episode_once(
     )
     for user in users:
         await services.conversations.record_activity(user, clock.now())
-    other = Scheduler(
-        engine=services.engine,
-        registry=TaskRegistry(TaskStore(services.engine), clock),
-        executor=Executor(
-            runs=services.runs,
-            memory=services.memory,
-            conversations=services.conversations,
-            models=services.models,
-            clock=clock,
-            data_dir=services.settings.data_dir,
-        ),
-        clock=clock,
-    )
+    other = second_replica(services, clock)
     await clock.advance(timedelta(minutes=5))
     reports = await asyncio.gather(services.scheduler.tick(), other.tick())
     assert sum(r.idle_users for r in reports) == 30

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ralph.agents.models import ModelFactory
 from ralph.background.executor import Executor
 from ralph.background.registry import TaskRegistry
+from ralph.background.schedule_store import ScheduleStore
 from ralph.background.scheduler import Scheduler
 from ralph.background.store import RunStore, TaskStore
 from ralph.chat import ChatService
@@ -89,7 +90,7 @@ async def open_services(
             runs=runs,
             executor=executor,
             scheduler=Scheduler(
-                engine=engine,
+                store=ScheduleStore(engine),
                 registry=registry,
                 executor=executor,
                 clock=clock,

@@ -1,0 +1,268 @@
+"""SQL state of the scheduler: cron slots taken, idle episodes, run leases, replicas."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ralph.background.models import RunStatus, TriggerType, UserStatus
+from ralph.db.engine import insert_ignore, upsert
+from ralph.db.tables import (
+    background_tasks,
+    idle_deferred,
+    idle_state,
+    scheduler_replicas,
+    task_run_users,
+    task_runs,
+    task_user_locks,
+    task_users,
+    user_activity,
+)
+
+_UNFINISHED = [UserStatus.RUNNING.value, UserStatus.PENDING.value]
+
+
+@dataclass(frozen=True, slots=True)
+class IdleCandidate:
+    """A task user whose last message is old enough, with the task's idle state for them."""
+
+    user_id: str
+    last_message_at: datetime
+    episode_message_at: datetime | None
+    last_run_at: datetime | None
+
+
+class ScheduleStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._defer = upsert(engine, idle_deferred, lambda p: {"due_at": p.due_at})
+        self._replica = upsert(
+            engine,
+            scheduler_replicas,
+            lambda p: {"heartbeat_at": p.heartbeat_at, "last_tick_at": p.last_tick_at},
+        )
+
+    # --- cron -----------------------------------------------------------------------------
+
+    async def last_cron_slot(self, task_name: str) -> datetime | None:
+        """The newest slot recorded for the task (run or missed), if any."""
+        query = (
+            select(task_runs.c.slot_at)
+            .where(
+                task_runs.c.task_name == task_name,
+                task_runs.c.trigger_type == TriggerType.CRON.value,
+                task_runs.c.slot_at.is_not(None),
+            )
+            .order_by(task_runs.c.slot_at.desc())
+            .limit(1)
+        )
+        async with self._engine.connect() as conn:
+            return (await conn.execute(query)).scalar()
+
+    # --- idle -----------------------------------------------------------------------------
+
+    async def idle_candidates(
+        self, task_name: str, idle_cutoff: datetime, now: datetime
+    ) -> tuple[list[IdleCandidate], datetime | None]:
+        """Users of the task whose last message is at or before `idle_cutoff` and after the
+        task's watermark, plus deferred users due by `now`; and the watermark itself.
+
+        Reads an index range on `last_message_at` after the watermark, so the cost follows the
+        number of users becoming idle, not the size of the activity table. With no watermark
+        (new or replaced task) every idle user of the task is read, once.
+        """
+        columns = (
+            user_activity.c.user_id,
+            user_activity.c.last_message_at,
+            idle_state.c.episode_message_at,
+            idle_state.c.last_run_at,
+        )
+        state = and_(
+            idle_state.c.task_name == task_name, idle_state.c.user_id == user_activity.c.user_id
+        )
+        window = (
+            select(*columns)
+            .select_from(
+                user_activity.join(
+                    task_users,
+                    and_(
+                        task_users.c.task_name == task_name,
+                        task_users.c.user_id == user_activity.c.user_id,
+                    ),
+                ).outerjoin(idle_state, state)
+            )
+            .where(user_activity.c.last_message_at <= idle_cutoff)
+        )
+        deferred = (
+            select(*columns)
+            .select_from(
+                idle_deferred.join(
+                    user_activity, user_activity.c.user_id == idle_deferred.c.user_id
+                ).outerjoin(idle_state, state)
+            )
+            .where(idle_deferred.c.task_name == task_name, idle_deferred.c.due_at <= now)
+        )
+        watermark_query = select(background_tasks.c.idle_watermark).where(
+            background_tasks.c.name == task_name
+        )
+        async with self._engine.connect() as conn:
+            watermark = (await conn.execute(watermark_query)).scalar()
+            if watermark is not None:
+                window = window.where(user_activity.c.last_message_at > watermark)
+            rows = [*(await conn.execute(window)).all(), *(await conn.execute(deferred)).all()]
+        return [IdleCandidate(*row) for row in rows], watermark
+
+    async def claim_episode(
+        self,
+        task_name: str,
+        user_id: str,
+        message_at: datetime,
+        now: datetime,
+        cooldown_cutoff: datetime,
+    ) -> bool:
+        """Claim the user's idle episode ending with the message at `message_at`.
+
+        True for exactly one caller across all processes: the write is conditional on the
+        stored episode being older and the last run being before `cooldown_cutoff`, and a
+        first episode is an insert that only one caller can make.
+        """
+        async with self._engine.begin() as conn:
+            updated = await conn.execute(
+                update(idle_state)
+                .where(
+                    idle_state.c.task_name == task_name,
+                    idle_state.c.user_id == user_id,
+                    idle_state.c.episode_message_at < message_at,
+                    idle_state.c.last_run_at <= cooldown_cutoff,
+                )
+                .values(episode_message_at=message_at, last_run_at=now)
+            )
+            if updated.rowcount == 1:
+                return True
+            inserted = await conn.execute(
+                insert_ignore(self._engine, idle_state).values(
+                    task_name=task_name,
+                    user_id=user_id,
+                    episode_message_at=message_at,
+                    last_run_at=now,
+                )
+            )
+            return inserted.rowcount == 1
+
+    async def save_idle_progress(
+        self,
+        task_name: str,
+        now: datetime,
+        held: Sequence[tuple[str, datetime]],
+        watermark: datetime,
+    ) -> None:
+        """Replace the deferred users due by `now` with `held` (user, due time), and move the
+        watermark forward (never back, whichever replica writes last)."""
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                delete(idle_deferred).where(
+                    idle_deferred.c.task_name == task_name, idle_deferred.c.due_at <= now
+                )
+            )
+            for user_id, due_at in held:
+                await conn.execute(
+                    self._defer, {"task_name": task_name, "user_id": user_id, "due_at": due_at}
+                )
+            await conn.execute(
+                update(background_tasks)
+                .where(
+                    background_tasks.c.name == task_name,
+                    or_(
+                        background_tasks.c.idle_watermark.is_(None),
+                        background_tasks.c.idle_watermark < watermark,
+                    ),
+                )
+                .values(idle_watermark=watermark)
+            )
+
+    # --- leases ---------------------------------------------------------------------------
+
+    async def others_running(self, owner: str) -> bool:
+        """Whether a process other than `owner` holds a running run."""
+        query = (
+            select(task_runs.c.id)
+            .where(task_runs.c.status == RunStatus.RUNNING.value, task_runs.c.owner != owner)
+            .limit(1)
+        )
+        async with self._engine.connect() as conn:
+            return (await conn.execute(query)).first() is not None
+
+    async def stale_runs(self, heartbeat_before: datetime) -> list[str]:
+        query = select(task_runs.c.id).where(
+            task_runs.c.status == RunStatus.RUNNING.value,
+            task_runs.c.heartbeat_at < heartbeat_before,
+        )
+        async with self._engine.connect() as conn:
+            return [row.id for row in (await conn.execute(query)).all()]
+
+    async def interrupt_stale_run(
+        self, run_id: str, heartbeat_before: datetime, now: datetime
+    ) -> list[str] | None:
+        """Mark a run whose heartbeat is older than `heartbeat_before` as interrupted, with its
+        running and pending users, and release their locks. Returns the users it left
+        unfinished, in list order, or None if another caller interrupted it first (or it
+        heart-beat again meanwhile)."""
+        async with self._engine.begin() as conn:
+            claimed = await conn.execute(
+                update(task_runs)
+                .where(
+                    task_runs.c.id == run_id,
+                    task_runs.c.status == RunStatus.RUNNING.value,
+                    task_runs.c.heartbeat_at < heartbeat_before,
+                )
+                .values(
+                    status=RunStatus.INTERRUPTED.value,
+                    completed_at=now,
+                    error="owner stopped (no heartbeat within the lease)",
+                )
+            )
+            if claimed.rowcount != 1:
+                return None
+            unfinished = select(task_run_users.c.user_id).where(
+                task_run_users.c.run_id == run_id, task_run_users.c.status.in_(_UNFINISHED)
+            )
+            users = [
+                r.user_id
+                for r in (await conn.execute(unfinished.order_by(task_run_users.c.position)))
+            ]
+            await conn.execute(
+                update(task_run_users)
+                .where(task_run_users.c.run_id == run_id, task_run_users.c.status.in_(_UNFINISHED))
+                .values(status=UserStatus.INTERRUPTED.value, completed_at=now)
+            )
+            await conn.execute(task_user_locks.delete().where(task_user_locks.c.run_id == run_id))
+        return users
+
+    # --- replicas -------------------------------------------------------------------------
+
+    async def replica_heartbeat(self, replica_id: str, now: datetime) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                self._replica,
+                {
+                    "replica_id": replica_id,
+                    "hostname": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "started_at": now,
+                    "heartbeat_at": now,
+                    "last_tick_at": now,
+                },
+            )
+
+    async def replicas(self, since: datetime) -> list[dict[str, Any]]:
+        """Replicas that heart-beat at or after `since`."""
+        query = select(scheduler_replicas).where(scheduler_replicas.c.heartbeat_at >= since)
+        async with self._engine.connect() as conn:
+            return [dict(r) for r in (await conn.execute(query)).mappings().all()]
