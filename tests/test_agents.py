@@ -237,3 +237,24 @@ def test_odd_user_ids_cannot_name_a_workspace(tmp_path: Path, user_id: str) -> N
     with pytest.raises((ValueError, InvalidInput)):
         workspace_dir(tmp_path, user_id)
     assert not (tmp_path / "users").exists() or list((tmp_path / "users").iterdir()) == []
+
+
+async def test_malformed_tool_arguments_go_back_to_the_model(
+    harness: AppHarness, model_server: ModelServer
+) -> None:
+    outcome = await run_for(
+        harness.services,
+        model_server,
+        scripted(
+            call("read_memory_block"),  # missing label
+            call("edit_memory_block", label=5, reason="r", body="x"),  # label not a string
+            call("read_memory_block", label="student", colour="blue"),  # unknown argument
+            text("gave up"),
+        ),
+    )
+    assert outcome.error is None
+    assert outcome.final_text == "gave up"
+    results = [e["content"] for e in outcome.transcript if e["role"] == "tool"]
+    assert len(results) == 3
+    assert all(r.startswith("error:") for r in results)
+    assert outcome.proposal_ids == []

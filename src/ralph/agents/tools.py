@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agno.tools.file import FileTools
+from agno.tools.function import Function
 from agno.tools.shell import ShellTools
 
 from ralph.conversations.store import ConversationStore
@@ -180,6 +181,36 @@ def _query_messages(ctx: ToolContext) -> Callable[..., Any]:
     return query_messages
 
 
+# Tool schemas by name, derived once from the first closure built for each name: every
+# user's closure has the same signature and docstring, and deriving a schema (Agno wraps the
+# callable in a pydantic validator) costs more than the rest of building an agent.
+_SCHEMAS: dict[str, Function] = {}
+
+
+def _bound(tool: Callable[..., Any]) -> Function:
+    """`tool` as an Agno Function whose schema is shared, not derived again for this user."""
+    schema = _SCHEMAS.get(tool.__name__)
+    if schema is None:
+        schema = _SCHEMAS[tool.__name__] = Function.from_callable(tool)
+
+    async def checked(**arguments: Any) -> str:
+        # Arguments arrive as the model wrote them: a missing, unknown or mistyped one is
+        # reported back to the model instead of failing the run.
+        try:
+            result: str = await tool(**arguments)
+        except (TypeError, ValueError) as exc:
+            return _error(exc)
+        return result
+
+    return Function(
+        name=schema.name,
+        description=schema.description,
+        parameters=schema.parameters,
+        entrypoint=checked,
+        skip_entrypoint_processing=True,
+    )
+
+
 def build_tools(names: Sequence[str], ctx: ToolContext) -> list[Any]:
     """The tools for `names`, bound to `ctx.user_id`. Names must have passed check_tool_names."""
     check_tool_names(names, allow_shell=ctx.allow_shell)
@@ -192,9 +223,9 @@ def build_tools(names: Sequence[str], ctx: ToolContext) -> list[Any]:
             continue
         seen.add(canonical)
         if canonical in memory:
-            tools.append(memory[canonical])
+            tools.append(_bound(memory[canonical]))
         elif canonical == "query_messages":
-            tools.append(_query_messages(ctx))
+            tools.append(_bound(_query_messages(ctx)))
         elif canonical == "file_tools":
             tools.append(FileTools(base_dir=workspace_dir(ctx.data_dir, ctx.user_id)))
         elif canonical == "shell_tools":
