@@ -191,7 +191,8 @@ def _bound(tool: Callable[..., Any]) -> Function:
     """`tool` as an Agno Function whose schema is shared, not derived again for this user."""
     schema = _SCHEMAS.get(tool.__name__)
     if schema is None:
-        schema = _SCHEMAS[tool.__name__] = Function.from_callable(tool)
+        derive: Callable[[Callable[..., Any]], Function] = Function.from_callable  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+        schema = _SCHEMAS[tool.__name__] = derive(tool)
 
     async def checked(**arguments: Any) -> str:
         # Arguments arrive as the model wrote them: a missing, unknown or mistyped one is
