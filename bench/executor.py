@@ -63,7 +63,6 @@ async def batch_by_batch(services: Services, task: TaskDefinition) -> float:
     """The original plan's scheme: gather one batch, then start the next."""
     executor: Executor = services.executor
     run_id = await executor.create_run(task, TriggerType.MANUAL)
-    assert run_id is not None
     await services.runs.mark_started(run_id, executor.owner, services.clock.now())
     started = time.perf_counter()
     users = task.user_ids

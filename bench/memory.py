@@ -48,7 +48,6 @@ async def run(users: int, url: str, data_dir: Path) -> dict[str, int]:
         )
         await services.registry.create(task)
         run_id = await services.executor.create_run(task, TriggerType.MANUAL)
-        assert run_id is not None
         job = services.executor.start(run_id)
         while True:
             await asyncio.sleep(0.5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -36,7 +37,7 @@ class ChatService:
         conversations: ConversationStore,
         models: ModelFactory,
         clock: Clock,
-        data_dir: Any,
+        data_dir: Path,
         max_turns: int = 8,
         timeout: float = 300.0,
     ) -> None:

@@ -168,7 +168,6 @@ async def run_task(
     task = (await services.registry.get(name)).definition
     user_ids = request.user_ids if request else None
     run_id = await services.executor.create_run(task, TriggerType.MANUAL, user_ids)
-    assert run_id is not None
     job = services.executor.start(run_id)
     if wait:
         done, _ = await asyncio.wait({job}, timeout=services.settings.wait_max_seconds)

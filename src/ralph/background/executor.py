@@ -18,7 +18,6 @@ from ralph.agents.models import ModelFactory
 from ralph.agents.runner import AgentOutcome, run_agent
 from ralph.agents.tools import ToolContext
 from ralph.background.models import (
-    RunStatus,
     TaskDefinition,
     TaskRun,
     TriggerType,
@@ -83,22 +82,18 @@ class Executor:
         task: TaskDefinition,
         trigger: TriggerType,
         user_ids: Sequence[str] | None = None,
-        **claim: object,
-    ) -> str | None:
-        """Record a run for `user_ids` (default: all the task's users); see RunStore.create."""
+    ) -> str:
+        """Record a pending run for `user_ids` (default: all the task's users; any others are
+        InvalidInput) and return its id; `start` or `execute` runs it."""
         users = list(task.user_ids if user_ids is None else user_ids)
         if user_ids is not None:
             allowed = set(task.user_ids)
             outside = [u for u in users if u not in allowed]
             if outside:
                 raise InvalidInput(f"user ids not in task '{task.name}': {', '.join(outside[:5])}")
-        return await self.runs.create(
-            task,
-            trigger,
-            users,
-            self._clock.now(),
-            **claim,  # type: ignore[arg-type]
-        )
+        run_id = await self.runs.create(task, trigger, users, self._clock.now())
+        assert run_id is not None  # only a slot claim can lose, and this run claims none
+        return run_id
 
     def start(self, run_id: str) -> asyncio.Task[TaskRun]:
         """Execute the run in the background; the returned task finishes with the run."""
@@ -114,9 +109,7 @@ class Executor:
         user_ids: Sequence[str] | None = None,
     ) -> TaskRun:
         """Create a run and execute it to the end (the plan's `execute_task`)."""
-        run_id = await self.create_run(task, trigger, user_ids)
-        assert run_id is not None
-        return await self.execute(run_id)
+        return await self.execute(await self.create_run(task, trigger, user_ids))
 
     @property
     def active_runs(self) -> list[str]:
@@ -278,6 +271,3 @@ class Executor:
             timeout_seconds=task.timeout_seconds,
             transcript_max_chars=self._transcript_max_chars,
         )
-
-
-__all__ = ["Executor", "RunStatus"]
