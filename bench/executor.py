@@ -30,8 +30,11 @@ from ralph.services import Services, open_services
 
 
 def settings_for(base_url: str, data_dir: Path) -> Settings:
+    # RALPH_BENCH_DATABASE_URL runs the benchmark on another database (e.g. MariaDB; the
+    # database must exist and be empty); the default is a fresh SQLite file.
     return Settings(
         data_dir=data_dir,
+        database_url=os.environ.get("RALPH_BENCH_DATABASE_URL") or None,
         model_provider="openai",
         model_base_url=base_url,
         model_id="bench",
