@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from ralph.background.cron import due_slots
@@ -20,8 +22,12 @@ from ralph.background.models import (
 from ralph.background.registry import TaskRegistry
 from ralph.background.schedule_store import ScheduleStore
 from ralph.background.scheduler import Scheduler
-from ralph.background.store import TaskStore
+from ralph.background.store import RunStore, TaskStore
+from ralph.conversations.store import ConversationStore
+from ralph.db.engine import create_engine
 from ralph.db.tables import task_runs
+from ralph.memory.service import MemoryService
+from ralph.memory.store import MemoryStore
 from ralph.services import Services
 from ralph.testing.clock import FakeClock
 from tests.conftest import AppHarness
@@ -41,22 +47,30 @@ def definition(**overrides: Any) -> TaskDefinition:
     return TaskDefinition(**values)
 
 
-def second_replica(services: Services, clock: FakeClock) -> Scheduler:
-    """Another scheduler on the same database, as a second server process would have."""
+@pytest.fixture
+async def second_replica(harness: AppHarness, clock: FakeClock) -> AsyncIterator[Scheduler]:
+    """Another scheduler with its own engine (own connections) on the same database, as a
+    second server process would have."""
+    services = harness.services
+    engine = create_engine(services.settings.effective_database_url)
+    memory_store = MemoryStore(engine)
+    memory = MemoryService(memory_store, clock, services.settings.memory_max_body_bytes)
     executor = Executor(
-        runs=services.runs,
-        memory=services.memory,
-        conversations=services.conversations,
+        runs=RunStore(engine),
+        memory=memory,
+        conversations=ConversationStore(engine),
         models=services.models,
         clock=clock,
         data_dir=services.settings.data_dir,
     )
-    return Scheduler(
-        store=ScheduleStore(services.engine),
-        registry=TaskRegistry(TaskStore(services.engine), clock),
+    yield Scheduler(
+        store=ScheduleStore(engine),
+        registry=TaskRegistry(TaskStore(engine), clock),
         executor=executor,
         clock=clock,
     )
+    await drain(executor)
+    await engine.dispose()
 
 
 async def drain(executor: Executor) -> None:
@@ -141,13 +155,13 @@ async def test_new_and_reenabled_tasks_start_at_their_next_slot(
 
 
 async def test_two_schedulers_fire_each_of_100_slots_once(
-    harness: AppHarness, clock: FakeClock
+    harness: AppHarness, clock: FakeClock, second_replica: Scheduler
 ) -> None:
     services = harness.services
     await services.registry.create(
         definition(trigger=CronTrigger(schedule="* * * * *"), user_ids=[])
     )
-    other = second_replica(services, clock)
+    other = second_replica
     other_executor = other.executor
     started = 0
     for _ in range(100):
@@ -302,7 +316,7 @@ async def _until_async(condition: Any) -> None:
 
 
 async def test_two_schedulers_claim_each_idle_episode_once(
-    harness: AppHarness, clock: FakeClock
+    harness: AppHarness, clock: FakeClock, second_replica: Scheduler
 ) -> None:
     services = harness.services
     users = [f"user-{i}" for i in range(30)]
@@ -311,7 +325,7 @@ async def test_two_schedulers_claim_each_idle_episode_once(
     )
     for user in users:
         await services.conversations.record_activity(user, clock.now())
-    other = second_replica(services, clock)
+    other = second_replica
     await clock.advance(timedelta(minutes=5))
     reports = await asyncio.gather(services.scheduler.tick(), other.tick())
     assert sum(r.idle_users for r in reports) == 30
