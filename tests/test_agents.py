@@ -146,15 +146,30 @@ async def test_persistent_5xx_is_a_clean_error(
         retries=2,
     )
     assert outcome.error is not None
-    assert model_server.calls == 3
+    assert model_server.calls == 6  # (2 client retries + 1) x (1 Agno retry + 1): bounded
 
 
 async def test_garbage_json_is_a_clean_error(
     harness: AppHarness, model_server: ModelServer
 ) -> None:
-    outcome = await run_for(harness.services, model_server, scripted(Garbage()))
+    outcome = await run_for(harness.services, model_server, scripted(Garbage()), retries=1)
     assert outcome.error is not None
     assert outcome.final_text is None
+    assert model_server.calls == 2  # tried once more, then reported
+
+
+async def test_one_malformed_reply_is_retried(
+    harness: AppHarness, model_server: ModelServer
+) -> None:
+    outcome = await run_for(
+        harness.services,
+        model_server,
+        in_order(Garbage(), then=scripted(text("fine now"))),
+        retries=1,
+    )
+    assert outcome.error is None
+    assert outcome.final_text == "fine now"
+    assert outcome.turns_used == 1
 
 
 async def test_unknown_tool_names_are_rejected() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import structlog
@@ -40,7 +41,8 @@ class ModelFactory:
     """Makes a fresh Agno model per agent run; shares one HTTP connection pool between them.
 
     Provider failures (timeouts, 429, 5xx, dropped connections) are retried by the OpenAI
-    client with exponential backoff, `RALPH_MODEL_MAX_RETRIES` times, honouring Retry-After.
+    client with exponential backoff, `RALPH_MODEL_MAX_RETRIES` times, honouring Retry-After;
+    a malformed reply is retried once by Agno.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -50,9 +52,14 @@ class ModelFactory:
         self._http: httpx.AsyncClient
         self._make: Callable[[], Model]
         api_key = settings.model_api_key.get_secret_value() if settings.model_api_key else None
-        common = {
+        common: dict[str, Any] = {
             "timeout": settings.model_timeout_seconds,
             "max_retries": settings.model_max_retries,
+            # A reply the client cannot parse is not retried by it; Agno then tries once more
+            # after a second. (A status error has used up the client's retries by then, so it
+            # gets one last round too: bounded at 2 x (RALPH_MODEL_MAX_RETRIES + 1) requests.)
+            "retries": 1 if settings.model_max_retries > 0 else 0,
+            "delay_between_retries": 1,
         }
         if self.provider == "dev":
             self._http = dev_http_client()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,29 +43,35 @@ class AgentOutcome:
 
 
 def limit_model_calls(model: Model, max_turns: int) -> Callable[[], int]:
-    """Make `model` refuse its (max_turns + 1)-th call; return a reader of the call count.
+    """Make `model` refuse a call once `max_turns` calls have completed; return a reader of
+    the count.
 
-    A turn is one model call. Agno's `tool_call_limit` caps tool executions only, so a model
-    that keeps asking for tools would otherwise be called forever.
+    A turn is one completed model call (an attempt that failed and was retried is not a turn).
+    Agno's `tool_call_limit` caps tool executions only, so a model that keeps asking for tools
+    would otherwise be called forever.
     """
     calls = 0
     # Agno's signatures are partly untyped; these wrappers pass everything through.
     ainvoke: Callable[..., Any] = model.ainvoke  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
     ainvoke_stream: Callable[..., Any] = model.ainvoke_stream  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
 
-    def count() -> None:
-        nonlocal calls
+    def check() -> None:
         if calls >= max_turns:
             raise TurnLimitReached(f"stopped after {max_turns} model calls (max_turns)")
-        calls += 1
 
     async def limited_ainvoke(*args: Any, **kwargs: Any) -> Any:
-        count()
-        return await ainvoke(*args, **kwargs)
+        nonlocal calls
+        check()
+        result = await ainvoke(*args, **kwargs)
+        calls += 1
+        return result
 
-    def limited_ainvoke_stream(*args: Any, **kwargs: Any) -> Any:
-        count()
-        return ainvoke_stream(*args, **kwargs)
+    async def limited_ainvoke_stream(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        nonlocal calls
+        check()
+        async for chunk in ainvoke_stream(*args, **kwargs):
+            yield chunk
+        calls += 1
 
     model.ainvoke = limited_ainvoke  # type: ignore[method-assign]
     model.ainvoke_stream = limited_ainvoke_stream  # type: ignore[method-assign]
