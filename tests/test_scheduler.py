@@ -351,3 +351,21 @@ async def test_scheduler_endpoint(harness: AppHarness, clock: FakeClock) -> None
     assert tasks["idle-one"]["next_fire_at"] is None
     assert body["last_tick_at"] == "2026-01-01T00:00:00Z"
     assert [r["replica_id"] for r in body["replicas"]] == [body["replica_id"]]
+
+
+async def test_run_created_but_never_started_is_started_after_a_lease(
+    harness: AppHarness, clock: FakeClock
+) -> None:
+    services = harness.services
+    task = definition(user_ids=["a", "b"], trigger=CronTrigger(schedule="0 3 1 1 *"))
+    await services.registry.create(task)
+    # its creator died before starting it
+    run_id = await services.executor.create_run(task, TriggerType.MANUAL)
+    assert (await services.scheduler.tick()).recovered == []
+    await clock.advance(services.settings.run_lease_seconds + 1)
+    report = await services.scheduler.tick()
+    assert report.recovered == [run_id]
+    await drain(services.executor)
+    run = await services.runs.get(run_id)
+    assert run.status is RunStatus.SUCCESS
+    assert run.counts == {"success": 2}

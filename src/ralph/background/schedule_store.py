@@ -10,9 +10,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, delete, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ralph.background.models import RunStatus, TriggerType, UserStatus
+from ralph.background.models import RunStatus, TaskDefinition, TriggerType, UserStatus
+from ralph.background.store import RunStore
 from ralph.db.engine import insert_ignore, upsert
 from ralph.db.tables import (
     background_tasks,
@@ -119,42 +120,63 @@ class ScheduleStore:
             rows = [*(await conn.execute(window)).all(), *(await conn.execute(deferred)).all()]
         return [IdleCandidate(*row) for row in rows], watermark
 
-    async def claim_episode(
+    async def fire_idle(
         self,
+        runs: RunStore,
+        task: TaskDefinition,
+        due: Sequence[tuple[str, datetime]],
+        now: datetime,
+        cooldown_cutoff: datetime,
+    ) -> tuple[str | None, list[str]]:
+        """Claim the idle episodes of `due` (user, message ending the episode) and create one
+        idle run for the users claimed, in one transaction: a crash loses neither a claim nor
+        a run. Returns the run id (None if nothing was claimed) and the users claimed.
+
+        Each claim is true for exactly one caller across all processes: it is a write
+        conditional on the stored episode being older and the last run being before
+        `cooldown_cutoff`, or for a first episode an insert that only one caller can make.
+        """
+        async with self._engine.begin() as conn:
+            claimed = [
+                user_id
+                for user_id, message_at in due
+                if await self._claim(conn, task.name, user_id, message_at, now, cooldown_cutoff)
+            ]
+            if not claimed:
+                return None, []
+            run_id = await runs.create_in(conn, task, TriggerType.IDLE, claimed, now)
+        return run_id, claimed
+
+    async def _claim(
+        self,
+        conn: AsyncConnection,
         task_name: str,
         user_id: str,
         message_at: datetime,
         now: datetime,
         cooldown_cutoff: datetime,
     ) -> bool:
-        """Claim the user's idle episode ending with the message at `message_at`.
-
-        True for exactly one caller across all processes: the write is conditional on the
-        stored episode being older and the last run being before `cooldown_cutoff`, and a
-        first episode is an insert that only one caller can make.
-        """
-        async with self._engine.begin() as conn:
-            updated = await conn.execute(
-                update(idle_state)
-                .where(
-                    idle_state.c.task_name == task_name,
-                    idle_state.c.user_id == user_id,
-                    idle_state.c.episode_message_at < message_at,
-                    idle_state.c.last_run_at <= cooldown_cutoff,
-                )
-                .values(episode_message_at=message_at, last_run_at=now)
+        updated = await conn.execute(
+            update(idle_state)
+            .where(
+                idle_state.c.task_name == task_name,
+                idle_state.c.user_id == user_id,
+                idle_state.c.episode_message_at < message_at,
+                idle_state.c.last_run_at <= cooldown_cutoff,
             )
-            if updated.rowcount == 1:
-                return True
-            inserted = await conn.execute(
-                insert_ignore(self._engine, idle_state).values(
-                    task_name=task_name,
-                    user_id=user_id,
-                    episode_message_at=message_at,
-                    last_run_at=now,
-                )
+            .values(episode_message_at=message_at, last_run_at=now)
+        )
+        if updated.rowcount == 1:
+            return True
+        inserted = await conn.execute(
+            insert_ignore(self._engine, idle_state).values(
+                task_name=task_name,
+                user_id=user_id,
+                episode_message_at=message_at,
+                last_run_at=now,
             )
-            return inserted.rowcount == 1
+        )
+        return inserted.rowcount == 1
 
     async def save_idle_progress(
         self,
@@ -198,6 +220,15 @@ class ScheduleStore:
         )
         async with self._engine.connect() as conn:
             return (await conn.execute(query)).first() is not None
+
+    async def orphaned_runs(self, created_before: datetime) -> list[str]:
+        """Runs still pending that were created before `created_before`: their creator died
+        between creating and starting them."""
+        query = select(task_runs.c.id).where(
+            task_runs.c.status == RunStatus.PENDING.value, task_runs.c.created_at < created_before
+        )
+        async with self._engine.connect() as conn:
+            return [row.id for row in (await conn.execute(query)).all()]
 
     async def stale_runs(self, heartbeat_before: datetime) -> list[str]:
         query = select(task_runs.c.id).where(

@@ -174,25 +174,29 @@ class Scheduler:
         task = stored.definition
         cooldown_cutoff = now - timedelta(minutes=trigger.cooldown_minutes)
         due, held, watermark = await self.due_idle_users(task.name, trigger, now)
-        claimed = [
-            user_id
-            for user_id, message_at in due
-            if await self._store.claim_episode(task.name, user_id, message_at, now, cooldown_cutoff)
-        ]
+        run_id, claimed = await self._store.fire_idle(
+            self._executor.runs, task, due, now, cooldown_cutoff
+        )
+        # after the run exists: a crash before this line re-reads the same window next time
         await self._store.save_idle_progress(task.name, now, held, watermark)
-        if not claimed:
-            return None, 0
-        run_id = await self._executor.runs.create(task, TriggerType.IDLE, claimed, now)
-        log.info("idle_fired", task=task.name, users=len(claimed), run_id=run_id)
+        if run_id is not None:
+            log.info("idle_fired", task=task.name, users=len(claimed), run_id=run_id)
         return run_id, len(claimed)
 
     # --- crash recovery -------------------------------------------------------------------
 
     async def recover(self, now: datetime) -> list[str]:
         """Runs whose owner stopped heart-beating for a lease are marked `interrupted`; their
-        unfinished users are re-run once in a new run. Returns the new runs' ids."""
+        unfinished users are re-run once in a new run. Runs left pending for a lease are
+        started. Returns the ids of the runs started."""
         stale = now - self._lease
         new_runs: list[str] = []
+        # created but never started (their creator died in between): start them here;
+        # starting is a conditional pending -> running write, so only one replica runs each
+        for run_id in await self._store.orphaned_runs(stale):
+            if run_id not in self._executor.active_runs:
+                log.warning("run_orphaned", run_id=run_id)
+                new_runs.append(run_id)
         for run_id in await self._store.stale_runs(stale):
             unfinished = await self._store.interrupt_stale_run(run_id, stale, now)
             if unfinished is None:

@@ -246,50 +246,74 @@ class RunStore:
         With `slot_key`, the (task, slot_key) pair is claimed: if another caller (in any
         process) created that run first, nothing is written and None is returned.
         """
-        run_id = str(uuid.uuid4())
         async with self._engine.begin() as conn:
-            result = await conn.execute(
-                insert_ignore(self._engine, task_runs).values(
-                    id=run_id,
-                    task_name=task.name,
-                    trigger_type=trigger.value,
-                    slot_key=slot_key,
-                    slot_at=slot_at,
-                    status=status.value,
-                    task_snapshot=task.model_dump_json(exclude={"user_ids"}),
-                    cancel_requested=False,
-                    user_total=len(user_ids),
-                    created_at=now,
-                    completed_at=now if status in FINISHED_RUN else None,
-                    input_tokens=0,
-                    output_tokens=0,
-                    total_tokens=0,
-                )
+            return await self.create_in(
+                conn,
+                task,
+                trigger,
+                user_ids,
+                now,
+                slot_key=slot_key,
+                slot_at=slot_at,
+                status=status,
             )
-            if result.rowcount != 1:
-                return None
-            # in chunks: a 100k-user run never holds 100k row dicts at once
-            for start in range(0, len(user_ids), CHUNK):
-                chunk = user_ids[start : start + CHUNK]
-                await conn.execute(
-                    task_run_users.insert(),
-                    [
-                        {
-                            "run_id": run_id,
-                            "user_id": user_id,
-                            "position": start + offset,
-                            "status": UserStatus.PENDING.value,
-                            "attempts": 0,
-                            "turns_used": 0,
-                            "tool_calls": 0,
-                            "proposals_created": 0,
-                            "input_tokens": 0,
-                            "output_tokens": 0,
-                            "total_tokens": 0,
-                        }
-                        for offset, user_id in enumerate(chunk)
-                    ],
-                )
+
+    async def create_in(
+        self,
+        conn: AsyncConnection,
+        task: TaskDefinition,
+        trigger: TriggerType,
+        user_ids: Sequence[str],
+        now: datetime,
+        *,
+        slot_key: str | None = None,
+        slot_at: datetime | None = None,
+        status: RunStatus = RunStatus.PENDING,
+    ) -> str | None:
+        """`create`, inside the caller's transaction (to make it atomic with other writes)."""
+        run_id = str(uuid.uuid4())
+        result = await conn.execute(
+            insert_ignore(self._engine, task_runs).values(
+                id=run_id,
+                task_name=task.name,
+                trigger_type=trigger.value,
+                slot_key=slot_key,
+                slot_at=slot_at,
+                status=status.value,
+                task_snapshot=task.model_dump_json(exclude={"user_ids"}),
+                cancel_requested=False,
+                user_total=len(user_ids),
+                created_at=now,
+                completed_at=now if status in FINISHED_RUN else None,
+                input_tokens=0,
+                output_tokens=0,
+                total_tokens=0,
+            )
+        )
+        if result.rowcount != 1:
+            return None
+        # in chunks: a 100k-user run never holds 100k row dicts at once
+        for start in range(0, len(user_ids), CHUNK):
+            chunk = user_ids[start : start + CHUNK]
+            await conn.execute(
+                task_run_users.insert(),
+                [
+                    {
+                        "run_id": run_id,
+                        "user_id": user_id,
+                        "position": start + offset,
+                        "status": UserStatus.PENDING.value,
+                        "attempts": 0,
+                        "turns_used": 0,
+                        "tool_calls": 0,
+                        "proposals_created": 0,
+                        "input_tokens": 0,
+                        "output_tokens": 0,
+                        "total_tokens": 0,
+                    }
+                    for offset, user_id in enumerate(chunk)
+                ],
+            )
         return run_id
 
     async def snapshot(self, run_id: str) -> TaskDefinition:
