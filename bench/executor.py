@@ -71,10 +71,7 @@ async def batch_by_batch(services: Services, task: TaskDefinition) -> float:
     users = task.user_ids
     for i in range(0, len(users), task.batch_size):
         await asyncio.gather(
-            *[
-                executor._run_user(run_id, task, u)  # pyright: ignore[reportPrivateUsage]
-                for u in users[i : i + task.batch_size]
-            ]
+            *[executor.run_user(run_id, task, u) for u in users[i : i + task.batch_size]]
         )
     return time.perf_counter() - started
 

@@ -186,6 +186,15 @@ async def test_same_run_same_edit_is_one_proposal(harness: AppHarness) -> None:
     assert created_other
     assert other_run.id != first.id
     assert len(await memory.list_proposals("u1")) == 2
+    # the same edit from the same run for another user is that user's own proposal
+    other_user, created_for_other_user = await memory.propose(
+        ProposalDraft(
+            user_id="u2", label="student", reason="r", author="agent:t", body="b", run_id="run-1"
+        )
+    )
+    assert created_for_other_user
+    assert other_user.user_id == "u2"
+    assert [p.id for p in await memory.list_proposals("u2")] == [other_user.id]
 
 
 async def test_concurrent_approvals_on_one_block_lose_no_update(harness: AppHarness) -> None:

@@ -86,6 +86,25 @@ def serve(
 
 
 @app.command()
+def worker() -> None:
+    """Run an ARQ worker that executes background agents queued by servers in
+    RALPH_WORKER_MODE=arq (same database, Redis at RALPH_REDIS_URL)."""
+    from ralph.agents.models import check_model_settings
+    from ralph.background.queue import build_worker
+    from ralph.logs import configure_logging
+
+    settings = _settings()
+    try:
+        check_model_settings(settings)
+    except SettingsError as exc:
+        typer.echo(f"error: invalid settings: {exc}", err=True)
+        raise typer.Exit(2) from None
+    os.environ.setdefault("AGNO_TELEMETRY", "false")
+    configure_logging(settings.log_level, settings.log_json)
+    build_worker(settings).run()
+
+
+@app.command()
 def migrate(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
     down: Annotated[bool, typer.Option("--down", help="Downgrade to REVISION instead.")] = False,

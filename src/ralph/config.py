@@ -58,6 +58,14 @@ class Settings(BaseSettings):
     rerun_interrupted_users: int = Field(default=1, ge=0)
     wait_max_seconds: float = Field(default=600.0, gt=0)
 
+    # Worker mode: "inprocess" runs agents in the server; "arq" hands them to `ralph worker`
+    # processes through Redis.
+    worker_mode: Literal["inprocess", "arq"] = "inprocess"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    queue_name: str = Field(default="ralph", min_length=1, max_length=100)
+    worker_max_jobs: int = Field(default=100, ge=1, le=10_000)
+    worker_cancel_poll_seconds: float = Field(default=2.0, gt=0)
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str | None) -> str | None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ralph.agents.models import ModelFactory
 from ralph.background.executor import Executor
+from ralph.background.queue import ArqDispatcher, connect
 from ralph.background.registry import TaskRegistry
 from ralph.background.schedule_store import ScheduleStore
 from ralph.background.scheduler import Scheduler
@@ -48,10 +50,16 @@ async def open_services(
     clock: Clock | None = None,
     apply_migrations: bool = True,
     models: ModelFactory | None = None,
+    role: Literal["server", "worker"] = "server",
 ) -> AsyncGenerator[Services]:
-    """Open the database (migrating it to head unless told not to), yield the services, close."""
+    """Open the database (migrating it to head unless told not to), yield the services, close.
+
+    A `worker` executes units handed to it (and watches for cancels); a `server` in ARQ mode
+    hands its units to workers through Redis.
+    """
     models = models or ModelFactory(settings)
     engine = create_engine(settings.effective_database_url)
+    stack = AsyncExitStack()
     try:
         if apply_migrations:
             await migrate.upgrade(engine)
@@ -60,6 +68,10 @@ async def open_services(
         memory = MemoryService(memory_store, clock, settings.memory_max_body_bytes)
         conversations = ConversationStore(engine)
         runs = RunStore(engine)
+        dispatcher: ArqDispatcher | None = None
+        if role == "server" and settings.worker_mode == "arq":
+            dispatcher = ArqDispatcher(await connect(settings), runs, clock, settings.queue_name)
+            stack.push_async_callback(dispatcher.aclose)
         executor = Executor(
             runs=runs,
             memory=memory,
@@ -69,6 +81,8 @@ async def open_services(
             data_dir=settings.data_dir,
             allow_shell=settings.allow_shell_tools,
             transcript_max_chars=settings.agent_transcript_max_chars,
+            dispatch=dispatcher,
+            cancel_poll_seconds=settings.worker_cancel_poll_seconds if role == "worker" else None,
         )
         registry = TaskRegistry(TaskStore(engine), clock, allow_shell=settings.allow_shell_tools)
         yield Services(
@@ -100,5 +114,6 @@ async def open_services(
             ),
         )
     finally:
+        await stack.aclose()
         await engine.dispose()
         await models.aclose()

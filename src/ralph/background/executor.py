@@ -9,8 +9,9 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -30,6 +31,9 @@ from ralph.errors import InvalidInput
 from ralph.memory.service import MemoryService
 
 log = structlog.get_logger(__name__)
+
+# Executes one (run id, task snapshot, user id) unit and records its result.
+Dispatch = Callable[[str, TaskDefinition, str], Coroutine[Any, Any, None]]
 
 BACKGROUND_PROMPT = (
     "Execute your background task now. Review the user's context and take appropriate action."
@@ -57,7 +61,12 @@ class Executor:
         transcript_max_chars: int = 200_000,
         heartbeat_seconds: float = 5.0,
         owner: str | None = None,
+        dispatch: Dispatch | None = None,
+        cancel_poll_seconds: float | None = None,
     ) -> None:
+        """`dispatch` hands a (run, user) unit to whatever executes it: by default this
+        process's `run_user`; the ARQ mode enqueues it for worker processes. Workers pass
+        `cancel_poll_seconds` to notice cancels requested elsewhere."""
         self.runs = runs
         self._memory = memory
         self._conversations = conversations
@@ -74,6 +83,8 @@ class Executor:
         self._agents: dict[str, set[asyncio.Task[AgentOutcome]]] = {}
         self._cancelled: set[str] = set()
         self._stopping = False
+        self._dispatch: Dispatch = dispatch or self.run_user
+        self._cancel_poll_seconds = cancel_poll_seconds
 
     # --- starting runs --------------------------------------------------------------------
 
@@ -186,7 +197,7 @@ class Executor:
                     in_flight.difference_update(done)
                 if self._stopping or run_id in self._cancelled:
                     break
-                job = asyncio.create_task(self._run_user(run_id, task, user_id))
+                job = asyncio.create_task(self._dispatch(run_id, task, user_id))
                 in_flight.add(job)
                 after = position
             else:
@@ -202,7 +213,13 @@ class Executor:
             if await self.runs.heartbeat(run_id, self._clock.now()):
                 self._cancel_in_flight(run_id)
 
-    async def _run_user(self, run_id: str, task: TaskDefinition, user_id: str) -> None:
+    async def run_user(self, run_id: str, task: TaskDefinition, user_id: str) -> None:
+        """The unit of work: run the task's agent for one user of a run and record the result.
+
+        Everything it needs is in the database (the run's task snapshot, the user's memory),
+        so any process can do it. The (task, user) lock makes a second concurrent run of the
+        same user impossible: that user is recorded as `skipped`.
+        """
         holder = await self.runs.start_user(run_id, task.name, user_id, self._clock.now())
         if holder is not None:
             log.info("user_skipped", run_id=run_id, user_id=user_id, running_in=holder)
@@ -221,6 +238,11 @@ class Executor:
         agent = asyncio.create_task(self._agent(task, context))
         agents = self._agents.setdefault(run_id, set())
         agents.add(agent)
+        watcher = (
+            asyncio.create_task(self._watch_cancel(run_id))
+            if self._cancel_poll_seconds is not None
+            else None
+        )
         try:
             outcome = await agent
             status = UserStatus.SUCCESS if outcome.ok else UserStatus.FAILED
@@ -235,6 +257,8 @@ class Executor:
             outcome.error = f"{type(exc).__name__}: {exc}"
         finally:
             agents.discard(agent)
+            if watcher is not None:
+                watcher.cancel()
         # ids of the proposal rows this user's tools stored (or found stored, on a retry); kept
         # even when the agent was cancelled half-way
         proposals = len(context.proposal_ids)
@@ -255,6 +279,15 @@ class Executor:
                 "transcript": json.dumps(outcome.transcript, default=str),
             },
         )
+
+    async def _watch_cancel(self, run_id: str) -> None:
+        """In a worker process: notice a cancel requested through the coordinator."""
+        assert self._cancel_poll_seconds is not None
+        while True:
+            await asyncio.sleep(self._cancel_poll_seconds)
+            if await self.runs.get_cancel_flag(run_id):
+                self._cancel_in_flight(run_id)
+                return
 
     async def _agent(self, task: TaskDefinition, context: ToolContext) -> AgentOutcome:
         memory = await self._memory.build_memory_context(context.user_id, task.memory_blocks)

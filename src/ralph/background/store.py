@@ -435,6 +435,28 @@ class RunStore:
                 )
             )
 
+    async def fail_unfinished_user(
+        self, run_id: str, task_name: str, user_id: str, now: datetime, error: str
+    ) -> None:
+        """Mark the user failed if it is still pending or running, and release its lock."""
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                self._user_update(run_id, user_id)
+                .where(
+                    task_run_users.c.status.in_(
+                        [UserStatus.PENDING.value, UserStatus.RUNNING.value]
+                    )
+                )
+                .values(status=UserStatus.FAILED.value, completed_at=now, error=error)
+            )
+            await conn.execute(
+                delete(task_user_locks).where(
+                    task_user_locks.c.task_name == task_name,
+                    task_user_locks.c.user_id == user_id,
+                    task_user_locks.c.run_id == run_id,
+                )
+            )
+
     async def cancel_pending_users(self, run_id: str, now: datetime, status: UserStatus) -> int:
         async with self._engine.begin() as conn:
             result = await conn.execute(

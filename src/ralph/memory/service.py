@@ -126,9 +126,9 @@ class MemoryService:
     async def propose(self, draft: ProposalDraft) -> tuple[Proposal, bool]:
         """Record a pending proposal; returns it and whether it is new.
 
-        A proposal is idempotent per (run, block, content): the same run proposing the same
-        edit again gets the first proposal back. Replace-style edits must apply to the block as
-        it is now (InvalidInput otherwise).
+        A proposal is idempotent per (run, user's block, content): the same run proposing the
+        same edit to the same user's block again gets the first proposal back. Replace-style
+        edits must apply to the block as it is now (InvalidInput otherwise).
         """
         if not draft.reason.strip():
             raise InvalidInput("a proposal needs a reason")
@@ -157,6 +157,7 @@ class MemoryService:
         if draft.run_id is not None:
             content = json.dumps(
                 [
+                    draft.user_id,
                     draft.label,
                     draft.kind.value,
                     draft.title,
