@@ -6,7 +6,10 @@
 2. Heavy-tailed (lognormal) latency with the same median: the sliding window's throughput as
    a ratio of the original plan's batch-by-batch scheme (each batch waits for its slowest user).
 
-    uv run python bench/executor.py [users] [latency] [batch_size] [sigma]
+    uv run python bench/executor.py [users] [latency] [batch_size] [sigma] [workers]
+
+With `workers` > 0 (Redis needed), the fixed-latency case is measured again with the agents
+run by that many `ralph worker` processes (RALPH_WORKER_MODE=arq).
 """
 
 from __future__ import annotations
@@ -76,6 +79,51 @@ async def batch_by_batch(services: Services, task: TaskDefinition) -> float:
     return time.perf_counter() - started
 
 
+async def measure_with_workers(
+    base_url: str, users: int, batch_size: int, workers: int, data_dir: Path
+) -> float:
+    """The sliding window in this process, agents in `workers` `ralph worker` processes."""
+    settings = settings_for(base_url, data_dir).model_copy(
+        update={"worker_mode": "arq", "queue_name": f"ralph-bench-{os.getpid()}"}
+    )
+    async with open_services(settings) as services:
+        task = task_for(users, batch_size)
+        await services.registry.create(task)
+        env = {
+            **os.environ,
+            "RALPH_DATABASE_URL": settings.effective_database_url,
+            "RALPH_DATA_DIR": str(data_dir),
+            "RALPH_MODEL_PROVIDER": "openai",
+            "RALPH_MODEL_BASE_URL": base_url,
+            "RALPH_MODEL_ID": "bench",
+            "RALPH_MODEL_MAX_RETRIES": "0",
+            "RALPH_QUEUE_NAME": settings.queue_name,
+            "RALPH_LOG_LEVEL": "warning",
+        }
+        processes = [
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "ralph.cli",
+                "worker",
+                env=env,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            for _ in range(workers)
+        ]
+        try:
+            await asyncio.sleep(3)  # let the workers connect
+            started = time.perf_counter()
+            run = await services.executor.execute_task(task, TriggerType.MANUAL)
+            assert run.counts == {"success": users}, run.counts
+            return time.perf_counter() - started
+        finally:
+            for process in processes:
+                process.terminate()
+                await process.wait()
+
+
 async def measure(base_url: str, users: int, batch_size: int, scheme: str) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         async with open_services(settings_for(base_url, Path(tmp))) as services:
@@ -86,7 +134,7 @@ async def measure(base_url: str, users: int, batch_size: int, scheme: str) -> fl
             return await batch_by_batch(services, task)
 
 
-def main(users: int, latency: float, batch_size: int, sigma: float) -> None:
+def main(users: int, latency: float, batch_size: int, sigma: float, workers: int) -> None:
     configure_logging("warning", json=True)
     steps = ("tool:list_memory_blocks", "ok")
     with model_server_process(latency, 0.0, *steps) as url:
@@ -96,6 +144,16 @@ def main(users: int, latency: float, batch_size: int, sigma: float) -> None:
     print(f"fixed latency: users={users} latency={latency}s calls/user=2 batch_size={batch_size}")
     print(f"  model calls={stats['calls']} peak in flight={stats['max_in_flight']}")
     print(f"  elapsed={elapsed:.2f}s ideal={ideal:.2f}s throughput/ideal={ideal / elapsed:.3f}")
+    if workers:
+        with (
+            model_server_process(latency, 0.0, *steps) as url,
+            tempfile.TemporaryDirectory() as tmp,
+        ):
+            elapsed = asyncio.run(measure_with_workers(url, users, batch_size, workers, Path(tmp)))
+        print(
+            f"  with {workers} ralph worker processes (RALPH_WORKER_MODE=arq): "
+            f"elapsed={elapsed:.2f}s throughput/ideal={ideal / elapsed:.3f}"
+        )
 
     times: dict[str, float] = {}
     for scheme in ("sliding", "batch-by-batch"):
@@ -117,4 +175,5 @@ if __name__ == "__main__":
         float(args[1]) if len(args) > 1 else 0.2,
         int(args[2]) if len(args) > 2 else 50,
         float(args[3]) if len(args) > 3 else 1.0,
+        int(args[4]) if len(args) > 4 else 0,
     )
