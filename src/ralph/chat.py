@@ -54,10 +54,7 @@ class ChatService:
         or `error`. The user's message, the answer and the user's activity are stored when the
         answer is complete; a failed turn stores nothing."""
         received_at = self._clock.now()
-        context = await self._memory.build_memory_context(user_id)
-        instructions = CHAT_INSTRUCTIONS + (
-            f"\n\n# What you know about the user\n\n{context}" if context else ""
-        )
+        instructions = await self._memory.instructions_with_memory(CHAT_INSTRUCTIONS, user_id)
         model = self._models()
         limit_model_calls(model, self._max_turns)
         agent = Agent(

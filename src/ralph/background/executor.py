@@ -290,10 +290,9 @@ class Executor:
                 return
 
     async def _agent(self, task: TaskDefinition, context: ToolContext) -> AgentOutcome:
-        memory = await self._memory.build_memory_context(context.user_id, task.memory_blocks)
-        instructions = task.system_prompt
-        if memory:
-            instructions += f"\n\n---\n\n# What you know about the user\n\n{memory}"
+        instructions = await self._memory.instructions_with_memory(
+            task.system_prompt, context.user_id, task.memory_blocks
+        )
         return await run_agent(
             model=self._models(),
             tools=task.tools,

@@ -427,13 +427,19 @@ class RunStore:
         token totals are summed from these rows when the run finishes."""
         async with self._engine.begin() as conn:
             await conn.execute(self._user_update(run_id, user_id).values(**values))
-            await conn.execute(
-                delete(task_user_locks).where(
-                    task_user_locks.c.task_name == task_name,
-                    task_user_locks.c.user_id == user_id,
-                    task_user_locks.c.run_id == run_id,
-                )
+            await self._release_lock(conn, run_id, task_name, user_id)
+
+    @staticmethod
+    async def _release_lock(
+        conn: AsyncConnection, run_id: str, task_name: str, user_id: str
+    ) -> None:
+        await conn.execute(
+            delete(task_user_locks).where(
+                task_user_locks.c.task_name == task_name,
+                task_user_locks.c.user_id == user_id,
+                task_user_locks.c.run_id == run_id,
             )
+        )
 
     async def fail_unfinished_user(
         self, run_id: str, task_name: str, user_id: str, now: datetime, error: str
@@ -449,13 +455,7 @@ class RunStore:
                 )
                 .values(status=UserStatus.FAILED.value, completed_at=now, error=error)
             )
-            await conn.execute(
-                delete(task_user_locks).where(
-                    task_user_locks.c.task_name == task_name,
-                    task_user_locks.c.user_id == user_id,
-                    task_user_locks.c.run_id == run_id,
-                )
-            )
+            await self._release_lock(conn, run_id, task_name, user_id)
 
     async def cancel_pending_users(self, run_id: str, now: datetime, status: UserStatus) -> int:
         async with self._engine.begin() as conn:

@@ -121,6 +121,15 @@ class MemoryService:
         ]
         return "\n".join(sections)
 
+    async def instructions_with_memory(
+        self, instructions: str, user_id: str, labels: Sequence[str] = ()
+    ) -> str:
+        """`instructions` followed by the user's memory context (if any), for an agent."""
+        memory = await self.build_memory_context(user_id, labels)
+        if not memory:
+            return instructions
+        return f"{instructions}\n\n---\n\n# What you know about the user\n\n{memory}"
+
     # --- proposals ------------------------------------------------------------------------
 
     async def propose(self, draft: ProposalDraft) -> tuple[Proposal, bool]:
