@@ -257,6 +257,8 @@ class Executor:
             outcome.error = f"{type(exc).__name__}: {exc}"
         finally:
             agents.discard(agent)
+            if not agents and self._agents.get(run_id) is agents:
+                del self._agents[run_id]  # a worker sees many runs: keep no empty sets behind
             if watcher is not None:
                 watcher.cancel()
         # ids of the proposal rows this user's tools stored (or found stored, on a retry); kept
