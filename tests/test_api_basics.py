@@ -128,3 +128,18 @@ async def test_chunked_body_over_cap_is_413(client: AsyncClient) -> None:
         "/users/u1/messages", content=chunks(), headers={"content-type": "application/json"}
     )
     assert response.status_code == 413
+
+
+async def test_each_request_is_logged_with_its_id(client: AsyncClient) -> None:
+    from structlog.contextvars import merge_contextvars
+    from structlog.testing import capture_logs
+
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        await client.get("/users/u1/blocks", headers={"X-Request-ID": "req-42"})
+    lines = [e for e in logs if e["event"] == "request"]
+    assert len(lines) == 1
+    assert lines[0]["path"] == "/users/u1/blocks"
+    assert lines[0]["status"] == 200
+    assert lines[0]["method"] == "GET"
+    assert lines[0]["ms"] >= 0
+    assert lines[0]["request_id"] == "req-42"

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from typing import Any
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+log = structlog.get_logger("ralph.http")
+
 
 class RequestIdMiddleware:
-    """Binds a request id (from `X-Request-ID` or a new one) to logs and echoes it back."""
+    """Binds a request id (from `X-Request-ID` or a new one) to logs, echoes it back, and
+    logs one line per request (method, path, status, milliseconds)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -23,15 +27,29 @@ class RequestIdMiddleware:
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming[:64] if incoming.isprintable() and incoming else uuid.uuid4().hex
 
+        status = 500
+        started = time.perf_counter()
+
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
                 message["headers"] = headers
             await send(message)
 
         with structlog.contextvars.bound_contextvars(request_id=request_id):
-            await self.app(scope, receive, send_with_id)
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                log.info(
+                    "request",
+                    method=scope["method"],
+                    path=scope["path"],
+                    status=status,
+                    ms=round((time.perf_counter() - started) * 1000, 2),
+                )
 
 
 class BodySizeLimitMiddleware:
