@@ -21,12 +21,15 @@ from ralph.config import Settings
 from ralph.db import migrate
 from ralph.db.engine import create_engine
 from ralph.db.tables import metadata
+from ralph.logs import configure_logging
 from ralph.services import Services
 from ralph.testing.clock import FakeClock
 from ralph.testing.model_server import ModelServer, scripted
 from ralph.testing.model_server import text as text_reply
 
 os.environ["AGNO_TELEMETRY"] = "false"
+# Logs go to stderr, as in the server: commands under test own stdout.
+configure_logging("info", json=False)
 T = TypeVar("T")
 
 MARIADB_SERVER = os.environ.get("RALPH_TEST_MARIADB_URL", "mysql+asyncmy://root@127.0.0.1:3306")
