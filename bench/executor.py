@@ -19,7 +19,11 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
+
+import uvloop
 
 os.environ.setdefault("AGNO_TELEMETRY", "false")
 sys.path.insert(0, str(Path(__file__).parent))
@@ -134,11 +138,16 @@ async def measure(base_url: str, users: int, batch_size: int, scheme: str) -> fl
             return await batch_by_batch(services, task)
 
 
+def run(coroutine: Coroutine[Any, Any, float]) -> float:
+    """Run on uvloop, as `ralph serve` does (uvicorn picks it when installed)."""
+    return uvloop.run(coroutine)
+
+
 def main(users: int, latency: float, batch_size: int, sigma: float, workers: int) -> None:
     configure_logging("warning", json=True)
     steps = ("tool:list_memory_blocks", "ok")
     with model_server_process(latency, 0.0, *steps) as url:
-        elapsed = asyncio.run(measure(url, users, batch_size, "sliding"))
+        elapsed = run(measure(url, users, batch_size, "sliding"))
         stats = server_stats(url)
     ideal = users * 2 * latency / batch_size
     print(f"fixed latency: users={users} latency={latency}s calls/user=2 batch_size={batch_size}")
@@ -149,7 +158,7 @@ def main(users: int, latency: float, batch_size: int, sigma: float, workers: int
             model_server_process(latency, 0.0, *steps) as url,
             tempfile.TemporaryDirectory() as tmp,
         ):
-            elapsed = asyncio.run(measure_with_workers(url, users, batch_size, workers, Path(tmp)))
+            elapsed = run(measure_with_workers(url, users, batch_size, workers, Path(tmp)))
         print(
             f"  with {workers} ralph worker processes (RALPH_WORKER_MODE=arq): "
             f"elapsed={elapsed:.2f}s throughput/ideal={ideal / elapsed:.3f}"
@@ -158,7 +167,7 @@ def main(users: int, latency: float, batch_size: int, sigma: float, workers: int
     times: dict[str, float] = {}
     for scheme in ("sliding", "batch-by-batch"):
         with model_server_process(latency, sigma, *steps) as url:
-            times[scheme] = asyncio.run(measure(url, users, batch_size, scheme))
+            times[scheme] = run(measure(url, users, batch_size, scheme))
     print(f"lognormal latency (median {latency}s, sigma {sigma}):")
     for scheme, seconds in times.items():
         print(f"  {scheme}: {seconds:.2f}s")

@@ -89,6 +89,8 @@ def serve(
 def worker() -> None:
     """Run an ARQ worker that executes background agents queued by servers in
     RALPH_WORKER_MODE=arq (same database, Redis at RALPH_REDIS_URL)."""
+    import uvloop
+
     from ralph.agents.models import check_model_settings
     from ralph.background.queue import build_worker
     from ralph.logs import configure_logging
@@ -101,6 +103,8 @@ def worker() -> None:
         raise typer.Exit(2) from None
     os.environ.setdefault("AGNO_TELEMETRY", "false")
     configure_logging(settings.log_level, settings.log_json)
+    # the same event loop as `ralph serve` (uvicorn uses uvloop when it is installed)
+    asyncio.set_event_loop(uvloop.new_event_loop())
     build_worker(settings).run()
 
 
