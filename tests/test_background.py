@@ -299,7 +299,9 @@ async def test_task_crud_status_codes(bg: BackgroundHarness) -> None:
     assert (await client.get("/background/tasks/test-progress-tracker")).status_code == 404
 
 
-async def test_registry_sees_changes_made_by_another_replica(bg: BackgroundHarness) -> None:
+async def test_registry_sees_changes_made_by_another_replica(
+    bg: BackgroundHarness, clock: FakeClock
+) -> None:
     from ralph.background.models import TaskDefinition
     from ralph.background.registry import TaskRegistry
     from ralph.background.store import TaskStore
@@ -312,6 +314,13 @@ async def test_registry_sees_changes_made_by_another_replica(bg: BackgroundHarne
     mine = await bg.services.registry.get("test-progress-tracker")
     assert mine.definition.enabled is False
     assert isinstance(mine.definition, TaskDefinition)
+    # a delete and a create that leave the count and the revisions as they were
+    await bg.client.post("/background/tasks", json=task_body(name="first", tools=[]))
+    assert {t.definition.name for t in await other.list()} == {"test-progress-tracker", "first"}
+    await clock.advance(1)
+    await bg.client.delete("/background/tasks/first")
+    await bg.client.post("/background/tasks", json=task_body(name="second", tools=[]))
+    assert {t.definition.name for t in await other.list()} == {"test-progress-tracker", "second"}
 
 
 async def test_shutdown_gives_grace_then_interrupts(

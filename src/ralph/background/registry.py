@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from datetime import datetime
 
 from ralph.agents.tools import check_tool_names
 from ralph.background.models import StoredTask, TaskDefinition
@@ -23,7 +24,7 @@ class TaskRegistry:
         self._clock = clock
         self._allow_shell = allow_shell
         self._tasks: dict[str, StoredTask] = {}
-        self._fingerprint: tuple[int, int] | None = None
+        self._fingerprint: tuple[int, int, datetime | None] | None = None
         self._lock = asyncio.Lock()
         self._listeners: list[Callable[[], None]] = []
 

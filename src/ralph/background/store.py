@@ -174,12 +174,17 @@ class TaskStore:
             )
             return [self._stored(r, await self._users(conn, r["name"])) for r in rows]
 
-    async def fingerprint(self) -> tuple[int, int]:
-        """(number of tasks, sum of revisions): changes whenever any task changes."""
-        query = select(func.count(), func.coalesce(func.sum(background_tasks.c.revision), 0))
+    async def fingerprint(self) -> tuple[int, int, datetime | None]:
+        """(number of tasks, sum of revisions, newest change): differs after any create,
+        change or delete (a delete plus a create also moves the newest change forward)."""
+        query = select(
+            func.count(),
+            func.coalesce(func.sum(background_tasks.c.revision), 0),
+            func.max(background_tasks.c.updated_at),
+        )
         async with self._engine.connect() as conn:
-            count, total = (await conn.execute(query)).one()
-        return int(count), int(total)
+            count, total, newest = (await conn.execute(query)).one()
+        return int(count), int(total), newest
 
 
 def _run(row: RowMapping, counts: dict[str, int]) -> TaskRun:
