@@ -349,3 +349,44 @@ async def test_shutdown_gives_grace_then_interrupts(
         assert run.counts == {"interrupted": 3}
         users = await services.runs.users(run_id)
         assert {u.error for u in users if u.started_at} == {"interrupted by shutdown"}
+
+
+async def test_runs_api_pages_and_filters(bg: BackgroundHarness, clock: FakeClock) -> None:
+    users = [f"u{i}" for i in range(5)]
+    await bg.client.post("/background/tasks", json=task_body(user_ids=users, tools=[]))
+    first = (await bg.client.post("/background/tasks/test-progress-tracker/run?wait=true")).json()
+    await clock.advance(1)
+    bg.server.responder = scripted(Fail(500, "down"))
+    second = (await bg.client.post("/background/tasks/test-progress-tracker/run?wait=true")).json()
+    assert (first["status"], second["status"]) == ("success", "failed")
+
+    runs = (await bg.client.get("/background/tasks/test-progress-tracker/runs")).json()
+    assert [r["id"] for r in runs] == [second["id"], first["id"]]  # newest first
+    only_failed = await bg.client.get(
+        "/background/tasks/test-progress-tracker/runs", params={"status": "failed"}
+    )
+    assert [r["id"] for r in only_failed.json()] == [second["id"]]
+    limited = await bg.client.get("/background/tasks/test-progress-tracker/runs?limit=1")
+    assert len(limited.json()) == 1
+
+    page = (
+        await bg.client.get(
+            f"/background/runs/{first['id']}", params={"users_offset": 2, "users_limit": 2}
+        )
+    ).json()
+    assert [u["user_id"] for u in page["user_results"]] == ["u2", "u3"]
+    assert page["user_total"] == 5
+    failed = (
+        await bg.client.get(f"/background/runs/{second['id']}", params={"users_status": "failed"})
+    ).json()
+    assert len(failed["user_results"]) == 5
+
+    assert (await bg.client.get(f"/background/runs/{first['id']}/users/nobody")).status_code == 404
+    assert (await bg.client.get(f"/background/runs/{first['id']}/users/a..b")).status_code == 422
+    bad_status = await bg.client.get(
+        "/background/tasks/test-progress-tracker/runs", params={"status": "sleeping"}
+    )
+    assert bad_status.status_code == 422
+    assert (
+        await bg.client.get("/background/tasks/test-progress-tracker/runs?limit=0")
+    ).status_code == 422
