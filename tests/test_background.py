@@ -381,8 +381,9 @@ async def test_runs_api_pages_and_filters(bg: BackgroundHarness, clock: FakeCloc
     ).json()
     assert len(failed["user_results"]) == 5
 
-    assert (await bg.client.get(f"/background/runs/{first['id']}/users/nobody")).status_code == 404
-    assert (await bg.client.get(f"/background/runs/{first['id']}/users/a..b")).status_code == 422
+    run_url = f"/background/runs/{first['id']}"
+    assert (await bg.client.get(f"{run_url}/users/nobody")).status_code == 404
+    assert (await bg.client.get(f"{run_url}/users/a..b")).status_code == 422
     bad_status = await bg.client.get(
         "/background/tasks/test-progress-tracker/runs", params={"status": "sleeping"}
     )
