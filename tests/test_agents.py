@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -273,3 +274,48 @@ async def test_malformed_tool_arguments_go_back_to_the_model(
     assert len(results) == 3
     assert all(r.startswith("error:") for r in results)
     assert outcome.proposal_ids == []
+
+
+async def test_direct_client_sends_what_the_sdk_sends(
+    harness: AppHarness, model_server: ModelServer
+) -> None:
+    """DirectOpenAI skips the SDK's transform; the server must not be able to tell."""
+    from agno.agent import Agent
+    from agno.models.openai.like import OpenAILike
+
+    from ralph.agents.direct import DirectOpenAI
+
+    model_server.responder = scripted(call("list_memory_blocks"), text("done"))
+    bodies: dict[str, list[dict[str, Any]]] = {}
+    for name, cls in (("sdk", OpenAILike), ("direct", DirectOpenAI)):
+        model_server.requests.clear()
+        factory = factory_for(model_server, harness.services.settings)
+        model = cls(id="scripted", base_url=model_server.base_url, api_key="k", max_retries=0)
+        if name == "direct":
+            model = factory()  # the factory's model: DirectOpenAI on a shared client
+            assert isinstance(model, DirectOpenAI)
+        context = ToolContext(
+            "u1",
+            harness.services.memory,
+            harness.services.conversations,
+            harness.services.settings.data_dir,
+        )
+        agent = Agent(
+            model=model,
+            tools=build_tools(["list_memory_blocks"], context),
+            instructions="same",
+            telemetry=False,
+        )
+        output = await agent.arun("go")  # pyright: ignore[reportUnknownMemberType]
+        await factory.aclose()
+        assert output.content == "done"
+        bodies[name] = list(model_server.requests)
+    assert len(bodies["sdk"]) == len(bodies["direct"]) == 2
+    for sdk, direct in zip(bodies["sdk"], bodies["direct"], strict=True):
+        messages: list[dict[str, Any]] = [*sdk["messages"], *direct["messages"]]
+        for message in messages:
+            calls: list[dict[str, Any]] = message.get("tool_calls") or []
+            for tool_call in calls:
+                tool_call.pop("id", None)  # ids are random per call
+            message.pop("tool_call_id", None)
+        assert direct == sdk

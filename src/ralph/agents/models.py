@@ -9,10 +9,10 @@ from typing import Any
 import httpx
 import structlog
 from agno.models.base import Model
-from agno.models.openai.like import OpenAILike
 from agno.models.openrouter import OpenRouter
 
 from ralph.agents.dev_model import DEV_MODEL_ID, dev_http_client
+from ralph.agents.direct import DirectOpenAI
 from ralph.config import Settings, SettingsError
 
 log = structlog.get_logger(__name__)
@@ -64,7 +64,7 @@ class ModelFactory:
         if self.provider == "dev":
             self._http = dev_http_client()
             self.model_id = DEV_MODEL_ID
-            self._make = lambda: OpenAILike(
+            self._make = lambda: DirectOpenAI(
                 id=DEV_MODEL_ID,
                 base_url="http://dev-model.invalid/v1",
                 api_key="dev",
@@ -77,7 +77,7 @@ class ModelFactory:
             self._http = httpx.AsyncClient(timeout=settings.model_timeout_seconds)
             self.model_id = settings.model_id
             base_url = settings.model_base_url
-            self._make = lambda: OpenAILike(
+            self._make = lambda: DirectOpenAI(
                 id=self.model_id,
                 base_url=base_url,
                 api_key=api_key or "not-needed",
