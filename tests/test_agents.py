@@ -319,3 +319,37 @@ async def test_direct_client_sends_what_the_sdk_sends(
                 tool_call.pop("id", None)  # ids are random per call
             message.pop("tool_call_id", None)
         assert direct == sdk
+
+
+async def test_unreachable_model_server_is_a_clean_error(harness: AppHarness) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = harness.services.settings.model_copy(
+        update={
+            "model_provider": "openai",
+            "model_base_url": f"http://127.0.0.1:{port}/v1",
+            "model_id": "nobody",
+            "model_max_retries": 1,
+        }
+    )
+    factory = ModelFactory(settings)
+    try:
+        outcome = await run_agent(
+            model=factory(),
+            tools=(),
+            context=ToolContext(
+                "u1", harness.services.memory, harness.services.conversations, settings.data_dir
+            ),
+            instructions="x",
+            prompt="go",
+            max_turns=3,
+            timeout_seconds=30,
+        )
+    finally:
+        await factory.aclose()
+    assert outcome.error is not None
+    assert "Connect" in outcome.error
+    assert outcome.turns_used == 0
