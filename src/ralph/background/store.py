@@ -172,7 +172,13 @@ class TaskStore:
                 .mappings()
                 .all()
             )
-            return [self._stored(r, await self._users(conn, r["name"])) for r in rows]
+            users: dict[str, list[str]] = {r["name"]: [] for r in rows}
+            query = select(task_users.c.task_name, task_users.c.user_id).order_by(
+                task_users.c.task_name, task_users.c.position
+            )
+            for task_name, user_id in (await conn.execute(query)).all():
+                users.setdefault(task_name, []).append(user_id)
+        return [self._stored(r, users[r["name"]]) for r in rows]
 
     async def fingerprint(self) -> tuple[int, int, datetime | None]:
         """(number of tasks, sum of revisions, newest change): differs after any create,
@@ -475,19 +481,26 @@ class RunStore:
         return result.rowcount
 
     async def counts(self, run_id: str) -> dict[str, int]:
+        """Users of the run per status."""
+        return (await self._counts([run_id]))[run_id]
+
+    async def _counts(self, run_ids: Sequence[str]) -> dict[str, dict[str, int]]:
         query = (
-            select(task_run_users.c.status, func.count())
-            .where(task_run_users.c.run_id == run_id)
-            .group_by(task_run_users.c.status)
+            select(task_run_users.c.run_id, task_run_users.c.status, func.count())
+            .where(task_run_users.c.run_id.in_(run_ids))
+            .group_by(task_run_users.c.run_id, task_run_users.c.status)
         )
+        counts: dict[str, dict[str, int]] = {run_id: {} for run_id in run_ids}
         async with self._engine.connect() as conn:
-            return {status: int(n) for status, n in (await conn.execute(query)).all()}
+            for run_id, status, n in (await conn.execute(query)).all():
+                counts[run_id][status] = int(n)
+        return counts
 
     async def finish(self, run_id: str, now: datetime, error: str | None = None) -> TaskRun:
         """Set the final run status from its users' statuses: `interrupted` if any user was
         cut short by a shutdown, `cancelled` after a cancel, else success / partial / failed."""
-        counts = await self.counts(run_id)
         run = await self.get(run_id)
+        counts = run.counts
         succeeded = counts.get(UserStatus.SUCCESS, 0)
         failed = counts.get(UserStatus.FAILED, 0)
         cancelled = counts.get(UserStatus.CANCELLED, 0)
@@ -553,7 +566,8 @@ class RunStore:
         query = query.order_by(task_runs.c.created_at.desc(), task_runs.c.id).limit(limit)
         async with self._engine.connect() as conn:
             rows = (await conn.execute(query)).mappings().all()
-        return [_run(r, await self.counts(r["id"])) for r in rows]
+        counts = await self._counts([r["id"] for r in rows])
+        return [_run(r, counts[r["id"]]) for r in rows]
 
     async def users(
         self, run_id: str, *, offset: int = 0, limit: int = 100, status: UserStatus | None = None
