@@ -216,23 +216,10 @@ def _run(row: RowMapping, counts: dict[str, int]) -> TaskRun:
 
 
 def _user(row: RowMapping) -> UserResult:
-    return UserResult(
-        run_id=row["run_id"],
-        user_id=row["user_id"],
-        position=row["position"],
-        status=UserStatus(row["status"]),
-        attempts=row["attempts"],
-        started_at=row["started_at"],
-        completed_at=row["completed_at"],
-        turns_used=row["turns_used"],
-        tool_calls=row["tool_calls"],
-        proposals_created=row["proposals_created"],
-        input_tokens=row["input_tokens"],
-        output_tokens=row["output_tokens"],
-        total_tokens=row["total_tokens"],
-        error=row["error"],
-        transcript=row["transcript"],
-    )
+    # UserResult's fields are task_run_users' columns
+    values: dict[str, Any] = dict(row)
+    values["status"] = UserStatus(row["status"])
+    return UserResult(**values)
 
 
 class RunStore:

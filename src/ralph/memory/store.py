@@ -25,53 +25,25 @@ from ralph.memory.models import (
 EditFn = Callable[[Block | None], tuple[str, str]]
 
 
+# The row types' fields are named after their columns.
+
+
 def _block(m: RowMapping) -> Block:
-    return Block(
-        user_id=m["user_id"],
-        label=m["label"],
-        title=m["title"],
-        body=m["body"],
-        version=m["version"],
-        created_at=m["created_at"],
-        updated_at=m["updated_at"],
-    )
+    return Block(**m)
 
 
 def _version(m: RowMapping) -> BlockVersion:
-    return BlockVersion(
-        user_id=m["user_id"],
-        label=m["label"],
-        version=m["version"],
-        title=m["title"],
-        body=m["body"],
-        deleted=bool(m["deleted"]),
-        author=m["author"],
-        proposal_id=m["proposal_id"],
-        created_at=m["created_at"],
-    )
+    values: dict[str, Any] = dict(m)
+    values["deleted"] = bool(m["deleted"])
+    return BlockVersion(**values)
 
 
 def _proposal(m: RowMapping) -> Proposal:
-    return Proposal(
-        id=m["id"],
-        user_id=m["user_id"],
-        label=m["label"],
-        kind=ProposalKind(m["kind"]),
-        title=m["title"],
-        body=m["body"],
-        old_text=m["old_text"],
-        new_text=m["new_text"],
-        reason=m["reason"],
-        author=m["author"],
-        run_id=m["run_id"],
-        base_version=m["base_version"],
-        status=ProposalStatus(m["status"]),
-        diff=m["diff"],
-        comment=m["comment"],
-        applied_version=m["applied_version"],
-        created_at=m["created_at"],
-        decided_at=m["decided_at"],
-    )
+    values: dict[str, Any] = dict(m)
+    del values["idempotency_key"]  # storage detail, not part of a Proposal
+    values["kind"] = ProposalKind(m["kind"])
+    values["status"] = ProposalStatus(m["status"])
+    return Proposal(**values)
 
 
 class MemoryStore:
