@@ -277,13 +277,6 @@ class MemoryStore:
         async with self._engine.connect() as conn:
             return [_proposal(r) for r in (await conn.execute(query)).mappings().all()]
 
-    async def count_proposals(self, run_id: str, user_id: str) -> int:
-        query = select(func.count()).where(
-            proposals.c.run_id == run_id, proposals.c.user_id == user_id
-        )
-        async with self._engine.connect() as conn:
-            return int((await conn.execute(query)).scalar() or 0)
-
     async def decide(
         self,
         proposal_id: str,
