@@ -137,6 +137,64 @@ async def test_429_then_success_is_retried(harness: AppHarness, model_server: Mo
     assert model_server.calls == 3
 
 
+async def test_request_over_the_model_timeout_is_retried(
+    harness: AppHarness, model_server: ModelServer
+) -> None:
+    model_server.responder = in_order(
+        Delay(5.0, text("too late")), then=scripted(text("second try"))
+    )
+    settings = using_model_server(
+        harness.services.settings, model_server, model_max_retries=1, model_timeout_seconds=0.2
+    )
+    factory = ModelFactory(settings)
+    try:
+        outcome = await run_agent(
+            model=factory(),
+            tools=(),
+            context=ToolContext(
+                "u1", harness.services.memory, harness.services.conversations, settings.data_dir
+            ),
+            instructions="x",
+            prompt="go",
+            max_turns=3,
+            timeout_seconds=30,
+        )
+    finally:
+        await factory.aclose()
+    assert outcome.error is None
+    assert outcome.final_text == "second try"
+    assert model_server.calls == 2
+
+
+async def test_model_calls_reuse_connections(
+    harness: AppHarness, model_server: ModelServer
+) -> None:
+    """One kept-alive connection serves consecutive calls of consecutive agents."""
+    model_server.responder = scripted(call("list_memory_blocks"), text("done"))
+    factory = factory_for(model_server, harness.services.settings)
+    try:
+        for _ in range(3):
+            outcome = await run_agent(
+                model=factory(),
+                tools=("list_memory_blocks",),
+                context=ToolContext(
+                    "u1",
+                    harness.services.memory,
+                    harness.services.conversations,
+                    harness.services.settings.data_dir,
+                ),
+                instructions="x",
+                prompt="go",
+                max_turns=3,
+                timeout_seconds=30,
+            )
+            assert outcome.final_text == "done"
+    finally:
+        await factory.aclose()
+    assert model_server.calls == 6
+    assert len(model_server.clients) == 1
+
+
 async def test_persistent_5xx_is_a_clean_error(
     harness: AppHarness, model_server: ModelServer
 ) -> None:

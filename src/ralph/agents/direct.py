@@ -4,9 +4,10 @@
 
 The OpenAI SDK walks every request through a typed transform before sending it; with several
 agents in flight that walk is the largest single CPU cost of a model call. Agno already builds
-the request in wire form, so `DirectOpenAI` posts it as is on a shared httpx client, validates
-the reply into the SDK's `ChatCompletion` type, and hands it to Agno's own parser. Streaming,
-structured outputs and provider-specific request options still go through the SDK.
+the request in wire form, so `DirectOpenAI` posts it as is on a shared transport (see
+`ralph.agents.transport`), validates the reply into the SDK's `ChatCompletion` type, and hands
+it to Agno's own parser. Streaming, structured outputs and provider-specific request options
+still go through the SDK (on `http_client`).
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
-import httpx
 from agno.exceptions import ModelProviderError
 from agno.models.message import Message
 from agno.models.openai.like import OpenAILike
@@ -25,11 +25,13 @@ from agno.models.response import ModelResponse
 from openai.types.chat import ChatCompletion
 from pydantic import ValidationError
 
+from ralph.agents.transport import Reply, Transport, TransportError
+
 _RETRY_STATUSES = {408, 409, 429}
 _SDK_ONLY_PARAMS = {"extra_headers", "extra_query", "extra_body", "timeout"}
 
 
-def _retry_delay(response: httpx.Response | None, attempt: int) -> float:
+def _retry_delay(response: Reply | None, attempt: int) -> float:
     """Seconds to wait before the next attempt: the server's Retry-After if it gives one,
     else exponential back-off with jitter (0.5 s, 1 s, 2 s ... at most 8 s)."""
     if response is not None:
@@ -47,7 +49,10 @@ def _retry_delay(response: httpx.Response | None, attempt: int) -> float:
 
 @dataclass
 class DirectOpenAI(OpenAILike):
-    """`OpenAILike` whose non-streaming calls skip the SDK's request transform."""
+    """`OpenAILike` whose non-streaming calls skip the SDK's request transform and post on
+    `transport` (without one, every call goes through the SDK)."""
+
+    transport: Transport | None = field(default=None, repr=False)
 
     async def ainvoke(  # type: ignore[override]
         self,
@@ -65,12 +70,8 @@ class DirectOpenAI(OpenAILike):
             tool_choice=tool_choice,
             run_response=run_response,
         )
-        client = self.http_client
-        if (
-            response_format is not None
-            or _SDK_ONLY_PARAMS & params.keys()
-            or not isinstance(client, httpx.AsyncClient)
-        ):
+        transport = self.transport
+        if response_format is not None or _SDK_ONLY_PARAMS & params.keys() or transport is None:
             return await super().ainvoke(
                 messages,
                 assistant_message,
@@ -86,7 +87,7 @@ class DirectOpenAI(OpenAILike):
             **params,
         }
         assistant_message.metrics.start_timer()
-        data = await self._post(client, body)
+        data = await self._post(transport, body)
         assistant_message.metrics.stop_timer()
         try:
             completion = ChatCompletion.model_validate(data)
@@ -94,41 +95,42 @@ class DirectOpenAI(OpenAILike):
             raise self._error(f"malformed reply: {exc.error_count()} invalid fields") from exc
         return self._parse_provider_response(completion, response_format=response_format)
 
-    async def _post(self, client: httpx.AsyncClient, body: dict[str, Any]) -> Any:
+    async def _post(self, transport: Transport, body: dict[str, Any]) -> Any:
         url = f"{str(self.base_url).rstrip('/')}/chat/completions"
-        headers = {"Authorization": f"Bearer {self.api_key}"}
+        headers = {"Authorization": f"Bearer {self.api_key}", "Content-Type": "application/json"}
+        content = json.dumps(body).encode()
         attempts = (self.max_retries or 0) + 1
         for attempt in range(attempts):
-            response: httpx.Response | None = None
+            reply: Reply | None = None
             try:
-                response = await client.post(
-                    url, json=body, headers=headers, timeout=self.timeout or 600.0
-                )
-            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                reply = await transport.post(url, content, headers, self.timeout or 600.0)
+            except TransportError as exc:
                 if attempt + 1 == attempts:
-                    raise self._error(f"{type(exc).__name__}: {exc}") from exc
+                    raise self._error(str(exc)) from exc
             else:
-                status = response.status_code
-                if status < 400:
+                if reply.status < 400:
                     try:
-                        return response.json()
-                    except json.JSONDecodeError as exc:
+                        return json.loads(reply.body)
+                    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                         raise self._error(f"malformed reply: {exc}") from exc
-                if (status not in _RETRY_STATUSES and status < 500) or attempt + 1 == attempts:
-                    raise self._error(self._message(response), status)
-            await asyncio.sleep(_retry_delay(response, attempt))
+                if (
+                    reply.status not in _RETRY_STATUSES and reply.status < 500
+                ) or attempt + 1 == attempts:
+                    raise self._error(self._message(reply), reply.status)
+            await asyncio.sleep(_retry_delay(reply, attempt))
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _message(response: httpx.Response) -> str:
+    def _message(reply: Reply) -> str:
         try:
-            payload: Any = response.json()
+            payload: Any = json.loads(reply.body)
             error: Any = payload.get("error", {})
-        except (json.JSONDecodeError, AttributeError):
-            return response.text[:500] or f"HTTP {response.status_code}"
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            text = reply.body[:500].decode(errors="replace")
+            return text or f"HTTP {reply.status}"
         if isinstance(error, dict):
             message: Any = cast("dict[str, Any]", error).get("message")
-            return str(message or f"HTTP {response.status_code}")
+            return str(message or f"HTTP {reply.status}")
         return str(error)
 
     def _error(self, message: str, status: int | None = None) -> ModelProviderError:

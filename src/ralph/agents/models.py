@@ -13,6 +13,7 @@ from agno.models.openrouter import OpenRouter
 
 from ralph.agents.dev_model import DEV_MODEL_ID, dev_http_client
 from ralph.agents.direct import DirectOpenAI
+from ralph.agents.transport import AiohttpTransport, HttpxTransport, Transport
 from ralph.config import Settings, SettingsError
 
 log = structlog.get_logger(__name__)
@@ -49,7 +50,10 @@ class ModelFactory:
         check_model_settings(settings)
         self.provider = settings.model_provider or "dev"
         self._settings = settings
+        # the SDK's client (streaming, structured outputs, OpenRouter)
         self._http: httpx.AsyncClient
+        # DirectOpenAI's own requests
+        self._transport: Transport | None = None
         self._make: Callable[[], Model]
         api_key = settings.model_api_key.get_secret_value() if settings.model_api_key else None
         common: dict[str, Any] = {
@@ -63,18 +67,22 @@ class ModelFactory:
         }
         if self.provider == "dev":
             self._http = dev_http_client()
+            dev_transport = HttpxTransport(self._http)
             self.model_id = DEV_MODEL_ID
             self._make = lambda: DirectOpenAI(
                 id=DEV_MODEL_ID,
                 base_url="http://dev-model.invalid/v1",
                 api_key="dev",
                 http_client=self._http,
+                transport=dev_transport,
                 max_retries=0,
             )
         elif self.provider == "openai":
             assert settings.model_id
             assert settings.model_base_url
             self._http = httpx.AsyncClient(timeout=settings.model_timeout_seconds)
+            transport = AiohttpTransport(settings.model_max_connections)
+            self._transport = transport
             self.model_id = settings.model_id
             base_url = settings.model_base_url
             self._make = lambda: DirectOpenAI(
@@ -82,6 +90,7 @@ class ModelFactory:
                 base_url=base_url,
                 api_key=api_key or "not-needed",
                 http_client=self._http,
+                transport=transport,
                 **common,  # type: ignore[arg-type]
             )
         else:
@@ -113,4 +122,6 @@ class ModelFactory:
             )
 
     async def aclose(self) -> None:
+        if self._transport is not None:
+            await self._transport.aclose()
         await self._http.aclose()

@@ -113,6 +113,8 @@ class ModelServer:
         self.model = model
         self.port = _free_port()
         self.requests: list[dict[str, Any]] = []
+        # client (host, port) pairs seen: the number of connections clients opened
+        self.clients: set[tuple[str, int]] = set()
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -171,13 +173,21 @@ class ModelServer:
 
     async def _stats(self, _: Request) -> Response:
         """Counters, for a client in another process."""
-        return JSONResponse({"calls": self.calls, "max_in_flight": self.max_in_flight})
+        return JSONResponse(
+            {
+                "calls": self.calls,
+                "max_in_flight": self.max_in_flight,
+                "connections": len(self.clients),
+            }
+        )
 
     async def _complete(self, request: Request) -> Response:
         self._loop = asyncio.get_running_loop()
         body = await request.json()
         with self._lock:
             self.requests.append(body)
+            if request.client is not None:
+                self.clients.add((request.client.host, request.client.port))
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
