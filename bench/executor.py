@@ -151,7 +151,10 @@ def main(users: int, latency: float, batch_size: int, sigma: float, workers: int
         stats = server_stats(url)
     ideal = users * 2 * latency / batch_size
     print(f"fixed latency: users={users} latency={latency}s calls/user=2 batch_size={batch_size}")
-    print(f"  model calls={stats['calls']} peak in flight={stats['max_in_flight']}")
+    print(
+        f"  model calls={stats['calls']} peak in flight={stats['max_in_flight']} "
+        f"connections opened={stats['connections']}"
+    )
     print(f"  elapsed={elapsed:.2f}s ideal={ideal:.2f}s throughput/ideal={ideal / elapsed:.3f}")
     if workers:
         with (

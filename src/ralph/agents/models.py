@@ -39,11 +39,12 @@ def check_model_settings(settings: Settings) -> None:
 
 
 class ModelFactory:
-    """Makes a fresh Agno model per agent run; shares one HTTP connection pool between them.
+    """Makes a fresh Agno model per agent run; the models share the factory's connections.
 
-    Provider failures (timeouts, 429, 5xx, dropped connections) are retried by the OpenAI
-    client with exponential backoff, `RALPH_MODEL_MAX_RETRIES` times, honouring Retry-After;
-    a malformed reply is retried once by Agno.
+    Provider failures (timeouts, 429, 5xx, dropped connections) are retried with exponential
+    backoff, `RALPH_MODEL_MAX_RETRIES` times, honouring Retry-After (by `DirectOpenAI` on its
+    aiohttp pool, or by the OpenAI client on the SDK path); a malformed reply is retried once
+    by Agno.
     """
 
     def __init__(self, settings: Settings) -> None:
