@@ -17,6 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ralph.app import create_app
+from ralph.background.executor import Executor
 from ralph.config import Settings
 from ralph.db import migrate
 from ralph.db.engine import create_engine
@@ -155,6 +156,14 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         model_provider="dev",
         _env_file=None,  # type: ignore[call-arg]
     )
+
+
+async def drain(executor: Executor) -> None:
+    """Wait until the executor has no run in progress."""
+    while executor.active_runs:
+        await asyncio.gather(
+            *[executor._active[r] for r in executor.active_runs],  # pyright: ignore[reportPrivateUsage]
+        )
 
 
 def using_model_server(settings: Settings, server: ModelServer, **extra: object) -> Settings:

@@ -22,7 +22,7 @@ from ralph.testing.model_server import (
     scripted,
     text,
 )
-from tests.conftest import using_model_server
+from tests.conftest import drain, using_model_server
 
 
 class BackgroundHarness:
@@ -349,6 +349,17 @@ async def test_shutdown_gives_grace_then_interrupts(
         assert run.counts == {"interrupted": 3}
         users = await services.runs.users(run_id)
         assert {u.error for u in users if u.started_at} == {"interrupted by shutdown"}
+        # the interrupted users were queued in a pending run: recovery starts it once the
+        # lease has passed (its creator might still be about to start it before that)
+        model_server.responder = scripted(text("done"))
+        assert (await services.scheduler.tick()).recovered == []
+        await clock.advance(settings.run_lease_seconds + 1)
+        [rerun_id] = (await services.scheduler.tick()).recovered
+        await drain(services.executor)
+        rerun = await services.runs.get(rerun_id)
+        assert rerun.status is RunStatus.SUCCESS
+        assert [u.user_id for u in await services.runs.users(rerun_id)] == ["a", "b", "c"]
+        assert (await services.runs.get(run_id)).status is RunStatus.INTERRUPTED
 
 
 async def test_runs_api_pages_and_filters(bg: BackgroundHarness, clock: FakeClock) -> None:

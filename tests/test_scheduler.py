@@ -30,7 +30,7 @@ from ralph.memory.service import MemoryService
 from ralph.memory.store import MemoryStore
 from ralph.services import Services
 from ralph.testing.clock import FakeClock
-from tests.conftest import AppHarness
+from tests.conftest import AppHarness, drain
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -71,13 +71,6 @@ async def second_replica(harness: AppHarness, clock: FakeClock) -> AsyncIterator
     )
     await drain(executor)
     await engine.dispose()
-
-
-async def drain(executor: Executor) -> None:
-    while executor.active_runs:
-        await asyncio.gather(
-            *[executor._active[r] for r in executor.active_runs],  # pyright: ignore[reportPrivateUsage]
-        )
 
 
 async def cron_runs(services: Services) -> list[tuple[datetime | None, str]]:

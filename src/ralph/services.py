@@ -83,6 +83,7 @@ async def open_services(
             transcript_max_chars=settings.agent_transcript_max_chars,
             dispatch=dispatcher,
             cancel_poll_seconds=settings.worker_cancel_poll_seconds if role == "worker" else None,
+            rerun_interrupted=settings.rerun_interrupted_users > 0,
         )
         registry = TaskRegistry(TaskStore(engine), clock, allow_shell=settings.allow_shell_tools)
         yield Services(

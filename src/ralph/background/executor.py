@@ -19,6 +19,7 @@ from ralph.agents.models import ModelFactory
 from ralph.agents.runner import AgentOutcome, run_agent
 from ralph.agents.tools import ToolContext
 from ralph.background.models import (
+    RunStatus,
     TaskDefinition,
     TaskRun,
     TriggerType,
@@ -63,10 +64,12 @@ class Executor:
         owner: str | None = None,
         dispatch: Dispatch | None = None,
         cancel_poll_seconds: float | None = None,
+        rerun_interrupted: bool = True,
     ) -> None:
         """`dispatch` hands a (run, user) unit to whatever executes it: by default this
         process's `run_user`; the ARQ mode enqueues it for worker processes. Workers pass
-        `cancel_poll_seconds` to notice cancels requested elsewhere."""
+        `cancel_poll_seconds` to notice cancels requested elsewhere. With `rerun_interrupted`,
+        the users a shutdown interrupts are queued in a new pending run (see `shutdown`)."""
         self.runs = runs
         self._memory = memory
         self._conversations = conversations
@@ -85,6 +88,7 @@ class Executor:
         self._stopping = False
         self._dispatch: Dispatch = dispatch or self.run_user
         self._cancel_poll_seconds = cancel_poll_seconds
+        self._rerun_interrupted = rerun_interrupted
 
     # --- starting runs --------------------------------------------------------------------
 
@@ -105,6 +109,15 @@ class Executor:
         run_id = await self.runs.create(task, trigger, users, self._clock.now())
         assert run_id is not None  # only a slot claim can lose, and this run claims none
         return run_id
+
+    async def create_rerun(
+        self, run_id: str, task: TaskDefinition, user_ids: Sequence[str]
+    ) -> str | None:
+        """Record a pending run of `user_ids` that a crash or a shutdown left unfinished in
+        `run_id`. At most one per interrupted run (keyed on it): None if it exists already."""
+        return await self.runs.create(
+            task, TriggerType.MANUAL, list(user_ids), self._clock.now(), slot_key=f"rerun:{run_id}"
+        )
 
     def start(self, run_id: str) -> asyncio.Task[TaskRun]:
         """Execute the run in the background; the returned task finishes with the run."""
@@ -139,7 +152,9 @@ class Executor:
 
     async def shutdown(self, grace_seconds: float) -> None:
         """Stop starting users; give in-flight agents `grace_seconds`, then cancel them (their
-        users are marked `interrupted`)."""
+        users are marked `interrupted`, as are the run's users not started yet). Those users
+        are queued in a pending run, which any replica's recovery starts once the run lease
+        has passed (the restarted server's too)."""
         self._stopping = True
         runs = list(self._active.values())
         if not runs:
@@ -180,6 +195,10 @@ class Executor:
             await self.runs.cancel_pending_users(run_id, self._clock.now(), leftover)
         run = await self.runs.finish(run_id, self._clock.now(), error)
         log.info("run_finished", run_id=run_id, task=task.name, status=run.status, **run.counts)
+        if self._stopping and self._rerun_interrupted and run.status is RunStatus.INTERRUPTED:
+            users = await self.runs.user_ids(run_id, UserStatus.INTERRUPTED)
+            rerun = await self.create_rerun(run_id, task, users)
+            log.info("run_queued_after_shutdown", run_id=run_id, rerun_id=rerun, users=len(users))
         return run
 
     async def _window(

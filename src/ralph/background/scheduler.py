@@ -204,9 +204,7 @@ class Scheduler:
             log.warning("run_interrupted", run_id=run_id, unfinished=len(unfinished))
             if unfinished and self._rerun_interrupted > 0:
                 task = await self._executor.runs.snapshot(run_id)
-                rerun = await self._executor.runs.create(
-                    task, TriggerType.MANUAL, unfinished, now, slot_key=f"rerun:{run_id}"
-                )
+                rerun = await self._executor.create_rerun(run_id, task, unfinished)
                 if rerun is not None:
                     new_runs.append(rerun)
         for run_id in new_runs:

@@ -566,6 +566,16 @@ class RunStore:
         async with self._engine.connect() as conn:
             return [_user(r) for r in (await conn.execute(query)).mappings().all()]
 
+    async def user_ids(self, run_id: str, status: UserStatus) -> list[str]:
+        """The ids of the run's users in `status`, in the run's order."""
+        query = (
+            select(task_run_users.c.user_id)
+            .where(task_run_users.c.run_id == run_id, task_run_users.c.status == status.value)
+            .order_by(task_run_users.c.position)
+        )
+        async with self._engine.connect() as conn:
+            return list((await conn.execute(query)).scalars().all())
+
     async def user(self, run_id: str, user_id: str) -> UserResult:
         query = select(task_run_users).where(
             and_(task_run_users.c.run_id == run_id, task_run_users.c.user_id == user_id)
