@@ -10,7 +10,7 @@ import pytest
 from httpx import ASGITransport, AsyncClient
 
 from ralph.app import create_app
-from ralph.background.models import RunStatus, TaskDefinition, TriggerType
+from ralph.background.models import RunStatus, TaskDefinition, TriggerType, UserStatus
 from ralph.config import Settings
 from ralph.services import Services
 from ralph.testing.clock import FakeClock
@@ -221,6 +221,27 @@ async def test_cancel_stops_running_and_pending_users(bg: BackgroundHarness) -> 
     assert again.status_code == 409
 
 
+async def test_a_unit_executes_at_most_once(bg: BackgroundHarness) -> None:
+    """A unit delivered twice (a queue redelivers) or after its user stopped being pending
+    (cancelled while queued) runs no agent and leaves the user's row as it was."""
+    services = bg.services
+    await bg.client.post("/background/tasks", json=task_body(user_ids=["a", "b"], tools=[]))
+    task = (await services.registry.get("test-progress-tracker")).definition
+    run_id = await services.executor.create_run(task, TriggerType.MANUAL)
+    await services.executor.run_user(run_id, task, "a")
+    first = await services.runs.user(run_id, "a")
+    assert (first.status, first.attempts, bg.server.calls) == (UserStatus.SUCCESS, 1, 1)
+    await services.executor.run_user(run_id, task, "a")
+    assert await services.runs.user(run_id, "a") == first
+    assert bg.server.calls == 1
+
+    await services.runs.cancel_pending_users(run_id, services.clock.now(), UserStatus.CANCELLED)
+    await services.executor.run_user(run_id, task, "b")
+    b = await services.runs.user(run_id, "b")
+    assert (b.status, b.started_at, b.attempts) == (UserStatus.CANCELLED, None, 0)
+    assert bg.server.calls == 1
+
+
 async def test_same_user_is_never_run_twice_at_once(bg: BackgroundHarness) -> None:
     gate = asyncio.Event()
 
@@ -234,8 +255,9 @@ async def test_same_user_is_never_run_twice_at_once(bg: BackgroundHarness) -> No
     await bg.server.wait_for_in_flight(1)
     second = await bg.client.post("/background/tasks/test-progress-tracker/run?wait=true")
     body = second.json()
-    assert body["user_results"][0]["status"] == "skipped"
-    assert first in body["user_results"][0]["error"]
+    skipped = body["user_results"][0]
+    assert (skipped["status"], skipped["started_at"], skipped["attempts"]) == ("skipped", None, 0)
+    assert first in skipped["error"]
     bg.server.responder = scripted(text("ok"))
     # the gate lives on the server's loop: release it from there
     assert bg.server.loop is not None

@@ -251,9 +251,9 @@ async def test_crashed_run_is_interrupted_and_its_users_rerun_once(
     run_id = await services.executor.create_run(task, TriggerType.MANUAL)
     # a process that started the run, finished "a", then died
     assert await services.runs.mark_started(run_id, "dead-replica", clock.now())
-    assert await services.runs.start_user(run_id, task.name, "a", clock.now()) is None
+    assert (await services.runs.start_user(run_id, task.name, "a", clock.now())).started
     await services.runs.finish_user(run_id, task.name, "a", {"status": "success"})
-    assert await services.runs.start_user(run_id, task.name, "b", clock.now()) is None
+    assert (await services.runs.start_user(run_id, task.name, "b", clock.now())).started
 
     await clock.advance(services.settings.run_lease_seconds - 1)
     assert (await services.scheduler.tick()).recovered == []  # lease not yet expired

@@ -236,12 +236,17 @@ class Executor:
         """The unit of work: run the task's agent for one user of a run and record the result.
 
         Everything it needs is in the database (the run's task snapshot, the user's memory),
-        so any process can do it. The (task, user) lock makes a second concurrent run of the
-        same user impossible: that user is recorded as `skipped`.
+        so any process can do it, and it executes at most once: a user no longer pending (a
+        duplicate delivery, a user cancelled or interrupted while queued) is left alone. The
+        (task, user) lock makes a second concurrent run of the same user in another run
+        impossible: that user is recorded as `skipped`.
         """
-        holder = await self.runs.start_user(run_id, task.name, user_id, self._clock.now())
-        if holder is not None:
-            log.info("user_skipped", run_id=run_id, user_id=user_id, running_in=holder)
+        start = await self.runs.start_user(run_id, task.name, user_id, self._clock.now())
+        if not start.started:
+            if start.held_by is not None:
+                log.info("user_skipped", run_id=run_id, user_id=user_id, running_in=start.held_by)
+            else:
+                log.info("user_not_pending", run_id=run_id, user_id=user_id)
             return
         status = UserStatus.FAILED
         outcome = AgentOutcome()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -27,6 +28,15 @@ from ralph.db.tables import background_tasks, task_run_users, task_runs, task_us
 from ralph.errors import Conflict, NotFound
 
 CHUNK = 1000
+
+
+@dataclass(frozen=True)
+class UserStart:
+    """What `RunStore.start_user` did: `started`, or not, with the run holding the user's lock
+    when the user was skipped for it (None: the user was no longer pending)."""
+
+    started: bool
+    held_by: str | None = None
 
 
 class TaskStore:
@@ -374,43 +384,50 @@ class RunStore:
 
     async def start_user(
         self, run_id: str, task_name: str, user_id: str, now: datetime
-    ) -> str | None:
-        """Take the (task, user) lock and mark the user running.
+    ) -> UserStart:
+        """Mark a pending user running and take the (task, user) lock, in one transaction.
 
-        Returns None on success, or the id of the run that already holds the lock (the user
-        is then marked `skipped`). The lock's primary key makes two holders impossible.
+        A unit executes at most once: a user no longer pending (cancelled or interrupted while
+        queued, or delivered twice by a queue) is left as it is. A user whose lock another run
+        holds is marked `skipped`; the lock's primary key makes two holders impossible.
         """
         async with self._engine.begin() as conn:
-            taken = await conn.execute(
-                insert_ignore(self._engine, task_user_locks).values(
-                    task_name=task_name, user_id=user_id, run_id=run_id, acquired_at=now
-                )
-            )
-            if taken.rowcount != 1:
-                holder = (
-                    await conn.execute(
-                        select(task_user_locks.c.run_id).where(
-                            task_user_locks.c.task_name == task_name,
-                            task_user_locks.c.user_id == user_id,
-                        )
-                    )
-                ).scalar()
-                await conn.execute(
-                    self._user_update(run_id, user_id).values(
-                        status=UserStatus.SKIPPED.value,
-                        completed_at=now,
-                        error=f"already running for this task in run {holder}",
-                    )
-                )
-                return str(holder)
-            await conn.execute(
-                self._user_update(run_id, user_id).values(
+            claimed = await conn.execute(
+                self._user_update(run_id, user_id)
+                .where(task_run_users.c.status == UserStatus.PENDING.value)
+                .values(
                     status=UserStatus.RUNNING.value,
                     started_at=now,
                     attempts=task_run_users.c.attempts + 1,
                 )
             )
-        return None
+            if claimed.rowcount != 1:
+                return UserStart(started=False)
+            taken = await conn.execute(
+                insert_ignore(self._engine, task_user_locks).values(
+                    task_name=task_name, user_id=user_id, run_id=run_id, acquired_at=now
+                )
+            )
+            if taken.rowcount == 1:
+                return UserStart(started=True)
+            holder = (
+                await conn.execute(
+                    select(task_user_locks.c.run_id).where(
+                        task_user_locks.c.task_name == task_name,
+                        task_user_locks.c.user_id == user_id,
+                    )
+                )
+            ).scalar()
+            await conn.execute(
+                self._user_update(run_id, user_id).values(
+                    status=UserStatus.SKIPPED.value,
+                    started_at=None,  # it never started: undo the claim above
+                    attempts=task_run_users.c.attempts - 1,
+                    completed_at=now,
+                    error=f"already running for this task in run {holder}",
+                )
+            )
+            return UserStart(started=False, held_by=str(holder))
 
     @staticmethod
     def _user_update(run_id: str, user_id: str) -> Any:
