@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import pytest
@@ -14,12 +15,13 @@ from arq.worker import Worker
 from httpx import ASGITransport, AsyncClient
 
 from ralph.app import create_app
+from ralph.background.models import RunStatus, TaskDefinition, TriggerType
 from ralph.background.queue import build_worker
 from ralph.config import Settings
 from ralph.services import Services
 from ralph.testing.clock import FakeClock
 from ralph.testing.model_server import Delay, ModelServer, call, scripted, text
-from tests.conftest import using_model_server
+from tests.conftest import drain, using_model_server
 
 REDIS_URL = os.environ.get("RALPH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REQUIRE_REDIS = os.environ.get("RALPH_REQUIRE_REDIS") == "1" or os.environ.get("CI") == "true"
@@ -49,44 +51,67 @@ class WorkerHarness:
         self.server = server
 
 
-@pytest.fixture
-async def arq(
-    settings: Settings, model_server: ModelServer, clock: FakeClock
-) -> AsyncIterator[WorkerHarness]:
+async def _require_redis() -> None:
     if not await _redis_reachable():
         if REQUIRE_REDIS:
             pytest.fail(f"Redis not reachable at {REDIS_URL}")
         pytest.skip(f"Redis not reachable at {REDIS_URL}")
-    settings = using_model_server(
+
+
+def arq_settings(settings: Settings, server: ModelServer, **extra: object) -> Settings:
+    """`settings` in ARQ mode on a queue of their own, the model served by `server`."""
+    return using_model_server(
         settings,
-        model_server,
+        server,
         worker_mode="arq",
         redis_url=REDIS_URL,
         queue_name=f"ralph-test-{uuid.uuid4().hex[:10]}",
         worker_cancel_poll_seconds=0.1,
         wait_max_seconds=30.0,
+        **extra,
     )
+
+
+@asynccontextmanager
+async def running_worker(settings: Settings, clock: FakeClock) -> AsyncGenerator[Worker]:
+    """A worker on `settings.queue_name`; its Redis keys are deleted afterwards."""
+    worker = build_worker(settings, clock=clock, handle_signals=False)
+    running = asyncio.create_task(worker.async_run())
+    try:
+        yield worker
+    finally:
+        running.cancel()
+        await worker.close()
+        cleanup = _redis()
+        scan = cast(
+            "Callable[[str], AsyncIterator[bytes]]",
+            cleanup.scan_iter,  # pyright: ignore[reportUnknownMemberType]
+        )
+        keys = [k async for k in scan(f"{settings.queue_name}*")]
+        if keys:
+            await cleanup.delete(*keys)
+        await cleanup.aclose()
+
+
+async def _jobs_complete(worker: Worker, count: int) -> None:
+    async with asyncio.timeout(10):
+        while worker.jobs_complete < count:  # noqa: ASYNC110 - a counter, no event to wait on
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def arq(
+    settings: Settings, model_server: ModelServer, clock: FakeClock
+) -> AsyncIterator[WorkerHarness]:
+    await _require_redis()
+    settings = arq_settings(settings, model_server)
     app = create_app(settings, clock=clock)
-    async with app.router.lifespan_context(app):
-        worker = build_worker(settings, clock=clock, handle_signals=False)
-        running = asyncio.create_task(worker.async_run())
-        try:
-            async with AsyncClient(
-                transport=ASGITransport(app=app), base_url="http://ralph.test"
-            ) as client:
-                yield WorkerHarness(client, app.state.services, worker, model_server)
-        finally:
-            running.cancel()
-            await worker.close()
-            cleanup = _redis()
-            scan = cast(
-                "Callable[[str], AsyncIterator[bytes]]",
-                cleanup.scan_iter,  # pyright: ignore[reportUnknownMemberType]
-            )
-            keys = [k async for k in scan(f"{settings.queue_name}*")]
-            if keys:
-                await cleanup.delete(*keys)
-            await cleanup.aclose()
+    async with (
+        app.router.lifespan_context(app),
+        running_worker(settings, clock) as worker,
+        AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
+    ):
+        yield WorkerHarness(client, app.state.services, worker, model_server)
 
 
 def task_body(users: list[str], **overrides: Any) -> dict[str, Any]:
@@ -115,9 +140,7 @@ async def test_units_run_in_the_worker(arq: WorkerHarness) -> None:
     assert body["counts"] == {"success": 7}
     assert all(u["proposals_created"] == 1 for u in body["user_results"])
     # every unit went through the queue (a job counts as complete just after it reports done)
-    async with asyncio.timeout(5):
-        while arq.worker.jobs_complete < 7:  # noqa: ASYNC110 - a counter, no event to wait on
-            await asyncio.sleep(0.01)
+    await _jobs_complete(arq.worker, 7)
     assert arq.worker.jobs_complete == 7
     assert arq.server.max_in_flight <= 3  # the server's window still caps concurrency
     for user in users:
@@ -135,3 +158,49 @@ async def test_cancel_reaches_agents_in_the_worker(arq: WorkerHarness) -> None:
     run = await asyncio.wait_for(job, 10)
     assert run.counts == {"cancelled": 4}
     assert run.status.value == "cancelled"
+
+
+async def test_server_shutdown_leaves_started_units_to_the_worker(
+    settings: Settings, model_server: ModelServer, clock: FakeClock
+) -> None:
+    """The server stops mid-run: units a worker started finish there; queued ones do nothing
+    and their users are re-run once, after a restart. Every user's agent runs once."""
+    await _require_redis()
+    settings = arq_settings(settings, model_server, shutdown_grace_seconds=0.2, worker_max_jobs=2)
+    gate = asyncio.Event()  # bound to the model server's loop when first awaited there
+    answered = 0
+
+    async def respond(request: dict[str, Any]) -> Any:
+        nonlocal answered
+        answered += 1
+        if answered <= 2:
+            await gate.wait()
+        return text("done")
+
+    model_server.responder = respond
+    app = create_app(settings, clock=clock)
+    async with running_worker(settings, clock) as worker:
+        async with app.router.lifespan_context(app):
+            services: Services = app.state.services
+            task = TaskDefinition.model_validate(
+                task_body(["a", "b", "c", "d"], tools=[], batch_size=4)
+            )
+            await services.registry.create(task)
+            run_id = await services.executor.create_run(task, TriggerType.MANUAL)
+            services.executor.start(run_id)
+            await model_server.wait_for_in_flight(2)  # a and b in the worker, c and d queued
+        assert model_server.loop is not None
+        model_server.loop.call_soon_threadsafe(gate.set)
+        async with app.router.lifespan_context(app):
+            services = app.state.services
+            await _jobs_complete(worker, 4)
+            run = await services.runs.get(run_id)
+            assert run.status is RunStatus.INTERRUPTED
+            assert run.counts == {"success": 2, "interrupted": 2}
+            await clock.advance(settings.run_lease_seconds + 1)
+            [rerun_id] = (await services.scheduler.tick()).recovered
+            await drain(services.executor)
+            rerun = await services.runs.get(rerun_id)
+            assert rerun.status is RunStatus.SUCCESS
+            assert [u.user_id for u in await services.runs.users(rerun_id)] == ["c", "d"]
+    assert model_server.calls == 4

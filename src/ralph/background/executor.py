@@ -87,6 +87,10 @@ class Executor:
         self._cancelled: set[str] = set()
         self._stopping = False
         self._dispatch: Dispatch = dispatch or self.run_user
+        # Units handed to another process, per run: a shutdown stops waiting for them (their
+        # workers finish them) instead of cancelling agents here.
+        self._remote = dispatch is not None
+        self._units: dict[str, set[asyncio.Task[None]]] = {}
         self._cancel_poll_seconds = cancel_poll_seconds
         self._rerun_interrupted = rerun_interrupted
 
@@ -154,7 +158,10 @@ class Executor:
         """Stop starting users; give in-flight agents `grace_seconds`, then cancel them (their
         users are marked `interrupted`, as are the run's users not started yet). Those users
         are queued in a pending run, which any replica's recovery starts once the run lease
-        has passed (the restarted server's too)."""
+        has passed (the restarted server's too).
+
+        With units dispatched to workers, the workers finish the units they have started;
+        units still queued find their users `interrupted` and do nothing."""
         self._stopping = True
         runs = list(self._active.values())
         if not runs:
@@ -163,6 +170,10 @@ class Executor:
         for agents in self._agents.values():
             for agent in agents:
                 agent.cancel()
+        if self._remote:
+            for units in self._units.values():
+                for unit in units:
+                    unit.cancel()
         if still_running:
             await asyncio.wait(still_running, timeout=10)
 
@@ -176,6 +187,7 @@ class Executor:
         log.info("run_started", run_id=run_id, task=task.name, batch_size=task.batch_size)
         in_flight: set[asyncio.Task[None]] = set()
         self._agents[run_id] = set()
+        self._units[run_id] = in_flight
         heartbeat = asyncio.create_task(self._heartbeat(run_id))
         error: str | None = None
         try:
@@ -188,6 +200,7 @@ class Executor:
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
             self._agents.pop(run_id, None)
+            self._units.pop(run_id, None)
             self._cancelled.discard(run_id)
         run = await self.runs.get(run_id)
         leftover = UserStatus.CANCELLED if run.cancel_requested else UserStatus.INTERRUPTED

@@ -502,13 +502,14 @@ class RunStore:
 
     async def finish(self, run_id: str, now: datetime, error: str | None = None) -> TaskRun:
         """Set the final run status from its users' statuses: `interrupted` if any user was
-        cut short by a shutdown, `cancelled` after a cancel, else success / partial / failed."""
+        cut short by a shutdown (or is still running in a worker the stopping server no longer
+        waits for), `cancelled` after a cancel, else success / partial / failed."""
         run = await self.get(run_id)
         counts = run.counts
         succeeded = counts.get(UserStatus.SUCCESS, 0)
         failed = counts.get(UserStatus.FAILED, 0)
         cancelled = counts.get(UserStatus.CANCELLED, 0)
-        if counts.get(UserStatus.INTERRUPTED, 0):
+        if counts.get(UserStatus.INTERRUPTED, 0) or counts.get(UserStatus.RUNNING, 0):
             status = RunStatus.INTERRUPTED
         elif run.cancel_requested and cancelled:
             status = RunStatus.CANCELLED
