@@ -70,6 +70,23 @@ async def run_for(
         await factory.aclose()
 
 
+async def run_once(
+    factory: ModelFactory, services: Services, tools: tuple[str, ...] = ()
+) -> AgentOutcome:
+    """One short agent run for user u1 on a model of `factory` (left open)."""
+    return await run_agent(
+        model=factory(),
+        tools=tools,
+        context=ToolContext(
+            "u1", services.memory, services.conversations, services.settings.data_dir
+        ),
+        instructions="x",
+        prompt="go",
+        max_turns=3,
+        timeout_seconds=30,
+    )
+
+
 async def test_two_edits_make_two_pending_proposals_in_three_turns(
     harness: AppHarness, model_server: ModelServer
 ) -> None:
@@ -148,17 +165,7 @@ async def test_request_over_the_model_timeout_is_retried(
     )
     factory = ModelFactory(settings)
     try:
-        outcome = await run_agent(
-            model=factory(),
-            tools=(),
-            context=ToolContext(
-                "u1", harness.services.memory, harness.services.conversations, settings.data_dir
-            ),
-            instructions="x",
-            prompt="go",
-            max_turns=3,
-            timeout_seconds=30,
-        )
+        outcome = await run_once(factory, harness.services)
     finally:
         await factory.aclose()
     assert outcome.error is None
@@ -174,20 +181,7 @@ async def test_model_calls_reuse_connections(
     factory = factory_for(model_server, harness.services.settings)
     try:
         for _ in range(3):
-            outcome = await run_agent(
-                model=factory(),
-                tools=("list_memory_blocks",),
-                context=ToolContext(
-                    "u1",
-                    harness.services.memory,
-                    harness.services.conversations,
-                    harness.services.settings.data_dir,
-                ),
-                instructions="x",
-                prompt="go",
-                max_turns=3,
-                timeout_seconds=30,
-            )
+            outcome = await run_once(factory, harness.services, ("list_memory_blocks",))
             assert outcome.final_text == "done"
     finally:
         await factory.aclose()
@@ -395,17 +389,7 @@ async def test_unreachable_model_server_is_a_clean_error(harness: AppHarness) ->
     )
     factory = ModelFactory(settings)
     try:
-        outcome = await run_agent(
-            model=factory(),
-            tools=(),
-            context=ToolContext(
-                "u1", harness.services.memory, harness.services.conversations, settings.data_dir
-            ),
-            instructions="x",
-            prompt="go",
-            max_turns=3,
-            timeout_seconds=30,
-        )
+        outcome = await run_once(factory, harness.services)
     finally:
         await factory.aclose()
     assert outcome.error is not None
