@@ -35,6 +35,18 @@ async def test_activity_only_moves_forward(client: AsyncClient, clock: FakeClock
     assert naive.status_code == 422
 
 
+async def test_activity_in_the_future_is_refused(client: AsyncClient, clock: FakeClock) -> None:
+    skewed = (clock.now() + timedelta(minutes=4)).isoformat()
+    assert (await client.post("/users/u3/activity", json={"at": skewed})).status_code == 200
+    ahead = (clock.now() + timedelta(hours=1)).isoformat()
+    response = await client.post("/users/u3/activity", json={"at": ahead})
+    assert response.status_code == 422
+    assert "in the future" in response.json()["detail"]
+    assert datetime.fromisoformat(
+        (await client.get("/users/u3/activity")).json()["last_message_at"]
+    ) == datetime.fromisoformat(skewed)
+
+
 async def test_messages_page_and_search(client: AsyncClient) -> None:
     for i in range(5):
         await client.post("/users/u1/messages", json={"content": f"message {i} about 100%"})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from fastapi import APIRouter, Query
 from pydantic import AwareDatetime, BaseModel, Field
@@ -11,10 +11,13 @@ from ralph.api.deps import ServicesDep
 from ralph.api.params import UserIdPath
 from ralph.clock import utc
 from ralph.conversations.store import Message, Role
+from ralph.errors import InvalidInput
 
 router = APIRouter(prefix="/users/{user_id}", tags=["conversations"])
 
 MAX_MESSAGE_CHARS = 64 * 1024
+# how far ahead of the server's clock a reported activity time may be (clock skew)
+MAX_ACTIVITY_AHEAD = timedelta(minutes=5)
 
 
 class MessageIn(BaseModel):
@@ -35,7 +38,13 @@ class MessageOut(BaseModel):
 
 
 class ActivityIn(BaseModel):
-    at: AwareDatetime | None = Field(default=None, description="Defaults to now.")
+    at: AwareDatetime | None = Field(
+        default=None,
+        description=(
+            "When the user was active; defaults to now. At most 5 minutes ahead of the "
+            "server's clock. A time older than the previous one leaves it as it is."
+        ),
+    )
 
 
 class ActivityOut(BaseModel):
@@ -74,7 +83,11 @@ async def record_activity(
     user_id: UserIdPath, services: ServicesDep, payload: ActivityIn | None = None
 ) -> ActivityOut:
     """Record that the user was active (for chat front ends that keep messages elsewhere)."""
-    at = utc(payload.at) if payload and payload.at else services.clock.now()
+    now = services.clock.now()
+    at = utc(payload.at) if payload and payload.at else now
+    if at > now + MAX_ACTIVITY_AHEAD:
+        # it would keep the user from going idle until then
+        raise InvalidInput(f"at: {at.isoformat()} is in the future (server time {now.isoformat()})")
     await services.conversations.record_activity(user_id, at)
     return ActivityOut(
         user_id=user_id, last_message_at=await services.conversations.last_activity(user_id)
