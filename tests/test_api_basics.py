@@ -23,6 +23,21 @@ async def test_health_reports_database_and_schema(client: AsyncClient) -> None:
     assert response.headers["x-request-id"]
 
 
+async def test_health_is_503_when_the_schema_is_behind(harness: AppHarness) -> None:
+    engine = harness.services.engine
+    await migrate.downgrade(engine, "-1")
+    try:
+        response = await harness.client.get("/health")
+        assert response.status_code == 503
+        body = response.json()
+        assert body["status"] == "degraded"
+        assert body["database"] == "ok"
+        assert body["schema_version"] != body["schema_head"] == migrate.head_revision()
+    finally:
+        await migrate.upgrade(engine)
+    assert (await harness.client.get("/health")).status_code == 200
+
+
 async def test_request_id_is_echoed(client: AsyncClient) -> None:
     response = await client.get("/health", headers={"X-Request-ID": "abc123"})
     assert response.headers["x-request-id"] == "abc123"
