@@ -82,15 +82,19 @@ async def running_worker(settings: Settings, clock: FakeClock) -> AsyncGenerator
     finally:
         running.cancel()
         await worker.close()
-        cleanup = _redis()
-        scan = cast(
-            "Callable[[str], AsyncIterator[bytes]]",
-            cleanup.scan_iter,  # pyright: ignore[reportUnknownMemberType]
-        )
-        keys = [k async for k in scan(f"{settings.queue_name}*")]
-        if keys:
-            await cleanup.delete(*keys)
-        await cleanup.aclose()
+        await _delete_queue_keys(settings.queue_name)
+
+
+async def _delete_queue_keys(queue_name: str) -> None:
+    cleanup = _redis()
+    scan = cast(
+        "Callable[[str], AsyncIterator[bytes]]",
+        cleanup.scan_iter,  # pyright: ignore[reportUnknownMemberType]
+    )
+    keys = [k async for k in scan(f"{queue_name}*")]
+    if keys:
+        await cleanup.delete(*keys)
+    await cleanup.aclose()
 
 
 async def _jobs_complete(worker: Worker, count: int) -> None:
@@ -204,3 +208,54 @@ async def test_server_shutdown_leaves_started_units_to_the_worker(
             assert rerun.status is RunStatus.SUCCESS
             assert [u.user_id for u in await services.runs.users(rerun_id)] == ["c", "d"]
     assert model_server.calls == 4
+
+
+async def test_a_unit_whose_worker_died_is_failed(
+    settings: Settings, model_server: ModelServer, clock: FakeClock
+) -> None:
+    """A user left `running` by a worker that no longer refreshes the unit's liveness key is
+    failed within a few heartbeats, not after the agent's timeout."""
+    await _require_redis()
+    settings = arq_settings(settings, model_server, worker_heartbeat_seconds=0.1)
+    app = create_app(settings, clock=clock)
+    try:
+        async with app.router.lifespan_context(app):
+            services: Services = app.state.services
+            task = TaskDefinition.model_validate(task_body(["a"], tools=[]))
+            await services.registry.create(task)
+            run_id = await services.executor.create_run(task, TriggerType.MANUAL)
+            job = services.executor.start(run_id)
+            redis = _redis()
+            async with asyncio.timeout(10):
+                # the unit is queued (a Redis sorted set; nothing to wait on but polling)
+                while not await redis.zcard(settings.queue_name):  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            await redis.aclose()
+            # what a worker does when it takes the unit, and then it dies (no worker runs here)
+            assert (await services.runs.start_user(run_id, task.name, "a", clock.now())).started
+            run = await asyncio.wait_for(job, 10)
+            assert run.status is RunStatus.FAILED
+            user = await services.runs.user(run_id, "a")
+            assert user.error is not None
+            assert user.error.startswith("worker lost")
+            # its (task, user) lock is released: another run can take the user
+            other = await services.executor.create_run(task, TriggerType.MANUAL)
+            assert (await services.runs.start_user(other, task.name, "a", clock.now())).started
+    finally:
+        await _delete_queue_keys(settings.queue_name)
+    assert model_server.calls == 0
+
+
+async def test_a_live_worker_keeps_a_long_unit_alive(
+    settings: Settings, model_server: ModelServer, clock: FakeClock
+) -> None:
+    await _require_redis()
+    settings = arq_settings(settings, model_server, worker_heartbeat_seconds=0.1)
+    model_server.responder = scripted(Delay(1.0, text("slow but alive")))
+    app = create_app(settings, clock=clock)
+    async with app.router.lifespan_context(app), running_worker(settings, clock):
+        services: Services = app.state.services
+        task = TaskDefinition.model_validate(task_body(["a", "b"], tools=[]))
+        await services.registry.create(task)
+        run = await services.executor.execute_task(task, TriggerType.MANUAL)
+    assert run.counts == {"success": 2}  # 1 s each: ten heartbeats, more than three TTLs

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     queue_name: str = Field(default="ralph", min_length=1, max_length=100)
     worker_max_jobs: int = Field(default=100, ge=1, le=10_000)
     worker_cancel_poll_seconds: float = Field(default=2.0, gt=0)
+    # a worker refreshes each running unit's liveness key this often; the server fails a unit
+    # whose key has been gone for three times as long ("worker lost")
+    worker_heartbeat_seconds: float = Field(default=10.0, gt=0)
 
     @field_validator("database_url")
     @classmethod

@@ -70,7 +70,13 @@ async def open_services(
         runs = RunStore(engine)
         dispatcher: ArqDispatcher | None = None
         if role == "server" and settings.worker_mode == "arq":
-            dispatcher = ArqDispatcher(await connect(settings), runs, clock, settings.queue_name)
+            dispatcher = ArqDispatcher(
+                await connect(settings),
+                runs,
+                clock,
+                settings.queue_name,
+                heartbeat_seconds=settings.worker_heartbeat_seconds,
+            )
             stack.push_async_callback(dispatcher.aclose)
         executor = Executor(
             runs=runs,
