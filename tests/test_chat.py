@@ -20,7 +20,8 @@ from tests.conftest import using_model_server
 async def chat_client(
     settings: Settings, model_server: ModelServer, clock: FakeClock
 ) -> AsyncIterator[AsyncClient]:
-    settings = using_model_server(settings, model_server)
+    # a limit of 3 model calls per answer (the default is 8)
+    settings = using_model_server(settings, model_server, chat_max_turns=3)
     app = create_app(settings, clock=clock)
     async with (
         app.router.lifespan_context(app),
@@ -88,3 +89,14 @@ async def test_chat_validates_input(chat_client: AsyncClient) -> None:
     assert bad.status_code == 422
     empty = await chat_client.post("/chat/stream", json={"user_id": "u1", "message": ""})
     assert empty.status_code == 422
+
+
+async def test_chat_answer_stops_at_the_turn_limit(
+    chat_client: AsyncClient, model_server: ModelServer
+) -> None:
+    model_server.responder = scripted(call("list_memory_blocks"))  # never answers
+    events = await _events(chat_client, "u3", "loop forever")
+    assert events[-1]["type"] == "error"
+    assert events[-1]["detail"].startswith("stopped after 3 model calls")
+    assert model_server.calls == 3
+    assert (await chat_client.get("/users/u3/messages")).json() == []

@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     # Agents
     allow_shell_tools: bool = False
     agent_transcript_max_chars: int = Field(default=200_000, ge=1000)
+    chat_max_turns: int = Field(default=8, ge=1, le=100)
 
     # Memory
     memory_max_body_bytes: int = Field(default=64 * 1024, ge=1)

@@ -105,6 +105,7 @@ async def open_services(
                 models=models,
                 clock=clock,
                 data_dir=settings.data_dir,
+                max_turns=settings.chat_max_turns,
                 timeout=settings.model_timeout_seconds * 2,
             ),
             registry=registry,
