@@ -16,7 +16,7 @@ from httpx import ASGITransport, AsyncClient
 
 from ralph.app import create_app
 from ralph.background.models import RunStatus, TaskDefinition, TriggerType
-from ralph.background.queue import build_worker
+from ralph.background.queue import alive_key, build_worker
 from ralph.config import Settings
 from ralph.services import Services
 from ralph.testing.clock import FakeClock
@@ -259,3 +259,40 @@ async def test_a_live_worker_keeps_a_long_unit_alive(
         await services.registry.create(task)
         run = await services.executor.execute_task(task, TriggerType.MANUAL)
     assert run.counts == {"success": 2}  # 1 s each: ten heartbeats, more than three TTLs
+
+
+async def test_recovery_leaves_a_unit_to_its_live_worker(
+    settings: Settings, model_server: ModelServer, clock: FakeClock
+) -> None:
+    """A server crashed mid-run: recovery re-runs the users nobody runs any more, and leaves
+    the one a live worker still runs to it, lock included."""
+    await _require_redis()
+    settings = arq_settings(settings, model_server)
+    app = create_app(settings, clock=clock)
+    async with app.router.lifespan_context(app), running_worker(settings, clock):
+        services: Services = app.state.services
+        task = TaskDefinition.model_validate(task_body(["a", "b", "c"], tools=[]))
+        await services.registry.create(task)
+        run_id = await services.executor.create_run(task, TriggerType.MANUAL)
+        # the crashed server had dispatched "a" (its worker lives on) and "b" (its worker
+        # died too); "c" was still pending
+        assert await services.runs.mark_started(run_id, "crashed-server", clock.now())
+        redis = _redis()
+        await redis.set(alive_key(settings.queue_name, run_id, "a"), b"1", px=60_000)
+        await redis.aclose()
+        for user in ("a", "b"):
+            assert (await services.runs.start_user(run_id, task.name, user, clock.now())).started
+
+        await clock.advance(settings.run_lease_seconds + 1)
+        [rerun_id] = (await services.scheduler.tick()).recovered
+        await drain(services.executor)
+        rerun = await services.runs.get(rerun_id)
+        assert rerun.status is RunStatus.SUCCESS
+        assert [u.user_id for u in await services.runs.users(rerun_id)] == ["b", "c"]
+        crashed = await services.runs.get(run_id)
+        assert crashed.status is RunStatus.INTERRUPTED
+        assert crashed.counts == {"running": 1, "interrupted": 2}
+        other = await services.executor.create_run(task, TriggerType.MANUAL)
+        start = await services.runs.start_user(other, task.name, "a", clock.now())
+        assert start.held_by == run_id  # until a's worker records its result
+    assert model_server.calls == 2

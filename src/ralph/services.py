@@ -119,6 +119,7 @@ async def open_services(
                 idle_interval_seconds=settings.idle_check_seconds,
                 lease_seconds=settings.run_lease_seconds,
                 rerun_interrupted=settings.rerun_interrupted_users,
+                units_alive=dispatcher.alive_users if dispatcher is not None else None,
             ),
         )
     finally:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
@@ -139,11 +139,9 @@ class ArqDispatcher:
         if not waiting:
             return
         running = [u for u in await self._runs.user_ids(run_id, UserStatus.RUNNING) if u in waiting]
-        if not running:
-            return
-        marks = await self._redis.mget([alive_key(self._queue, run_id, u) for u in running])
-        for user_id, mark in zip(running, marks, strict=True):
-            if mark is not None:
+        alive = await self.alive_users(run_id, running)
+        for user_id in running:
+            if user_id in alive:
                 continue
             log.warning("worker_lost", run_id=run_id, user_id=user_id)
             await self._runs.fail_unfinished_user(
@@ -154,6 +152,13 @@ class ArqDispatcher:
                 f"worker lost: no heartbeat for {3 * self._heartbeat:g} s",
             )
             self._resolve(run_id, user_id)
+
+    async def alive_users(self, run_id: str, user_ids: Sequence[str]) -> set[str]:
+        """Those of `user_ids` whose unit in `run_id` a live worker is running."""
+        if not user_ids:
+            return set()
+        marks = await self._redis.mget([alive_key(self._queue, run_id, u) for u in user_ids])
+        return {u for u, mark in zip(user_ids, marks, strict=True) if mark is not None}
 
     async def aclose(self) -> None:
         for listener in self._listeners.values():

@@ -27,8 +27,6 @@ from ralph.db.tables import (
     user_activity,
 )
 
-_UNFINISHED = [UserStatus.RUNNING.value, UserStatus.PENDING.value]
-
 
 @dataclass(frozen=True, slots=True)
 class IdleCandidate:
@@ -239,12 +237,13 @@ class ScheduleStore:
             return [row.id for row in (await conn.execute(query)).all()]
 
     async def interrupt_stale_run(
-        self, run_id: str, heartbeat_before: datetime, now: datetime
+        self, run_id: str, heartbeat_before: datetime, now: datetime, dead: Sequence[str]
     ) -> list[str] | None:
         """Mark a run whose heartbeat is older than `heartbeat_before` as interrupted, with its
-        running and pending users, and release their locks. Returns the users it left
-        unfinished, in list order, or None if another caller interrupted it first (or it
-        heart-beat again meanwhile)."""
+        pending users and those of its running users listed in `dead` (read before: a user
+        that started since, or that a live worker runs, stays running and keeps its lock).
+        Releases the interrupted users' locks. Returns those users, in list order, or None if
+        another caller interrupted the run first (or it heart-beat again meanwhile)."""
         async with self._engine.begin() as conn:
             claimed = await conn.execute(
                 update(task_runs)
@@ -261,19 +260,34 @@ class ScheduleStore:
             )
             if claimed.rowcount != 1:
                 return None
-            unfinished = select(task_run_users.c.user_id).where(
-                task_run_users.c.run_id == run_id, task_run_users.c.status.in_(_UNFINISHED)
+            unfinished = and_(
+                task_run_users.c.run_id == run_id,
+                or_(
+                    task_run_users.c.status == UserStatus.PENDING.value,
+                    and_(
+                        task_run_users.c.status == UserStatus.RUNNING.value,
+                        task_run_users.c.user_id.in_(list(dead)),
+                    ),
+                ),
             )
-            users = [
-                r.user_id
-                for r in (await conn.execute(unfinished.order_by(task_run_users.c.position)))
-            ]
+            query = (
+                select(task_run_users.c.user_id)
+                .where(unfinished)
+                .order_by(task_run_users.c.position)
+            )
+            users = [r.user_id for r in await conn.execute(query)]
             await conn.execute(
                 update(task_run_users)
-                .where(task_run_users.c.run_id == run_id, task_run_users.c.status.in_(_UNFINISHED))
+                .where(unfinished)
                 .values(status=UserStatus.INTERRUPTED.value, completed_at=now)
             )
-            await conn.execute(task_user_locks.delete().where(task_user_locks.c.run_id == run_id))
+            if dead:
+                await conn.execute(
+                    task_user_locks.delete().where(
+                        task_user_locks.c.run_id == run_id,
+                        task_user_locks.c.user_id.in_(list(dead)),
+                    )
+                )
         return users
 
     # --- replicas -------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -23,12 +24,16 @@ from ralph.background.models import (
     RunStatus,
     StoredTask,
     TriggerType,
+    UserStatus,
 )
 from ralph.background.registry import TaskRegistry
 from ralph.background.schedule_store import ScheduleStore
 from ralph.clock import Clock
 
 log = structlog.get_logger(__name__)
+
+# (run id, user ids) -> those of the users whose unit a live worker process is running
+UnitsAlive = Callable[[str, Sequence[str]], Awaitable[set[str]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +56,10 @@ class Scheduler:
         idle_interval_seconds: float = 30.0,
         lease_seconds: float = 60.0,
         rerun_interrupted: int = 1,
+        units_alive: UnitsAlive | None = None,
     ) -> None:
+        """`units_alive` (the ARQ mode's) tells which running users of a crashed server's run
+        are still being run by workers: recovery leaves those to their workers."""
         self._store = store
         self._registry = registry
         self._executor = executor
@@ -59,6 +67,7 @@ class Scheduler:
         self._idle_interval = timedelta(seconds=idle_interval_seconds)
         self._lease = timedelta(seconds=lease_seconds)
         self._rerun_interrupted = rerun_interrupted
+        self._units_alive = units_alive
         self.replica_id = executor.owner
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -187,8 +196,8 @@ class Scheduler:
 
     async def recover(self, now: datetime) -> list[str]:
         """Runs whose owner stopped heart-beating for a lease are marked `interrupted`; their
-        unfinished users are re-run once in a new run. Runs left pending for a lease are
-        started. Returns the ids of the runs started."""
+        unfinished users (but those a live worker still runs) are re-run once in a new run.
+        Runs left pending for a lease are started. Returns the ids of the runs started."""
         stale = now - self._lease
         new_runs: list[str] = []
         # created but never started (their creator died in between): start them here;
@@ -198,7 +207,12 @@ class Scheduler:
                 log.warning("run_orphaned", run_id=run_id)
                 new_runs.append(run_id)
         for run_id in await self._store.stale_runs(stale):
-            unfinished = await self._store.interrupt_stale_run(run_id, stale, now)
+            running = await self._executor.runs.user_ids(run_id, UserStatus.RUNNING)
+            alive: set[str] = set()
+            if self._units_alive is not None and running:
+                alive = await self._units_alive(run_id, running)
+            dead = [u for u in running if u not in alive]
+            unfinished = await self._store.interrupt_stale_run(run_id, stale, now, dead)
             if unfinished is None:
                 continue  # another replica recovered it
             log.warning("run_interrupted", run_id=run_id, unfinished=len(unfinished))
