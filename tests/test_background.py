@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -343,6 +344,15 @@ async def test_registry_sees_changes_made_by_another_replica(
     await bg.client.delete("/background/tasks/first")
     await bg.client.post("/background/tasks", json=task_body(name="second", tools=[]))
     assert {t.definition.name for t in await other.list()} == {"test-progress-tracker", "second"}
+    # the same through a replica whose clock is an hour behind: its changes are not the newest
+    behind = FakeClock(clock.now() - timedelta(hours=1))
+    lagging = TaskRegistry(TaskStore(bg.services.engine), behind)
+    await lagging.create(TaskDefinition.model_validate(task_body(name="third", tools=[])))
+    assert len(await other.list()) == 3
+    await lagging.delete("third")
+    await lagging.create(TaskDefinition.model_validate(task_body(name="fourth", tools=[])))
+    names = {t.definition.name for t in await other.list()}
+    assert names == {"test-progress-tracker", "second", "fourth"}
 
 
 async def test_shutdown_gives_grace_then_interrupts(

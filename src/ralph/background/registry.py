@@ -24,7 +24,7 @@ class TaskRegistry:
         self._clock = clock
         self._allow_shell = allow_shell
         self._tasks: dict[str, StoredTask] = {}
-        self._fingerprint: tuple[int, int, datetime | None] | None = None
+        self._fingerprint: frozenset[tuple[str, int, datetime]] | None = None
         self._lock = asyncio.Lock()
         self._listeners: list[Callable[[], None]] = []
 

@@ -190,17 +190,18 @@ class TaskStore:
                 users.setdefault(task_name, []).append(user_id)
         return [self._stored(r, users[r["name"]]) for r in rows]
 
-    async def fingerprint(self) -> tuple[int, int, datetime | None]:
-        """(number of tasks, sum of revisions, newest change): differs after any create,
-        change or delete (a delete plus a create also moves the newest change forward)."""
+    async def fingerprint(self) -> frozenset[tuple[str, int, datetime]]:
+        """(name, revision, created_at) of every task: differs after any create, change or
+        delete, whatever the clocks of the replicas that made them (a task deleted and created
+        again under its name has a new creation time)."""
         query = select(
-            func.count(),
-            func.coalesce(func.sum(background_tasks.c.revision), 0),
-            func.max(background_tasks.c.updated_at),
+            background_tasks.c.name, background_tasks.c.revision, background_tasks.c.created_at
         )
         async with self._engine.connect() as conn:
-            count, total, newest = (await conn.execute(query)).one()
-        return int(count), int(total), newest
+            return frozenset(
+                (name, int(revision), created_at)
+                for name, revision, created_at in (await conn.execute(query)).all()
+            )
 
 
 def _run(row: RowMapping, counts: dict[str, int]) -> TaskRun:
