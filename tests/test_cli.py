@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -68,3 +69,40 @@ def test_errors_are_one_clear_line(live: LiveServer, tmp_path: Path) -> None:
     down = runner.invoke(app, ["tasks", "list", "--url", "http://127.0.0.1:9"])
     assert down.exit_code == 1
     assert "cannot reach" in down.output
+
+
+def test_review_proposals(live: LiveServer) -> None:
+    ids: list[str] = []
+    for user in ("u1", "u2"):
+        made = httpx.post(
+            f"{live.url}/users/{user}/proposals",
+            json={"label": "notes", "body": f"likes {user}", "reason": "said so", "run_id": "r1"},
+        )
+        ids.append(made.json()["id"])
+
+    queue = runner.invoke(app, ["proposals", "list", "--url", live.url])
+    assert queue.exit_code == 0, queue.output
+    assert all(i in queue.output for i in ids)
+    mine = runner.invoke(app, ["proposals", "list", "--user", "u2", "--url", live.url])
+    assert ids[1] in mine.output
+    assert ids[0] not in mine.output
+
+    shown = runner.invoke(app, ["proposals", "show", ids[0], "--url", live.url])
+    assert "+likes u1" in shown.output  # the diff
+    approved = runner.invoke(
+        app, ["proposals", "approve", ids[0], "--comment", "right", "--url", live.url]
+    )
+    assert approved.exit_code == 0, approved.output
+    assert "approved" in approved.output
+    assert httpx.get(f"{live.url}/users/u1/blocks/notes").json()["body"] == "likes u1"
+    again = runner.invoke(app, ["proposals", "reject", ids[0], "--url", live.url])
+    assert again.exit_code == 1
+    assert "409" in again.output
+    rejected = runner.invoke(app, ["proposals", "reject", ids[1], "--url", live.url])
+    assert "rejected" in rejected.output
+    left = runner.invoke(app, ["proposals", "list", "--run", "r1", "--url", live.url])
+    assert ids[0] not in left.output  # pending only, by default
+    every = runner.invoke(
+        app, ["proposals", "list", "--run", "r1", "--status", "all", "--url", live.url]
+    )
+    assert all(i in every.output for i in ids)

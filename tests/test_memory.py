@@ -8,6 +8,7 @@ from typing import Any
 from httpx import AsyncClient
 
 from ralph.memory.models import ProposalDraft, ProposalStatus
+from ralph.testing.clock import FakeClock
 from tests.conftest import AppHarness
 
 BLOCK = "/users/u1/blocks/student"
@@ -236,6 +237,27 @@ async def test_memory_context_is_rendered_in_label_order(harness: AppHarness) ->
     everything = await memory.build_memory_context("u1")
     assert everything.index("Progress") < everything.index("Student")
     assert await memory.build_memory_context("nobody") == ""
+
+
+async def test_review_queue_lists_every_users_pending_proposals(
+    client: AsyncClient, clock: FakeClock
+) -> None:
+    made: list[str] = []
+    for user, run_id in (("u1", "run-a"), ("u2", "run-a"), ("u3", "run-b")):
+        proposal = await client.post(
+            f"/users/{user}/proposals",
+            json={"label": "notes", "body": f"about {user}", "reason": "r", "run_id": run_id},
+        )
+        made.append(proposal.json()["id"])
+        await clock.advance(1)
+    await client.post(f"/proposals/{made[1]}/approve")
+
+    pending = (await client.get("/proposals", params={"status": "pending"})).json()
+    assert [p["id"] for p in pending] == [made[2], made[0]]  # newest first
+    by_run = (await client.get("/proposals", params={"run_id": "run-a"})).json()
+    assert {p["id"]: p["status"] for p in by_run} == {made[0]: "pending", made[1]: "approved"}
+    assert len((await client.get("/proposals", params={"limit": 1})).json()) == 1
+    assert (await client.get("/proposals", params={"status": "maybe"})).status_code == 422
 
 
 async def test_bad_ids_labels_and_sizes_are_422(client: AsyncClient) -> None:

@@ -39,10 +39,11 @@ def _is_loopback(host: str) -> bool:
 
 
 def _register_subcommands() -> None:
-    from ralph.cli_client import runs_app, tasks_app
+    from ralph.cli_client import proposals_app, runs_app, tasks_app
 
     app.add_typer(tasks_app, name="tasks")
     app.add_typer(runs_app, name="runs")
+    app.add_typer(proposals_app, name="proposals")
 
 
 _register_subcommands()

@@ -1,4 +1,5 @@
-"""`ralph tasks ...` and `ralph runs ...`: the background API from the command line."""
+"""`ralph tasks ...`, `ralph runs ...` and `ralph proposals ...`: the API from the command
+line."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from ralph.config import load_settings
 
 tasks_app = typer.Typer(help="Background task definitions (talks to a running server).")
 runs_app = typer.Typer(help="Runs of background tasks (talks to a running server).")
+proposals_app = typer.Typer(
+    help="Review the memory edits agents proposed: list, show, approve, reject."
+)
 console = Console()
 
 UrlOption = Annotated[
@@ -177,3 +181,81 @@ def runs_show(
     path = f"/background/runs/{run_id}" + (f"/users/{user}" if user else "")
     with _client(url) as client:
         console.print_json(json.dumps(_call(client, "GET", path)))
+
+
+@proposals_app.command("list")
+def proposals_list(
+    user: Annotated[str | None, typer.Option(help="Only this user's.")] = None,
+    status: Annotated[
+        str, typer.Option(help="pending, approved, rejected, superseded, conflict or all.")
+    ] = "pending",
+    run: Annotated[str | None, typer.Option(help="Only those made by this run.")] = None,
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 50,
+    url: UrlOption = None,
+) -> None:
+    """List proposals, newest first (default: everyone's pending ones, the review queue)."""
+    params: dict[str, Any] = {"limit": limit}
+    if status != "all":
+        params["status"] = status
+    if run:
+        params["run_id"] = run
+    path = f"/users/{user}/proposals" if user else "/proposals"
+    with _client(url) as client:
+        found = _call(client, "GET", path, params=params)
+    table = Table(Column("id", no_wrap=True), "user", "block", "status", "author", "reason")
+    for proposal in found:
+        table.add_row(
+            proposal["id"],
+            proposal["user_id"],
+            proposal["label"],
+            proposal["status"],
+            proposal["author"],
+            proposal["reason"],
+        )
+    console.print(table)
+
+
+@proposals_app.command("show")
+def proposals_show(proposal_id: str, url: UrlOption = None) -> None:
+    """Show a proposal and the diff it would apply."""
+    with _client(url) as client:
+        proposal = _call(client, "GET", f"/proposals/{proposal_id}")
+    _print_proposal(proposal)
+
+
+def _print_proposal(proposal: dict[str, Any]) -> None:
+    console.print(
+        f"[bold]{proposal['id']}[/bold]  user {proposal['user_id']}  block "
+        f"{proposal['label']}  {proposal['status']}  by {proposal['author']}"
+    )
+    console.print(f"reason: {proposal['reason']}")
+    if proposal.get("comment"):
+        console.print(f"comment: {proposal['comment']}")
+    console.print(proposal["diff"], markup=False, highlight=False)
+
+
+def _decide(proposal_id: str, verb: str, comment: str | None, url: str | None) -> None:
+    with _client(url) as client:
+        proposal = _call(
+            client, "POST", f"/proposals/{proposal_id}/{verb}", json={"comment": comment}
+        )
+    _print_proposal(proposal)
+
+
+CommentOption = Annotated[str | None, typer.Option(help="Why, kept with the decision.")]
+
+
+@proposals_app.command("approve")
+def proposals_approve(
+    proposal_id: str, comment: CommentOption = None, url: UrlOption = None
+) -> None:
+    """Apply the proposal as the block's next version."""
+    _decide(proposal_id, "approve", comment, url)
+
+
+@proposals_app.command("reject")
+def proposals_reject(
+    proposal_id: str, comment: CommentOption = None, url: UrlOption = None
+) -> None:
+    """Reject the proposal: the block stays as it is."""
+    _decide(proposal_id, "reject", comment, url)

@@ -79,10 +79,24 @@ async def list_proposals(
     user_id: UserIdPath,
     services: ServicesDep,
     status: ProposalStatus | None = None,
+    run_id: str | None = Query(default=None, max_length=36, description="Made by this run."),
     limit: int = Query(default=100, ge=1, le=1000),
 ) -> list[ProposalOut]:
-    """The user's proposals, newest first; `?status=pending` for the review queue."""
-    found = await services.memory.list_proposals(user_id, status=status, limit=limit)
+    """The user's proposals, newest first; `?status=pending` for the user's review queue."""
+    found = await services.memory.list_proposals(user_id, status=status, limit=limit, run_id=run_id)
+    return [ProposalOut.of(p) for p in found]
+
+
+@router.get("/proposals", response_model=list[ProposalOut])
+async def review_queue(
+    services: ServicesDep,
+    status: ProposalStatus | None = None,
+    run_id: str | None = Query(default=None, max_length=36, description="Made by this run."),
+    limit: int = Query(default=100, ge=1, le=1000),
+) -> list[ProposalOut]:
+    """Every user's proposals, newest first: `?status=pending` is the review queue,
+    `?run_id=` what one background run proposed."""
+    found = await services.memory.list_proposals(None, status=status, limit=limit, run_id=run_id)
     return [ProposalOut.of(p) for p in found]
 
 

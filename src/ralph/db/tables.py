@@ -84,6 +84,7 @@ proposals = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     Column("decided_at", UTCDateTime(), nullable=True),
     Index(None, "user_id", "status", "created_at"),
+    Index(None, "status", "created_at"),  # the review queue across users
     Index(None, "run_id"),
 )
 

@@ -203,9 +203,14 @@ class MemoryService:
         return proposal
 
     async def list_proposals(
-        self, user_id: str, status: ProposalStatus | None = None, limit: int = 100
+        self,
+        user_id: str | None,
+        status: ProposalStatus | None = None,
+        limit: int = 100,
+        run_id: str | None = None,
     ) -> list[Proposal]:
-        return await self.store.list_proposals(user_id, status=status, limit=limit)
+        """Newest first: one user's, or with `user_id` None everyone's (the review queue)."""
+        return await self.store.list_proposals(user_id, status=status, run_id=run_id, limit=limit)
 
     async def approve(self, proposal_id: str, comment: str | None = None) -> Proposal:
         """Apply the proposal as a new block version (409 if not pending or if it conflicts)."""

@@ -262,13 +262,16 @@ class MemoryStore:
 
     async def list_proposals(
         self,
-        user_id: str,
+        user_id: str | None,
         *,
         status: ProposalStatus | None = None,
         run_id: str | None = None,
         limit: int = 100,
     ) -> list[Proposal]:
-        query = select(proposals).where(proposals.c.user_id == user_id)
+        """Newest first; `user_id` None lists every user's."""
+        query = select(proposals)
+        if user_id is not None:
+            query = query.where(proposals.c.user_id == user_id)
         if status is not None:
             query = query.where(proposals.c.status == status.value)
         if run_id is not None:
