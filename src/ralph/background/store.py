@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import RowMapping, and_, delete, func, select, update
+from sqlalchemy import RowMapping, and_, bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -233,11 +233,50 @@ def _user(row: RowMapping) -> UserResult:
     return UserResult(**values)
 
 
+# Statements every (run, user) unit executes, built once: building one costs more than
+# executing it on SQLite. Parameters are named b_* (SET clause names are taken).
+_THIS_USER = and_(
+    task_run_users.c.run_id == bindparam("b_run"),
+    task_run_users.c.user_id == bindparam("b_user"),
+)
+_CLAIM_USER = (
+    update(task_run_users)
+    .where(_THIS_USER, task_run_users.c.status == UserStatus.PENDING.value)
+    .values(
+        status=UserStatus.RUNNING.value,
+        started_at=bindparam("b_now"),
+        attempts=task_run_users.c.attempts + 1,
+    )
+)
+_SKIP_USER = (
+    update(task_run_users)
+    .where(_THIS_USER)
+    .values(
+        status=UserStatus.SKIPPED.value,
+        started_at=None,  # it never started: undo the claim
+        attempts=task_run_users.c.attempts - 1,
+        completed_at=bindparam("b_now"),
+        error=bindparam("b_error"),
+    )
+)
+_UPDATE_USER = update(task_run_users).where(_THIS_USER)  # SET from the parameters given
+_LOCK_HOLDER = select(task_user_locks.c.run_id).where(
+    task_user_locks.c.task_name == bindparam("b_task"),
+    task_user_locks.c.user_id == bindparam("b_user"),
+)
+_RELEASE_LOCK = delete(task_user_locks).where(
+    task_user_locks.c.task_name == bindparam("b_task"),
+    task_user_locks.c.user_id == bindparam("b_user"),
+    task_user_locks.c.run_id == bindparam("b_run"),
+)
+
+
 class RunStore:
     """Runs and their per-user rows: one row per (run, user), never a JSON blob."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        self._take_lock = insert_ignore(engine, task_user_locks)
 
     async def create(
         self,
@@ -392,42 +431,17 @@ class RunStore:
         queued, or delivered twice by a queue) is left as it is. A user whose lock another run
         holds is marked `skipped`; the lock's primary key makes two holders impossible.
         """
+        unit = {"b_run": run_id, "b_user": user_id, "b_task": task_name, "b_now": now}
         async with self._engine.begin() as conn:
-            claimed = await conn.execute(
-                self._user_update(run_id, user_id)
-                .where(task_run_users.c.status == UserStatus.PENDING.value)
-                .values(
-                    status=UserStatus.RUNNING.value,
-                    started_at=now,
-                    attempts=task_run_users.c.attempts + 1,
-                )
-            )
-            if claimed.rowcount != 1:
+            if (await conn.execute(_CLAIM_USER, unit)).rowcount != 1:
                 return UserStart(started=False)
-            taken = await conn.execute(
-                insert_ignore(self._engine, task_user_locks).values(
-                    task_name=task_name, user_id=user_id, run_id=run_id, acquired_at=now
-                )
-            )
+            lock = {"task_name": task_name, "user_id": user_id, "run_id": run_id}
+            taken = await conn.execute(self._take_lock, {**lock, "acquired_at": now})
             if taken.rowcount == 1:
                 return UserStart(started=True)
-            holder = (
-                await conn.execute(
-                    select(task_user_locks.c.run_id).where(
-                        task_user_locks.c.task_name == task_name,
-                        task_user_locks.c.user_id == user_id,
-                    )
-                )
-            ).scalar()
-            await conn.execute(
-                self._user_update(run_id, user_id).values(
-                    status=UserStatus.SKIPPED.value,
-                    started_at=None,  # it never started: undo the claim above
-                    attempts=task_run_users.c.attempts - 1,
-                    completed_at=now,
-                    error=f"already running for this task in run {holder}",
-                )
-            )
+            holder = (await conn.execute(_LOCK_HOLDER, unit)).scalar()
+            error = f"already running for this task in run {holder}"
+            await conn.execute(_SKIP_USER, {**unit, "b_error": error})
             return UserStart(started=False, held_by=str(holder))
 
     @staticmethod
@@ -441,21 +455,10 @@ class RunStore:
     ) -> None:
         """Record the user's result and release the (task, user) lock, atomically. The run's
         token totals are summed from these rows when the run finishes."""
+        unit = {"b_run": run_id, "b_user": user_id, "b_task": task_name}
         async with self._engine.begin() as conn:
-            await conn.execute(self._user_update(run_id, user_id).values(**values))
-            await self._release_lock(conn, run_id, task_name, user_id)
-
-    @staticmethod
-    async def _release_lock(
-        conn: AsyncConnection, run_id: str, task_name: str, user_id: str
-    ) -> None:
-        await conn.execute(
-            delete(task_user_locks).where(
-                task_user_locks.c.task_name == task_name,
-                task_user_locks.c.user_id == user_id,
-                task_user_locks.c.run_id == run_id,
-            )
-        )
+            await conn.execute(_UPDATE_USER, {**unit, **values})
+            await conn.execute(_RELEASE_LOCK, unit)
 
     async def fail_unfinished_user(
         self, run_id: str, task_name: str, user_id: str, now: datetime, error: str
@@ -471,7 +474,9 @@ class RunStore:
                 )
                 .values(status=UserStatus.FAILED.value, completed_at=now, error=error)
             )
-            await self._release_lock(conn, run_id, task_name, user_id)
+            await conn.execute(
+                _RELEASE_LOCK, {"b_run": run_id, "b_user": user_id, "b_task": task_name}
+            )
 
     async def cancel_pending_users(self, run_id: str, now: datetime, status: UserStatus) -> int:
         async with self._engine.begin() as conn:

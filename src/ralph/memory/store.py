@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import RowMapping, and_, func, select, update
+from sqlalchemy import RowMapping, and_, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ralph.db.engine import insert_ignore, is_sqlite
@@ -46,6 +46,14 @@ def _proposal(m: RowMapping) -> Proposal:
     return Proposal(**values)
 
 
+# read for every agent run: built once (building costs more than executing it on SQLite)
+_LIST_BLOCKS = (
+    select(memory_blocks)
+    .where(memory_blocks.c.user_id == bindparam("b_user"))
+    .order_by(memory_blocks.c.label)
+)
+
+
 class MemoryStore:
     """Blocks, versions and proposals in SQL.
 
@@ -62,9 +70,8 @@ class MemoryStore:
     # --- blocks ---------------------------------------------------------------------------
 
     async def list_blocks(self, user_id: str) -> list[Block]:
-        query = select(memory_blocks).where(memory_blocks.c.user_id == user_id)
         async with self._engine.connect() as conn:
-            rows = (await conn.execute(query.order_by(memory_blocks.c.label))).mappings().all()
+            rows = (await conn.execute(_LIST_BLOCKS, {"b_user": user_id})).mappings().all()
         return [_block(r) for r in rows]
 
     async def get_block(self, user_id: str, label: str) -> Block | None:
