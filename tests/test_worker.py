@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -296,3 +297,58 @@ async def test_recovery_leaves_a_unit_to_its_live_worker(
         start = await services.runs.start_user(other, task.name, "a", clock.now())
         assert start.held_by == run_id  # until a's worker records its result
     assert model_server.calls == 2
+
+
+async def test_kill_9_of_a_worker_process_fails_its_unit(
+    settings: Settings, model_server: ModelServer, clock: FakeClock
+) -> None:
+    """A real `ralph worker` process is killed while its agent waits for the model: the
+    server notices within a few heartbeats, fails the user and releases its lock."""
+    await _require_redis()
+    settings = arq_settings(settings, model_server, worker_heartbeat_seconds=0.2)
+    model_server.responder = scripted(Delay(60.0, text("never")))
+    env = {
+        **os.environ,
+        "AGNO_TELEMETRY": "false",
+        "RALPH_DATABASE_URL": settings.effective_database_url,
+        "RALPH_DATA_DIR": str(settings.data_dir),
+        "RALPH_MODEL_PROVIDER": "openai",
+        "RALPH_MODEL_BASE_URL": model_server.base_url,
+        "RALPH_MODEL_ID": "scripted",
+        "RALPH_REDIS_URL": REDIS_URL,
+        "RALPH_QUEUE_NAME": settings.queue_name,
+        "RALPH_WORKER_HEARTBEAT_SECONDS": "0.2",
+        "RALPH_LOG_LEVEL": "warning",
+    }
+    app = create_app(settings, clock=clock)
+    async with app.router.lifespan_context(app):  # migrates the database before the worker
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "ralph.cli",
+            "worker",
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            services: Services = app.state.services
+            task = TaskDefinition.model_validate(task_body(["a"], tools=[]))
+            await services.registry.create(task)
+            run_id = await services.executor.create_run(task, TriggerType.MANUAL)
+            job = services.executor.start(run_id)
+            await model_server.wait_for_in_flight(1, timeout_seconds=60)
+            worker.kill()
+            await worker.wait()
+            run = await asyncio.wait_for(job, 10)
+            assert run.status is RunStatus.FAILED
+            user = await services.runs.user(run_id, "a")
+            assert user.error is not None
+            assert user.error.startswith("worker lost")
+            other = await services.executor.create_run(task, TriggerType.MANUAL)
+            assert (await services.runs.start_user(other, task.name, "a", clock.now())).started
+        finally:
+            if worker.returncode is None:
+                worker.kill()
+                await worker.wait()
+            await _delete_queue_keys(settings.queue_name)
