@@ -37,6 +37,26 @@ async def test_every_change_is_kept_in_history(client: AsyncClient) -> None:
     assert recreated.json()["version"] == 4  # numbering continues past the deletion
 
 
+async def test_revert_makes_an_earlier_version_the_next_one(client: AsyncClient) -> None:
+    await client.put(BLOCK, json={"title": "Student", "body": "likes maths"})
+    await client.put(BLOCK, json={"title": "Pupil", "body": "a wrong edit"})
+    reverted = await client.post(f"{BLOCK}/revert", json={"version": 1, "author": "user"})
+    assert reverted.status_code == 200
+    assert (reverted.json()["version"], reverted.json()["title"]) == (3, "Student")
+    assert reverted.json()["body"] == "likes maths"
+    history = (await client.get(f"{BLOCK}/history")).json()
+    assert [(v["version"], v["author"]) for v in history] == [(3, "user"), (2, "api"), (1, "api")]
+
+    stale = await client.post(f"{BLOCK}/revert", json={"version": 2, "expected_version": 2})
+    assert stale.status_code == 409
+    await client.delete(BLOCK)  # version 4
+    assert (await client.post(f"{BLOCK}/revert", json={"version": 4})).status_code == 422
+    back = await client.post(f"{BLOCK}/revert", json={"version": 3})
+    assert (back.json()["version"], back.json()["body"]) == (5, "likes maths")
+    assert (await client.post(f"{BLOCK}/revert", json={"version": 9})).status_code == 404
+    assert (await client.post(f"{BLOCK}/revert", json={"version": 0})).status_code == 422
+
+
 async def test_expected_version_mismatch_is_409(client: AsyncClient) -> None:
     await client.put(BLOCK, json={"title": "S", "body": "a"})
     ok = await client.put(BLOCK, json={"body": "b", "expected_version": 1})

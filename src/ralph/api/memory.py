@@ -38,6 +38,14 @@ class BlockIn(BaseModel):
     author: Literal["user", "api"] = "api"
 
 
+class RevertIn(BaseModel):
+    version: int = Field(ge=1, description="The earlier version to go back to.")
+    expected_version: int | None = Field(
+        default=None, ge=1, description="Apply only if the block is at this version."
+    )
+    author: Literal["user", "api"] = "api"
+
+
 class VersionSummary(BaseModel):
     version: int
     title: str
@@ -82,6 +90,23 @@ async def put_block(
         label,
         title=payload.title,
         body=payload.body,
+        author=payload.author,
+        expected_version=payload.expected_version,
+    )
+    return BlockOut.of(block)
+
+
+@router.post("/{label}/revert", response_model=BlockOut)
+async def revert_block(
+    user_id: UserIdPath, label: LabelPath, payload: RevertIn, services: ServicesDep
+) -> BlockOut:
+    """Undo: an earlier version's title and body become the next version (also brings back a
+    deleted block). 404 for an unknown version, 422 for a deletion, 409 on `expected_version`
+    mismatch."""
+    block = await services.memory.revert_block(
+        user_id,
+        label,
+        payload.version,
         author=payload.author,
         expected_version=payload.expected_version,
     )

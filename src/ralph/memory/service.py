@@ -98,6 +98,29 @@ class MemoryService:
             user_id, label, author=author, now=self._clock.now(), expected_version=expected_version
         )
 
+    async def revert_block(
+        self,
+        user_id: str,
+        label: str,
+        version: int,
+        *,
+        author: str,
+        expected_version: int | None = None,
+    ) -> Block:
+        """Undo: write the title and body of an earlier `version` as the block's next version
+        (history keeps everything in between). A deletion is not a version to go back to."""
+        earlier = await self.get_version(user_id, label, version)
+        if earlier.deleted:
+            raise InvalidInput(f"version {version} of block '{label}' is its deletion")
+        return await self.put_block(
+            user_id,
+            label,
+            title=earlier.title,
+            body=earlier.body,
+            author=author,
+            expected_version=expected_version,
+        )
+
     async def history(self, user_id: str, label: str) -> list[BlockVersion]:
         versions = await self.store.history(user_id, label)
         if not versions:
