@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from ralph.agents.models import ModelFactory
 from ralph.agents.runner import AgentOutcome, run_agent
@@ -328,24 +329,36 @@ async def test_malformed_tool_arguments_go_back_to_the_model(
     assert outcome.proposal_ids == []
 
 
+@pytest.mark.parametrize("provider", ["openai", "openrouter"])
 async def test_direct_client_sends_what_the_sdk_sends(
-    harness: AppHarness, model_server: ModelServer
+    harness: AppHarness, model_server: ModelServer, provider: str
 ) -> None:
-    """DirectOpenAI skips the SDK's transform; the server must not be able to tell."""
+    """The factory's models skip the SDK's transform; the server must not be able to tell."""
     from agno.agent import Agent
     from agno.models.openai.like import OpenAILike
+    from agno.models.openrouter import OpenRouter
 
-    from ralph.agents.direct import DirectOpenAI
+    from ralph.agents.direct import DirectOpenAI, DirectOpenRouter
 
+    sdk_class, direct_class = {
+        "openai": (OpenAILike, DirectOpenAI),
+        "openrouter": (OpenRouter, DirectOpenRouter),
+    }[provider]
     model_server.responder = scripted(call("list_memory_blocks"), text("done"))
+    settings = using_model_server(
+        harness.services.settings,
+        model_server,
+        model_provider=provider,
+        model_api_key=SecretStr("k"),
+    )
     bodies: dict[str, list[dict[str, Any]]] = {}
-    for name, cls in (("sdk", OpenAILike), ("direct", DirectOpenAI)):
+    for name in ("sdk", "direct"):
         model_server.requests.clear()
-        factory = factory_for(model_server, harness.services.settings)
-        model = cls(id="scripted", base_url=model_server.base_url, api_key="k", max_retries=0)
+        factory = ModelFactory(settings)
+        model = sdk_class(id="scripted", base_url=model_server.base_url, api_key="k", max_retries=0)
         if name == "direct":
-            model = factory()  # the factory's model: DirectOpenAI on a shared client
-            assert isinstance(model, DirectOpenAI)
+            model = factory()  # the factory's model, on its shared transport
+            assert type(model) is direct_class
         context = ToolContext(
             "u1",
             harness.services.memory,
@@ -371,6 +384,7 @@ async def test_direct_client_sends_what_the_sdk_sends(
                 tool_call.pop("id", None)  # ids are random per call
             message.pop("tool_call_id", None)
         assert direct == sdk
+    assert len(model_server.clients) == 2  # one connection for each model's two calls
 
 
 async def test_unreachable_model_server_is_a_clean_error(harness: AppHarness) -> None:

@@ -9,10 +9,9 @@ from typing import Any
 import httpx
 import structlog
 from agno.models.base import Model
-from agno.models.openrouter import OpenRouter
 
 from ralph.agents.dev_model import DEV_MODEL_ID, dev_http_client
-from ralph.agents.direct import DirectOpenAI
+from ralph.agents.direct import DirectOpenAI, DirectOpenRouter
 from ralph.agents.transport import AiohttpTransport, HttpxTransport, Transport
 from ralph.config import Settings, SettingsError
 
@@ -82,8 +81,7 @@ class ModelFactory:
             assert settings.model_id
             assert settings.model_base_url
             self._http = httpx.AsyncClient(timeout=settings.model_timeout_seconds)
-            transport = AiohttpTransport(settings.model_max_connections)
-            self._transport = transport
+            self._transport = transport = AiohttpTransport(settings.model_max_connections)
             self.model_id = settings.model_id
             base_url = settings.model_base_url
             self._make = lambda: DirectOpenAI(
@@ -97,13 +95,15 @@ class ModelFactory:
         else:
             key = api_key or os.environ.get("OPENROUTER_API_KEY")
             self._http = httpx.AsyncClient(timeout=settings.model_timeout_seconds)
+            self._transport = router = AiohttpTransport(settings.model_max_connections)
             self.model_id = settings.model_id or DEFAULT_OPENROUTER_MODEL
             base = settings.model_base_url
             extra = {"base_url": base} if base else {}
-            self._make = lambda: OpenRouter(
+            self._make = lambda: DirectOpenRouter(
                 id=self.model_id,
                 api_key=key,
                 http_client=self._http,
+                transport=router,
                 **common,  # type: ignore[arg-type]
                 **extra,  # type: ignore[arg-type]
             )
