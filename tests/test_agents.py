@@ -190,6 +190,27 @@ async def test_model_calls_reuse_connections(
     assert len(model_server.clients) == 1
 
 
+async def test_model_calls_go_through_the_configured_proxy(
+    harness: AppHarness, model_server: ModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY applies to the agents' pool as to the SDK: the only way to reach this
+    made-up host is through the "proxy" (the scripted server answers absolute-form requests)."""
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{model_server.port}")
+    for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    settings = using_model_server(
+        harness.services.settings, model_server, model_base_url="http://model.invalid/v1"
+    )
+    factory = ModelFactory(settings)
+    try:
+        outcome = await run_once(factory, harness.services)
+    finally:
+        await factory.aclose()
+    assert outcome.error is None
+    assert outcome.final_text == "done"
+    assert model_server.calls == 1
+
+
 async def test_persistent_5xx_is_a_clean_error(
     harness: AppHarness, model_server: ModelServer
 ) -> None:

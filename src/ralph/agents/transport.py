@@ -54,7 +54,8 @@ class AiohttpTransport(_Shared):
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300)
-            self._session = aiohttp.ClientSession(connector=connector)
+            # trust_env: HTTP(S)_PROXY / NO_PROXY apply, as they do to the SDK's httpx client
+            self._session = aiohttp.ClientSession(connector=connector, trust_env=True)
         return self._session
 
     async def post(
