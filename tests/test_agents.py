@@ -211,6 +211,18 @@ async def test_model_calls_go_through_the_configured_proxy(
     assert model_server.calls == 1
 
 
+def test_proxy_settings_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ralph.agents.transport import proxy_for
+
+    for name in ("http_proxy", "https_proxy", "no_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("NO_PROXY", "localhost,.internal")
+    assert proxy_for("http://api.example/v1/chat/completions") == "http://proxy.invalid:3128"
+    assert proxy_for("http://model.internal/v1/chat/completions") is None
+    assert proxy_for("https://api.example/v1/chat/completions") is None  # no HTTPS_PROXY
+
+
 async def test_persistent_5xx_is_a_clean_error(
     harness: AppHarness, model_server: ModelServer
 ) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, Self
+from urllib.parse import urlsplit
+from urllib.request import getproxies, proxy_bypass
 
 import aiohttp
 import httpx
@@ -50,20 +52,27 @@ class AiohttpTransport(_Shared):
     def __init__(self, max_connections: int) -> None:
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._proxies: dict[str, str | None] = {}
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300)
-            # trust_env: HTTP(S)_PROXY / NO_PROXY apply, as they do to the SDK's httpx client
-            self._session = aiohttp.ClientSession(connector=connector, trust_env=True)
+            self._session = aiohttp.ClientSession(connector=connector)
         return self._session
 
     async def post(
         self, url: str, body: bytes, headers: Mapping[str, str], time_limit: float
     ) -> Reply:
         try:
+            proxy = self._proxies.get(url, "")
+            if proxy == "":
+                proxy = self._proxies[url] = proxy_for(url)
             async with self._open().post(
-                url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=time_limit)
+                url,
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=time_limit),
+                proxy=proxy,
             ) as response:
                 return Reply(response.status, response.headers, await response.read())
         except TimeoutError as exc:
@@ -75,6 +84,17 @@ class AiohttpTransport(_Shared):
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy the environment names for `url` (HTTP_PROXY / HTTPS_PROXY, NO_PROXY), read
+    as the SDK's httpx client reads it. (aiohttp's own `trust_env` would also look up
+    ~/.netrc on every request, in a thread, and clash with the Authorization header.)"""
+    parts = urlsplit(url)
+    proxy = getproxies().get(parts.scheme)
+    if proxy is None or (parts.hostname is not None and proxy_bypass(parts.hostname)):
+        return None
+    return proxy
 
 
 class HttpxTransport(_Shared):
