@@ -16,7 +16,7 @@ from arq.worker import Worker
 from httpx import ASGITransport, AsyncClient
 
 from ralph.app import create_app
-from ralph.background.models import RunStatus, TaskDefinition, TriggerType
+from ralph.background.models import RunStatus, TaskDefinition, TriggerType, UserStatus
 from ralph.background.queue import alive_key, build_worker
 from ralph.config import Settings
 from ralph.services import Services
@@ -296,6 +296,17 @@ async def test_recovery_leaves_a_unit_to_its_live_worker(
         other = await services.executor.create_run(task, TriggerType.MANUAL)
         start = await services.runs.start_user(other, task.name, "a", clock.now())
         assert start.held_by == run_id  # until a's worker records its result
+
+        # then a's worker dies too: the next recovery fails "a" and frees it
+        redis = _redis()
+        await redis.delete(alive_key(settings.queue_name, run_id, "a"))
+        await redis.aclose()
+        await services.scheduler.tick()
+        lost = await services.runs.user(run_id, "a")
+        assert lost.status is UserStatus.FAILED
+        assert lost.error == "worker lost after the server stopped"
+        third = await services.executor.create_run(task, TriggerType.MANUAL)
+        assert (await services.runs.start_user(third, task.name, "a", clock.now())).started
     assert model_server.calls == 2
 
 

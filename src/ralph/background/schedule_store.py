@@ -228,6 +228,23 @@ class ScheduleStore:
         async with self._engine.connect() as conn:
             return [row.id for row in (await conn.execute(query)).all()]
 
+    async def running_users_of_stopped_runs(
+        self, stopped_since: datetime
+    ) -> list[tuple[str, str, str]]:
+        """(run id, task name, user id) of users still `running` in runs `interrupted` since
+        `stopped_since`: in worker mode, units a stopped server left to their workers."""
+        query = (
+            select(task_run_users.c.run_id, task_runs.c.task_name, task_run_users.c.user_id)
+            .select_from(task_runs.join(task_run_users, task_run_users.c.run_id == task_runs.c.id))
+            .where(
+                task_runs.c.status == RunStatus.INTERRUPTED.value,
+                task_runs.c.completed_at >= stopped_since,
+                task_run_users.c.status == UserStatus.RUNNING.value,
+            )
+        )
+        async with self._engine.connect() as conn:
+            return [(r.run_id, r.task_name, r.user_id) for r in await conn.execute(query)]
+
     async def stale_runs(self, heartbeat_before: datetime) -> list[str]:
         query = select(task_runs.c.id).where(
             task_runs.c.status == RunStatus.RUNNING.value,
