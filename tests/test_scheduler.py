@@ -270,6 +270,24 @@ async def test_crashed_run_is_interrupted_and_its_users_rerun_once(
     assert (await services.scheduler.tick()).recovered == []  # recovered once only
 
 
+async def test_reruns_stop_at_the_limit(harness: AppHarness) -> None:
+    """RALPH_RERUN_INTERRUPTED_USERS (3 by default): reruns interrupted in turn are re-run
+    again up to that many times in a row, so a user that keeps killing its process is not
+    retried forever."""
+    services = harness.services
+    assert services.settings.rerun_interrupted_users == 3
+    task = definition(user_ids=["a"], trigger=CronTrigger(schedule="0 3 1 1 *"))
+    await services.registry.create(task)
+    chain = [await services.executor.create_run(task, TriggerType.MANUAL)]
+    for _ in range(3):
+        rerun = await services.executor.create_rerun(chain[-1], task, ["a"])
+        assert rerun is not None
+        chain.append(rerun)
+    assert await services.executor.create_rerun(chain[-1], task, ["a"]) is None
+    assert await services.executor.create_rerun(chain[0], task, ["a"]) is None  # one per run
+    assert [await services.runs.rerun_depth(r, at_most=9) for r in chain] == [0, 1, 2, 3]
+
+
 async def test_loop_sleeps_until_the_slot_and_wakes_on_changes(
     harness: AppHarness, clock: FakeClock
 ) -> None:

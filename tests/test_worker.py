@@ -21,7 +21,7 @@ from ralph.background.queue import alive_key, build_worker
 from ralph.config import Settings
 from ralph.services import Services
 from ralph.testing.clock import FakeClock
-from ralph.testing.model_server import Delay, ModelServer, call, scripted, text
+from ralph.testing.model_server import Delay, ModelServer, call, in_order, scripted, text
 from tests.conftest import drain, using_model_server
 
 REDIS_URL = os.environ.get("RALPH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -363,3 +363,35 @@ async def test_kill_9_of_a_worker_process_fails_its_unit(
                 worker.kill()
                 await worker.wait()
             await _delete_queue_keys(settings.queue_name)
+
+
+async def test_units_a_stopping_worker_cancels_are_run_again(
+    settings: Settings, model_server: ModelServer, clock: FakeClock
+) -> None:
+    """A worker stopped mid-unit (a deploy) cancels its agent: the user is `interrupted`, and
+    the server re-runs it at once in a new run, which another worker takes."""
+    await _require_redis()
+    settings = arq_settings(settings, model_server, shutdown_grace_seconds=0)
+    model_server.responder = in_order(Delay(30.0, text("late")), then=scripted(text("done")))
+    app = create_app(settings, clock=clock)
+    async with app.router.lifespan_context(app):
+        services: Services = app.state.services
+        task = TaskDefinition.model_validate(task_body(["a"], tools=[]))
+        await services.registry.create(task)
+        first = build_worker(settings, clock=clock, handle_signals=False)
+        running = asyncio.create_task(first.async_run())
+        run_id = await services.executor.create_run(task, TriggerType.MANUAL)
+        job = services.executor.start(run_id)
+        await model_server.wait_for_in_flight(1)
+        await first.close()  # what SIGTERM does once the grace period is over
+        running.cancel()
+        run = await asyncio.wait_for(job, 10)
+        assert run.status is RunStatus.INTERRUPTED
+        assert run.counts == {"interrupted": 1}
+        [rerun_id] = services.executor.active_runs
+        async with running_worker(settings, clock):
+            await drain(services.executor)
+        rerun = await services.runs.get(rerun_id)
+        assert rerun.status is RunStatus.SUCCESS
+        assert [u.user_id for u in await services.runs.users(rerun_id)] == ["a"]
+    assert model_server.calls == 2

@@ -58,7 +58,8 @@ class Settings(BaseSettings):
     idle_check_seconds: float = Field(default=30.0, gt=0)
     run_lease_seconds: float = Field(default=60.0, gt=0)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
-    rerun_interrupted_users: int = Field(default=1, ge=0)
+    # reruns in a row of users a crash or shutdown interrupted (bounds a crash loop)
+    rerun_interrupted_users: int = Field(default=3, ge=0, le=100)
     wait_max_seconds: float = Field(default=600.0, gt=0)
 
     # Worker mode: "inprocess" runs agents in the server; "arq" hands them to `ralph worker`

@@ -89,7 +89,7 @@ async def open_services(
             transcript_max_chars=settings.agent_transcript_max_chars,
             dispatch=dispatcher,
             cancel_poll_seconds=settings.worker_cancel_poll_seconds if role == "worker" else None,
-            rerun_interrupted=settings.rerun_interrupted_users > 0,
+            rerun_limit=settings.rerun_interrupted_users,
         )
         registry = TaskRegistry(TaskStore(engine), clock, allow_shell=settings.allow_shell_tools)
         yield Services(
@@ -118,7 +118,6 @@ async def open_services(
                 clock=clock,
                 idle_interval_seconds=settings.idle_check_seconds,
                 lease_seconds=settings.run_lease_seconds,
-                rerun_interrupted=settings.rerun_interrupted_users,
                 units_alive=dispatcher.alive_users if dispatcher is not None else None,
             ),
         )

@@ -4,8 +4,8 @@ Measured against the scripted model server with 50 requests in flight (bench/tra
 figures in docs/benchmarks.md), an httpx client spends 0.7-0.8 ms of CPU per request with its
 default pool (20 connections kept alive, so most requests open a new one) and about 5 ms with a
 pool as large as the window (httpcore checks every idle connection on each request); aiohttp
-spends about 0.12 ms. Agents make thousands of calls on one event loop, so the hot path uses aiohttp; the
-httpx transport serves the in-process dev model (an httpx MockTransport).
+spends about 0.12 ms. Agents make thousands of calls on one event loop, so the hot path uses
+aiohttp; the httpx transport serves the in-process dev model (an httpx MockTransport).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from ralph.background.models import (
     TriggerType,
     UserStatus,
 )
-from ralph.background.store import RunStore
+from ralph.background.store import RERUN_PREFIX, RunStore
 from ralph.clock import Clock
 from ralph.conversations.store import ConversationStore
 from ralph.errors import InvalidInput
@@ -64,12 +64,12 @@ class Executor:
         owner: str | None = None,
         dispatch: Dispatch | None = None,
         cancel_poll_seconds: float | None = None,
-        rerun_interrupted: bool = True,
+        rerun_limit: int = 1,
     ) -> None:
         """`dispatch` hands a (run, user) unit to whatever executes it: by default this
         process's `run_user`; the ARQ mode enqueues it for worker processes. Workers pass
-        `cancel_poll_seconds` to notice cancels requested elsewhere. With `rerun_interrupted`,
-        the users a shutdown interrupts are queued in a new pending run (see `shutdown`)."""
+        `cancel_poll_seconds` to notice cancels requested elsewhere. Users a crash or a
+        shutdown interrupts are re-run in a new run, `rerun_limit` times in a row at most."""
         self.runs = runs
         self._memory = memory
         self._conversations = conversations
@@ -92,7 +92,7 @@ class Executor:
         self._remote = dispatch is not None
         self._units: dict[str, set[asyncio.Task[None]]] = {}
         self._cancel_poll_seconds = cancel_poll_seconds
-        self._rerun_interrupted = rerun_interrupted
+        self._rerun_limit = rerun_limit
 
     # --- starting runs --------------------------------------------------------------------
 
@@ -118,9 +118,19 @@ class Executor:
         self, run_id: str, task: TaskDefinition, user_ids: Sequence[str]
     ) -> str | None:
         """Record a pending run of `user_ids` that a crash or a shutdown left unfinished in
-        `run_id`. At most one per interrupted run (keyed on it): None if it exists already."""
+        `run_id`. At most one per interrupted run (keyed on it), and no deeper than the rerun
+        limit (a user that keeps killing its process is not re-run forever): None if none
+        was made."""
+        if not user_ids or await self.runs.rerun_depth(run_id, self._rerun_limit) >= (
+            self._rerun_limit
+        ):
+            return None
         return await self.runs.create(
-            task, TriggerType.MANUAL, list(user_ids), self._clock.now(), slot_key=f"rerun:{run_id}"
+            task,
+            TriggerType.MANUAL,
+            list(user_ids),
+            self._clock.now(),
+            slot_key=f"{RERUN_PREFIX}{run_id}",
         )
 
     def start(self, run_id: str) -> asyncio.Task[TaskRun]:
@@ -208,11 +218,20 @@ class Executor:
             await self.runs.cancel_pending_users(run_id, self._clock.now(), leftover)
         run = await self.runs.finish(run_id, self._clock.now(), error)
         log.info("run_finished", run_id=run_id, task=task.name, status=run.status, **run.counts)
-        if self._stopping and self._rerun_interrupted and run.status is RunStatus.INTERRUPTED:
-            users = await self.runs.user_ids(run_id, UserStatus.INTERRUPTED)
-            rerun = await self.create_rerun(run_id, task, users)
-            log.info("run_queued_after_shutdown", run_id=run_id, rerun_id=rerun, users=len(users))
+        if run.status is RunStatus.INTERRUPTED:
+            await self._rerun_interrupted(run_id, task)
         return run
+
+    async def _rerun_interrupted(self, run_id: str, task: TaskDefinition) -> None:
+        """This server is stopping (the rerun waits for recovery, here or on another
+        replica), or a worker stopped mid-unit (the rerun starts now)."""
+        users = await self.runs.user_ids(run_id, UserStatus.INTERRUPTED)
+        rerun = await self.create_rerun(run_id, task, users)
+        if rerun is None:
+            return
+        log.info("run_rerun_queued", run_id=run_id, rerun_id=rerun, users=len(users))
+        if not self._stopping:
+            self.start(rerun)
 
     async def _window(
         self, run_id: str, task: TaskDefinition, in_flight: set[asyncio.Task[None]]

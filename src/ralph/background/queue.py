@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from datetime import timedelta
@@ -253,5 +254,8 @@ def build_worker(
         keep_result=60,
         poll_delay=0.05,
         handle_signals=handle_signals,
+        # on SIGTERM/SIGINT: take no new units, give running ones this long, then cancel them
+        # (their users are `interrupted`, and the server re-runs them)
+        job_completion_wait=math.ceil(settings.shutdown_grace_seconds),
         log_results=False,
     )

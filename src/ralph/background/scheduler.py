@@ -55,7 +55,6 @@ class Scheduler:
         clock: Clock,
         idle_interval_seconds: float = 30.0,
         lease_seconds: float = 60.0,
-        rerun_interrupted: int = 1,
         units_alive: UnitsAlive | None = None,
     ) -> None:
         """`units_alive` (the ARQ mode's) tells which running users of a crashed server's run
@@ -66,7 +65,6 @@ class Scheduler:
         self._clock = clock
         self._idle_interval = timedelta(seconds=idle_interval_seconds)
         self._lease = timedelta(seconds=lease_seconds)
-        self._rerun_interrupted = rerun_interrupted
         self._units_alive = units_alive
         self.replica_id = executor.owner
         self._wake = asyncio.Event()
@@ -196,7 +194,8 @@ class Scheduler:
 
     async def recover(self, now: datetime) -> list[str]:
         """Runs whose owner stopped heart-beating for a lease are marked `interrupted`; their
-        unfinished users (but those a live worker still runs) are re-run once in a new run.
+        unfinished users (but those a live worker still runs) are re-run in a new run, within
+        the rerun limit.
         Runs left pending for a lease are started. Returns the ids of the runs started."""
         stale = now - self._lease
         new_runs: list[str] = []
@@ -216,7 +215,7 @@ class Scheduler:
             if unfinished is None:
                 continue  # another replica recovered it
             log.warning("run_interrupted", run_id=run_id, unfinished=len(unfinished))
-            if unfinished and self._rerun_interrupted > 0:
+            if unfinished:
                 task = await self._executor.runs.snapshot(run_id)
                 rerun = await self._executor.create_rerun(run_id, task, unfinished)
                 if rerun is not None:

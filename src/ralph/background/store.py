@@ -28,6 +28,8 @@ from ralph.db.tables import background_tasks, task_run_users, task_runs, task_us
 from ralph.errors import Conflict, NotFound
 
 CHUNK = 1000
+# slot key of a run that re-runs the unfinished users of the run named after it
+RERUN_PREFIX = "rerun:"
 
 
 @dataclass(frozen=True)
@@ -589,6 +591,23 @@ class RunStore:
         query = query.order_by(task_run_users.c.position).offset(offset).limit(limit)
         async with self._engine.connect() as conn:
             return [_user(r) for r in (await conn.execute(query)).mappings().all()]
+
+    async def rerun_depth(self, run_id: str, at_most: int) -> int:
+        """How many reruns deep `run_id` is (0: an original run), counted up to `at_most`."""
+        depth = 0
+        current = run_id
+        async with self._engine.connect() as conn:
+            while depth < at_most:
+                key = (
+                    await conn.execute(
+                        select(task_runs.c.slot_key).where(task_runs.c.id == current)
+                    )
+                ).scalar()
+                if not isinstance(key, str) or not key.startswith(RERUN_PREFIX):
+                    break
+                depth += 1
+                current = key.removeprefix(RERUN_PREFIX)
+        return depth
 
     async def user_ids(self, run_id: str, status: UserStatus) -> list[str]:
         """The ids of the run's users in `status`, in the run's order."""
