@@ -195,8 +195,8 @@ class Scheduler:
     async def recover(self, now: datetime) -> list[str]:
         """Runs whose owner stopped heart-beating for a lease are marked `interrupted`; their
         unfinished users (but those a live worker still runs) are re-run in a new run, within
-        the rerun limit.
-        Runs left pending for a lease are started. Returns the ids of the runs started."""
+        the rerun limit. Runs left pending for a lease are started. Returns the ids of the
+        runs started."""
         stale = now - self._lease
         new_runs: list[str] = []
         # created but never started (their creator died in between): start them here;
