@@ -88,6 +88,15 @@ async def run_once(
     )
 
 
+async def run_with(settings: Settings, services: Services) -> AgentOutcome:
+    """`run_once` on a model factory of its own for `settings`."""
+    factory = ModelFactory(settings)
+    try:
+        return await run_once(factory, services)
+    finally:
+        await factory.aclose()
+
+
 async def test_two_edits_make_two_pending_proposals_in_three_turns(
     harness: AppHarness, model_server: ModelServer
 ) -> None:
@@ -164,11 +173,7 @@ async def test_request_over_the_model_timeout_is_retried(
     settings = using_model_server(
         harness.services.settings, model_server, model_max_retries=1, model_timeout_seconds=0.2
     )
-    factory = ModelFactory(settings)
-    try:
-        outcome = await run_once(factory, harness.services)
-    finally:
-        await factory.aclose()
+    outcome = await run_with(settings, harness.services)
     assert outcome.error is None
     assert outcome.final_text == "second try"
     assert model_server.calls == 2
@@ -201,11 +206,7 @@ async def test_model_calls_go_through_the_configured_proxy(
     settings = using_model_server(
         harness.services.settings, model_server, model_base_url="http://model.invalid/v1"
     )
-    factory = ModelFactory(settings)
-    try:
-        outcome = await run_once(factory, harness.services)
-    finally:
-        await factory.aclose()
+    outcome = await run_with(settings, harness.services)
     assert outcome.error is None
     assert outcome.final_text == "done"
     assert model_server.calls == 1
@@ -434,11 +435,7 @@ async def test_unreachable_model_server_is_a_clean_error(harness: AppHarness) ->
             "model_max_retries": 1,
         }
     )
-    factory = ModelFactory(settings)
-    try:
-        outcome = await run_once(factory, harness.services)
-    finally:
-        await factory.aclose()
+    outcome = await run_with(settings, harness.services)
     assert outcome.error is not None
     assert "Connect" in outcome.error
     assert outcome.turns_used == 0

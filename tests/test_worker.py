@@ -16,7 +16,13 @@ from arq.worker import Worker
 from httpx import ASGITransport, AsyncClient
 
 from ralph.app import create_app
-from ralph.background.models import RunStatus, TaskDefinition, TriggerType, UserStatus
+from ralph.background.models import (
+    RunStatus,
+    TaskDefinition,
+    TaskRun,
+    TriggerType,
+    UserStatus,
+)
 from ralph.background.queue import alive_key, build_worker
 from ralph.config import Settings
 from ralph.services import Services
@@ -102,6 +108,29 @@ async def _jobs_complete(worker: Worker, count: int) -> None:
     async with asyncio.timeout(10):
         while worker.jobs_complete < count:  # noqa: ASYNC110 - a counter, no event to wait on
             await asyncio.sleep(0.01)
+
+
+async def _recovered_rerun(services: Services, clock: FakeClock) -> list[str]:
+    """Past the run lease, one recovery tick starts one rerun, which succeeds: its users."""
+    await clock.advance(services.settings.run_lease_seconds + 1)
+    [rerun_id] = (await services.scheduler.tick()).recovered
+    await drain(services.executor)
+    rerun = await services.runs.get(rerun_id)
+    assert rerun.status is RunStatus.SUCCESS
+    return [u.user_id for u in await services.runs.users(rerun_id)]
+
+
+async def _lost_and_freed(
+    services: Services, task: TaskDefinition, job: asyncio.Task[TaskRun], clock: FakeClock
+) -> None:
+    """The run of user "a" ends failed with "worker lost", and its lock is released."""
+    run = await asyncio.wait_for(job, 10)
+    assert run.status is RunStatus.FAILED
+    user = await services.runs.user(run.id, "a")
+    assert user.error is not None
+    assert user.error.startswith("worker lost")
+    other = await services.executor.create_run(task, TriggerType.MANUAL)
+    assert (await services.runs.start_user(other, task.name, "a", clock.now())).started
 
 
 @pytest.fixture
@@ -202,12 +231,7 @@ async def test_server_shutdown_leaves_started_units_to_the_worker(
             run = await services.runs.get(run_id)
             assert run.status is RunStatus.INTERRUPTED
             assert run.counts == {"success": 2, "interrupted": 2}
-            await clock.advance(settings.run_lease_seconds + 1)
-            [rerun_id] = (await services.scheduler.tick()).recovered
-            await drain(services.executor)
-            rerun = await services.runs.get(rerun_id)
-            assert rerun.status is RunStatus.SUCCESS
-            assert [u.user_id for u in await services.runs.users(rerun_id)] == ["c", "d"]
+            assert await _recovered_rerun(services, clock) == ["c", "d"]
     assert model_server.calls == 4
 
 
@@ -234,14 +258,7 @@ async def test_a_unit_whose_worker_died_is_failed(
             await redis.aclose()
             # what a worker does when it takes the unit, and then it dies (no worker runs here)
             assert (await services.runs.start_user(run_id, task.name, "a", clock.now())).started
-            run = await asyncio.wait_for(job, 10)
-            assert run.status is RunStatus.FAILED
-            user = await services.runs.user(run_id, "a")
-            assert user.error is not None
-            assert user.error.startswith("worker lost")
-            # its (task, user) lock is released: another run can take the user
-            other = await services.executor.create_run(task, TriggerType.MANUAL)
-            assert (await services.runs.start_user(other, task.name, "a", clock.now())).started
+            await _lost_and_freed(services, task, job, clock)
     finally:
         await _delete_queue_keys(settings.queue_name)
     assert model_server.calls == 0
@@ -284,12 +301,7 @@ async def test_recovery_leaves_a_unit_to_its_live_worker(
         for user in ("a", "b"):
             assert (await services.runs.start_user(run_id, task.name, user, clock.now())).started
 
-        await clock.advance(settings.run_lease_seconds + 1)
-        [rerun_id] = (await services.scheduler.tick()).recovered
-        await drain(services.executor)
-        rerun = await services.runs.get(rerun_id)
-        assert rerun.status is RunStatus.SUCCESS
-        assert [u.user_id for u in await services.runs.users(rerun_id)] == ["b", "c"]
+        assert await _recovered_rerun(services, clock) == ["b", "c"]
         crashed = await services.runs.get(run_id)
         assert crashed.status is RunStatus.INTERRUPTED
         assert crashed.counts == {"running": 1, "interrupted": 2}
@@ -351,13 +363,7 @@ async def test_kill_9_of_a_worker_process_fails_its_unit(
             await model_server.wait_for_in_flight(1, timeout_seconds=60)
             worker.kill()
             await worker.wait()
-            run = await asyncio.wait_for(job, 10)
-            assert run.status is RunStatus.FAILED
-            user = await services.runs.user(run_id, "a")
-            assert user.error is not None
-            assert user.error.startswith("worker lost")
-            other = await services.executor.create_run(task, TriggerType.MANUAL)
-            assert (await services.runs.start_user(other, task.name, "a", clock.now())).started
+            await _lost_and_freed(services, task, job, clock)
         finally:
             if worker.returncode is None:
                 worker.kill()
