@@ -89,6 +89,7 @@ async def test_plan_manual_steps(bg: BackgroundHarness) -> None:
     run = runs[0]
     assert run["status"] == "success"
     assert run["trigger_type"] == "manual"
+    assert run["rerun_of"] is None
     assert run["counts"] == {"success": 1}
     assert run["total_tokens"] == 30
 
@@ -390,6 +391,7 @@ async def test_shutdown_gives_grace_then_interrupts(
         await drain(services.executor)
         rerun = await services.runs.get(rerun_id)
         assert rerun.status is RunStatus.SUCCESS
+        assert (rerun.trigger_type, rerun.rerun_of) == (TriggerType.RERUN, run_id)
         assert [u.user_id for u in await services.runs.users(rerun_id)] == ["a", "b", "c"]
         assert (await services.runs.get(run_id)).status is RunStatus.INTERRUPTED
 

@@ -266,6 +266,7 @@ async def test_crashed_run_is_interrupted_and_its_users_rerun_once(
     assert dead.counts == {"success": 1, "interrupted": 2}
     rerun = await services.runs.get(report.recovered[0])
     assert rerun.status is RunStatus.SUCCESS
+    assert (rerun.trigger_type, rerun.rerun_of) == (TriggerType.RERUN, run_id)
     assert [u.user_id for u in await services.runs.users(rerun.id)] == ["b", "c"]
     assert (await services.scheduler.tick()).recovered == []  # recovered once only
 

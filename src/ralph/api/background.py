@@ -96,6 +96,9 @@ class RunOut(BaseModel):
     output_tokens: int
     total_tokens: int
     error: str | None
+    rerun_of: str | None = Field(
+        default=None, description="For a `rerun`: the interrupted run whose users it runs."
+    )
     user_results: list[UserResultOut] | None = None
 
     @classmethod

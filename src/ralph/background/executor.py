@@ -127,7 +127,7 @@ class Executor:
             return None
         return await self.runs.create(
             task,
-            TriggerType.MANUAL,
+            TriggerType.RERUN,
             list(user_ids),
             self._clock.now(),
             slot_key=f"{RERUN_PREFIX}{run_id}",

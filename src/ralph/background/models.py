@@ -97,6 +97,7 @@ class TriggerType(StrEnum):
     CRON = "cron"
     IDLE = "idle"
     MANUAL = "manual"
+    RERUN = "rerun"  # the users a crash or a shutdown left unfinished in another run
 
 
 class RunStatus(StrEnum):
@@ -158,6 +159,7 @@ class TaskRun:
     output_tokens: int
     total_tokens: int
     error: str | None
+    rerun_of: str | None = None  # for a rerun: the interrupted run it continues
 
 
 @dataclass(frozen=True, slots=True)

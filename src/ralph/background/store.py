@@ -225,7 +225,14 @@ def _run(row: RowMapping, counts: dict[str, int]) -> TaskRun:
         output_tokens=row["output_tokens"],
         total_tokens=row["total_tokens"],
         error=row["error"],
+        rerun_of=_rerun_of(row["slot_key"]),
     )
+
+
+def _rerun_of(slot_key: str | None) -> str | None:
+    if slot_key is None or not slot_key.startswith(RERUN_PREFIX):
+        return None
+    return slot_key.removeprefix(RERUN_PREFIX)
 
 
 def _user(row: RowMapping) -> UserResult:
