@@ -76,19 +76,25 @@ def test_review_proposals(live: LiveServer) -> None:
     for user in ("u1", "u2"):
         made = httpx.post(
             f"{live.url}/users/{user}/proposals",
-            json={"label": "notes", "body": f"likes {user}", "reason": "said so", "run_id": "r1"},
+            json={
+                "label": "notes",
+                "body": f"likes {user}",
+                "reason": "said so [/not markup]",
+                "run_id": "r1",
+            },
         )
         ids.append(made.json()["id"])
 
     queue = runner.invoke(app, ["proposals", "list", "--url", live.url])
     assert queue.exit_code == 0, queue.output
-    assert all(i in queue.output for i in ids)
+    assert all(i in queue.output for i in ids)  # and a reason like "[/x]" is not markup
     mine = runner.invoke(app, ["proposals", "list", "--user", "u2", "--url", live.url])
     assert ids[1] in mine.output
     assert ids[0] not in mine.output
 
     shown = runner.invoke(app, ["proposals", "show", ids[0], "--url", live.url])
     assert "+likes u1" in shown.output  # the diff
+    assert "reason: said so [/not markup]" in shown.output
     approved = runner.invoke(
         app, ["proposals", "approve", ids[0], "--comment", "right", "--url", live.url]
     )

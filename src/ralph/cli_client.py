@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
+from rich.text import Text
 
 from ralph.config import load_settings
 
@@ -204,13 +205,12 @@ def proposals_list(
         found = _call(client, "GET", path, params=params)
     table = Table(Column("id", no_wrap=True), "user", "block", "status", "author", "reason")
     for proposal in found:
+        # Text, not str: a reason written by a model may hold "[...]", which rich reads as markup
         table.add_row(
-            proposal["id"],
-            proposal["user_id"],
-            proposal["label"],
-            proposal["status"],
-            proposal["author"],
-            proposal["reason"],
+            *(
+                Text(str(proposal[key]))
+                for key in ("id", "user_id", "label", "status", "author", "reason")
+            )
         )
     console.print(table)
 
@@ -225,12 +225,13 @@ def proposals_show(proposal_id: str, url: UrlOption = None) -> None:
 
 def _print_proposal(proposal: dict[str, Any]) -> None:
     console.print(
-        f"[bold]{proposal['id']}[/bold]  user {proposal['user_id']}  block "
-        f"{proposal['label']}  {proposal['status']}  by {proposal['author']}"
+        f"{proposal['id']}  user {proposal['user_id']}  block {proposal['label']}  "
+        f"{proposal['status']}  by {proposal['author']}",
+        markup=False,
     )
-    console.print(f"reason: {proposal['reason']}")
+    console.print(f"reason: {proposal['reason']}", markup=False)
     if proposal.get("comment"):
-        console.print(f"comment: {proposal['comment']}")
+        console.print(f"comment: {proposal['comment']}", markup=False)
     console.print(proposal["diff"], markup=False, highlight=False)
 
 
