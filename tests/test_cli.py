@@ -61,6 +61,10 @@ def test_errors_are_one_clear_line(live: LiveServer, tmp_path: Path) -> None:
     missing = runner.invoke(app, ["tasks", "show", "nope", "--url", live.url])
     assert missing.exit_code == 1
     assert "404" in missing.output
+    bracketed = runner.invoke(app, ["proposals", "show", "[red]x", "--url", live.url])
+    assert bracketed.exit_code == 1
+    assert "404" in bracketed.output
+    assert "[red]x" in bracketed.output  # the server's message, printed as text
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     unreadable = runner.invoke(app, ["tasks", "create", "-f", str(bad), "--url", live.url])

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 from rich.text import Text
@@ -45,14 +46,15 @@ def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
     try:
         response = client.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
-        console.print(f"[red]error:[/red] cannot reach {client.base_url}: {exc}")
+        console.print(f"[red]error:[/red] cannot reach {client.base_url}: {escape(str(exc))}")
         raise typer.Exit(1) from None
     if response.status_code >= 400:
         try:
             detail = response.json().get("detail", response.text)
         except ValueError:
             detail = response.text
-        console.print(f"[red]error {response.status_code}:[/red] {detail}")
+        # the server's words may hold "[...]" (422 details do): print them, not as markup
+        console.print(f"[red]error {response.status_code}:[/red] {escape(str(detail))}")
         raise typer.Exit(1)
     return response.json()
 
@@ -97,7 +99,7 @@ def tasks_create(
     try:
         body = json.loads(file.read_text())
     except (OSError, ValueError) as exc:
-        console.print(f"[red]error:[/red] cannot read {file}: {exc}")
+        console.print(f"[red]error:[/red] cannot read {escape(str(file))}: {escape(str(exc))}")
         raise typer.Exit(1) from None
     with _client(url) as client:
         if replace:
