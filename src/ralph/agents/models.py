@@ -77,11 +77,12 @@ class ModelFactory:
                 transport=dev_transport,
                 max_retries=0,
             )
-        elif self.provider == "openai":
+            return
+        self._http = httpx.AsyncClient(timeout=settings.model_timeout_seconds)
+        self._transport = transport = AiohttpTransport(settings.model_max_connections)
+        if self.provider == "openai":
             assert settings.model_id
             assert settings.model_base_url
-            self._http = httpx.AsyncClient(timeout=settings.model_timeout_seconds)
-            self._transport = transport = AiohttpTransport(settings.model_max_connections)
             self.model_id = settings.model_id
             base_url = settings.model_base_url
             self._make = lambda: DirectOpenAI(
@@ -94,8 +95,6 @@ class ModelFactory:
             )
         else:
             key = api_key or os.environ.get("OPENROUTER_API_KEY")
-            self._http = httpx.AsyncClient(timeout=settings.model_timeout_seconds)
-            self._transport = router = AiohttpTransport(settings.model_max_connections)
             self.model_id = settings.model_id or DEFAULT_OPENROUTER_MODEL
             base = settings.model_base_url
             extra = {"base_url": base} if base else {}
@@ -103,7 +102,7 @@ class ModelFactory:
                 id=self.model_id,
                 api_key=key,
                 http_client=self._http,
-                transport=router,
+                transport=transport,
                 **common,  # type: ignore[arg-type]
                 **extra,  # type: ignore[arg-type]
             )

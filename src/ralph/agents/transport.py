@@ -64,15 +64,14 @@ class AiohttpTransport(_Shared):
         self, url: str, body: bytes, headers: Mapping[str, str], time_limit: float
     ) -> Reply:
         try:
-            proxy = self._proxies.get(url, "")
-            if proxy == "":
-                proxy = self._proxies[url] = proxy_for(url)
+            if url not in self._proxies:
+                self._proxies[url] = proxy_for(url)
             async with self._open().post(
                 url,
                 data=body,
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=time_limit),
-                proxy=proxy,
+                proxy=self._proxies[url],
             ) as response:
                 return Reply(response.status, response.headers, await response.read())
         except TimeoutError as exc:

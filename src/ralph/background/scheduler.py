@@ -223,10 +223,10 @@ class Scheduler:
         for run_id in new_runs:
             self._executor.start(run_id)
         if self._units_alive is not None:
-            await self._fail_units_of_dead_workers(now)
+            await self._fail_units_of_dead_workers(now, self._units_alive)
         return new_runs
 
-    async def _fail_units_of_dead_workers(self, now: datetime) -> None:
+    async def _fail_units_of_dead_workers(self, now: datetime, units_alive: UnitsAlive) -> None:
         """Users a stopped (or crashed) server left to their workers, whose worker has since
         died: nobody waits for them any more, so fail them here and free their locks. A unit
         runs at most a day (the longest `timeout_seconds`), so older runs are not looked at."""
@@ -235,8 +235,7 @@ class Scheduler:
         for run_id, task_name, user_id in left:
             by_run.setdefault(run_id, []).append((task_name, user_id))
         for run_id, users in by_run.items():
-            assert self._units_alive is not None
-            alive = await self._units_alive(run_id, [user_id for _, user_id in users])
+            alive = await units_alive(run_id, [user_id for _, user_id in users])
             for task_name, user_id in users:
                 if user_id not in alive:
                     log.warning("worker_lost", run_id=run_id, user_id=user_id)

@@ -453,12 +453,6 @@ class RunStore:
             await conn.execute(_SKIP_USER, {**unit, "b_error": error})
             return UserStart(started=False, held_by=str(holder))
 
-    @staticmethod
-    def _user_update(run_id: str, user_id: str) -> Any:
-        return update(task_run_users).where(
-            task_run_users.c.run_id == run_id, task_run_users.c.user_id == user_id
-        )
-
     async def finish_user(
         self, run_id: str, task_name: str, user_id: str, values: dict[str, Any]
     ) -> None:
@@ -473,19 +467,17 @@ class RunStore:
         self, run_id: str, task_name: str, user_id: str, now: datetime, error: str
     ) -> None:
         """Mark the user failed if it is still pending or running, and release its lock."""
+        unit = {"b_run": run_id, "b_user": user_id, "b_task": task_name}
         async with self._engine.begin() as conn:
             await conn.execute(
-                self._user_update(run_id, user_id)
-                .where(
+                _UPDATE_USER.where(
                     task_run_users.c.status.in_(
                         [UserStatus.PENDING.value, UserStatus.RUNNING.value]
                     )
-                )
-                .values(status=UserStatus.FAILED.value, completed_at=now, error=error)
+                ),
+                {**unit, "status": UserStatus.FAILED.value, "completed_at": now, "error": error},
             )
-            await conn.execute(
-                _RELEASE_LOCK, {"b_run": run_id, "b_user": user_id, "b_task": task_name}
-            )
+            await conn.execute(_RELEASE_LOCK, unit)
 
     async def cancel_pending_users(self, run_id: str, now: datetime, status: UserStatus) -> int:
         async with self._engine.begin() as conn:
