@@ -34,6 +34,7 @@ from ralph.background.models import CronTrigger, TaskDefinition, TriggerType
 from ralph.config import Settings
 from ralph.logs import configure_logging
 from ralph.services import Services, open_services
+from ralph.testing.worker import start_worker_process
 
 
 def settings_for(base_url: str, data_dir: Path) -> Settings:
@@ -93,29 +94,7 @@ async def measure_with_workers(
     async with open_services(settings) as services:
         task = task_for(users, batch_size)
         await services.registry.create(task)
-        env = {
-            **os.environ,
-            "RALPH_DATABASE_URL": settings.effective_database_url,
-            "RALPH_DATA_DIR": str(data_dir),
-            "RALPH_MODEL_PROVIDER": "openai",
-            "RALPH_MODEL_BASE_URL": base_url,
-            "RALPH_MODEL_ID": "bench",
-            "RALPH_MODEL_MAX_RETRIES": "0",
-            "RALPH_QUEUE_NAME": settings.queue_name,
-            "RALPH_LOG_LEVEL": "warning",
-        }
-        processes = [
-            await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "ralph.cli",
-                "worker",
-                env=env,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-            )
-            for _ in range(workers)
-        ]
+        processes = [await start_worker_process(settings) for _ in range(workers)]
         try:
             await asyncio.sleep(3)  # let the workers connect
             started = time.perf_counter()

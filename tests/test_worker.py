@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -28,6 +27,7 @@ from ralph.config import Settings
 from ralph.services import Services
 from ralph.testing.clock import FakeClock
 from ralph.testing.model_server import Delay, ModelServer, call, in_order, scripted, text
+from ralph.testing.worker import start_worker_process
 from tests.conftest import drain, using_model_server
 
 REDIS_URL = os.environ.get("RALPH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -330,30 +330,9 @@ async def test_kill_9_of_a_worker_process_fails_its_unit(
     await _require_redis()
     settings = arq_settings(settings, model_server, worker_heartbeat_seconds=0.2)
     model_server.responder = scripted(Delay(60.0, text("never")))
-    env = {
-        **os.environ,
-        "AGNO_TELEMETRY": "false",
-        "RALPH_DATABASE_URL": settings.effective_database_url,
-        "RALPH_DATA_DIR": str(settings.data_dir),
-        "RALPH_MODEL_PROVIDER": "openai",
-        "RALPH_MODEL_BASE_URL": model_server.base_url,
-        "RALPH_MODEL_ID": "scripted",
-        "RALPH_REDIS_URL": REDIS_URL,
-        "RALPH_QUEUE_NAME": settings.queue_name,
-        "RALPH_WORKER_HEARTBEAT_SECONDS": "0.2",
-        "RALPH_LOG_LEVEL": "warning",
-    }
     app = create_app(settings, clock=clock)
     async with app.router.lifespan_context(app):  # migrates the database before the worker
-        worker = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "ralph.cli",
-            "worker",
-            env=env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+        worker = await start_worker_process(settings)
         try:
             services: Services = app.state.services
             task = TaskDefinition.model_validate(task_body(["a"], tools=[]))
