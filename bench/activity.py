@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +25,7 @@ os.environ.setdefault("AGNO_TELEMETRY", "false")
 from ralph.config import Settings
 from ralph.logs import configure_logging
 from ralph.services import open_services
+from ralph.testing.processes import free_port, start_server_process
 
 CONCURRENCY = 32
 
@@ -45,31 +44,15 @@ async def through_store(users: int, data_dir: Path) -> float:
 @contextmanager
 def ralph_server(data_dir: Path) -> Generator[str]:
     """`ralph serve` on the embedded SQLite default, in its own process; yields its URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {
-        **os.environ,
         "RALPH_DATA_DIR": str(data_dir),
-        "RALPH_PORT": str(port),
         "RALPH_LOG_LEVEL": "warning",
         "RALPH_SCHEDULER_ENABLED": "false",
     }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "ralph.cli", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
+    server = start_server_process(port, env)
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        yield base
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -34,7 +34,7 @@ from ralph.background.models import CronTrigger, TaskDefinition, TriggerType
 from ralph.config import Settings
 from ralph.logs import configure_logging
 from ralph.services import Services, open_services
-from ralph.testing.worker import start_worker_process
+from ralph.testing.processes import start_worker_process
 
 
 def settings_for(base_url: str, data_dir: Path) -> Settings:

@@ -229,14 +229,13 @@ class LiveServer:
     """The app served by uvicorn on a free loopback port, from a background thread."""
 
     def __init__(self, settings: Settings) -> None:
-        import socket
         import threading
 
         import uvicorn
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port: int = sock.getsockname()[1]
+        from ralph.testing.processes import free_port
+
+        self.port = free_port()
         config = uvicorn.Config(
             create_app(settings), host="127.0.0.1", port=self.port, log_level="warning"
         )

@@ -422,11 +422,9 @@ async def test_direct_client_sends_what_the_sdk_sends(
 
 
 async def test_unreachable_model_server_is_a_clean_error(harness: AppHarness) -> None:
-    import socket
+    from ralph.testing.processes import free_port
 
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nobody listens on it
     settings = harness.services.settings.model_copy(
         update={
             "model_provider": "openai",

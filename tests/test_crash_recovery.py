@@ -5,10 +5,8 @@ Real processes, so real time: every wait polls a condition against a deadline.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +16,7 @@ import httpx
 import pytest
 
 from ralph.testing.model_server import Delay, ModelServer, scripted, text
+from ralph.testing.processes import free_port, start_server_process
 
 pytestmark = pytest.mark.slow
 
@@ -40,40 +39,14 @@ def model_server() -> Iterator[ModelServer]:
 
 def start_server(tmp_path: Path, port: int, model_url: str) -> subprocess.Popen[bytes]:
     env = {
-        **os.environ,
         "RALPH_DATA_DIR": str(tmp_path / "data"),
-        "RALPH_PORT": str(port),
         "RALPH_MODEL_PROVIDER": "openai",
         "RALPH_MODEL_BASE_URL": model_url,
         "RALPH_MODEL_ID": "scripted",
         "RALPH_MODEL_MAX_RETRIES": "0",
         "RALPH_RUN_LEASE_SECONDS": "2",
-        "AGNO_TELEMETRY": "false",
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ralph.cli", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(healthy)
-    return process
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return start_server_process(port, env)
 
 
 def test_kill_9_mid_run_then_restart(tmp_path: Path, model_server: ModelServer) -> None:

@@ -27,7 +27,7 @@ from ralph.config import Settings
 from ralph.services import Services
 from ralph.testing.clock import FakeClock
 from ralph.testing.model_server import Delay, ModelServer, call, in_order, scripted, text
-from ralph.testing.worker import start_worker_process
+from ralph.testing.processes import start_worker_process
 from tests.conftest import drain, using_model_server
 
 REDIS_URL = os.environ.get("RALPH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-import socket
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ralph.agents.protocol import Reply, ToolCall, completion, sse, stream_chunks, turn_of
+from ralph.testing.processes import free_port
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,20 +98,13 @@ def in_order(*actions: Action, then: Responder | None = None) -> Responder:
     return respond
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class ModelServer:
     """Serves the protocol on 127.0.0.1:<free port> from a background thread."""
 
     def __init__(self, responder: Responder, *, model: str = "scripted-model") -> None:
         self.responder = responder
         self.model = model
-        self.port = _free_port()
+        self.port = free_port()
         self.requests: list[dict[str, Any]] = []
         # client (host, port) pairs seen: the number of connections clients opened
         self.clients: set[tuple[str, int]] = set()
