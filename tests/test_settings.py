@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ralph.config import SettingsError, load_settings
+from ralph.config import SettingsError, check_serve_settings, load_settings
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
@@ -78,10 +78,16 @@ def test_cli_reports_invalid_settings_in_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_serve_refuses_public_host_without_token(tmp_path: Path) -> None:
+@pytest.mark.parametrize("token", [None, "", "   ", "short-token-15c"])
+def test_serve_refuses_public_host_without_a_strong_token(
+    tmp_path: Path, token: str | None
+) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "RALPH_DATA_DIR": str(tmp_path)}
+    if token is not None:
+        env["RALPH_API_TOKEN"] = token
     result = subprocess.run(
         [sys.executable, "-m", "ralph.cli", "serve", "--host", "0.0.0.0"],
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "RALPH_DATA_DIR": str(tmp_path)},
+        env=env,
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -89,4 +95,21 @@ def test_serve_refuses_public_host_without_token(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 2
-    assert "RALPH_API_TOKEN" in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: invalid settings: RALPH_API_TOKEN:")
+
+
+@pytest.mark.parametrize("blank", ["", "  ", "\t"])
+def test_blank_token_counts_as_none(monkeypatch: pytest.MonkeyPatch, blank: str) -> None:
+    monkeypatch.setenv("RALPH_API_TOKEN", blank)
+    assert load_settings().api_token is None
+
+
+def test_short_token_is_fine_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RALPH_API_TOKEN", "short")
+    check_serve_settings(load_settings(host="127.0.0.1"))
+    check_serve_settings(load_settings(host="::1"))
+    check_serve_settings(load_settings(host="0.0.0.0", api_token="x" * 16))
+    with pytest.raises(SettingsError, match="at least 16"):
+        check_serve_settings(load_settings(host="0.0.0.0"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import sys
 from typing import Annotated
@@ -11,7 +10,7 @@ from typing import Annotated
 import typer
 
 from ralph import __version__
-from ralph.config import Settings, SettingsError, load_settings
+from ralph.config import Settings, SettingsError, check_serve_settings, load_settings
 
 app = typer.Typer(
     name="ralph",
@@ -27,15 +26,6 @@ def _settings(**overrides: object) -> Settings:
     except SettingsError as exc:
         typer.echo(f"error: invalid settings: {exc}", err=True)
         raise typer.Exit(2) from None
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _register_subcommands() -> None:
@@ -64,16 +54,10 @@ def serve(
     settings = _settings(host=host, port=port)
     try:
         check_model_settings(settings)
+        check_serve_settings(settings)
     except SettingsError as exc:
         typer.echo(f"error: invalid settings: {exc}", err=True)
         raise typer.Exit(2) from None
-    if not _is_loopback(settings.host) and settings.api_token is None:
-        typer.echo(
-            f"error: refusing to listen on {settings.host} without RALPH_API_TOKEN; "
-            "set a token or bind to 127.0.0.1",
-            err=True,
-        )
-        raise typer.Exit(2)
     os.environ.setdefault("AGNO_TELEMETRY", "false")
     configure_logging(settings.log_level, settings.log_json)
     uvicorn.run(

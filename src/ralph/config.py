@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -73,6 +74,16 @@ class Settings(BaseSettings):
     # whose key has been gone for three times as long ("worker lost")
     worker_heartbeat_seconds: float = Field(default=10.0, gt=0)
 
+    @field_validator("api_token", mode="before")
+    @classmethod
+    def _blank_token_is_none(cls, value: object) -> object:
+        # `RALPH_API_TOKEN=` (or spaces) in a deployment file must not open the API.
+        if isinstance(value, str) and not value.strip():
+            return None
+        if isinstance(value, SecretStr) and not value.get_secret_value().strip():
+            return None
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str | None) -> str | None:
@@ -95,6 +106,37 @@ class Settings(BaseSettings):
 
 class SettingsError(ValueError):
     """Settings could not be loaded; the message names the offending variable."""
+
+
+MIN_PUBLIC_TOKEN_CHARS = 16
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_serve_settings(settings: Settings) -> None:
+    """Refuse to serve beyond this machine without a token that is hard to guess.
+
+    Raises SettingsError with one line naming the variable.
+    """
+    if is_loopback(settings.host):
+        return
+    if settings.api_token is None:
+        raise SettingsError(
+            f"RALPH_API_TOKEN: refusing to listen on {settings.host} without a token; "
+            "set one or bind to 127.0.0.1"
+        )
+    if len(settings.api_token.get_secret_value()) < MIN_PUBLIC_TOKEN_CHARS:
+        raise SettingsError(
+            f"RALPH_API_TOKEN: must be at least {MIN_PUBLIC_TOKEN_CHARS} characters to listen "
+            f"on {settings.host}"
+        )
 
 
 def describe_validation_error(error: ValidationError) -> str:
