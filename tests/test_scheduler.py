@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from httpx import AsyncClient
+from sqlalchemy import select, update
 
 from ralph.background.cron import due_slots
 from ralph.background.executor import Executor
@@ -25,7 +27,7 @@ from ralph.background.scheduler import Scheduler
 from ralph.background.store import RunStore, TaskStore
 from ralph.conversations.store import ConversationStore
 from ralph.db.engine import create_engine
-from ralph.db.tables import task_runs
+from ralph.db.tables import background_tasks, task_runs
 from ralph.memory.service import MemoryService
 from ralph.memory.store import MemoryStore
 from ralph.services import Services
@@ -381,3 +383,115 @@ async def test_run_created_but_never_started_is_started_after_a_lease(
     run = await services.runs.get(run_id)
     assert run.status is RunStatus.SUCCESS
     assert run.counts == {"success": 2}
+
+
+@pytest.mark.parametrize("schedule", ["0 0 31 2 *", "0 0 30 2 *", "0 0 31 4,6,9,11 *"])
+async def test_a_cron_expression_that_never_fires_is_refused(
+    client: AsyncClient, schedule: str
+) -> None:
+    body = definition(name="never").model_dump(mode="json")
+    body["trigger"] = {"type": "cron", "schedule": schedule}
+    created = await client.post("/background/tasks", json=body)
+    assert created.status_code == 422
+    assert schedule in created.json()["detail"]
+    assert "no fire time" in created.json()["detail"]
+    body["trigger"]["schedule"] = "0 3 * * *"
+    assert (await client.post("/background/tasks", json=body)).status_code == 201
+    body["trigger"]["schedule"] = schedule
+    assert (await client.put("/background/tasks/never", json=body)).status_code == 422
+    # rare but real: Feb 29 fires every four years
+    body["trigger"]["schedule"] = "0 0 29 2 *"
+    assert (await client.put("/background/tasks/never", json=body)).status_code == 200
+
+
+async def test_a_task_that_fails_in_a_pass_does_not_stop_the_others(
+    harness: AppHarness, clock: FakeClock
+) -> None:
+    """A definition stored before expressions were checked (or any task whose firing raises)
+    is logged and reported; the other tasks fire, and the heartbeat goes on."""
+    services = harness.services
+    await services.registry.create(
+        definition(name="hourly", trigger=CronTrigger(schedule="0 * * * *"))
+    )
+    await services.registry.create(definition(name="broken"))
+    async with services.engine.begin() as conn:
+        row = (
+            await conn.execute(
+                select(background_tasks.c.definition).where(background_tasks.c.name == "broken")
+            )
+        ).scalar_one()
+        stored = json.loads(row)
+        stored["trigger"]["schedule"] = "0 0 31 2 *"
+        await conn.execute(
+            update(background_tasks)
+            .where(background_tasks.c.name == "broken")
+            .values(definition=json.dumps(stored), revision=background_tasks.c.revision + 1)
+        )
+    await clock.set(T0.replace(hour=1))
+    report = await services.scheduler.tick()
+    assert len(report.started) == 1
+    assert report.next_wake == T0.replace(hour=2)
+    assert "no fire time" in services.scheduler.errors["broken"]
+    await drain(services.executor)
+    assert await cron_runs(services) == [(T0.replace(hour=1), "success")]
+
+    answer = await harness.client.get("/background/scheduler")
+    assert answer.status_code == 200
+    tasks = {t["name"]: t for t in answer.json()["tasks"]}
+    assert tasks["broken"]["next_fire_at"] is None
+    assert "0 0 31 2 *" in tasks["broken"]["error"]
+    assert tasks["hourly"] == {
+        "name": "hourly",
+        "trigger_type": "cron",
+        "next_fire_at": "2026-01-01T02:00:00Z",
+        "error": None,
+    }
+    assert answer.json()["last_tick_at"] == "2026-01-01T01:00:00Z"
+    assert [r["replica_id"] for r in answer.json()["replicas"]] == [services.scheduler.replica_id]
+    # the task listing still reads the stored row
+    assert (await harness.client.get("/background/tasks/broken")).status_code == 200
+
+
+async def test_a_pending_run_bounds_the_sleep(harness: AppHarness, clock: FakeClock) -> None:
+    """A rerun queued by a stopping server (or a run whose creator died before starting it)
+    is started one lease after it was created, however far away the next slot is."""
+    services = harness.services
+    lease = timedelta(seconds=services.settings.run_lease_seconds)
+    task = definition(user_ids=["a", "b"], trigger=CronTrigger(schedule="0 3 1 1 *"))
+    await services.registry.create(task)
+    created_at = clock.now()
+    run_id = await services.executor.create_run(task, TriggerType.RERUN)
+    await clock.advance(1)
+    assert (await services.scheduler.tick()).next_wake == created_at + lease
+
+    scheduler = services.scheduler
+    scheduler.start()
+    try:
+        await _until(lambda: clock.sleepers > 0)
+        await clock.set(created_at + lease)
+
+        async def started_and_finished() -> bool:
+            return (await services.runs.get(run_id)).status is RunStatus.SUCCESS
+
+        await _until_async(started_and_finished)
+    finally:
+        await scheduler.stop()
+
+
+async def test_another_replicas_running_run_bounds_the_sleep(
+    harness: AppHarness, clock: FakeClock
+) -> None:
+    services = harness.services
+    lease = timedelta(seconds=services.settings.run_lease_seconds)
+    task = definition(user_ids=["a"], trigger=CronTrigger(schedule="0 3 1 1 *"))
+    await services.registry.create(task)
+    run_id = await services.executor.create_run(task, TriggerType.MANUAL)
+    assert await services.runs.mark_started(run_id, "other-replica", clock.now())
+    await clock.advance(10)
+    await services.runs.heartbeat(run_id, clock.now())
+    beat = clock.now()
+    await clock.advance(5)
+    assert (await services.scheduler.tick()).next_wake == beat + lease
+    await clock.set(beat + lease)
+    assert len((await services.scheduler.tick()).recovered) == 1
+    await drain(services.executor)

@@ -13,8 +13,9 @@ from pydantic import BaseModel, Field
 
 from ralph.api.deps import ServicesDep
 from ralph.api.params import TaskNamePath, UserIdPath
-from ralph.background.cron import next_slot
+from ralph.background.cron import never_fires_reason, next_slot
 from ralph.background.models import (
+    STORED,
     CronTrigger,
     RunStatus,
     StoredTask,
@@ -36,11 +37,12 @@ class TaskOut(TaskDefinition):
 
     @classmethod
     def of(cls, stored: StoredTask) -> TaskOut:
-        return cls(
+        data = {
             **stored.definition.model_dump(),
-            created_at=stored.created_at,
-            updated_at=stored.updated_at,
-        )
+            "created_at": stored.created_at,
+            "updated_at": stored.updated_at,
+        }
+        return cls.model_validate(data, context={STORED: True})
 
 
 class RunRequest(BaseModel):
@@ -224,12 +226,16 @@ class SchedulerTask(BaseModel):
     name: str
     trigger_type: str
     next_fire_at: datetime | None
+    error: str | None = Field(
+        default=None, description="Why the scheduler could not fire this task in its last tick"
+    )
 
 
 class SchedulerOut(BaseModel):
     replica_id: str
     running: bool
     last_tick_at: datetime | None
+    recovery_error: str | None = None
     tasks: list[SchedulerTask]
     replicas: list[dict[str, Any]]
 
@@ -249,16 +255,19 @@ async def scheduler_state(services: ServicesDep) -> SchedulerOut:
             if isinstance(trigger, CronTrigger)
             else None
         )
+        name = stored.definition.name
+        error = scheduler.errors.get(name)
+        if isinstance(trigger, CronTrigger) and upcoming is None:
+            error = never_fires_reason(trigger.schedule, now)
         tasks.append(
-            SchedulerTask(
-                name=stored.definition.name, trigger_type=trigger.type, next_fire_at=upcoming
-            )
+            SchedulerTask(name=name, trigger_type=trigger.type, next_fire_at=upcoming, error=error)
         )
     replicas = await scheduler.replicas(now - timedelta(minutes=10))
     return SchedulerOut(
         replica_id=scheduler.replica_id,
         running=services.settings.scheduler_enabled,
         last_tick_at=scheduler.last_tick,
+        recovery_error=scheduler.recovery_error,
         tasks=tasks,
         replicas=replicas,
     )

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ralph.background.models import RunStatus, TaskDefinition, TriggerType, UserStatus
@@ -209,21 +209,26 @@ class ScheduleStore:
 
     # --- leases ---------------------------------------------------------------------------
 
-    async def others_running(self, owner: str) -> bool:
-        """Whether a process other than `owner` holds a running run."""
-        query = (
-            select(task_runs.c.id)
-            .where(task_runs.c.status == RunStatus.RUNNING.value, task_runs.c.owner != owner)
-            .limit(1)
+    async def lease_start(self, owner: str, starting: Sequence[str]) -> datetime | None:
+        """The earliest moment from which recovery may have work one lease later: the oldest
+        creation time of a pending run (but those in `starting`, which the caller is about to
+        start), or the oldest heartbeat of a run another process than `owner` is running.
+        None if there is neither."""
+        pending = select(func.min(task_runs.c.created_at)).where(
+            task_runs.c.status == RunStatus.PENDING.value, task_runs.c.id.not_in(list(starting))
+        )
+        running = select(func.min(task_runs.c.heartbeat_at)).where(
+            task_runs.c.status == RunStatus.RUNNING.value, task_runs.c.owner != owner
         )
         async with self._engine.connect() as conn:
-            return (await conn.execute(query)).first() is not None
+            times = [(await conn.execute(q)).scalar() for q in (pending, running)]
+        return min((t for t in times if t is not None), default=None)
 
     async def orphaned_runs(self, created_before: datetime) -> list[str]:
-        """Runs still pending that were created before `created_before`: their creator died
-        between creating and starting them."""
+        """Runs still pending that were created at or before `created_before`: their creator
+        died between creating and starting them (or queued them as a rerun when it stopped)."""
         query = select(task_runs.c.id).where(
-            task_runs.c.status == RunStatus.PENDING.value, task_runs.c.created_at < created_before
+            task_runs.c.status == RunStatus.PENDING.value, task_runs.c.created_at <= created_before
         )
         async with self._engine.connect() as conn:
             return [row.id for row in (await conn.execute(query)).all()]
@@ -246,9 +251,10 @@ class ScheduleStore:
             return [(r.run_id, r.task_name, r.user_id) for r in await conn.execute(query)]
 
     async def stale_runs(self, heartbeat_before: datetime) -> list[str]:
+        """Running runs whose last heartbeat is at or before `heartbeat_before`."""
         query = select(task_runs.c.id).where(
             task_runs.c.status == RunStatus.RUNNING.value,
-            task_runs.c.heartbeat_at < heartbeat_before,
+            task_runs.c.heartbeat_at <= heartbeat_before,
         )
         async with self._engine.connect() as conn:
             return [row.id for row in (await conn.execute(query)).all()]
@@ -256,7 +262,7 @@ class ScheduleStore:
     async def interrupt_stale_run(
         self, run_id: str, heartbeat_before: datetime, now: datetime, dead: Sequence[str]
     ) -> list[str] | None:
-        """Mark a run whose heartbeat is older than `heartbeat_before` as interrupted, with its
+        """Mark a run whose heartbeat is at or before `heartbeat_before` as interrupted, with its
         pending users and those of its running users listed in `dead` (read before: a user
         that started since, or that a live worker runs, stays running and keeps its lock).
         Releases the interrupted users' locks. Returns those users, in list order, or None if
@@ -267,7 +273,7 @@ class ScheduleStore:
                 .where(
                     task_runs.c.id == run_id,
                     task_runs.c.status == RunStatus.RUNNING.value,
-                    task_runs.c.heartbeat_at < heartbeat_before,
+                    task_runs.c.heartbeat_at <= heartbeat_before,
                 )
                 .values(
                     status=RunStatus.INTERRUPTED.value,

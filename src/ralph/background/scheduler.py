@@ -32,6 +32,14 @@ from ralph.clock import Clock
 
 log = structlog.get_logger(__name__)
 
+# a task (or recovery) that failed in a tick is tried again this soon
+_RETRY_FAILED = timedelta(seconds=30)
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
 # (run id, user ids) -> those of the users whose unit a live worker process is running
 UnitsAlive = Callable[[str, Sequence[str]], Awaitable[set[str]]]
 
@@ -70,6 +78,9 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self.last_tick: datetime | None = None
+        # the last tick's failures: task name -> error, and recovery's
+        self.errors: dict[str, str] = {}
+        self.recovery_error: str | None = None
         registry.on_change(self._wake.set)
 
     @property
@@ -79,36 +90,78 @@ class Scheduler:
     # --- one tick -------------------------------------------------------------------------
 
     async def tick(self) -> TickReport:
-        """Fire everything due now; return what was started and when to look again."""
+        """Fire everything due now; return what was started and when to look again.
+
+        Each task is fired on its own: one that fails (a definition the scheduler cannot
+        evaluate, a database error) is logged and recorded in `errors`, and the other tasks,
+        recovery and the heartbeat go on.
+        """
         now = self._clock.now()
         tasks = [t for t in (await self._registry.refresh()).values() if t.definition.enabled]
+        self.errors = {
+            k: v for k, v in self.errors.items() if k in {t.definition.name for t in tasks}
+        }
         started: list[str] = []
         missed = 0
         idle_users = 0
         # Re-tick at least hourly (and every idle interval while idle tasks exist), even if
         # no slot is due: that picks up changes made through other replicas.
         wake = now + timedelta(hours=1)
-        recovered = await self.recover(now)
-        if await self._store.others_running(self.replica_id):
-            wake = min(wake, now + self._lease)
+        recovered: list[str] = []
+        try:
+            recovered, left_to_workers = await self.recover(now)
+            self.recovery_error = None
+            if left_to_workers:
+                wake = min(wake, now + self._lease)
+        except Exception as exc:
+            log.exception("scheduler_recovery_failed")
+            self.recovery_error = _describe(exc)
+            wake = min(wake, now + _RETRY_FAILED)
         for stored in tasks:
-            trigger = stored.definition.trigger
-            if isinstance(trigger, CronTrigger):
-                run_ids, n_missed = await self._fire_cron(stored, trigger, now)
-                started += run_ids
-                missed += n_missed
-                wake = min(wake, next_slot(trigger.schedule, trigger.timezone, now))
+            name = stored.definition.name
+            try:
+                run_ids, task_wake, n_missed, n_idle = await self._fire(stored, now)
+            except Exception as exc:
+                log.exception("scheduler_task_failed", task=name)
+                self.errors[name] = _describe(exc)
+                wake = min(wake, now + _RETRY_FAILED)
+                continue
+            missed += n_missed
+            idle_users += n_idle
+            for run_id in run_ids:
+                self._executor.start(run_id)
+            started += run_ids
+            if task_wake is None:
+                # a cron expression stored before expressions were checked: nothing to retry
+                # until the task is replaced, which wakes the loop
+                self.errors[name] = "the cron expression has no fire time ahead"
             else:
-                wake = min(wake, now + self._idle_interval)
-                run_id, n_users = await self._fire_idle(stored, trigger, now)
-                if run_id:
-                    started.append(run_id)
-                    idle_users += n_users
-        for run_id in started:
-            self._executor.start(run_id)
-        await self._heartbeat(now)
+                self.errors.pop(name, None)
+                wake = min(wake, task_wake)
+        try:
+            # every due time the store knows of bounds the sleep: a pending run (a rerun
+            # queued by a stopping server) or another process's run becomes recoverable
+            # one lease after it was created or last heart-beat
+            lease_start = await self._store.lease_start(self.replica_id, self._executor.active_runs)
+            if lease_start is not None:
+                wake = min(wake, max(now, lease_start + self._lease))
+            await self._heartbeat(now)
+        except Exception:
+            log.exception("scheduler_heartbeat_failed")
+            wake = min(wake, now + _RETRY_FAILED)
         self.last_tick = now
         return TickReport(started, missed, idle_users, recovered, wake)
+
+    async def _fire(
+        self, stored: StoredTask, now: datetime
+    ) -> tuple[list[str], datetime | None, int, int]:
+        """Fire one task: (runs created, when it is next due, slots missed, idle users)."""
+        trigger = stored.definition.trigger
+        if isinstance(trigger, CronTrigger):
+            run_ids, missed = await self._fire_cron(stored, trigger, now)
+            return run_ids, next_slot(trigger.schedule, trigger.timezone, now), missed, 0
+        run_id, n_users = await self._fire_idle(stored, trigger, now)
+        return [run_id] if run_id else [], now + self._idle_interval, 0, n_users
 
     async def _fire_cron(
         self, stored: StoredTask, trigger: CronTrigger, now: datetime
@@ -192,11 +245,11 @@ class Scheduler:
 
     # --- crash recovery -------------------------------------------------------------------
 
-    async def recover(self, now: datetime) -> list[str]:
+    async def recover(self, now: datetime) -> tuple[list[str], int]:
         """Runs whose owner stopped heart-beating for a lease are marked `interrupted`; their
         unfinished users (but those a live worker still runs) are re-run in a new run, within
         the rerun limit. Runs left pending for a lease are started. Returns the ids of the
-        runs started."""
+        runs started, and how many users of stopped runs are still left to live workers."""
         stale = now - self._lease
         new_runs: list[str] = []
         # created but never started (their creator died in between): start them here;
@@ -222,26 +275,31 @@ class Scheduler:
                     new_runs.append(rerun)
         for run_id in new_runs:
             self._executor.start(run_id)
+        left = 0
         if self._units_alive is not None:
-            await self._fail_units_of_dead_workers(now, self._units_alive)
-        return new_runs
+            left = await self._fail_units_of_dead_workers(now, self._units_alive)
+        return new_runs, left
 
-    async def _fail_units_of_dead_workers(self, now: datetime, units_alive: UnitsAlive) -> None:
+    async def _fail_units_of_dead_workers(self, now: datetime, units_alive: UnitsAlive) -> int:
         """Users a stopped (or crashed) server left to their workers, whose worker has since
         died: nobody waits for them any more, so fail them here and free their locks. A unit
-        runs at most a day (the longest `timeout_seconds`), so older runs are not looked at."""
+        runs at most a day (the longest `timeout_seconds`), so older runs are not looked at.
+        Returns how many are still alive (to be looked at again)."""
         left = await self._store.running_users_of_stopped_runs(now - timedelta(days=1, hours=1))
         by_run: dict[str, list[tuple[str, str]]] = {}
         for run_id, task_name, user_id in left:
             by_run.setdefault(run_id, []).append((task_name, user_id))
+        still_alive = 0
         for run_id, users in by_run.items():
             alive = await units_alive(run_id, [user_id for _, user_id in users])
+            still_alive += len(alive)
             for task_name, user_id in users:
                 if user_id not in alive:
                     log.warning("worker_lost", run_id=run_id, user_id=user_id)
                     await self._executor.runs.fail_unfinished_user(
                         run_id, task_name, user_id, now, "worker lost after the server stopped"
                     )
+        return still_alive
 
     # --- replicas and the loop ------------------------------------------------------------
 

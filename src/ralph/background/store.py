@@ -172,7 +172,7 @@ class TaskStore:
         data = json.loads(row["definition"])
         data["user_ids"] = user_ids
         data["enabled"] = bool(row["enabled"])
-        definition = TaskDefinition.model_validate(data)
+        definition = TaskDefinition.from_stored(data)
         return StoredTask(
             definition, row["created_at"], row["updated_at"], row["schedule_from"], row["revision"]
         )
@@ -382,7 +382,7 @@ class RunStore:
             raise NotFound(f"run '{run_id}' not found")
         data = json.loads(raw)
         data["user_ids"] = []
-        return TaskDefinition.model_validate(data)
+        return TaskDefinition.from_stored(data)
 
     async def mark_started(self, run_id: str, owner: str, now: datetime) -> bool:
         """pending -> running, owned by `owner`. False if the run was not pending."""
