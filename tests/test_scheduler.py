@@ -154,7 +154,7 @@ async def test_two_schedulers_fire_each_of_100_slots_once(
 ) -> None:
     services = harness.services
     await services.registry.create(
-        definition(trigger=CronTrigger(schedule="* * * * *"), user_ids=[])
+        definition(trigger=CronTrigger(schedule="* * * * *"), user_ids=["a"])
     )
     other = second_replica
     other_executor = other.executor

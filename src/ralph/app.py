@@ -9,12 +9,20 @@ from fastapi import Depends, FastAPI
 
 from ralph import __version__
 from ralph.api import background, chat, conversations, health, memory, proposals
-from ralph.api.deps import require_token
-from ralph.api.errors import install_error_handlers
-from ralph.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from ralph.api.deps import bearer_token
+from ralph.api.errors import ERROR_RESPONSES, install_error_handlers
+from ralph.api.middleware import (
+    BodySizeLimitMiddleware,
+    RequestIdMiddleware,
+    TokenMiddleware,
+    UnicodeGuardMiddleware,
+)
 from ralph.clock import Clock
 from ralph.config import Settings
 from ralph.services import open_services
+
+# the interactive docs and the document they read
+API_DOCS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 
 
 def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
@@ -38,17 +46,24 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
         version=__version__,
         description=(
             "Agents that keep a memory of each user and work for them in the background. "
-            "Every route except /health needs `Authorization: Bearer <RALPH_API_TOKEN>` "
-            "when a token is configured."
+            "When RALPH_API_TOKEN is set, every route except /health (and these docs, if "
+            "RALPH_API_DOCS_PUBLIC=true) needs `Authorization: Bearer <RALPH_API_TOKEN>`. "
+            "Every error is JSON with a `detail` string."
         ),
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    # the last added runs first: request id, token, size cap, then the body's text
+    app.add_middleware(UnicodeGuardMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    if settings.api_token is not None:
+        public = {"/health", *(API_DOCS if settings.api_docs_public else ())}
+        app.add_middleware(
+            TokenMiddleware, token=settings.api_token.get_secret_value(), public=public
+        )
     app.add_middleware(RequestIdMiddleware)
 
     app.include_router(health.router)
-    protected = [Depends(require_token)]
     for router in (
         memory.router,
         proposals.router,
@@ -56,5 +71,5 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
         chat.router,
         background.router,
     ):
-        app.include_router(router, dependencies=protected)
+        app.include_router(router, dependencies=[Depends(bearer_token)], responses=ERROR_RESPONSES)
     return app

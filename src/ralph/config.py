@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8200, ge=1, le=65535)
     api_token: SecretStr | None = None
+    # with a token: whether /docs, /redoc and /openapi.json answer without it
+    api_docs_public: bool = False
     max_request_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool | None = None  # None: JSON when stderr is not a TTY

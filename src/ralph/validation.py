@@ -13,6 +13,11 @@ TASK_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 
 _USER_ID_RE = re.compile(USER_ID_PATTERN)
 
+# Integers a client sends are bounded by what the columns they are compared with hold
+# (SQLite and MariaDB refuse larger ones with an error, not an empty answer).
+MAX_INT32 = 2**31 - 1
+MAX_INT64 = 2**63 - 1
+
 
 def check_user_id(value: str) -> str:
     """Return `value` if it is a valid user id, else raise ValueError.
@@ -27,6 +32,7 @@ def check_user_id(value: str) -> str:
     return value
 
 
-UserId = Annotated[str, AfterValidator(check_user_id)]
+# the pattern is repeated as a constraint so that the OpenAPI document states it
+UserId = Annotated[str, StringConstraints(pattern=USER_ID_PATTERN), AfterValidator(check_user_id)]
 Label = Annotated[str, StringConstraints(pattern=LABEL_PATTERN)]
 TaskName = Annotated[str, StringConstraints(pattern=TASK_NAME_PATTERN)]

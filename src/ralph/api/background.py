@@ -26,7 +26,7 @@ from ralph.background.models import (
     UserStatus,
 )
 from ralph.errors import InvalidInput
-from ralph.validation import UserId
+from ralph.validation import MAX_INT32, UserId
 
 router = APIRouter(prefix="/background", tags=["background"])
 
@@ -47,7 +47,9 @@ class TaskOut(TaskDefinition):
 
 class RunRequest(BaseModel):
     user_ids: list[UserId] | None = Field(
-        default=None, description="Run only these users (each must be in the task's list)."
+        default=None,
+        min_length=1,
+        description="Run only these users (each must be in the task's list); omit for all.",
     )
 
 
@@ -198,7 +200,7 @@ async def list_runs(
 async def get_run(
     run_id: str,
     services: ServicesDep,
-    users_offset: int = Query(default=0, ge=0),
+    users_offset: int = Query(default=0, ge=0, le=MAX_INT32),
     users_limit: int = Query(default=100, ge=0, le=1000),
     users_status: UserStatus | None = None,
 ) -> RunOut:

@@ -12,6 +12,7 @@ from ralph.api.params import UserIdPath
 from ralph.clock import utc
 from ralph.conversations.store import Message, Role
 from ralph.errors import InvalidInput
+from ralph.validation import MAX_INT64
 
 router = APIRouter(prefix="/users/{user_id}", tags=["conversations"])
 
@@ -66,7 +67,9 @@ async def list_messages(
     user_id: UserIdPath,
     services: ServicesDep,
     limit: int = Query(default=50, ge=1, le=500),
-    before: int | None = Query(default=None, description="Only messages older than this id."),
+    before: int | None = Query(
+        default=None, ge=1, le=MAX_INT64, description="Only messages older than this id."
+    ),
     q: str | None = Query(default=None, min_length=1, max_length=200, description="Text search"),
 ) -> list[MessageOut]:
     """Newest first; page with `before=<smallest id seen>`."""

@@ -8,11 +8,41 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ralph.errors import Conflict, InvalidInput, NotFound
 
 log = structlog.get_logger(__name__)
+
+
+class ErrorItem(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorOut(BaseModel):
+    """Every 4xx answer: `detail` says what is wrong in words. A 422 for a malformed request
+    also lists each problem in `errors`; a 409 may add the state it conflicted with."""
+
+    model_config = ConfigDict(extra="allow")
+    detail: str
+    errors: list[ErrorItem] | None = Field(default=None)
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorOut, "description": description}
+    for status, description in {
+        400: "The body could not be read (not JSON text in UTF-8)",
+        401: "Missing or wrong bearer token",
+        404: "Not found",
+        409: "Conflicts with the current state",
+        413: "Request body too large",
+        422: "Invalid request",
+    }.items()
+}
 
 
 def _readable(errors: list[dict[str, Any]]) -> str:
@@ -22,6 +52,20 @@ def _readable(errors: list[dict[str, Any]]) -> str:
         message = str(error.get("msg", "invalid"))
         parts.append(f"{location}: {message}")
     return "; ".join(parts)
+
+
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods some route serves at the request's path."""
+    app: FastAPI = request.app
+    scope = {**request.scope, "root_path": ""}
+    return [
+        method
+        for method in _METHODS
+        if any(r.matches({**scope, "method": method})[0] is Match.FULL for r in app.router.routes)
+    ]
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -47,9 +91,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(status_code=422, content={"detail": str(exc)})
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = exc.headers
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route matching the path only; one path
+            # (GET and POST /background/tasks) is served by several routes
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
         return JSONResponse(
-            status_code=exc.status_code, content={"detail": exc.detail}, headers=exc.headers
+            status_code=exc.status_code, content={"detail": exc.detail}, headers=headers
         )
 
     @app.exception_handler(Exception)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, Field
 
 from ralph.api.deps import ServicesDep
 from ralph.api.params import LabelPath, UserIdPath
 from ralph.memory.models import Block, BlockVersion
+from ralph.validation import MAX_INT32
 
 router = APIRouter(prefix="/users/{user_id}/blocks", tags=["memory"])
 
@@ -33,15 +34,18 @@ class BlockIn(BaseModel):
     title: str | None = Field(default=None, max_length=255)
     body: str
     expected_version: int | None = Field(
-        default=None, ge=0, description="Apply only if the block is at this version (0: new)."
+        default=None,
+        ge=0,
+        le=MAX_INT32,
+        description="Apply only if the block is at this version (0: new).",
     )
     author: Literal["user", "api"] = "api"
 
 
 class RevertIn(BaseModel):
-    version: int = Field(ge=1, description="The earlier version to go back to.")
+    version: int = Field(ge=1, le=MAX_INT32, description="The earlier version to go back to.")
     expected_version: int | None = Field(
-        default=None, ge=1, description="Apply only if the block is at this version."
+        default=None, ge=1, le=MAX_INT32, description="Apply only if the block is at this version."
     )
     author: Literal["user", "api"] = "api"
 
@@ -118,7 +122,7 @@ async def delete_block(
     user_id: UserIdPath,
     label: LabelPath,
     services: ServicesDep,
-    expected_version: int | None = Query(default=None, ge=1),
+    expected_version: int | None = Query(default=None, ge=1, le=MAX_INT32),
 ) -> Deleted:
     """Delete a block; its history stays readable."""
     version = await services.memory.delete_block(
@@ -138,6 +142,9 @@ async def history(
 
 @router.get("/{label}/history/{version}", response_model=VersionOut)
 async def get_version(
-    user_id: UserIdPath, label: LabelPath, version: int, services: ServicesDep
+    user_id: UserIdPath,
+    label: LabelPath,
+    version: Annotated[int, Path(ge=1, le=MAX_INT32)],
+    services: ServicesDep,
 ) -> VersionOut:
     return VersionOut.of(await services.memory.get_version(user_id, label, version))

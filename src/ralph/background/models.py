@@ -73,7 +73,9 @@ class TaskDefinition(BaseModel):
     tools: list[str] = Field(default_factory=list[str], max_length=20)
     memory_blocks: list[Label] = Field(default_factory=list[str], max_length=50)
     trigger: Trigger
-    user_ids: list[UserId] = Field(max_length=1_000_000)
+    user_ids: list[UserId] = Field(
+        max_length=1_000_000, json_schema_extra={"minItems": 1}, description="At least one."
+    )
     batch_size: int = Field(default=5, ge=1, le=1000)
     max_turns: int = Field(default=10, ge=1, le=100)
     timeout_seconds: float = Field(default=300.0, gt=0, le=24 * 3600)
@@ -94,7 +96,10 @@ class TaskDefinition(BaseModel):
 
     @field_validator("user_ids")
     @classmethod
-    def _unique_users(cls, value: list[str]) -> list[str]:
+    def _unique_users(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        # a snapshot of a run's task is stored without its users
+        if not value and not (info.context and info.context.get(STORED)):
+            raise ValueError("list at least one user (a task runs for the users it lists)")
         seen: set[str] = set()
         duplicates = sorted({u for u in value if u in seen or seen.add(u)})
         if duplicates:

@@ -1,0 +1,160 @@
+"""Bad input is a 4xx with a message, never a 500; the token is checked before anything else;
+the OpenAPI document describes the errors the API really sends."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from httpx import ASGITransport, AsyncClient
+from pydantic import SecretStr
+
+from ralph.app import create_app
+from ralph.config import Settings
+
+LONE = "a\ud800"
+TOKEN = "a-token-of-24-characters"
+
+
+def escaped(value: Any) -> dict[str, Any]:
+    """`json=` for httpx, as bytes with every non-ASCII character escaped (httpx would
+    refuse to encode a lone surrogate)."""
+    return {"content": json.dumps(value), "headers": {"content-type": "application/json"}}
+
+
+async def test_a_lone_surrogate_is_a_422_everywhere(client: AsyncClient) -> None:
+    """Valid JSON (`"a\\ud800"`) but not Unicode text: no database can store it."""
+    sent = [
+        ("PUT", "/users/u/blocks/student", {"body": LONE}),
+        ("PUT", "/users/u/blocks/student", {"title": LONE, "body": "x"}),
+        ("POST", "/users/u/proposals", {"label": "student", "reason": "r", "body": LONE}),
+        ("POST", "/users/u/messages", {"content": LONE}),
+        ("POST", "/chat/stream", {"user_id": "u", "message": LONE}),
+        ("POST", "/users/u/proposals", {"label": "s", "reason": "r", LONE: "x"}),
+        ("POST", "/background/tasks", {"name": "t", "system_prompt": [LONE]}),
+    ]
+    for method, url, body in sent:
+        answer = await client.request(method, url, **escaped(body))
+        assert answer.status_code == 422, answer.text
+        assert "surrogate" in answer.json()["detail"]
+    assert (await client.get("/users/u/blocks")).json() == []
+
+
+async def test_a_surrogate_pair_is_one_character(client: AsyncClient) -> None:
+    raw = b'{"body": "smile \\ud83d\\ude00 \\\\ud800 is text"}'
+    answer = await client.put(
+        "/users/u/blocks/student", content=raw, headers={"content-type": "application/json"}
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["body"] == "smile \U0001f600 \\ud800 is text"
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "body"),
+    [
+        ("GET", "/background/runs/r?users_offset=99999999999999999999999", None),
+        ("GET", "/users/u/blocks/student/history/99999999999999999999", None),
+        ("GET", "/users/u/blocks/student/history/9223372036854775808", None),
+        ("GET", "/users/u/messages?before=99999999999999999999", None),
+        ("POST", "/users/u/blocks/student/revert", {"version": 2**64}),
+        ("POST", "/users/u/blocks/student/revert", {"version": 1, "expected_version": 2**40}),
+        ("PUT", "/users/u/blocks/student", {"body": "x", "expected_version": 2**63}),
+        ("DELETE", "/users/u/blocks/student?expected_version=99999999999999999999", None),
+    ],
+)
+async def test_integers_beyond_the_columns_are_a_422(
+    client: AsyncClient, method: str, url: str, body: Any
+) -> None:
+    await client.put("/users/u/blocks/student", json={"body": "x"})
+    answer = await client.request(method, url, json=body)
+    assert answer.status_code == 422, answer.text
+    assert "less than or equal" in answer.json()["detail"]
+
+
+async def test_a_task_without_users_is_refused(client: AsyncClient) -> None:
+    task: dict[str, Any] = {
+        "name": "nobody",
+        "system_prompt": "p",
+        "trigger": {"type": "cron", "schedule": "0 3 * * *"},
+        "user_ids": [],
+    }
+    answer = await client.post("/background/tasks", json=task)
+    assert answer.status_code == 422
+    assert "at least one user" in answer.json()["detail"]
+    task["user_ids"] = ["a"]
+    assert (await client.post("/background/tasks", json=task)).status_code == 201
+    subset = await client.post("/background/tasks/nobody/run", json={"user_ids": []})
+    assert subset.status_code == 422
+
+
+async def test_405_names_every_method_of_the_path(client: AsyncClient) -> None:
+    answer = await client.request("PATCH", "/background/tasks")
+    assert answer.status_code == 405
+    assert answer.headers["allow"] == "GET, POST"
+    answer = await client.request("PATCH", "/users/u/blocks/student")
+    assert answer.headers["allow"] == "DELETE, GET, PUT"
+
+
+@pytest.fixture
+async def token_client(settings: Settings) -> AsyncIterator[AsyncClient]:
+    app = create_app(settings.model_copy(update={"api_token": SecretStr(TOKEN)}))
+    async with (
+        app.router.lifespan_context(app),
+        AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
+    ):
+        yield client
+
+
+async def test_the_token_is_checked_before_the_body_and_covers_the_docs(
+    token_client: AsyncClient,
+) -> None:
+    for path in ("/openapi.json", "/docs", "/redoc", "/background/tasks", "/nowhere"):
+        answer = await token_client.get(path)
+        assert answer.status_code == 401, path
+        assert answer.json() == {"detail": "missing or wrong bearer token"}
+        assert answer.headers["www-authenticate"] == "Bearer"
+    malformed = await token_client.put(
+        "/users/u/blocks/student", content=b"{", headers={"content-type": "application/json"}
+    )
+    assert malformed.status_code == 401
+    surrogate = await token_client.post("/users/u/messages", **escaped({"content": LONE}))
+    assert surrogate.status_code == 401
+    assert (await token_client.get("/health")).status_code == 200
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert (await token_client.get("/openapi.json", headers=auth)).status_code == 200
+    assert (await token_client.get("/users/u/blocks", headers=auth)).status_code == 200
+    wrong = {"Authorization": f"Bearer {TOKEN}x"}
+    assert (await token_client.get("/users/u/blocks", headers=wrong)).status_code == 401
+
+
+async def test_the_docs_may_be_public(settings: Settings) -> None:
+    update = {"api_token": SecretStr(TOKEN), "api_docs_public": True}
+    app = create_app(settings.model_copy(update=update))
+    async with (
+        app.router.lifespan_context(app),
+        AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
+    ):
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            assert (await client.get(path)).status_code == 200, path
+        assert (await client.get("/users/u/blocks")).status_code == 401
+
+
+async def test_every_documented_error_has_the_shape_sent(client: AsyncClient) -> None:
+    document = (await client.get("/openapi.json")).json()
+    schemas = document["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas
+    error_ref = "#/components/schemas/ErrorOut"
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                if status.startswith("4"):
+                    schema = response["content"]["application/json"]["schema"]
+                    assert schema == {"$ref": error_ref}, (method, path, status)
+    answer = await client.put("/users/u/blocks/student", json={"title": 5})
+    assert answer.status_code == 422
+    body = answer.json()
+    assert isinstance(body["detail"], str)
+    assert {"loc", "msg", "type"} <= set(body["errors"][0])
+    assert set(schemas["ErrorOut"]["required"]) == {"detail"}
