@@ -5,7 +5,15 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator, StringConstraints
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+)
 
 USER_ID_PATTERN = r"^[A-Za-z0-9._@-]{1,128}$"
 LABEL_PATTERN = r"^[a-z0-9_-]{1,64}$"
@@ -36,3 +44,30 @@ def check_user_id(value: str) -> str:
 UserId = Annotated[str, StringConstraints(pattern=USER_ID_PATTERN), AfterValidator(check_user_id)]
 Label = Annotated[str, StringConstraints(pattern=LABEL_PATTERN)]
 TaskName = Annotated[str, StringConstraints(pattern=TASK_NAME_PATTERN)]
+
+
+class StrictInput(BaseModel):
+    """A request body: JSON types are taken as they are (`false` is not a version, `"5"` not
+    a number), so a client's mistake is a 422, not a guess. Enum and time fields, which JSON
+    carries as strings, say `strict=False` (times as `JsonTime`)."""
+
+    model_config = ConfigDict(strict=True)
+
+
+def _time_as_text(value: object) -> object:
+    if isinstance(value, int | float):
+        raise ValueError("a time is an ISO 8601 string, e.g. 2026-01-01T09:00:00Z")
+    return value
+
+
+# a time in a JSON body: an ISO 8601 string with its offset (a number is not taken as epoch)
+JsonTime = Annotated[AwareDatetime, BeforeValidator(_time_as_text), Field(strict=False)]
+
+
+def unique_user_ids(value: list[str]) -> list[str]:
+    """`value` if no user id appears twice, else ValueError naming the repeated ones."""
+    seen: set[str] = set()
+    duplicates = sorted({u for u in value if u in seen or seen.add(u)})
+    if duplicates:
+        raise ValueError(f"duplicate user ids: {', '.join(duplicates[:5])}")
+    return value

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from ralph.api.deps import ServicesDep
 from ralph.api.params import TaskNamePath, UserIdPath
@@ -26,7 +26,7 @@ from ralph.background.models import (
     UserStatus,
 )
 from ralph.errors import InvalidInput
-from ralph.validation import MAX_INT32, UserId
+from ralph.validation import MAX_INT32, StrictInput, UserId, unique_user_ids
 
 router = APIRouter(prefix="/background", tags=["background"])
 
@@ -45,10 +45,11 @@ class TaskOut(TaskDefinition):
         return cls.model_validate(data, context={STORED: True})
 
 
-class RunRequest(BaseModel):
-    user_ids: list[UserId] | None = Field(
+class RunRequest(StrictInput):
+    user_ids: (
+        Annotated[list[UserId], AfterValidator(unique_user_ids), Field(min_length=1)] | None
+    ) = Field(
         default=None,
-        min_length=1,
         description="Run only these users (each must be in the task's list); omit for all.",
     )
 

@@ -7,16 +7,16 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from ralph.api.conversations import MAX_MESSAGE_CHARS
 from ralph.api.deps import ServicesDep
-from ralph.validation import UserId
+from ralph.validation import StrictInput, UserId
 
 router = APIRouter(tags=["chat"])
 
 
-class ChatIn(BaseModel):
+class ChatIn(StrictInput):
     user_id: UserId
     message: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS)
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from fastapi import APIRouter, Query
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import BaseModel, Field
 
 from ralph.api.deps import ServicesDep
 from ralph.api.params import UserIdPath
 from ralph.clock import utc
 from ralph.conversations.store import Message, Role
 from ralph.errors import InvalidInput
-from ralph.validation import MAX_INT64
+from ralph.validation import MAX_INT64, JsonTime, StrictInput
 
 router = APIRouter(prefix="/users/{user_id}", tags=["conversations"])
 
@@ -21,8 +21,8 @@ MAX_MESSAGE_CHARS = 64 * 1024
 MAX_ACTIVITY_AHEAD = timedelta(minutes=5)
 
 
-class MessageIn(BaseModel):
-    role: Role = Role.USER
+class MessageIn(StrictInput):
+    role: Role = Field(default=Role.USER, strict=False)
     content: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS)
 
 
@@ -38,8 +38,8 @@ class MessageOut(BaseModel):
         return cls.model_validate(message, from_attributes=True)
 
 
-class ActivityIn(BaseModel):
-    at: AwareDatetime | None = Field(
+class ActivityIn(StrictInput):
+    at: JsonTime | None = Field(
         default=None,
         description=(
             "When the user was active; defaults to now. At most 5 minutes ahead of the "

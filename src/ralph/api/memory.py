@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from ralph.api.deps import ServicesDep
 from ralph.api.params import LabelPath, UserIdPath
 from ralph.memory.models import Block, BlockVersion
-from ralph.validation import MAX_INT32
+from ralph.validation import MAX_INT32, StrictInput
 
 router = APIRouter(prefix="/users/{user_id}/blocks", tags=["memory"])
 
@@ -30,7 +30,7 @@ class BlockOut(BaseModel):
         return cls.model_validate(block, from_attributes=True)
 
 
-class BlockIn(BaseModel):
+class BlockIn(StrictInput):
     title: str | None = Field(default=None, max_length=255)
     body: str
     expected_version: int | None = Field(
@@ -42,7 +42,7 @@ class BlockIn(BaseModel):
     author: Literal["user", "api"] = "api"
 
 
-class RevertIn(BaseModel):
+class RevertIn(StrictInput):
     version: int = Field(ge=1, le=MAX_INT32, description="The earlier version to go back to.")
     expected_version: int | None = Field(
         default=None, ge=1, le=MAX_INT32, description="Apply only if the block is at this version."

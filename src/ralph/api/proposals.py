@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field, model_validator
 from ralph.api.deps import ServicesDep
 from ralph.api.params import UserIdPath
 from ralph.memory.models import Proposal, ProposalDraft, ProposalKind, ProposalStatus
-from ralph.validation import Label
+from ralph.validation import Label, StrictInput
 
 router = APIRouter(tags=["proposals"])
 
@@ -40,7 +40,7 @@ class ProposalOut(BaseModel):
         return cls.model_validate(proposal, from_attributes=True)
 
 
-class ProposalIn(BaseModel):
+class ProposalIn(StrictInput):
     label: Label
     reason: str = Field(min_length=1, max_length=4000)
     body: str | None = Field(default=None, description="The whole new body.")
@@ -59,7 +59,7 @@ class ProposalIn(BaseModel):
         return self
 
 
-class Decision(BaseModel):
+class Decision(StrictInput):
     comment: str | None = Field(default=None, max_length=4000)
 
 

@@ -9,20 +9,20 @@ from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from ralph.background.cron import never_fires_reason
-from ralph.validation import Label, TaskName, UserId
+from ralph.validation import Label, StrictInput, TaskName, UserId, unique_user_ids
 
 # Validation context for definitions read back from the database: checks added since a row
 # was written must not make it unreadable.
 STORED = "stored"
 
 
-class CronTrigger(BaseModel):
+class CronTrigger(StrictInput):
     """Fire at each slot of a cron expression, read in an IANA timezone."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["cron"] = "cron"
     schedule: str = Field(examples=["0 3 * * *"])
     timezone: str = "UTC"
@@ -52,10 +52,10 @@ class CronTrigger(BaseModel):
         return value
 
 
-class IdleTrigger(BaseModel):
+class IdleTrigger(StrictInput):
     """Fire once per idle episode: `idle_minutes` after a user's last message."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["idle"] = "idle"
     idle_minutes: int = Field(ge=1, le=60 * 24 * 365)
     cooldown_minutes: int = Field(default=60, ge=0, le=60 * 24 * 365)
@@ -64,10 +64,10 @@ class IdleTrigger(BaseModel):
 Trigger = Annotated[CronTrigger | IdleTrigger, Field(discriminator="type")]
 
 
-class TaskDefinition(BaseModel):
+class TaskDefinition(StrictInput):
     """What a background task does, for whom, and when."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: TaskName
     system_prompt: str = Field(min_length=1, max_length=100_000)
     tools: list[str] = Field(default_factory=list[str], max_length=20)
@@ -100,12 +100,7 @@ class TaskDefinition(BaseModel):
         # a snapshot of a run's task is stored without its users
         if not value and not (info.context and info.context.get(STORED)):
             raise ValueError("list at least one user (a task runs for the users it lists)")
-        seen: set[str] = set()
-        duplicates = sorted({u for u in value if u in seen or seen.add(u)})
-        if duplicates:
-            shown = ", ".join(duplicates[:5])
-            raise ValueError(f"duplicate user ids: {shown}")
-        return value
+        return unique_user_ids(value)
 
     @field_validator("tools", "memory_blocks")
     @classmethod
