@@ -335,6 +335,24 @@ async def test_file_tools_stay_inside_the_workspace(harness: AppHarness, tmp_pat
     assert (workspace / "notes.txt").read_text() == "fine"
 
 
+async def test_file_tool_answers_name_paths_inside_the_workspace(
+    harness: AppHarness, tmp_path: Path
+) -> None:
+    """The model sees paths relative to the workspace, errors included: never the server's."""
+    toolkit: Any = _file_tools(tmp_path, harness.services)
+    answers = [
+        toolkit.read_file("missing.txt"),
+        toolkit.read_file_chunk("missing.txt", 0, 2),
+        toolkit.save_file("hello", "notes/today.txt"),
+        toolkit.list_files(),
+        toolkit.search_files("**/*.txt"),
+    ]
+    assert not [a for a in answers if str(tmp_path) in a]
+    assert answers[0] == "Error reading file: [Errno 2] No such file or directory: 'missing.txt'"
+    assert answers[2] == "notes/today.txt"
+    assert "notes/today.txt" in answers[4]
+
+
 @pytest.mark.parametrize("user_id", ["..", "../other", "a/b", "a..b", "", "x" * 200])
 def test_odd_user_ids_cannot_name_a_workspace(tmp_path: Path, user_id: str) -> None:
     with pytest.raises((ValueError, InvalidInput)):

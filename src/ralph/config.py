@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     model_api_key: SecretStr | None = None
     model_timeout_seconds: float = Field(default=120.0, gt=0)
     model_max_retries: int = Field(default=3, ge=0, le=10)
+    # a provider asking to wait longer than this (Retry-After) fails the call: "rate limited"
+    model_max_retry_after_seconds: float = Field(default=60.0, ge=0)
     # Connections to the provider open at once; agents beyond it wait for a free one.
     model_max_connections: int = Field(default=1000, ge=1)
 

@@ -32,19 +32,24 @@ _RETRY_STATUSES = {408, 409, 429}
 _SDK_ONLY_PARAMS = {"extra_headers", "extra_query", "extra_body", "timeout"}
 
 
-def _retry_delay(response: Reply | None, attempt: int) -> float:
-    """Seconds to wait before the next attempt: the server's Retry-After if it gives one,
-    else exponential back-off with jitter (0.5 s, 1 s, 2 s ... at most 8 s)."""
-    if response is not None:
-        retry_after_ms = response.headers.get("retry-after-ms")
-        retry_after = response.headers.get("retry-after")
-        try:
-            if retry_after_ms is not None:
-                return max(0.0, float(retry_after_ms) / 1000)
-            if retry_after is not None:
-                return max(0.0, float(retry_after))
-        except ValueError:
-            pass
+def _retry_after(response: Reply | None) -> float | None:
+    """The seconds a reply's Retry-After(-ms) header asks to wait, if it gives a number."""
+    if response is None:
+        return None
+    retry_after_ms = response.headers.get("retry-after-ms")
+    retry_after = response.headers.get("retry-after")
+    try:
+        if retry_after_ms is not None:
+            return max(0.0, float(retry_after_ms) / 1000)
+        if retry_after is not None:
+            return max(0.0, float(retry_after))
+    except ValueError:
+        pass
+    return None
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential back-off with jitter: 0.5 s, 1 s, 2 s ... at most 8 s."""
     return min(8.0, 0.5 * 2**attempt) * (0.75 + random.random() / 4)
 
 
@@ -54,6 +59,8 @@ class DirectOpenAI(OpenAILike):
     `transport` (without one, every call goes through the SDK)."""
 
     transport: Transport | None = field(default=None, repr=False)
+    # a Retry-After longer than this ends the call ("rate limited") instead of waiting
+    max_retry_after: float = 60.0
 
     async def ainvoke(  # type: ignore[override]
         self,
@@ -114,15 +121,28 @@ class DirectOpenAI(OpenAILike):
                         return json.loads(reply.body)
                     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                         raise self._error(f"malformed reply: {exc}") from exc
+                asked = _retry_after(reply)
+                if asked is not None and asked > self.max_retry_after:
+                    raise self._error(
+                        f"rate limited: provider asked to wait {asked:g} s (more than "
+                        f"RALPH_MODEL_MAX_RETRY_AFTER_SECONDS={self.max_retry_after:g})",
+                        reply.status,
+                    )
                 if (
                     reply.status not in _RETRY_STATUSES and reply.status < 500
                 ) or attempt + 1 == attempts:
                     raise self._error(self._message(reply), reply.status)
-            await asyncio.sleep(_retry_delay(reply, attempt))
+            delay = _retry_after(reply)
+            await asyncio.sleep(_backoff(attempt) if delay is None else delay)
         raise AssertionError("unreachable")
 
     @staticmethod
     def _message(reply: Reply) -> str:
+        prefix = "rate limited: " if reply.status == 429 else ""
+        return prefix + DirectOpenAI._provider_message(reply)
+
+    @staticmethod
+    def _provider_message(reply: Reply) -> str:
         try:
             payload: Any = json.loads(reply.body)
             error: Any = payload.get("error", {})

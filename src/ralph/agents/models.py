@@ -59,6 +59,7 @@ class ModelFactory:
         common: dict[str, Any] = {
             "timeout": settings.model_timeout_seconds,
             "max_retries": settings.model_max_retries,
+            "max_retry_after": settings.model_max_retry_after_seconds,
             # A reply the client cannot parse is not retried by it; Agno then tries once more
             # after a second. (A status error has used up the client's retries by then, so it
             # gets one last round too: bounded at 2 x (RALPH_MODEL_MAX_RETRIES + 1) requests.)

@@ -16,9 +16,16 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class ToolCall:
+    """A call as the model writes it; `arguments` as a string is sent as is (even if it is
+    not JSON, as a confused model's are)."""
+
     name: str
-    arguments: dict[str, Any]
+    arguments: dict[str, Any] | str
     id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:12]}")
+
+    @property
+    def wire_arguments(self) -> str:
+        return self.arguments if isinstance(self.arguments, str) else json.dumps(self.arguments)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +46,7 @@ def completion(reply: Reply, model: str) -> dict[str, Any]:
             {
                 "id": call.id,
                 "type": "function",
-                "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
+                "function": {"name": call.name, "arguments": call.wire_arguments},
             }
             for call in reply.tool_calls
         ]
@@ -92,7 +99,7 @@ def stream_chunks(reply: Reply, model: str) -> Iterator[dict[str, Any]]:
                         "index": index,
                         "id": call.id,
                         "type": "function",
-                        "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
+                        "function": {"name": call.name, "arguments": call.wire_arguments},
                     }
                 ]
             }

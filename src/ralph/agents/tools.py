@@ -6,7 +6,9 @@ to another user. Memory tools never write a block; `edit_memory_block` creates a
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +47,32 @@ def check_tool_names(names: Sequence[str], *, allow_shell: bool) -> None:
             "shell_tools runs arbitrary commands as the server's user and is disabled; "
             "set RALPH_ALLOW_SHELL_TOOLS=true to allow it"
         )
+
+
+def _relative_paths(method: Callable[..., str]) -> Callable[..., str]:
+    """`method`, with the workspace's absolute path taken out of what it returns."""
+
+    @functools.wraps(method)  # keeps the signature and docstring the model is shown
+    def wrapper(self: WorkspaceFileTools, *args: Any, **kwargs: Any) -> str:
+        result = method(self, *args, **kwargs)
+        base = str(self.base_dir)
+        return result.replace(base + os.sep, "").replace(base, ".")
+
+    return wrapper
+
+
+class WorkspaceFileTools(FileTools):
+    """Agno's `FileTools`, confined to one user's workspace, whose answers (errors included)
+    name paths relative to it: the model needs no more, and the server's layout stays its own."""
+
+    save_file = _relative_paths(FileTools.save_file)
+    read_file = _relative_paths(FileTools.read_file)
+    read_file_chunk = _relative_paths(FileTools.read_file_chunk)
+    replace_file_chunk = _relative_paths(FileTools.replace_file_chunk)
+    list_files = _relative_paths(FileTools.list_files)
+    search_files = _relative_paths(FileTools.search_files)
+    search_content = _relative_paths(FileTools.search_content)
+    delete_file = _relative_paths(FileTools.delete_file)
 
 
 def workspace_dir(data_dir: Path, user_id: str) -> Path:
@@ -228,7 +256,7 @@ def build_tools(names: Sequence[str], ctx: ToolContext) -> list[Any]:
         elif canonical == "query_messages":
             tools.append(_bound(_query_messages(ctx)))
         elif canonical == "file_tools":
-            tools.append(FileTools(base_dir=workspace_dir(ctx.data_dir, ctx.user_id)))
+            tools.append(WorkspaceFileTools(base_dir=workspace_dir(ctx.data_dir, ctx.user_id)))
         elif canonical == "shell_tools":
             tools.append(ShellTools(base_dir=workspace_dir(ctx.data_dir, ctx.user_id)))
     return tools
