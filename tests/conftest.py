@@ -76,7 +76,7 @@ async def drop_mariadb_database(url: str) -> None:
         await engine.dispose()
 
 
-def _in_own_loop(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+def in_own_loop(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine to completion on a fresh event loop in another thread.
 
     Session-wide set-up runs outside any test's event loop this way.
@@ -88,7 +88,7 @@ def _in_own_loop(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
 @pytest.fixture(scope="session")
 def mariadb_schema_url() -> Iterator[str]:
     """One migrated MariaDB database for the whole test session, dropped at the end."""
-    if not _in_own_loop(lambda: _server_reachable(MARIADB_SERVER)):
+    if not in_own_loop(lambda: _server_reachable(MARIADB_SERVER)):
         message = f"MariaDB not reachable at {MARIADB_SERVER}"
         if REQUIRE_MARIADB:
             pytest.fail(message)
@@ -103,9 +103,9 @@ def mariadb_schema_url() -> Iterator[str]:
             await engine.dispose()
         return url
 
-    url = _in_own_loop(create)
+    url = in_own_loop(create)
     yield url
-    _in_own_loop(lambda: drop_mariadb_database(url))
+    in_own_loop(lambda: drop_mariadb_database(url))
 
 
 async def _truncate_all(engine: AsyncEngine) -> None:

@@ -1,4 +1,6 @@
-"""kill -9 a server mid-run, start it again: the run is interrupted, its users finish once.
+"""Stop a server mid-run (kill -9, or SIGTERM as a deploy does), start it again at once: the
+run is interrupted and its users finish exactly once, within the lease and a tick; on SQLite
+and MariaDB.
 
 Real processes, so real time: every wait polls a condition against a deadline.
 """
@@ -17,6 +19,7 @@ import pytest
 
 from ralph.testing.model_server import Delay, ModelServer, scripted, text
 from ralph.testing.processes import free_port, start_server_process
+from tests.conftest import create_mariadb_database, drop_mariadb_database, in_own_loop
 
 pytestmark = pytest.mark.slow
 
@@ -31,25 +34,105 @@ def wait_for(condition: Callable[[], Any], timeout: float = 30.0) -> Any:
     raise AssertionError("condition not met in time")
 
 
+# longer than a server takes to start, so the restarted server cannot find the rerun due at
+# its first tick: it must wake for it
+LEASE_SECONDS = 5
+
+
 @pytest.fixture
 def model_server() -> Iterator[ModelServer]:
     with ModelServer(scripted(text("ok"))) as server:
         yield server
 
 
-def start_server(tmp_path: Path, port: int, model_url: str) -> subprocess.Popen[bytes]:
+@pytest.fixture(params=["sqlite", "mariadb"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database the server processes migrate themselves."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'ralph.db'}"
+        return
+    url = in_own_loop(create_mariadb_database)
+    yield url
+    in_own_loop(lambda: drop_mariadb_database(url))
+
+
+def start_server(
+    tmp_path: Path, port: int, model_url: str, database_url: str
+) -> subprocess.Popen[bytes]:
     env = {
         "RALPH_DATA_DIR": str(tmp_path / "data"),
+        "RALPH_DATABASE_URL": database_url,
         "RALPH_MODEL_PROVIDER": "openai",
         "RALPH_MODEL_BASE_URL": model_url,
         "RALPH_MODEL_ID": "scripted",
         "RALPH_MODEL_MAX_RETRIES": "0",
-        "RALPH_RUN_LEASE_SECONDS": "2",
+        "RALPH_RUN_LEASE_SECONDS": str(LEASE_SECONDS),
+        "RALPH_SHUTDOWN_GRACE_SECONDS": "0.2",
     }
     return start_server_process(port, env)
 
 
-def test_kill_9_mid_run_then_restart(tmp_path: Path, model_server: ModelServer) -> None:
+def successes_by_user(api: str, task: str) -> dict[str, int]:
+    """How many times each user succeeded, over all the task's runs."""
+    counts: dict[str, int] = {}
+    for run in httpx.get(f"{api}/background/tasks/{task}/runs").json():
+        detail = httpx.get(f"{api}/background/runs/{run['id']}?users_limit=1000").json()
+        for user in detail["user_results"]:
+            if user["status"] == "success":
+                counts[user["user_id"]] = counts.get(user["user_id"], 0) + 1
+    return counts
+
+
+def test_sigterm_mid_run_then_immediate_restart(
+    tmp_path: Path, model_server: ModelServer, database_url: str
+) -> None:
+    """A deploy: the stopping server queues the users it did not finish; the next server
+    starts them one lease after the stop, even with no slot of any task due for a year."""
+    model_server.responder = scripted(Delay(1.0, text("ok")))
+    users = [f"user-{i}" for i in range(10)]
+    port = free_port()
+    api = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path, port, model_server.base_url, database_url)
+    try:
+        created = httpx.post(
+            f"{api}/background/tasks",
+            json={
+                "name": "deployed",
+                "system_prompt": "review",
+                "trigger": {"type": "cron", "schedule": "0 3 1 1 *"},
+                "user_ids": users,
+                "batch_size": 5,
+            },
+        )
+        assert created.status_code == 201, created.text
+        run_id = httpx.post(f"{api}/background/tasks/deployed/run").json()["run_id"]
+        wait_for(
+            lambda: (
+                httpx.get(f"{api}/background/runs/{run_id}").json()["counts"].get("success", 0) >= 5
+            )
+        )
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)  # uvicorn ends a graceful stop by re-raising the signal
+    finally:
+        if server.poll() is None:
+            server.kill()
+    stopped = time.monotonic()
+    server = start_server(tmp_path, port, model_server.base_url, database_url)
+    try:
+        first = httpx.get(f"{api}/background/runs/{run_id}").json()
+        assert first["status"] == "interrupted"
+        assert 5 <= first["counts"]["success"] < 10
+        wait_for(lambda: successes_by_user(api, "deployed") == dict.fromkeys(users, 1), 30)
+        # started one lease after the stop, then one model call per user in batches of 5
+        assert time.monotonic() - stopped < LEASE_SECONDS + 10
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_kill_9_mid_run_then_restart(
+    tmp_path: Path, model_server: ModelServer, database_url: str
+) -> None:
     def hang_for_b_and_c(request: dict[str, Any]) -> Any:
         system = str(request["messages"][0]["content"])
         return Delay(120, text("late")) if "user b" in system or "user c" in system else text("ok")
@@ -57,7 +140,7 @@ def test_kill_9_mid_run_then_restart(tmp_path: Path, model_server: ModelServer) 
     model_server.responder = hang_for_b_and_c
     port = free_port()
     api = f"http://127.0.0.1:{port}"
-    server = start_server(tmp_path, port, model_server.base_url)
+    server = start_server(tmp_path, port, model_server.base_url, database_url)
     try:
         for user in ("a", "b", "c"):
             httpx.put(f"{api}/users/{user}/blocks/student", json={"body": f"user {user}"})
@@ -88,7 +171,7 @@ def test_kill_9_mid_run_then_restart(tmp_path: Path, model_server: ModelServer) 
             server.kill()
 
     model_server.responder = scripted(text("ok"))
-    server = start_server(tmp_path, port, model_server.base_url)
+    server = start_server(tmp_path, port, model_server.base_url, database_url)
     try:
 
         def recovered() -> list[dict[str, Any]] | None:
