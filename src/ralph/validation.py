@@ -40,8 +40,17 @@ def check_user_id(value: str) -> str:
     return value
 
 
-# the pattern is repeated as a constraint so that the OpenAPI document states it
-UserId = Annotated[str, StringConstraints(pattern=USER_ID_PATTERN), AfterValidator(check_user_id)]
+def _no_parent_reference(value: str) -> str:
+    if ".." in value or value == ".":
+        raise ValueError("user id must not be '.' or contain '..'")
+    return value
+
+
+# the pattern as a constraint (checked in pydantic's core, and stated in the OpenAPI document),
+# then what a pattern cannot say
+UserId = Annotated[
+    str, StringConstraints(pattern=USER_ID_PATTERN), AfterValidator(_no_parent_reference)
+]
 Label = Annotated[str, StringConstraints(pattern=LABEL_PATTERN)]
 TaskName = Annotated[str, StringConstraints(pattern=TASK_NAME_PATTERN)]
 

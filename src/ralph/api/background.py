@@ -15,7 +15,6 @@ from ralph.api.deps import ServicesDep
 from ralph.api.params import TaskNamePath, UserIdPath
 from ralph.background.cron import never_fires_reason, next_slot
 from ralph.background.models import (
-    STORED,
     CronTrigger,
     RunStatus,
     StoredTask,
@@ -37,12 +36,10 @@ class TaskOut(TaskDefinition):
 
     @classmethod
     def of(cls, stored: StoredTask) -> TaskOut:
-        data = {
-            **stored.definition.model_dump(),
-            "created_at": stored.created_at,
-            "updated_at": stored.updated_at,
-        }
-        return cls.model_validate(data, context={STORED: True})
+        # the definition was validated when it was written: not again (100,000 user ids)
+        return cls.model_construct(
+            **dict(stored.definition), created_at=stored.created_at, updated_at=stored.updated_at
+        )
 
 
 class RunRequest(StrictInput):

@@ -83,9 +83,11 @@ class TaskDefinition(StrictInput):
     enabled: bool = True
 
     @classmethod
-    def from_stored(cls, data: dict[str, object]) -> TaskDefinition:
-        """A definition read back from the database (see `STORED`)."""
-        return cls.model_validate(data, context={STORED: True})
+    def from_stored(cls, data: dict[str, object], user_ids: list[str]) -> TaskDefinition:
+        """A definition read back from the database (see `STORED`), with its users, which
+        were checked when they were written (a 100,000-user task is not checked again)."""
+        definition = cls.model_validate({**data, "user_ids": []}, context={STORED: True})
+        return definition.model_copy(update={"user_ids": user_ids})
 
     @field_validator("system_prompt")
     @classmethod

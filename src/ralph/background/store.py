@@ -23,11 +23,26 @@ from ralph.background.models import (
     UserResult,
     UserStatus,
 )
-from ralph.db.engine import insert_ignore
+from ralph.db.engine import insert_ignore, insert_rows
 from ralph.db.tables import background_tasks, task_run_users, task_runs, task_user_locks, task_users
 from ralph.errors import Conflict, NotFound
 
 CHUNK = 1000
+# a (run, user) row as created: pending, nothing counted yet
+_NEW_USER_COLUMNS = (
+    "run_id",
+    "user_id",
+    "position",
+    "status",
+    "attempts",
+    "turns_used",
+    "tool_calls",
+    "proposals_created",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+)
+_NEW_USER_VALUES = (UserStatus.PENDING.value, 0, 0, 0, 0, 0, 0, 0)
 # slot key of a run that re-runs the unfinished users of the run named after it
 RERUN_PREFIX = "rerun:"
 
@@ -60,12 +75,11 @@ class TaskStore:
         await conn.execute(delete(task_users).where(task_users.c.task_name == name))
         for start in range(0, len(user_ids), CHUNK):
             chunk = user_ids[start : start + CHUNK]
-            await conn.execute(
-                task_users.insert(),
-                [
-                    {"task_name": name, "user_id": u, "position": start + i}
-                    for i, u in enumerate(chunk)
-                ],
+            await insert_rows(
+                conn,
+                task_users,
+                ("task_name", "user_id", "position"),
+                [(name, u, start + i) for i, u in enumerate(chunk)],
             )
 
     @staticmethod
@@ -100,7 +114,7 @@ class TaskStore:
         """Replace a task's definition. The schedule restarts from now if the trigger changed or
         the task was re-enabled (no immediate fire for slots in between)."""
         async with self._engine.begin() as conn:
-            current = await self._get(conn, task.name)
+            current = await self._get(conn, task.name, with_users=False)
             if current is None:
                 raise NotFound(f"task '{task.name}' not found")
             restart = current.definition.trigger != task.trigger or (
@@ -123,7 +137,7 @@ class TaskStore:
 
     async def set_enabled(self, name: str, enabled: bool, now: datetime) -> StoredTask:
         async with self._engine.begin() as conn:
-            current = await self._get(conn, name)
+            current = await self._get(conn, name, with_users=False)
             if current is None:
                 raise NotFound(f"task '{name}' not found")
             if current.definition.enabled != enabled:
@@ -157,7 +171,10 @@ class TaskStore:
         async with self._engine.connect() as conn:
             return await self._get(conn, name)
 
-    async def _get(self, conn: AsyncConnection, name: str) -> StoredTask | None:
+    async def _get(
+        self, conn: AsyncConnection, name: str, *, with_users: bool = True
+    ) -> StoredTask | None:
+        """The stored task; without its users (an empty list) unless `with_users`."""
         row = (
             (await conn.execute(select(background_tasks).where(background_tasks.c.name == name)))
             .mappings()
@@ -165,14 +182,13 @@ class TaskStore:
         )
         if row is None:
             return None
-        return self._stored(row, await self._users(conn, name))
+        return self._stored(row, await self._users(conn, name) if with_users else [])
 
     @staticmethod
     def _stored(row: RowMapping, user_ids: list[str]) -> StoredTask:
         data = json.loads(row["definition"])
-        data["user_ids"] = user_ids
         data["enabled"] = bool(row["enabled"])
-        definition = TaskDefinition.from_stored(data)
+        definition = TaskDefinition.from_stored(data, user_ids)
         return StoredTask(
             definition, row["created_at"], row["updated_at"], row["schedule_from"], row["revision"]
         )
@@ -352,24 +368,11 @@ class RunStore:
         # in chunks: a 100k-user run never holds 100k row dicts at once
         for start in range(0, len(user_ids), CHUNK):
             chunk = user_ids[start : start + CHUNK]
-            await conn.execute(
-                task_run_users.insert(),
-                [
-                    {
-                        "run_id": run_id,
-                        "user_id": user_id,
-                        "position": start + offset,
-                        "status": UserStatus.PENDING.value,
-                        "attempts": 0,
-                        "turns_used": 0,
-                        "tool_calls": 0,
-                        "proposals_created": 0,
-                        "input_tokens": 0,
-                        "output_tokens": 0,
-                        "total_tokens": 0,
-                    }
-                    for offset, user_id in enumerate(chunk)
-                ],
+            await insert_rows(
+                conn,
+                task_run_users,
+                _NEW_USER_COLUMNS,
+                [(run_id, u, start + i, *_NEW_USER_VALUES) for i, u in enumerate(chunk)],
             )
         return run_id
 
@@ -380,9 +383,7 @@ class RunStore:
             raw = (await conn.execute(query)).scalar()
         if raw is None:
             raise NotFound(f"run '{run_id}' not found")
-        data = json.loads(raw)
-        data["user_ids"] = []
-        return TaskDefinition.from_stored(data)
+        return TaskDefinition.from_stored(json.loads(raw), [])
 
     async def mark_started(self, run_id: str, owner: str, now: datetime) -> bool:
         """pending -> running, owned by `owner`. False if the run was not pending."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +10,7 @@ from sqlalchemy import Insert, Table, event
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 
 def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
@@ -62,6 +62,19 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
     @event.listens_for(sync_engine, "begin")
     def _on_begin(connection: Any) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+async def insert_rows(
+    conn: AsyncConnection, table: Table, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+) -> None:
+    """Insert `rows` (values in `columns` order, already in their database form: strings,
+    numbers, no datetimes) with one executemany on the driver.
+
+    For bulk writes of plain values: SQLAlchemy's per-row parameter handling costs about 5 us
+    a row on the event loop, which made a 100,000-user task hold its connection for seconds.
+    """
+    sql = str(table.insert().compile(dialect=conn.dialect, column_keys=list(columns)))
+    await conn.exec_driver_sql(sql, list(rows))
 
 
 def is_sqlite(engine: AsyncEngine) -> bool:
