@@ -21,7 +21,7 @@ from ralph.clock import Clock, SystemClock
 from ralph.config import Settings
 from ralph.conversations.store import ConversationStore
 from ralph.db import migrate
-from ralph.db.engine import create_engine
+from ralph.db.engine import create_engine, create_probe_engine
 from ralph.memory.service import MemoryService
 from ralph.memory.store import MemoryStore
 
@@ -33,6 +33,8 @@ class Services:
     settings: Settings
     clock: Clock
     engine: AsyncEngine
+    # health probes only: its own connections, never queued behind the stores' work
+    probe_engine: AsyncEngine
     memory: MemoryService
     conversations: ConversationStore
     models: ModelFactory
@@ -59,6 +61,7 @@ async def open_services(
     """
     models = models or ModelFactory(settings)
     engine = create_engine(settings.effective_database_url)
+    probe_engine = create_probe_engine(settings.effective_database_url)
     stack = AsyncExitStack()
     try:
         if apply_migrations:
@@ -96,6 +99,7 @@ async def open_services(
             settings=settings,
             clock=clock,
             engine=engine,
+            probe_engine=probe_engine,
             memory=memory,
             conversations=conversations,
             models=models,
@@ -124,4 +128,5 @@ async def open_services(
     finally:
         await stack.aclose()
         await engine.dispose()
+        await probe_engine.dispose()
         await models.aclose()

@@ -27,7 +27,7 @@ async def health(services: ServicesDep) -> JSONResponse:
     head = migrate.head_revision()
     try:
         # reading the schema version is the round trip that proves the database answers
-        current = await migrate.current_revision(services.engine)
+        current = await migrate.current_revision(services.probe_engine)
         database = "ok"
     except Exception as exc:  # any driver error means "unreachable" to a health probe
         current = None

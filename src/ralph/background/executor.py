@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -28,6 +29,7 @@ from ralph.background.models import (
 from ralph.background.store import RERUN_PREFIX, RunStore
 from ralph.clock import Clock
 from ralph.conversations.store import ConversationStore
+from ralph.db.retry import is_unreachable, until_reachable
 from ralph.errors import InvalidInput
 from ralph.memory.service import MemoryService
 
@@ -212,11 +214,17 @@ class Executor:
             self._agents.pop(run_id, None)
             self._units.pop(run_id, None)
             self._cancelled.discard(run_id)
-        run = await self.runs.get(run_id)
+        # the end of a run must not be lost to a database outage: wait for it to come back
+        run = await until_reachable(lambda: self.runs.get(run_id), what="run")
         leftover = UserStatus.CANCELLED if run.cancel_requested else UserStatus.INTERRUPTED
         if self._stopping or run.cancel_requested or error:
-            await self.runs.cancel_pending_users(run_id, self._clock.now(), leftover)
-        run = await self.runs.finish(run_id, self._clock.now(), error)
+            await until_reachable(
+                lambda: self.runs.cancel_pending_users(run_id, self._clock.now(), leftover),
+                what="run",
+            )
+        run = await until_reachable(
+            lambda: self.runs.finish(run_id, self._clock.now(), error), what="run"
+        )
         log.info("run_finished", run_id=run_id, task=task.name, status=run.status, **run.counts)
         if run.status is RunStatus.INTERRUPTED:
             await self._rerun_interrupted(run_id, task)
@@ -239,7 +247,10 @@ class Executor:
         page = max(task.batch_size * 2, 100)
         after = -1
         while not self._stopping:
-            batch = await self.runs.pending_users(run_id, after, page)
+            batch = await until_reachable(
+                functools.partial(self.runs.pending_users, run_id, after, page),
+                what="pending users",
+            )
             if not batch:
                 break
             for position, user_id in batch:
@@ -260,9 +271,12 @@ class Executor:
     async def _heartbeat(self, run_id: str) -> None:
         while True:
             await asyncio.sleep(self._heartbeat_seconds)
-            # a cancel requested through another replica reaches this one here
-            if await self.runs.heartbeat(run_id, self._clock.now()):
-                self._cancel_in_flight(run_id)
+            try:
+                # a cancel requested through another replica reaches this one here
+                if await self.runs.heartbeat(run_id, self._clock.now()):
+                    self._cancel_in_flight(run_id)
+            except Exception:  # the database is away: beat again next time
+                log.warning("heartbeat_failed", run_id=run_id, exc_info=True)
 
     async def run_user(self, run_id: str, task: TaskDefinition, user_id: str) -> None:
         """The unit of work: run the task's agent for one user of a run and record the result.
@@ -273,7 +287,10 @@ class Executor:
         (task, user) lock makes a second concurrent run of the same user in another run
         impossible: that user is recorded as `skipped`.
         """
-        start = await self.runs.start_user(run_id, task.name, user_id, self._clock.now())
+        start = await until_reachable(
+            lambda: self.runs.start_user(run_id, task.name, user_id, self._clock.now()),
+            what="user start",
+        )
         if not start.started:
             if start.held_by is not None:
                 log.info("user_skipped", run_id=run_id, user_id=user_id, running_in=start.held_by)
@@ -311,6 +328,10 @@ class Executor:
         except Exception as exc:
             log.exception("user_run_error", run_id=run_id, user_id=user_id)
             outcome.error = f"{type(exc).__name__}: {exc}"
+            if is_unreachable(exc):
+                # not the user's fault: re-run them (within the rerun limit) once it is back
+                status = UserStatus.INTERRUPTED
+                outcome.error = f"interrupted: the database was unreachable ({outcome.error})"
         finally:
             agents.discard(agent)
             if not agents and self._agents.get(run_id) is agents:
@@ -320,23 +341,25 @@ class Executor:
         # ids of the proposal rows this user's tools stored (or found stored, on a retry); kept
         # even when the agent was cancelled half-way
         proposals = len(context.proposal_ids)
-        await self.runs.finish_user(
-            run_id,
-            task.name,
-            user_id,
-            {
-                "status": status.value,
-                "completed_at": self._clock.now(),
-                "turns_used": outcome.turns_used,
-                "tool_calls": outcome.tool_calls,
-                "proposals_created": proposals,
-                "input_tokens": outcome.input_tokens,
-                "output_tokens": outcome.output_tokens,
-                "total_tokens": outcome.total_tokens,
-                "error": outcome.error,
-                "transcript": json.dumps(outcome.transcript, default=str),
-            },
+        result = {
+            "status": status.value,
+            "completed_at": self._clock.now(),
+            "turns_used": outcome.turns_used,
+            "tool_calls": outcome.tool_calls,
+            "proposals_created": proposals,
+            "input_tokens": outcome.input_tokens,
+            "output_tokens": outcome.output_tokens,
+            "total_tokens": outcome.total_tokens,
+            "error": outcome.error,
+            "transcript": json.dumps(outcome.transcript, default=str),
+        }
+        recorded = await until_reachable(
+            lambda: self.runs.finish_user(run_id, task.name, user_id, result),
+            what="user result",
         )
+        if not recorded:
+            # recovery took the user over while the database was away: its rerun decides
+            log.warning("user_result_superseded", run_id=run_id, user_id=user_id)
 
     async def _watch_cancel(self, run_id: str) -> None:
         """In a worker process: notice a cancel requested through the coordinator."""

@@ -209,16 +209,16 @@ class ScheduleStore:
 
     # --- leases ---------------------------------------------------------------------------
 
-    async def lease_start(self, owner: str, starting: Sequence[str]) -> datetime | None:
+    async def lease_start(self, active: Sequence[str]) -> datetime | None:
         """The earliest moment from which recovery may have work one lease later: the oldest
-        creation time of a pending run (but those in `starting`, which the caller is about to
-        start), or the oldest heartbeat of a run another process than `owner` is running.
-        None if there is neither."""
+        creation time of a pending run or the oldest heartbeat of a running one, among the
+        runs not in `active` (those the caller runs or is about to start). None if none."""
+        others = task_runs.c.id.not_in(list(active))
         pending = select(func.min(task_runs.c.created_at)).where(
-            task_runs.c.status == RunStatus.PENDING.value, task_runs.c.id.not_in(list(starting))
+            task_runs.c.status == RunStatus.PENDING.value, others
         )
         running = select(func.min(task_runs.c.heartbeat_at)).where(
-            task_runs.c.status == RunStatus.RUNNING.value, task_runs.c.owner != owner
+            task_runs.c.status == RunStatus.RUNNING.value, others
         )
         async with self._engine.connect() as conn:
             times = [(await conn.execute(q)).scalar() for q in (pending, running)]

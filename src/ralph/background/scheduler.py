@@ -140,9 +140,10 @@ class Scheduler:
                 wake = min(wake, task_wake)
         try:
             # every due time the store knows of bounds the sleep: a pending run (a rerun
-            # queued by a stopping server) or another process's run becomes recoverable
-            # one lease after it was created or last heart-beat
-            lease_start = await self._store.lease_start(self.replica_id, self._executor.active_runs)
+            # queued by a stopping server) or a run nobody here runs (another process's, or
+            # one this process lost to a database outage) becomes recoverable one lease
+            # after it was created or last heart-beat
+            lease_start = await self._store.lease_start(self._executor.active_runs)
             if lease_start is not None:
                 wake = min(wake, max(now, lease_start + self._lease))
             await self._heartbeat(now)

@@ -285,6 +285,7 @@ _SKIP_USER = (
     )
 )
 _UPDATE_USER = update(task_run_users).where(_THIS_USER)  # SET from the parameters given
+_FINISH_USER = _UPDATE_USER.where(task_run_users.c.status == UserStatus.RUNNING.value)
 _LOCK_HOLDER = select(task_user_locks.c.run_id).where(
     task_user_locks.c.task_name == bindparam("b_task"),
     task_user_locks.c.user_id == bindparam("b_user"),
@@ -456,13 +457,17 @@ class RunStore:
 
     async def finish_user(
         self, run_id: str, task_name: str, user_id: str, values: dict[str, Any]
-    ) -> None:
-        """Record the user's result and release the (task, user) lock, atomically. The run's
-        token totals are summed from these rows when the run finishes."""
+    ) -> bool:
+        """Record the user's result and release the (task, user) lock, atomically, if the user
+        is still `running` (only running -> a final status: a user that recovery interrupted
+        meanwhile, because this process seemed gone, belongs to the rerun). Returns whether
+        the result was recorded. The run's token totals are summed from these rows when the
+        run finishes."""
         unit = {"b_run": run_id, "b_user": user_id, "b_task": task_name}
         async with self._engine.begin() as conn:
-            await conn.execute(_UPDATE_USER, {**unit, **values})
+            result = await conn.execute(_FINISH_USER, {**unit, **values})
             await conn.execute(_RELEASE_LOCK, unit)
+        return result.rowcount == 1
 
     async def fail_unfinished_user(
         self, run_id: str, task_name: str, user_id: str, now: datetime, error: str
@@ -511,7 +516,8 @@ class RunStore:
     async def finish(self, run_id: str, now: datetime, error: str | None = None) -> TaskRun:
         """Set the final run status from its users' statuses: `interrupted` if any user was
         cut short by a shutdown (or is still running in a worker the stopping server no longer
-        waits for), `cancelled` after a cancel, else success / partial / failed."""
+        waits for), `cancelled` after a cancel, else success / partial / failed. Only a run
+        still `running` is finished (recovery may have interrupted it meanwhile)."""
         run = await self.get(run_id)
         counts = run.counts
         succeeded = counts.get(UserStatus.SUCCESS, 0)
@@ -536,7 +542,7 @@ class RunStore:
             input_tokens, output_tokens, total_tokens = (await conn.execute(tokens)).one()
             await conn.execute(
                 update(task_runs)
-                .where(task_runs.c.id == run_id)
+                .where(task_runs.c.id == run_id, task_runs.c.status == RunStatus.RUNNING.value)
                 .values(
                     status=status.value,
                     completed_at=now,

@@ -11,6 +11,7 @@ from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 
 def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
@@ -43,6 +44,15 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         pool_recycle=1800,
         isolation_level="READ COMMITTED",
     )
+
+
+def create_probe_engine(url: str) -> AsyncEngine:
+    """An engine for health probes: a fresh connection per probe (no pool to queue in behind
+    a long write) that gives up within about two seconds. On SQLite it only reads, which WAL
+    allows while another connection or process writes."""
+    if make_url(url).get_backend_name() == "sqlite":
+        return create_async_engine(url, poolclass=NullPool, connect_args={"timeout": 2})
+    return create_async_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 2})
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:

@@ -1,11 +1,16 @@
-"""Retrying a transaction that lost a race on a unique key or a lock."""
+"""Retrying a transaction that lost a race on a unique key or a lock, or that found the
+database gone for a while."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from sqlalchemy.exc import IntegrityError, OperationalError
+import structlog
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+
+log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
@@ -38,3 +43,33 @@ async def retrying(operation: Callable[[], Awaitable[T]], attempts: int = 5) -> 
             if attempt == attempts - 1 or not _is_retryable(error):
                 raise
     raise AssertionError("unreachable")
+
+
+UNREACHABLE = (OperationalError, InterfaceError, OSError)
+
+
+def is_unreachable(error: BaseException) -> bool:
+    """Whether `error` says the database could not be reached (or answered as if gone), as
+    opposed to refusing what was asked."""
+    return isinstance(error, UNREACHABLE) and not isinstance(error, IntegrityError)
+
+
+async def until_reachable(
+    operation: Callable[[], Awaitable[T]], *, what: str, give_up_after: float = 600.0
+) -> T:
+    """Run `operation` (one whole transaction, safe to repeat) until the database answers:
+    a lost or refused connection is retried with back-off (0.2 s doubling to 5 s) for up to
+    `give_up_after` seconds, then raised. For the writes that must not be lost to an outage
+    (a user's result, a run's end); other errors are raised at once."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + give_up_after
+    delay = 0.2
+    while True:
+        try:
+            return await operation()
+        except UNREACHABLE as error:
+            if loop.time() + delay > deadline:
+                raise
+            log.warning("database_unreachable", what=what, error=str(error)[:200], retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)

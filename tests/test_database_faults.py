@@ -1,0 +1,165 @@
+"""The database goes away mid-run and comes back: the run finishes or is recovered, every user
+ends with exactly one success, none is left running, and /health says 503 while the database
+is gone and 200 after. MariaDB through a proxy the test cuts; SQLite locked by another process.
+
+Real time (the outage is real): every wait polls a condition against a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import pytest
+from httpx import ASGITransport, AsyncClient
+from sqlalchemy.engine import make_url
+
+from ralph.app import create_app
+from ralph.config import Settings
+from ralph.db import migrate
+from ralph.db.engine import create_engine
+from ralph.testing.model_server import Delay, ModelServer, scripted, text
+from ralph.testing.tcp_proxy import TcpProxy
+from tests.conftest import create_mariadb_database, drop_mariadb_database, using_model_server
+
+pytestmark = pytest.mark.slow
+
+USERS = [f"user-{i}" for i in range(10)]
+
+
+async def eventually(condition: Callable[[], Awaitable[Any]], seconds: float = 60.0) -> Any:
+    """Poll `condition` (state in another component, with no event to wait on)."""
+    async with asyncio.timeout(seconds):
+        while not (value := await condition()):  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        return value
+
+
+async def outcomes(client: AsyncClient) -> tuple[dict[str, int], set[str]]:
+    """(successes per user over all runs of the task, statuses of users not finished)."""
+    successes: dict[str, int] = {}
+    unfinished: set[str] = set()
+    for run in (await client.get("/background/tasks/outage/runs")).json():
+        detail = (await client.get(f"/background/runs/{run['id']}?users_limit=100")).json()
+        for user in detail["user_results"]:
+            if user["status"] == "success":
+                successes[user["user_id"]] = successes.get(user["user_id"], 0) + 1
+            if user["status"] in ("pending", "running"):
+                unfinished.add(user["status"])
+    return successes, unfinished
+
+
+@pytest.fixture
+def model_server() -> Iterator[ModelServer]:
+    with ModelServer(scripted(Delay(0.5, text("ok")))) as server:
+        yield server
+
+
+@asynccontextmanager
+async def serve(settings: Settings) -> AsyncGenerator[AsyncClient]:
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
+    ):
+        task = {
+            "name": "outage",
+            "system_prompt": "review",
+            "trigger": {"type": "cron", "schedule": "0 3 1 1 *"},
+            "user_ids": USERS,
+            "batch_size": 5,
+        }
+        assert (await client.post("/background/tasks", json=task)).status_code == 201
+        yield client
+
+
+async def start_run_and_wait_for_successes(client: AsyncClient, count: int) -> str:
+    run_id: str = (await client.post("/background/tasks/outage/run")).json()["run_id"]
+
+    async def some_done() -> bool:
+        run = (await client.get(f"/background/runs/{run_id}")).json()
+        return run["counts"].get("success", 0) >= count
+
+    await eventually(some_done, 30)
+    return run_id
+
+
+async def all_done_once(client: AsyncClient) -> None:
+    async def done() -> bool:
+        successes, unfinished = await outcomes(client)
+        return successes == dict.fromkeys(USERS, 1) and not unfinished
+
+    await eventually(done)
+
+
+def fault_settings(base: Settings, server: ModelServer, database_url: str) -> Settings:
+    return using_model_server(
+        base,
+        server,
+        database_url=database_url,
+        scheduler_enabled=True,
+        run_lease_seconds=2.0,
+    )
+
+
+async def test_mariadb_goes_away_mid_run_and_comes_back(
+    settings: Settings, model_server: ModelServer
+) -> None:
+    if not settings.effective_database_url.startswith("mysql"):
+        pytest.skip("the MariaDB case")
+    url = await create_mariadb_database()
+    engine = create_engine(url)
+    await migrate.upgrade(engine)
+    await engine.dispose()
+    target = make_url(url)
+    try:
+        with TcpProxy(target.host or "127.0.0.1", target.port or 3306) as proxy:
+            proxied = target.set(host="127.0.0.1", port=proxy.port)
+            proxied_url = proxied.render_as_string(hide_password=False)
+            async with serve(fault_settings(settings, model_server, proxied_url)) as client:
+                await start_run_and_wait_for_successes(client, 3)
+                proxy.cut()
+                assert (await client.get("/health")).status_code == 503
+                await asyncio.sleep(2.0)
+                assert (await client.get("/health")).status_code == 503
+                proxy.restore()
+                await eventually(lambda: _status(client, "/health", 200), 30)
+                await all_done_once(client)
+    finally:
+        await drop_mariadb_database(url)
+
+
+async def test_sqlite_locked_by_another_process_mid_run(
+    settings: Settings, model_server: ModelServer
+) -> None:
+    """Another process holds the file's write lock for 3 s (less than the 30 s busy timeout):
+    /health answers at once, the writers wait, and the run completes."""
+    if not settings.effective_database_url.startswith("sqlite"):
+        pytest.skip("the SQLite case")
+    database = settings.effective_database_url.split("///", 1)[1]
+    url = settings.effective_database_url
+    async with serve(fault_settings(settings, model_server, url)) as client:
+        await start_run_and_wait_for_successes(client, 3)
+        other = sqlite3.connect(database, isolation_level=None)
+        try:
+            other.execute("BEGIN EXCLUSIVE")
+            for _ in range(3):
+                # the probe answers at once, whatever the writers waiting for the lock do:
+                # the database is there, and can be read (WAL)
+                async with asyncio.timeout(2):
+                    health = await client.get("/health")
+                assert health.status_code == 200, health.text
+                await asyncio.sleep(1.0)
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        await eventually(partial(_status, client, "/health", 200), 30)
+        await all_done_once(client)
+
+
+async def _status(client: AsyncClient, path: str, expected: int) -> bool:
+    return (await client.get(path)).status_code == expected
