@@ -360,24 +360,29 @@ def test_odd_user_ids_cannot_name_a_workspace(tmp_path: Path, user_id: str) -> N
     assert not (tmp_path / "users").exists() or list((tmp_path / "users").iterdir()) == []
 
 
-async def test_malformed_tool_arguments_go_back_to_the_model(
+async def test_arguments_that_cannot_be_carried_out_go_back_to_the_model(
     harness: AppHarness, model_server: ModelServer
 ) -> None:
+    """What a call cannot mean is sent back with what to send instead; the agent goes on."""
     outcome = await run_for(
         harness.services,
         model_server,
         scripted(
             call("read_memory_block"),  # missing label
-            call("edit_memory_block", label=5, reason="r", body="x"),  # label not a string
-            call("read_memory_block", label="student", colour="blue"),  # unknown argument
+            call("edit_memory_block", label="Not A Label!", reason="r", body="x"),
+            call("edit_memory_block", label="student", reason="r"),  # nothing to change
+            call("edit_memory_block", label="student", reason="r", old_text="absent", new_text="y"),
             text("gave up"),
         ),
     )
     assert outcome.error is None
     assert outcome.final_text == "gave up"
     results = [e["content"] for e in outcome.transcript if e["role"] == "tool"]
-    assert len(results) == 3
-    assert all(r.startswith("error:") for r in results)
+    assert results[0] == "error: missing label: read_memory_block needs label"
+    assert results[1].startswith("error: label 'Not A Label!' is not a label")
+    assert results[2].startswith("error: nothing to change. Send label and reason with one of")
+    assert '"append": ' in results[2]  # one example of a call that works
+    assert "copy old_text exactly" in results[3]
     assert outcome.proposal_ids == []
 
 

@@ -189,33 +189,64 @@ async def test_approving_supersedes_older_whole_body_proposals(client: AsyncClie
     assert (await client.get(f"/proposals/{first['id']}")).json()["status"] == "superseded"
 
 
-async def test_same_run_same_edit_is_one_proposal(harness: AppHarness) -> None:
+async def test_an_identical_pending_proposal_is_not_made_twice(harness: AppHarness) -> None:
+    """Same author, same change, same block: while the first is pending, any run gets it back;
+    once it is decided, the change may be proposed again."""
     memory = harness.services.memory
-    draft = ProposalDraft(
-        user_id="u1", label="student", reason="r", author="agent:t", body="b", run_id="run-1"
-    )
-    first, created_first = await memory.propose(draft)
-    again, created_again = await memory.propose(draft)
+
+    def draft(run_id: str, user_id: str = "u1", author: str = "agent:t") -> ProposalDraft:
+        return ProposalDraft(
+            user_id=user_id, label="student", reason="r", author=author, body="b", run_id=run_id
+        )
+
+    first, created_first = await memory.propose(draft("run-1"))
+    again, created_again = await memory.propose(draft("run-1"))
+    later_run, created_later = await memory.propose(draft("run-2"))
     assert created_first
-    assert not created_again
-    assert again.id == first.id
-    other_run, created_other = await memory.propose(
-        ProposalDraft(
-            user_id="u1", label="student", reason="r", author="agent:t", body="b", run_id="run-2"
-        )
-    )
-    assert created_other
-    assert other_run.id != first.id
-    assert len(await memory.list_proposals("u1")) == 2
-    # the same edit from the same run for another user is that user's own proposal
-    other_user, created_for_other_user = await memory.propose(
-        ProposalDraft(
-            user_id="u2", label="student", reason="r", author="agent:t", body="b", run_id="run-1"
-        )
-    )
+    assert (created_again, created_later) == (False, False)
+    assert again.id == later_run.id == first.id
+    assert len(await memory.list_proposals("u1")) == 1
+    # another author's identical change is its own proposal
+    other_author, created_other_author = await memory.propose(draft("run-3", author="agent:x"))
+    assert created_other_author
+    assert other_author.id != first.id
+    # the same edit for another user is that user's own proposal
+    other_user, created_for_other_user = await memory.propose(draft("run-1", user_id="u2"))
     assert created_for_other_user
-    assert other_user.user_id == "u2"
     assert [p.id for p in await memory.list_proposals("u2")] == [other_user.id]
+    # decided: proposing the change again makes a new proposal
+    await memory.reject(first.id)
+    anew, created_anew = await memory.propose(draft("run-4"))
+    assert created_anew
+    assert anew.id != first.id
+
+
+async def test_append_proposals_add_a_line_at_the_end(harness: AppHarness) -> None:
+    memory = harness.services.memory
+    await memory.put_block("u1", "progress", title="P", body="day 1: fractions", author="api")
+    proposal, _ = await memory.propose(
+        ProposalDraft(
+            user_id="u1", label="progress", reason="log", author="agent:t", append="day 2: ratios"
+        )
+    )
+    assert (proposal.kind.value, proposal.new_text) == ("append", "day 2: ratios")
+    assert "+day 2: ratios" in proposal.diff
+    # another append lands first: an append still applies (to the block as it is then)
+    other, _ = await memory.propose(
+        ProposalDraft(
+            user_id="u1", label="progress", reason="log", author="agent:t", append="day 2b: quiz"
+        )
+    )
+    await memory.approve(other.id)
+    await memory.approve(proposal.id)
+    block = await memory.get_block("u1", "progress")
+    assert block.body == "day 1: fractions\nday 2b: quiz\nday 2: ratios"
+    # a new block can start with an append
+    fresh, _ = await memory.propose(
+        ProposalDraft(user_id="u1", label="log", reason="r", author="agent:t", append="first")
+    )
+    await memory.approve(fresh.id)
+    assert (await memory.get_block("u1", "log")).body == "first"
 
 
 async def test_concurrent_approvals_on_one_block_lose_no_update(harness: AppHarness) -> None:

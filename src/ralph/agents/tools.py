@@ -6,6 +6,7 @@ to another user. Memory tools never write a block; `edit_memory_block` creates a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -13,7 +14,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from agno.tools.file import FileTools
 from agno.tools.function import Function
@@ -25,7 +26,14 @@ from ralph.memory.models import ProposalDraft
 from ralph.memory.service import MemoryService
 from ralph.validation import LABEL_PATTERN, check_user_id
 
-MEMORY_TOOLS = ("list_memory_blocks", "read_memory_block", "edit_memory_block")
+MEMORY_TOOLS = (
+    "list_memory_blocks",
+    "read_memory_block",
+    "edit_memory_block",  # any kind of change (the original plan's tool)
+    "append_memory_block",  # the narrower ones: one kind each
+    "replace_memory_text",
+    "rewrite_memory_block",
+)
 TOOL_NAMES: tuple[str, ...] = (
     *MEMORY_TOOLS,
     "query_messages",
@@ -100,8 +108,21 @@ class ToolContext:
     proposal_ids: list[str] = field(default_factory=list[str])
 
 
-def _error(exc: Exception) -> str:
+def _error(exc: Exception | str) -> str:
     return f"error: {exc}"
+
+
+_EDIT_EXAMPLE = (
+    "Send label and reason with one of: append (text to add at the end), old_text + new_text "
+    '(replace one exact passage), or body (the whole new text). Example: {"label": "progress", '
+    '"reason": "the user finished a unit", "append": "2026-11-27: finished fractions"}'
+)
+
+
+def _label(value: str) -> str | None:
+    """The label a model meant ("Student " -> "student"), or None if it cannot be one."""
+    label = value.strip().lower()
+    return label if re.fullmatch(LABEL_PATTERN, label) else None
 
 
 def _memory_tools(ctx: ToolContext) -> dict[str, Callable[..., Any]]:
@@ -122,9 +143,9 @@ def _memory_tools(ctx: ToolContext) -> dict[str, Callable[..., Any]]:
             label: the block's label, e.g. "student".
         """
         try:
-            block = await ctx.memory.get_block(ctx.user_id, label)
+            block = await ctx.memory.get_block(ctx.user_id, _label(label) or label)
         except RalphError as exc:
-            return _error(exc)
+            return _error(f"{exc}. Call list_memory_blocks to see the labels there are.")
         return json.dumps(
             {
                 "label": block.label,
@@ -134,17 +155,62 @@ def _memory_tools(ctx: ToolContext) -> dict[str, Callable[..., Any]]:
             }
         )
 
-    async def edit_memory_block(
+    async def propose(
         label: str,
         reason: str,
+        *,
+        body: str | None = None,
+        old_text: str | None = None,
+        new_text: str | None = None,
+        append: str | None = None,
+        title: str | None = None,
+    ) -> str:
+        clean = _label(label)
+        if clean is None:
+            return _error(
+                f"label {label!r} is not a label: use lowercase letters, digits, _ and -, "
+                'e.g. "progress"'
+            )
+        try:
+            proposal, _ = await ctx.memory.propose(
+                ProposalDraft(
+                    user_id=ctx.user_id,
+                    label=clean,
+                    reason=reason.strip() or f"(no reason given by {ctx.author})",
+                    author=ctx.author,
+                    body=body,
+                    title=title,
+                    old_text=old_text,
+                    new_text=new_text,
+                    append=append,
+                    run_id=ctx.run_id,
+                )
+            )
+        except RalphError as exc:
+            hint = (
+                " Read the block with read_memory_block and copy old_text exactly as it is "
+                "there (once), or send body with the whole new text."
+                if old_text is not None
+                else f" {_EDIT_EXAMPLE}"
+            )
+            return _error(f"{exc}.{hint}")
+        if proposal.id not in ctx.proposal_ids:
+            ctx.proposal_ids.append(proposal.id)
+        return json.dumps({"proposal_id": proposal.id, "status": proposal.status.value})
+
+    async def edit_memory_block(
+        label: str,
+        reason: str = "",
         body: str | None = None,
         old_text: str | None = None,
         new_text: str | None = None,
         title: str | None = None,
+        append: str | None = None,
     ) -> str:
         """Propose a change to one of this user's memory blocks. Nothing changes until a person
-        approves it. Give either `body` (the whole new text) or `old_text` (an exact passage of
-        the current text) with `new_text`. Returns the proposal id.
+        approves it. Give one of: `append` (text to add at the end), `old_text` (an exact
+        passage of the current text) with `new_text`, or `body` (the whole new text). Leave
+        the others out or empty. Returns the proposal id.
 
         Args:
             label: the block's label (lowercase letters, digits, _ and -); a new label proposes
@@ -154,34 +220,80 @@ def _memory_tools(ctx: ToolContext) -> dict[str, Callable[..., Any]]:
             old_text: exact text to replace.
             new_text: the replacement for old_text.
             title: a new title (optional).
+            append: text to add at the end of the block, on a line of its own.
         """
-
-        if not re.fullmatch(LABEL_PATTERN, label):
-            return _error(ValueError(f"label must match {LABEL_PATTERN}"))
-        try:
-            proposal, _ = await ctx.memory.propose(
-                ProposalDraft(
-                    user_id=ctx.user_id,
-                    label=label,
-                    reason=reason,
-                    author=ctx.author,
-                    body=body,
-                    title=title,
-                    old_text=old_text,
-                    new_text=new_text,
-                    run_id=ctx.run_id,
-                )
+        # Models fill every parameter, empty ones included: an empty value is not given. Then,
+        # in order: a passage to replace (falling back to `body` if the passage is not there),
+        # the whole body, text to append; `new_text` alone is appended.
+        if old_text and new_text is not None:
+            answer = await propose(
+                label, reason, old_text=old_text, new_text=new_text, title=title or None
             )
-        except RalphError as exc:
-            return _error(exc)
-        if proposal.id not in ctx.proposal_ids:
-            ctx.proposal_ids.append(proposal.id)
-        return json.dumps({"proposal_id": proposal.id, "status": proposal.status.value})
+            if not (body and answer.startswith("error:")):
+                return answer
+        if body:
+            return await propose(label, reason, body=body, title=title or None)
+        if append or new_text:
+            return await propose(label, reason, append=append or new_text)
+        if old_text:
+            return _error(f"old_text needs new_text (the text that replaces it). {_EDIT_EXAMPLE}")
+        return _error(f"nothing to change. {_EDIT_EXAMPLE}")
+
+    async def append_memory_block(label: str, text: str, reason: str = "") -> str:
+        """Propose adding text at the end of one of this user's memory blocks (on a line of its
+        own), e.g. a progress log entry. Nothing changes until a person approves it.
+
+        Args:
+            label: the block's label; a new label proposes a new block.
+            text: the text to add.
+            reason: why, for the person who reviews it.
+        """
+        if not text:
+            return _error(
+                'text is empty: send the text to add, e.g. {"label": "progress", '
+                '"text": "2026-11-27: finished fractions", "reason": "..."}'
+            )
+        return await propose(label, reason, append=text)
+
+    async def replace_memory_text(
+        label: str, old_text: str, new_text: str, reason: str = ""
+    ) -> str:
+        """Propose replacing one exact passage of one of this user's memory blocks. Nothing
+        changes until a person approves it.
+
+        Args:
+            label: the block's label.
+            old_text: the passage as it is in the block now (it must occur exactly once).
+            new_text: what replaces it (empty to delete the passage).
+            reason: why, for the person who reviews it.
+        """
+        if not old_text:
+            return _error("old_text is empty: copy the passage to replace from read_memory_block")
+        return await propose(label, reason, old_text=old_text, new_text=new_text)
+
+    async def rewrite_memory_block(
+        label: str, body: str, reason: str = "", title: str | None = None
+    ) -> str:
+        """Propose a new text for a whole memory block of this user (or a new block). Nothing
+        changes until a person approves it.
+
+        Args:
+            label: the block's label; a new label proposes a new block.
+            body: the complete new text.
+            reason: why, for the person who reviews it.
+            title: a new title (optional).
+        """
+        if not body:
+            return _error("body is empty: send the block's complete new text")
+        return await propose(label, reason, body=body, title=title or None)
 
     return {
         "list_memory_blocks": list_memory_blocks,
         "read_memory_block": read_memory_block,
         "edit_memory_block": edit_memory_block,
+        "append_memory_block": append_memory_block,
+        "replace_memory_text": replace_memory_text,
+        "rewrite_memory_block": rewrite_memory_block,
     }
 
 
@@ -215,18 +327,81 @@ def _query_messages(ctx: ToolContext) -> Callable[..., Any]:
 _SCHEMAS: dict[str, Function] = {}
 
 
+def _types(spec: dict[str, Any]) -> set[str]:
+    """The JSON types a parameter's schema allows ("string", "integer", "null" ...)."""
+    declared = spec.get("type")
+    if isinstance(declared, str):
+        return {declared}
+    if isinstance(declared, list):
+        return {str(t) for t in cast("list[Any]", declared)}
+    found: set[str] = set()
+    for option in cast("list[dict[str, Any]]", spec.get("anyOf", [])):
+        found |= _types(option)
+    return found
+
+
+_TRUE = {"true", "yes", "1"}
+_FALSE = {"false", "no", "0"}
+
+
+def _as_model_meant(value: Any, types: set[str]) -> Any:
+    """A value as a model wrote it, in the type the parameter takes where the intent is plain:
+    "5" for a number, "true" for a boolean, 5 for a string. Anything else is left as it is."""
+    if isinstance(value, str) and value.strip():
+        text = value.strip()
+        if "integer" in types and "string" not in types:
+            with contextlib.suppress(ValueError):
+                return int(float(text)) if float(text).is_integer() else value
+        if "number" in types and "string" not in types:
+            with contextlib.suppress(ValueError):
+                return float(text)
+        if "boolean" in types and "string" not in types and text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+    if isinstance(value, int | float) and not isinstance(value, bool) and types == {"string"}:
+        return str(value)
+    return value
+
+
+def normalize_arguments(arguments: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
+    """Arguments as a model meant them, for a tool with the JSON schema `parameters`: keys the
+    tool does not have are dropped; an optional one that is empty (null, "", [], {}, 0) is
+    left out, so the tool's default applies; numbers and booleans sent as strings (and numbers
+    sent for strings) are converted."""
+    properties = cast("dict[str, dict[str, Any]]", parameters.get("properties", {}))
+    required = set(cast("list[str]", parameters.get("required", [])))
+    meant: dict[str, Any] = {}
+    for name, value in arguments.items():
+        spec = properties.get(name)
+        if spec is None:
+            continue
+        types = _types(spec)
+        value = _as_model_meant(value, types)
+        empty = value is None or value in ("", [], {}) or (value == 0 and "boolean" not in types)
+        if empty and name not in required:
+            continue
+        meant[name] = value
+    return meant
+
+
 def _bound(tool: Callable[..., Any]) -> Function:
     """`tool` as an Agno Function whose schema is shared, not derived again for this user."""
     schema = _SCHEMAS.get(tool.__name__)
     if schema is None:
         derive: Callable[[Callable[..., Any]], Function] = Function.from_callable  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
         schema = _SCHEMAS[tool.__name__] = derive(tool)
+    parameters: dict[str, Any] = schema.parameters
+    required = cast("list[str]", parameters.get("required", []))
 
     async def checked(**arguments: Any) -> str:
-        # Arguments arrive as the model wrote them: a missing, unknown or mistyped one is
-        # reported back to the model instead of failing the run.
+        # Arguments arrive as the model wrote them: what it evidently meant is done, and what
+        # cannot be done is reported back to it with what to send instead.
+        meant = normalize_arguments(arguments, parameters)
+        missing = [name for name in required if name not in meant]
+        if missing:
+            names = ", ".join(missing)
+            return _error(f"missing {names}: {schema.name} needs {', '.join(required)}")
         try:
-            result: str = await tool(**arguments)
+            result: str = await tool(**meant)
         except (TypeError, ValueError) as exc:
             return _error(exc)
         return result

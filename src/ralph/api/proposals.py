@@ -47,15 +47,19 @@ class ProposalIn(StrictInput):
     title: str | None = Field(default=None, max_length=255)
     old_text: str | None = Field(default=None, description="Exact passage to replace.")
     new_text: str | None = Field(default=None, description="What replaces it.")
+    append: str | None = Field(
+        default=None, min_length=1, description="Text to add at the end, on a line of its own."
+    )
     author: str = Field(default="api", pattern=r"^(api|user|agent:[a-z0-9][a-z0-9_-]{0,63})$")
     run_id: str | None = Field(default=None, max_length=36)
 
     @model_validator(mode="after")
     def _one_kind(self) -> ProposalIn:
-        if (self.body is None) == (self.old_text is None):
-            raise ValueError("give either body, or old_text and new_text")
-        if self.old_text is not None and self.new_text is None:
-            raise ValueError("old_text needs new_text")
+        kinds = [self.body is not None, self.old_text is not None, self.append is not None]
+        if sum(kinds) != 1:
+            raise ValueError("give one of: body, old_text and new_text, or append")
+        if (self.old_text is None) != (self.new_text is None):
+            raise ValueError("old_text and new_text go together")
         return self
 
 

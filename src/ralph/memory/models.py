@@ -42,6 +42,7 @@ class ProposalStatus(StrEnum):
 class ProposalKind(StrEnum):
     BODY = "body"  # replace the whole body (and optionally the title)
     REPLACE = "replace"  # replace one exact passage with another
+    APPEND = "append"  # add `new_text` at the end (on a line of its own)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +80,12 @@ class ProposalDraft:
     old_text: str | None = None
     new_text: str | None = None
     run_id: str | None = None
+    append: str | None = None  # text to add at the end
 
     @property
     def kind(self) -> ProposalKind:
-        return ProposalKind.BODY if self.body is not None else ProposalKind.REPLACE
+        if self.body is not None:
+            return ProposalKind.BODY
+        if self.append is not None:
+            return ProposalKind.APPEND
+        return ProposalKind.REPLACE

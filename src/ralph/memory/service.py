@@ -31,6 +31,13 @@ def unified_diff(label: str, before: str, after: str) -> str:
     return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
 
 
+def appended(body: str, text: str) -> str:
+    """`body` with `text` added at the end, on a line of its own."""
+    if body and not body.endswith("\n"):
+        body += "\n"
+    return body + text
+
+
 def _replace_once(body: str, old: str, new: str, label: str) -> str:
     count = body.count(old)
     if count == 0:
@@ -38,6 +45,15 @@ def _replace_once(body: str, old: str, new: str, label: str) -> str:
     if count > 1:
         raise Conflict(f"the text to replace occurs {count} times in block '{label}'")
     return body.replace(old, new, 1)
+
+
+def _after(draft: ProposalDraft, before: str) -> str:
+    """The block's body once `draft` is applied to `before` (Conflict if it cannot be)."""
+    if draft.body is not None:
+        return draft.body
+    if draft.append is not None:
+        return appended(before, draft.append)
+    return _replace_once(before, draft.old_text or "", draft.new_text or "", draft.label)
 
 
 class MemoryService:
@@ -158,47 +174,53 @@ class MemoryService:
     async def propose(self, draft: ProposalDraft) -> tuple[Proposal, bool]:
         """Record a pending proposal; returns it and whether it is new.
 
-        A proposal is idempotent per (run, user's block, content): the same run proposing the
-        same edit to the same user's block again gets the first proposal back. Replace-style
-        edits must apply to the block as it is now (InvalidInput otherwise).
+        Exactly one kind of change: `body` (rewrite), `old_text` + `new_text` (replace one
+        exact passage, which must occur once in the block as it is now) or `append`. While a
+        proposal is pending, the same author proposing the same change to the same block gets
+        it back instead of a second one (whatever run it comes from); once it is decided, the
+        same change may be proposed again. InvalidInput for anything that cannot apply.
         """
         if not draft.reason.strip():
             raise InvalidInput("a proposal needs a reason")
-        if draft.kind is ProposalKind.BODY:
-            if draft.old_text is not None or draft.new_text is not None:
-                raise InvalidInput("give either body, or old_text and new_text, not both")
-            assert draft.body is not None
-            self._check_body(draft.body)
-        elif draft.old_text is None or draft.new_text is None or not draft.old_text:
-            raise InvalidInput("give either body, or a non-empty old_text with new_text")
+        given = [
+            draft.body is not None,
+            draft.old_text is not None or draft.new_text is not None,
+            draft.append is not None,
+        ]
+        if sum(given) != 1:
+            raise InvalidInput(
+                "give one of: body (the whole new text), old_text with new_text (replace a "
+                "passage), or append (text to add at the end)"
+            )
+        if draft.kind is ProposalKind.REPLACE and (not draft.old_text or draft.new_text is None):
+            raise InvalidInput("give a non-empty old_text with new_text")
+        if draft.kind is ProposalKind.APPEND and not draft.append:
+            raise InvalidInput("append needs the text to add")
 
         current = await self.store.get_block(draft.user_id, draft.label)
         before = current.body if current else ""
         try:
-            after = (
-                draft.body
-                if draft.body is not None
-                else _replace_once(before, draft.old_text or "", draft.new_text or "", draft.label)
-            )
+            after = _after(draft, before)
         except Conflict as exc:
             raise InvalidInput(str(exc)) from None
-        assert after is not None
         self._check_body(after)
 
-        key = None
-        if draft.run_id is not None:
-            content = json.dumps(
-                [
-                    draft.user_id,
-                    draft.label,
-                    draft.kind.value,
-                    draft.title,
-                    draft.body,
-                    draft.old_text,
-                    draft.new_text,
-                ],
-            )
-            key = hashlib.sha256(f"{draft.run_id}\0{content}".encode()).hexdigest()
+        # The same author proposing the same change to a block that already has it pending
+        # gets that proposal back (the key is cleared once the proposal is decided).
+        new_text = draft.append if draft.kind is ProposalKind.APPEND else draft.new_text
+        content = json.dumps(
+            [
+                draft.user_id,
+                draft.label,
+                draft.author,
+                draft.kind.value,
+                draft.title,
+                draft.body,
+                draft.old_text,
+                new_text,
+            ],
+        )
+        key = hashlib.sha256(content.encode()).hexdigest()
         values = {
             "id": str(uuid.uuid4()),
             "user_id": draft.user_id,
@@ -207,7 +229,7 @@ class MemoryService:
             "title": draft.title,
             "body": draft.body,
             "old_text": draft.old_text,
-            "new_text": draft.new_text,
+            "new_text": new_text,
             "reason": draft.reason,
             "author": draft.author,
             "run_id": draft.run_id,
@@ -267,6 +289,10 @@ class MemoryService:
                     )
                 assert proposal.body is not None
                 return title, proposal.body
+            if proposal.kind is ProposalKind.APPEND:
+                body = appended(current.body if current else "", proposal.new_text or "")
+                self._check_body(body)
+                return title, body
             body = _replace_once(
                 current.body if current else "",
                 proposal.old_text or "",

@@ -243,7 +243,7 @@ class MemoryStore:
     # --- proposals ------------------------------------------------------------------------
 
     async def insert_proposal(self, values: dict[str, Any]) -> tuple[Proposal, bool]:
-        """Insert a proposal unless one with the same `idempotency_key` exists.
+        """Insert a proposal unless a pending one with the same `idempotency_key` exists.
 
         Returns the stored proposal and whether it was created by this call.
         """
@@ -351,7 +351,11 @@ class MemoryStore:
                             proposals.c.id != proposal.id,
                         )
                     )
-                    .values(status=ProposalStatus.SUPERSEDED.value, decided_at=now)
+                    .values(
+                        status=ProposalStatus.SUPERSEDED.value,
+                        decided_at=now,
+                        idempotency_key=None,
+                    )
                 )
                 stored = await self._set_status(
                     conn, proposal, ProposalStatus.APPROVED, comment, now, block.version
@@ -380,6 +384,7 @@ class MemoryStore:
                 comment=comment,
                 decided_at=now,
                 applied_version=applied_version,
+                idempotency_key=None,  # decided: the same change may be proposed again
             )
         )
         row = (
