@@ -58,7 +58,7 @@ class WorkerHarness:
         self.server = server
 
 
-async def _require_redis() -> None:
+async def require_redis() -> None:
     if not await _redis_reachable():
         if REQUIRE_REDIS:
             pytest.fail(f"Redis not reachable at {REDIS_URL}")
@@ -89,10 +89,10 @@ async def running_worker(settings: Settings, clock: FakeClock) -> AsyncGenerator
     finally:
         running.cancel()
         await worker.close()
-        await _delete_queue_keys(settings.queue_name)
+        await delete_queue_keys(settings.queue_name)
 
 
-async def _delete_queue_keys(queue_name: str) -> None:
+async def delete_queue_keys(queue_name: str) -> None:
     cleanup = _redis()
     scan = cast(
         "Callable[[str], AsyncIterator[bytes]]",
@@ -137,7 +137,7 @@ async def _lost_and_freed(
 async def arq(
     settings: Settings, model_server: ModelServer, clock: FakeClock
 ) -> AsyncIterator[WorkerHarness]:
-    await _require_redis()
+    await require_redis()
     settings = arq_settings(settings, model_server)
     app = create_app(settings, clock=clock)
     async with (
@@ -199,7 +199,7 @@ async def test_server_shutdown_leaves_started_units_to_the_worker(
 ) -> None:
     """The server stops mid-run: units a worker started finish there; queued ones do nothing
     and their users are re-run once, after a restart. Every user's agent runs once."""
-    await _require_redis()
+    await require_redis()
     settings = arq_settings(settings, model_server, shutdown_grace_seconds=0.2, worker_max_jobs=2)
     gate = asyncio.Event()  # bound to the model server's loop when first awaited there
     answered = 0
@@ -240,7 +240,7 @@ async def test_a_unit_whose_worker_died_is_failed(
 ) -> None:
     """A user left `running` by a worker that no longer refreshes the unit's liveness key is
     failed within a few heartbeats, not after the agent's timeout."""
-    await _require_redis()
+    await require_redis()
     settings = arq_settings(settings, model_server, worker_heartbeat_seconds=0.1)
     app = create_app(settings, clock=clock)
     try:
@@ -260,14 +260,14 @@ async def test_a_unit_whose_worker_died_is_failed(
             assert (await services.runs.start_user(run_id, task.name, "a", clock.now())).started
             await _lost_and_freed(services, task, job, clock)
     finally:
-        await _delete_queue_keys(settings.queue_name)
+        await delete_queue_keys(settings.queue_name)
     assert model_server.calls == 0
 
 
 async def test_a_live_worker_keeps_a_long_unit_alive(
     settings: Settings, model_server: ModelServer, clock: FakeClock
 ) -> None:
-    await _require_redis()
+    await require_redis()
     settings = arq_settings(settings, model_server, worker_heartbeat_seconds=0.1)
     model_server.responder = scripted(Delay(1.0, text("slow but alive")))
     app = create_app(settings, clock=clock)
@@ -284,7 +284,7 @@ async def test_recovery_leaves_a_unit_to_its_live_worker(
 ) -> None:
     """A server crashed mid-run: recovery re-runs the users nobody runs any more, and leaves
     the one a live worker still runs to it, lock included."""
-    await _require_redis()
+    await require_redis()
     settings = arq_settings(settings, model_server)
     app = create_app(settings, clock=clock)
     async with app.router.lifespan_context(app), running_worker(settings, clock):
@@ -327,7 +327,7 @@ async def test_kill_9_of_a_worker_process_fails_its_unit(
 ) -> None:
     """A real `ralph worker` process is killed while its agent waits for the model: the
     server notices within a few heartbeats, fails the user and releases its lock."""
-    await _require_redis()
+    await require_redis()
     settings = arq_settings(settings, model_server, worker_heartbeat_seconds=0.2)
     model_server.responder = scripted(Delay(60.0, text("never")))
     app = create_app(settings, clock=clock)
@@ -347,7 +347,7 @@ async def test_kill_9_of_a_worker_process_fails_its_unit(
             if worker.returncode is None:
                 worker.kill()
                 await worker.wait()
-            await _delete_queue_keys(settings.queue_name)
+            await delete_queue_keys(settings.queue_name)
 
 
 async def test_units_a_stopping_worker_cancels_are_run_again(
@@ -355,7 +355,7 @@ async def test_units_a_stopping_worker_cancels_are_run_again(
 ) -> None:
     """A worker stopped mid-unit (a deploy) cancels its agent: the user is `interrupted`, and
     the server re-runs it at once in a new run, which another worker takes."""
-    await _require_redis()
+    await require_redis()
     settings = arq_settings(settings, model_server, shutdown_grace_seconds=0)
     model_server.responder = in_order(Delay(30.0, text("late")), then=scripted(text("done")))
     app = create_app(settings, clock=clock)

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     model_max_retry_after_seconds: float = Field(default=60.0, ge=0)
     # Connections to the provider open at once; agents beyond it wait for a free one.
     model_max_connections: int = Field(default=1000, ge=1)
+    # One limit for every model call of the process (of every process, in worker mode)
+    model_requests_per_minute: int | None = Field(default=None, ge=1)
+    model_tokens_per_minute: int | None = Field(default=None, ge=1)
+    # sent as `max_tokens` with every call
+    model_max_output_tokens: int | None = Field(default=None, ge=1)
 
     # Agents
     allow_shell_tools: bool = False

@@ -59,7 +59,9 @@ async def open_services(
     A `worker` executes units handed to it (and watches for cancels); a `server` in ARQ mode
     hands its units to workers through Redis.
     """
-    models = models or ModelFactory(settings)
+    # in the worker mode every server and worker shares one limit, through Redis
+    shared_limit = role == "worker" or settings.worker_mode == "arq"
+    models = models or ModelFactory(settings, shared_limit=shared_limit)
     engine = create_engine(settings.effective_database_url)
     probe_engine = create_probe_engine(settings.effective_database_url)
     stack = AsyncExitStack()

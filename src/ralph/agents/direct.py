@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -26,6 +27,7 @@ from agno.models.response import ModelResponse
 from openai.types.chat import ChatCompletion
 from pydantic import ValidationError
 
+from ralph.agents.ratelimit import ModelRateLimiter, estimate_tokens
 from ralph.agents.transport import Reply, Transport, TransportError
 
 _RETRY_STATUSES = {408, 409, 429}
@@ -61,6 +63,8 @@ class DirectOpenAI(OpenAILike):
     transport: Transport | None = field(default=None, repr=False)
     # a Retry-After longer than this ends the call ("rate limited") instead of waiting
     max_retry_after: float = 60.0
+    # every request waits for it; a 429 slows it down for everyone sharing it
+    limiter: ModelRateLimiter | None = field(default=None, repr=False)
 
     async def ainvoke(  # type: ignore[override]
         self,
@@ -80,6 +84,8 @@ class DirectOpenAI(OpenAILike):
         )
         transport = self.transport
         if response_format is not None or _SDK_ONLY_PARAMS & params.keys() or transport is None:
+            if self.limiter is not None:
+                await self.limiter.acquire(estimate_tokens(0, self.max_tokens))
             return await super().ainvoke(
                 messages,
                 assistant_message,
@@ -103,13 +109,23 @@ class DirectOpenAI(OpenAILike):
             raise self._error(f"malformed reply: {exc.error_count()} invalid fields") from exc
         return self._parse_provider_response(completion, response_format=response_format)
 
+    async def ainvoke_stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[ModelResponse]:  # type: ignore[override]
+        """The SDK's streaming call (chat), after the rate limit."""
+        if self.limiter is not None:
+            await self.limiter.acquire(estimate_tokens(0, self.max_tokens))
+        async for chunk in super().ainvoke_stream(*args, **kwargs):
+            yield chunk
+
     async def _post(self, transport: Transport, body: dict[str, Any]) -> Any:
         url = f"{str(self.base_url).rstrip('/')}/chat/completions"
         headers = {"Authorization": f"Bearer {self.api_key}", "Content-Type": "application/json"}
         content = json.dumps(body).encode()
         attempts = (self.max_retries or 0) + 1
+        estimate = estimate_tokens(len(content), self.max_tokens)
         for attempt in range(attempts):
             reply: Reply | None = None
+            if self.limiter is not None:
+                await self.limiter.acquire(estimate)
             try:
                 reply = await transport.post(url, content, headers, self.timeout or 600.0)
             except TransportError as exc:
@@ -118,9 +134,11 @@ class DirectOpenAI(OpenAILike):
             else:
                 if reply.status < 400:
                     try:
-                        return json.loads(reply.body)
+                        data = json.loads(reply.body)
                     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                         raise self._error(f"malformed reply: {exc}") from exc
+                    await self._charge(data, estimate)
+                    return data
                 asked = _retry_after(reply)
                 if asked is not None and asked > self.max_retry_after:
                     raise self._error(
@@ -128,13 +146,27 @@ class DirectOpenAI(OpenAILike):
                         f"RALPH_MODEL_MAX_RETRY_AFTER_SECONDS={self.max_retry_after:g})",
                         reply.status,
                     )
+                if reply.status == 429 and self.limiter is not None:
+                    self.limiter.slow_down(asked)  # everyone waits, not just this call
                 if (
                     reply.status not in _RETRY_STATUSES and reply.status < 500
                 ) or attempt + 1 == attempts:
                     raise self._error(self._message(reply), reply.status)
             delay = _retry_after(reply)
+            if reply is not None and reply.status == 429 and self.limiter is not None:
+                continue  # the limiter makes this call (and all others) wait
             await asyncio.sleep(_backoff(attempt) if delay is None else delay)
         raise AssertionError("unreachable")
+
+    async def _charge(self, data: Any, estimate: int) -> None:
+        """Count the tokens a reply used beyond the estimate against the token limit."""
+        if self.limiter is None or not isinstance(data, dict):
+            return
+        usage: Any = cast("dict[str, Any]", data).get("usage")
+        if isinstance(usage, dict):
+            total = cast("dict[str, Any]", usage).get("total_tokens")
+            if isinstance(total, int) and total > estimate:
+                await self.limiter.charge(total - estimate)
 
     @staticmethod
     def _message(reply: Reply) -> str:

@@ -12,6 +12,7 @@ from agno.models.base import Model
 
 from ralph.agents.dev_model import DEV_MODEL_ID, dev_http_client
 from ralph.agents.direct import DirectOpenAI, DirectOpenRouter
+from ralph.agents.ratelimit import ModelRateLimiter
 from ralph.agents.transport import AiohttpTransport, HttpxTransport, Transport
 from ralph.config import Settings, SettingsError
 
@@ -46,7 +47,9 @@ class ModelFactory:
     by Agno.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, shared_limit: bool = False) -> None:
+        """`shared_limit`: the rate limit is kept in Redis (`RALPH_REDIS_URL`, per queue), for
+        every server and worker of the worker mode; otherwise it is this process's."""
         check_model_settings(settings)
         self.provider = settings.model_provider or "dev"
         self._settings = settings
@@ -56,10 +59,22 @@ class ModelFactory:
         self._transport: Transport | None = None
         self._make: Callable[[], Model]
         api_key = settings.model_api_key.get_secret_value() if settings.model_api_key else None
+        self.limiter = ModelRateLimiter(
+            requests_per_minute=settings.model_requests_per_minute,
+            tokens_per_minute=settings.model_tokens_per_minute,
+            redis_url=settings.redis_url if shared_limit else None,
+            namespace=settings.queue_name,
+        )
         common: dict[str, Any] = {
             "timeout": settings.model_timeout_seconds,
             "max_retries": settings.model_max_retries,
             "max_retry_after": settings.model_max_retry_after_seconds,
+            "limiter": self.limiter,
+            **(
+                {"max_tokens": settings.model_max_output_tokens}
+                if settings.model_max_output_tokens is not None
+                else {}
+            ),
             # A reply the client cannot parse is not retried by it; Agno then tries once more
             # after a second. (A status error has used up the client's retries by then, so it
             # gets one last round too: bounded at 2 x (RALPH_MODEL_MAX_RETRIES + 1) requests.)

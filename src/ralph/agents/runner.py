@@ -14,6 +14,7 @@ from agno.models.base import Model
 from agno.run.agent import RunOutput
 from agno.run.base import RunStatus as AgnoRunStatus
 
+from ralph.agents.ratelimit import LimiterWait, current_wait
 from ralph.agents.tools import ToolContext, build_tools
 
 
@@ -36,6 +37,7 @@ class AgentOutcome:
     total_tokens: int = 0
     transcript: list[dict[str, Any]] = field(default_factory=list[dict[str, Any]])
     seconds: float = 0.0
+    rate_limit_wait_seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -131,8 +133,14 @@ async def run_agent(
         markdown=False,
     )
     output: RunOutput | None = None
+    # time spent waiting for the shared rate limit moves the deadline: it is not the agent's
+    waited = LimiterWait()
+    token = current_wait.set(waited)
     try:
-        async with asyncio.timeout(timeout_seconds):
+        async with asyncio.timeout(timeout_seconds) as deadline:
+            waited.extend = lambda seconds: deadline.reschedule(
+                (deadline.when() or asyncio.get_running_loop().time()) + seconds
+            )
             output = await agent.arun(prompt, user_id=context.user_id)  # pyright: ignore[reportUnknownMemberType]
     except TimeoutError:
         outcome.error = f"timed out after {timeout_seconds:g} s"
@@ -141,6 +149,9 @@ async def run_agent(
         outcome.error = str(exc)
         outcome.stopped_by = "max_turns"
 
+    finally:
+        current_wait.reset(token)
+    outcome.rate_limit_wait_seconds = waited.seconds
     outcome.turns_used = turns()
     if output is not None:
         if output.status == AgnoRunStatus.error:

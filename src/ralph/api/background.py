@@ -65,6 +65,9 @@ class UserResultOut(BaseModel):
     output_tokens: int
     total_tokens: int
     error: str | None
+    rate_limit_wait_seconds: float = Field(
+        description="Time the agent waited for the model rate limit (not part of its timeout)"
+    )
 
     @classmethod
     def of(cls, result: UserResult) -> UserResultOut:

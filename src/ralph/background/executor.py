@@ -352,6 +352,7 @@ class Executor:
             "total_tokens": outcome.total_tokens,
             "error": outcome.error,
             "transcript": json.dumps(outcome.transcript, default=str),
+            "rate_limit_wait_seconds": round(outcome.rate_limit_wait_seconds, 3),
         }
         recorded = await until_reachable(
             lambda: self.runs.finish_user(run_id, task.name, user_id, result),

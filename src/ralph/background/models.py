@@ -198,3 +198,4 @@ class UserResult:
     total_tokens: int
     error: str | None
     transcript: str | None
+    rate_limit_wait_seconds: float = 0.0

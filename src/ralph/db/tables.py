@@ -6,6 +6,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -186,6 +187,8 @@ task_run_users = Table(
     Column("total_tokens", BigInteger, nullable=False, default=0),
     Column("error", Text(), nullable=True),
     Column("transcript", LongText(), nullable=True),
+    # time the user's agent waited for the model rate limit (not counted against its timeout)
+    Column("rate_limit_wait_seconds", Float, nullable=False, server_default="0"),
     Index(None, "run_id", "status", "position"),
     Index(None, "run_id", "position"),
 )

@@ -65,8 +65,11 @@ def worker_environment(settings: Settings) -> dict[str, str]:
         "RALPH_MODEL_PROVIDER": settings.model_provider,
         "RALPH_MODEL_BASE_URL": settings.model_base_url,
         "RALPH_MODEL_ID": settings.model_id,
+        "RALPH_MODEL_REQUESTS_PER_MINUTE": settings.model_requests_per_minute,
+        "RALPH_MODEL_TOKENS_PER_MINUTE": settings.model_tokens_per_minute,
+        "RALPH_MODEL_MAX_OUTPUT_TOKENS": settings.model_max_output_tokens,
     }
-    env.update({name: value for name, value in optional.items() if value is not None})
+    env.update({name: str(value) for name, value in optional.items() if value is not None})
     return env
 
 

@@ -1,0 +1,159 @@
+"""One rate limit per provider, shared by every model call of the process and, with Redis
+(the worker mode), of every server and worker on the same queue.
+
+Built on `limits`' moving-window limiter (in memory, or its Redis storage): a per-second
+window of `ceil(rpm / 60)` requests keeps calls smooth (providers enforce a per-minute limit
+over shorter periods too), and a per-minute window keeps the minute's total. Tokens have a
+per-minute window, charged with an estimate before the call and corrected after it.
+
+A 429 slows everyone, not just the caller that got it: every caller in the process waits out
+the provider's Retry-After (or a second), and the configured rate is halved, then recovers by a
+tenth every 10 s without a 429 (additive increase, multiplicative decrease).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+from limits import RateLimitItem, RateLimitItemPerMinute, RateLimitItemPerSecond
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.strategies import MovingWindowRateLimiter
+
+_RECOVER_EVERY = 10.0  # seconds without a 429 before the rate grows back by a tenth
+_MIN_SCALE = 0.1
+_MARGIN = 0.02
+
+
+@dataclass
+class LimiterWait:
+    """Time one agent run spent waiting for the limiter; `extend` moves its deadline."""
+
+    seconds: float = 0.0
+    extend: Callable[[float], None] | None = None
+
+
+# set by the agent runner around one user's agent; read by the model calls inside it
+current_wait: ContextVar[LimiterWait | None] = ContextVar("ralph_limiter_wait", default=None)
+
+
+def estimate_tokens(request_bytes: int, max_output_tokens: int | None) -> int:
+    """Tokens a request may use before the provider says: about 4 bytes of JSON per token of
+    prompt, plus the output cap (or as much again as the prompt)."""
+    prompt = max(1, request_bytes // 4)
+    return prompt + (max_output_tokens if max_output_tokens is not None else prompt)
+
+
+def _extend_deadline(seconds: float) -> None:
+    record = current_wait.get()
+    if record is not None:
+        record.seconds += seconds
+        if record.extend is not None:
+            record.extend(seconds)
+
+
+class ModelRateLimiter:
+    """Waits until a model call may be sent. Without a configured rate it only spreads the
+    pause a 429 asks for."""
+
+    def __init__(
+        self,
+        *,
+        requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None,
+        redis_url: str | None = None,
+        namespace: str = "ralph",
+    ) -> None:
+        storage: Storage = (
+            RedisStorage(
+                redis_url.replace("redis://", "async+redis://", 1),
+                implementation="redispy",
+                key_prefix=f"{namespace}:model-rate",
+            )
+            if redis_url
+            else MemoryStorage()
+        )
+        self._limiter = MovingWindowRateLimiter(storage)
+        self._storage = storage
+        self._rpm = requests_per_minute
+        self._tpm = tokens_per_minute
+        self._scale = 1.0
+        self._changed_at = time.monotonic()
+        self._paused_until = 0.0
+
+    @property
+    def configured(self) -> bool:
+        return self._rpm is not None or self._tpm is not None
+
+    @property
+    def scale(self) -> float:
+        """The share of the configured rate in force (1.0 unless 429s lowered it)."""
+        return self._scale
+
+    async def acquire(self, tokens: int = 0) -> float:
+        """Wait until one call of about `tokens` tokens may start; return the seconds waited.
+        Each wait is added to the caller's `current_wait`, whose deadline moves by as much
+        before the wait begins (so a wait for the limit never runs into a timeout)."""
+        waited = 0.0
+        while True:
+            pause = self._paused_until - time.monotonic()
+            if pause <= 0:
+                pause = await self._take(tokens)
+                if pause <= 0:
+                    return waited
+            _extend_deadline(pause)
+            await asyncio.sleep(pause)
+            waited += pause
+
+    async def charge(self, tokens: int) -> None:
+        """Count `tokens` more against the minute's token window (a reply used more than was
+        estimated); never waits."""
+        if self._tpm is not None and tokens > 0:
+            item = RateLimitItemPerMinute(self._tokens_per_minute())
+            await self._limiter.hit(item, "tokens", cost=min(tokens, item.amount))
+
+    def slow_down(self, retry_after: float | None) -> None:
+        """A provider answered 429: everyone pauses for `retry_after` (or a second), and the
+        configured rate is halved."""
+        now = time.monotonic()
+        self._paused_until = max(self._paused_until, now + (retry_after or 1.0))
+        if self.configured:
+            self._scale = max(_MIN_SCALE, self._scale / 2)
+        self._changed_at = now
+
+    def _recover(self) -> None:
+        now = time.monotonic()
+        while self._scale < 1.0 and now - self._changed_at >= _RECOVER_EVERY:
+            self._scale = min(1.0, self._scale + 0.1)
+            self._changed_at += _RECOVER_EVERY
+
+    def _tokens_per_minute(self) -> int:
+        assert self._tpm is not None
+        return max(1, math.floor(self._tpm * self._scale))
+
+    def _items(self, tokens: int) -> list[tuple[RateLimitItem, str, int]]:
+        items: list[tuple[RateLimitItem, str, int]] = []
+        if self._rpm is not None:
+            rate = self._rpm * self._scale
+            items.append((RateLimitItemPerSecond(max(1, math.ceil(rate / 60))), "requests", 1))
+            items.append((RateLimitItemPerMinute(max(1, math.floor(rate))), "requests", 1))
+        if self._tpm is not None:
+            item = RateLimitItemPerMinute(self._tokens_per_minute())
+            items.append((item, "tokens", max(1, min(tokens, item.amount))))
+        return items
+
+    async def _take(self, tokens: int) -> float:
+        """Take one call's share of every window, or return how long to wait before trying
+        again (a window already taken stays taken: the limit errs on the slow side)."""
+        self._recover()
+        for item, key, cost in self._items(tokens):
+            if not await self._limiter.hit(item, key, cost=cost):
+                stats = await self._limiter.get_window_stats(item, key)
+                # a little past the reset: calls a whole window apart are not counted in one
+                # window by a provider whose clock or network is a few ms off
+                return max(0.01, stats.reset_time - time.time()) + _MARGIN
+        return 0.0

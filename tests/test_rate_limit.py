@@ -1,0 +1,259 @@
+"""One rate limit for every model call: smooth (never a minute's worth at once), shared by
+worker processes through Redis, slowed by 429s, and not counted against a user's timeout.
+
+Real time: the limits are per second and per minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from httpx import ASGITransport, AsyncClient
+
+from ralph.agents.protocol import turn_of
+from ralph.agents.ratelimit import ModelRateLimiter
+from ralph.app import create_app
+from ralph.config import Settings
+from ralph.db import migrate
+from ralph.db.engine import create_engine
+from ralph.testing.model_server import Action, Fail, ModelServer, call, text
+from ralph.testing.processes import start_worker_process
+from tests.test_worker import REDIS_URL, delete_queue_keys, require_redis
+
+pytestmark = pytest.mark.slow
+
+
+class PerSecondLimit:
+    """A provider's limit: a 429 (Retry-After: 1) for any request beyond `per_second` in the
+    last second; otherwise one tool call, then "done"."""
+
+    def __init__(self, per_second: int) -> None:
+        self.per_second = per_second
+        self._recent: deque[float] = deque()
+        self._lock = threading.Lock()
+        self.rejected = 0
+        self.answered = 0
+
+    def __call__(self, request: dict[str, Any]) -> Action:
+        now = time.monotonic()
+        with self._lock:
+            while self._recent and self._recent[0] <= now - 1.0:
+                self._recent.popleft()
+            if len(self._recent) >= self.per_second:
+                self.rejected += 1
+                return Fail(429, "rate limit exceeded", headers={"retry-after": "1"})
+            self._recent.append(now)
+            self.answered += 1
+        return call("list_memory_blocks") if turn_of(request) == 0 else text("done")
+
+
+class EveryOtherRejected:
+    """A provider under a burst: every other request is a 429 without Retry-After."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, request: dict[str, Any]) -> Action:
+        with self._lock:
+            self._count += 1
+            rejected = self._count % 2 == 0
+        if rejected:
+            return Fail(429, "slow down")
+        return call("list_memory_blocks") if turn_of(request) == 0 else text("done")
+
+
+def starts_per_second(starts: list[float]) -> int:
+    """The most calls that started within any one second."""
+    ordered = sorted(starts)
+    return max(sum(1 for t in ordered if s <= t < s + 1.0) for s in ordered)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["in-process", "redis"])
+async def test_the_limit_is_smooth(shared: bool) -> None:
+    """1,200 a minute is 20 a second: 60 calls take about 3 s, never 21 in one second."""
+    if shared:
+        await require_redis()
+    limiter = ModelRateLimiter(
+        requests_per_minute=1200,
+        redis_url=REDIS_URL if shared else None,
+        namespace=f"ralph-test-{uuid.uuid4().hex[:8]}",
+    )
+    began = time.monotonic()
+    starts: list[float] = []
+
+    async def one() -> None:
+        await limiter.acquire()
+        starts.append(time.monotonic() - began)
+
+    await asyncio.gather(*(one() for _ in range(60)))
+    assert starts_per_second(starts) <= 20
+    assert 2.0 <= max(starts) < 4.0
+
+
+def sqlite_settings(tmp_path: Path, server: ModelServer, **extra: Any) -> Settings:
+    return Settings(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'ralph.db'}",
+        data_dir=tmp_path / "data",
+        scheduler_enabled=False,
+        model_provider="openai",
+        model_base_url=server.base_url,
+        model_id="scripted",
+        model_max_retries=3,
+        wait_max_seconds=120.0,
+        _env_file=None,  # type: ignore[call-arg]
+        **extra,
+    )
+
+
+def done(_: dict[str, Any]) -> Action:
+    return text("done")
+
+
+@pytest.fixture
+def model_server() -> Iterator[ModelServer]:
+    with ModelServer(done) as server:
+        yield server
+
+
+async def run_hundred_users(client: AsyncClient) -> dict[str, Any]:
+    task = {
+        "name": "limited",
+        "system_prompt": "review",
+        "tools": ["list_memory_blocks"],
+        "trigger": {"type": "cron", "schedule": "0 3 * * *"},
+        "user_ids": [f"user-{i:03d}" for i in range(100)],
+        "batch_size": 20,
+        "timeout_seconds": 20,
+    }
+    assert (await client.post("/background/tasks", json=task)).status_code == 201
+    run: dict[str, Any] = (await client.post("/background/tasks/limited/run?wait=true")).json()
+    return run
+
+
+async def test_a_configured_limit_keeps_the_provider_from_429(
+    tmp_path: Path, model_server: ModelServer
+) -> None:
+    """The provider allows 10 a second; 540 a minute is 9 a second: 200 calls, no 429, and
+    each user's wait for the limit is recorded."""
+    provider = PerSecondLimit(10)
+    model_server.responder = provider
+    app = create_app(sqlite_settings(tmp_path, model_server, model_requests_per_minute=540))
+    async with (
+        app.router.lifespan_context(app),
+        AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
+    ):
+        run = await run_hundred_users(client)
+        assert run["counts"] == {"success": 100}
+        waits = [u["rate_limit_wait_seconds"] for u in await _all_users(client, run["id"])]
+    assert provider.rejected == 0
+    assert provider.answered == 200
+    # 20 agents in flight share 9 calls a second: each waited, about 2 s a call
+    assert min(waits) >= 0
+    assert sum(waits) / len(waits) > 1.0
+
+
+async def test_waiting_for_the_limit_is_not_part_of_the_timeout(
+    tmp_path: Path, model_server: ModelServer
+) -> None:
+    """One call a second for 5 agents started at once with a 2 s timeout: the last waits about
+    4 s for its turn, and still succeeds."""
+    model_server.responder = done
+    app = create_app(sqlite_settings(tmp_path, model_server, model_requests_per_minute=60))
+    async with (
+        app.router.lifespan_context(app),
+        AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
+    ):
+        task = {
+            "name": "patient",
+            "system_prompt": "review",
+            "trigger": {"type": "cron", "schedule": "0 3 * * *"},
+            "user_ids": [f"user-{i}" for i in range(5)],
+            "batch_size": 5,
+            "timeout_seconds": 2,
+        }
+        assert (await client.post("/background/tasks", json=task)).status_code == 201
+        run = (await client.post("/background/tasks/patient/run?wait=true")).json()
+        assert run["counts"] == {"success": 5}
+        waits = sorted(u["rate_limit_wait_seconds"] for u in await _all_users(client, run["id"]))
+    assert waits[0] < 0.5
+    assert waits[-1] > 3.0
+
+
+async def _all_users(client: AsyncClient, run_id: str) -> list[dict[str, Any]]:
+    detail = (await client.get(f"/background/runs/{run_id}?users_limit=1000")).json()
+    users: list[dict[str, Any]] = detail["user_results"]
+    return users
+
+
+async def test_two_workers_share_the_limit_through_redis(
+    tmp_path: Path, model_server: ModelServer
+) -> None:
+    await require_redis()
+    provider = PerSecondLimit(10)
+    model_server.responder = provider
+    settings = sqlite_settings(
+        tmp_path,
+        model_server,
+        model_requests_per_minute=540,
+        worker_mode="arq",
+        redis_url=REDIS_URL,
+        queue_name=f"ralph-test-{uuid.uuid4().hex[:10]}",
+    )
+    engine = create_engine(settings.effective_database_url)
+    await migrate.upgrade(engine)
+    await engine.dispose()
+    workers = [await start_worker_process(settings) for _ in range(2)]
+    app = create_app(settings)
+    try:
+        async with (
+            app.router.lifespan_context(app),
+            AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
+        ):
+            run = await run_hundred_users(client)
+            assert run["counts"] == {"success": 100}
+    finally:
+        for worker in workers:
+            worker.terminate()
+            await worker.wait()
+        await delete_queue_keys(settings.queue_name)
+    assert provider.rejected == 0
+    assert provider.answered == 200
+
+
+async def test_a_burst_of_429s_without_a_limit(
+    tmp_path: Path, model_server: ModelServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No limit configured, the provider rejects every other request: 429s pause every agent,
+    every user succeeds within the retry bound, and fewer than 3 requests are spent per call
+    that got an answer."""
+    model_server.responder = EveryOtherRejected()
+    app = create_app(sqlite_settings(tmp_path, model_server))
+    async with (
+        app.router.lifespan_context(app),
+        AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
+    ):
+        task = {
+            "name": "bursty",
+            "system_prompt": "review",
+            "tools": ["list_memory_blocks"],
+            "trigger": {"type": "cron", "schedule": "0 3 * * *"},
+            "user_ids": [f"user-{i:02d}" for i in range(20)],
+            "batch_size": 10,
+            "timeout_seconds": 60,
+        }
+        assert (await client.post("/background/tasks", json=task)).status_code == 201
+        run = (await client.post("/background/tasks/bursty/run?wait=true")).json()
+    assert run["counts"] == {"success": 20}
+    answered = 40  # 2 calls per user
+    with capsys.disabled():
+        print(f"\n429 burst: {model_server.calls} requests for {answered} answered calls")
+    assert model_server.calls < 3 * answered
