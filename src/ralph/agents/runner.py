@@ -7,7 +7,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from agno.agent import Agent
 from agno.models.base import Model
@@ -22,6 +22,67 @@ class TurnLimitReached(Exception):
     """Raised inside the model when an agent asks for one model call more than allowed."""
 
 
+class BudgetExceeded(Exception):
+    """Raised inside the model before a call the token budget does not allow."""
+
+
+@dataclass
+class RunTokens:
+    """Tokens the users of one run have spent (in this process), against the run's budget."""
+
+    limit: int | None = None
+    used: int = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.limit is not None and self.used >= self.limit
+
+
+@dataclass
+class TokenBudget:
+    """What one user's agent has spent, checked before each model call. Usage comes from the
+    provider's reply; a reply without usage is estimated from the text (4 characters a token,
+    prompt and answer) and marked `estimated`."""
+
+    per_user: int | None = None
+    run: RunTokens | None = None
+    used: int = 0
+    estimated: bool = False
+
+    def check(self) -> None:
+        if self.per_user is not None and self.used >= self.per_user:
+            raise BudgetExceeded(
+                f"budget exceeded: {self.used} tokens used, max_tokens_per_user is {self.per_user}"
+            )
+        if self.run is not None and self.run.exhausted:
+            raise BudgetExceeded(
+                f"budget exceeded: the run used {self.run.used} tokens, max_tokens_per_run is "
+                f"{self.run.limit}"
+            )
+
+    def spend(self, tokens: int, estimated: bool) -> None:
+        self.used += tokens
+        self.estimated = self.estimated or estimated
+        if self.run is not None:
+            self.run.used += tokens
+
+
+def _tokens_of(
+    call_args: tuple[Any, ...], call_kwargs: dict[str, Any], response: Any
+) -> tuple[int, bool]:
+    """(tokens, estimated) of one model call: the provider's count, or an estimate."""
+    usage = getattr(response, "response_usage", None)
+    total = getattr(usage, "total_tokens", 0) or 0
+    if total > 0:
+        return int(total), False
+    sent: Any = call_kwargs.get("messages", call_args[0] if call_args else None)
+    messages = cast("list[Any]", sent) if isinstance(sent, list) else []
+    chars = sum(len(str(getattr(m, "content", "") or "")) for m in messages)
+    chars += len(str(getattr(response, "content", "") or ""))
+    chars += len(str(getattr(response, "tool_calls", "") or ""))
+    return max(1, chars // 4), True
+
+
 @dataclass
 class AgentOutcome:
     """What happened in one agent run for one user."""
@@ -31,22 +92,25 @@ class AgentOutcome:
     proposal_ids: list[str] = field(default_factory=list[str])
     final_text: str | None = None
     error: str | None = None
-    stopped_by: str | None = None  # "max_turns" | "timeout" | None
+    stopped_by: str | None = None  # "max_turns" | "timeout" | "budget" | None
     input_tokens: int = 0
     output_tokens: int = 0
     total_tokens: int = 0
     transcript: list[dict[str, Any]] = field(default_factory=list[dict[str, Any]])
     seconds: float = 0.0
     rate_limit_wait_seconds: float = 0.0
+    tokens_estimated: bool = False
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
 
-def limit_model_calls(model: Model, max_turns: int) -> Callable[[], int]:
-    """Make `model` refuse a call once `max_turns` calls have completed; return a reader of
-    the count.
+def limit_model_calls(
+    model: Model, max_turns: int, budget: TokenBudget | None = None
+) -> Callable[[], int]:
+    """Make `model` refuse a call once `max_turns` calls have completed, or once `budget` is
+    spent (counting each call's tokens into it); return a reader of the count.
 
     A turn is one completed model call (an attempt that failed and was retried is not a turn).
     Agno's `tool_call_limit` caps tool executions only, so a model that keeps asking for tools
@@ -64,8 +128,12 @@ def limit_model_calls(model: Model, max_turns: int) -> Callable[[], int]:
     async def limited_ainvoke(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
         check()
+        if budget is not None:
+            budget.check()
         result = await ainvoke(*args, **kwargs)
         calls += 1
+        if budget is not None:
+            budget.spend(*_tokens_of(args, kwargs, result))
         return result
 
     async def limited_ainvoke_stream(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
@@ -118,13 +186,15 @@ async def run_agent(
     max_turns: int,
     timeout_seconds: float,
     transcript_max_chars: int = 200_000,
+    budget: TokenBudget | None = None,
 ) -> AgentOutcome:
     """Run one agent for `context.user_id` and report what it did. Never raises for agent or
     provider failures: they come back in `outcome.error`. Cancellation propagates.
     """
     started = time.perf_counter()
     outcome = AgentOutcome()
-    turns = limit_model_calls(model, max_turns)
+    budget = budget or TokenBudget()
+    turns = limit_model_calls(model, max_turns, budget)
     agent = Agent(
         model=model,
         tools=build_tools(tools, context),
@@ -148,6 +218,9 @@ async def run_agent(
     except TurnLimitReached as exc:  # when Agno lets it through rather than recording it
         outcome.error = str(exc)
         outcome.stopped_by = "max_turns"
+    except BudgetExceeded as exc:
+        outcome.error = str(exc)
+        outcome.stopped_by = "budget"
 
     finally:
         current_wait.reset(token)
@@ -160,6 +233,8 @@ async def run_agent(
             outcome.final_text = output.content if isinstance(output.content, str) else None
         if outcome.error and "max_turns" in outcome.error:
             outcome.stopped_by = "max_turns"
+        if outcome.error and outcome.error.startswith("budget exceeded"):
+            outcome.stopped_by = "budget"
         messages = [m for m in output.messages or [] if not m.from_history]
         outcome.tool_calls = sum(1 for m in messages if m.role == "tool")
         metrics = output.metrics
@@ -168,6 +243,10 @@ async def run_agent(
             outcome.output_tokens = metrics.output_tokens or 0
             outcome.total_tokens = metrics.total_tokens or 0
         outcome.transcript = _transcript(output, transcript_max_chars)
+    if outcome.total_tokens == 0 and budget.used:
+        # no usage from the provider (or the run stopped before Agno summed it)
+        outcome.total_tokens = budget.used
+        outcome.tokens_estimated = budget.estimated
     outcome.proposal_ids = list(context.proposal_ids)
     outcome.seconds = time.perf_counter() - started
     return outcome

@@ -68,6 +68,9 @@ class UserResultOut(BaseModel):
     rate_limit_wait_seconds: float = Field(
         description="Time the agent waited for the model rate limit (not part of its timeout)"
     )
+    tokens_estimated: bool = Field(
+        description="The provider reported no usage: tokens estimated from the text"
+    )
 
     @classmethod
     def of(cls, result: UserResult) -> UserResultOut:

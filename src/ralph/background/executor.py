@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from ralph.agents.models import ModelFactory
-from ralph.agents.runner import AgentOutcome, run_agent
+from ralph.agents.runner import AgentOutcome, RunTokens, TokenBudget, run_agent
 from ralph.agents.tools import ToolContext
 from ralph.background.models import (
     RunStatus,
@@ -95,6 +95,8 @@ class Executor:
         self._units: dict[str, set[asyncio.Task[None]]] = {}
         self._cancel_poll_seconds = cancel_poll_seconds
         self._rerun_limit = rerun_limit
+        # tokens spent per run with a `max_tokens_per_run` budget, by this process's agents
+        self._run_tokens: dict[str, RunTokens] = {}
 
     # --- starting runs --------------------------------------------------------------------
 
@@ -212,6 +214,7 @@ class Executor:
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
             self._agents.pop(run_id, None)
+            self._run_tokens.pop(run_id, None)
             self._units.pop(run_id, None)
             self._cancelled.discard(run_id)
         # the end of a run must not be lost to a database outage: wait for it to come back
@@ -259,6 +262,16 @@ class Executor:
                     in_flight.difference_update(done)
                 if self._stopping or run_id in self._cancelled:
                     break
+                tokens = await self._run_budget(run_id, task)
+                if tokens is not None and tokens.exhausted:
+                    # the run's budget is spent: nobody else starts
+                    await until_reachable(
+                        lambda: self.runs.cancel_pending_users(
+                            run_id, self._clock.now(), UserStatus.BUDGET_EXCEEDED
+                        ),
+                        what="pending users",
+                    )
+                    break
                 job = asyncio.create_task(self._dispatch(run_id, task, user_id))
                 in_flight.add(job)
                 after = position
@@ -267,6 +280,19 @@ class Executor:
             break
         if in_flight:
             await asyncio.wait(in_flight)
+
+    async def _run_budget(self, run_id: str, task: TaskDefinition) -> RunTokens | None:
+        """The run's token counter in this process, starting from what its finished users
+        spent (a worker joining a run mid-way counts those too)."""
+        if task.budget is None or task.budget.max_tokens_per_run is None:
+            return None
+        tokens = self._run_tokens.get(run_id)
+        if tokens is None:
+            spent = await self.runs.tokens_used(run_id)
+            tokens = self._run_tokens.setdefault(
+                run_id, RunTokens(task.budget.max_tokens_per_run, spent)
+            )
+        return tokens
 
     async def _heartbeat(self, run_id: str) -> None:
         while True:
@@ -319,6 +345,8 @@ class Executor:
         try:
             outcome = await agent
             status = UserStatus.SUCCESS if outcome.ok else UserStatus.FAILED
+            if outcome.stopped_by == "budget":
+                status = UserStatus.BUDGET_EXCEEDED
         except asyncio.CancelledError:
             if not agent.cancelled():
                 raise  # this bookkeeping task itself was cancelled: not ours to swallow
@@ -353,6 +381,7 @@ class Executor:
             "error": outcome.error,
             "transcript": json.dumps(outcome.transcript, default=str),
             "rate_limit_wait_seconds": round(outcome.rate_limit_wait_seconds, 3),
+            "tokens_estimated": outcome.tokens_estimated,
         }
         recorded = await until_reachable(
             lambda: self.runs.finish_user(run_id, task.name, user_id, result),
@@ -361,6 +390,9 @@ class Executor:
         if not recorded:
             # recovery took the user over while the database was away: its rerun decides
             log.warning("user_result_superseded", run_id=run_id, user_id=user_id)
+        if run_id not in self._agents:
+            # nothing of the run in flight here: its users' rows now count all its tokens
+            self._run_tokens.pop(run_id, None)
 
     async def _watch_cancel(self, run_id: str) -> None:
         """In a worker process: notice a cancel requested through the coordinator."""
@@ -375,7 +407,12 @@ class Executor:
         instructions = await self._memory.instructions_with_memory(
             task.system_prompt, context.user_id, task.memory_blocks
         )
+        budget = TokenBudget(
+            per_user=task.budget.max_tokens_per_user if task.budget else None,
+            run=await self._run_budget(context.run_id or "", task),
+        )
         return await run_agent(
+            budget=budget,
             model=self._models(),
             tools=task.tools,
             context=context,

@@ -64,6 +64,14 @@ class IdleTrigger(StrictInput):
 Trigger = Annotated[CronTrigger | IdleTrigger, Field(discriminator="type")]
 
 
+class Budget(StrictInput):
+    """Tokens a run may spend, checked before each model call."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    max_tokens_per_user: int | None = Field(default=None, ge=1)
+    max_tokens_per_run: int | None = Field(default=None, ge=1)
+
+
 class TaskDefinition(StrictInput):
     """What a background task does, for whom, and when."""
 
@@ -80,6 +88,7 @@ class TaskDefinition(StrictInput):
     max_turns: int = Field(default=10, ge=1, le=100)
     timeout_seconds: float = Field(default=300.0, gt=0, le=24 * 3600)
     misfire_grace_seconds: int = Field(default=300, ge=0, le=7 * 24 * 3600)
+    budget: Budget | None = None
     enabled: bool = True
 
     @classmethod
@@ -138,6 +147,7 @@ class UserStatus(StrEnum):
     SKIPPED = "skipped"
     CANCELLED = "cancelled"
     INTERRUPTED = "interrupted"
+    BUDGET_EXCEEDED = "budget_exceeded"  # stopped before a model call the budget did not allow
 
 
 FINISHED_RUN = {
@@ -199,3 +209,4 @@ class UserResult:
     error: str | None
     transcript: str | None
     rate_limit_wait_seconds: float = 0.0
+    tokens_estimated: bool = False

@@ -497,6 +497,14 @@ class RunStore:
             )
         return result.rowcount
 
+    async def tokens_used(self, run_id: str) -> int:
+        """Tokens the run's users have spent so far (those recorded: finished users)."""
+        query = select(func.coalesce(func.sum(task_run_users.c.total_tokens), 0)).where(
+            task_run_users.c.run_id == run_id
+        )
+        async with self._engine.connect() as conn:
+            return int((await conn.execute(query)).scalar_one())
+
     async def counts(self, run_id: str) -> dict[str, int]:
         """Users of the run per status."""
         return (await self._counts([run_id]))[run_id]
@@ -523,13 +531,14 @@ class RunStore:
         succeeded = counts.get(UserStatus.SUCCESS, 0)
         failed = counts.get(UserStatus.FAILED, 0)
         cancelled = counts.get(UserStatus.CANCELLED, 0)
+        exceeded = counts.get(UserStatus.BUDGET_EXCEEDED, 0)
         if counts.get(UserStatus.INTERRUPTED, 0) or counts.get(UserStatus.RUNNING, 0):
             status = RunStatus.INTERRUPTED
         elif run.cancel_requested and cancelled:
             status = RunStatus.CANCELLED
-        elif error is not None or (failed and not succeeded):
+        elif error is not None or (failed and not succeeded and not exceeded):
             status = RunStatus.FAILED
-        elif failed or cancelled:
+        elif failed or cancelled or exceeded:
             status = RunStatus.PARTIAL
         else:
             status = RunStatus.SUCCESS

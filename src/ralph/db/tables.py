@@ -14,6 +14,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 
 from ralph.db.types import LongText, UTCDateTime
@@ -189,6 +190,8 @@ task_run_users = Table(
     Column("transcript", LongText(), nullable=True),
     # time the user's agent waited for the model rate limit (not counted against its timeout)
     Column("rate_limit_wait_seconds", Float, nullable=False, server_default="0"),
+    # the provider reported no usage: the tokens are estimated from the text (4 chars each)
+    Column("tokens_estimated", Boolean, nullable=False, server_default=false()),
     Index(None, "run_id", "status", "position"),
     Index(None, "run_id", "position"),
 )

@@ -1,4 +1,4 @@
-"""per-user time spent waiting for the model rate limit
+"""per user: time spent waiting for the model rate limit, whether its tokens are estimated
 
 Revision ID: 0004
 Revises: 0003
@@ -21,8 +21,12 @@ def upgrade() -> None:
         batch.add_column(
             sa.Column("rate_limit_wait_seconds", sa.Float(), nullable=False, server_default="0")
         )
+        batch.add_column(
+            sa.Column("tokens_estimated", sa.Boolean(), nullable=False, server_default=sa.false())
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("task_run_users") as batch:
+        batch.drop_column("tokens_estimated")
         batch.drop_column("rate_limit_wait_seconds")
