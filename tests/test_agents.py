@@ -440,6 +440,10 @@ async def test_direct_client_sends_what_the_sdk_sends(
             for tool_call in calls:
                 tool_call.pop("id", None)  # ids are random per call
             message.pop("tool_call_id", None)
+        # OpenRouter's usage accounting (each call's cost): asked for on the direct path only,
+        # where the reply is read by Ralph
+        accounting = direct.pop("usage", None)
+        assert accounting == ({"include": True} if provider == "openrouter" else None)
         assert direct == sdk
     assert len(model_server.clients) == 2  # one connection for each model's two calls
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from httpx import ASGITransport, AsyncClient
+from pydantic import SecretStr
 
 from ralph.agents.protocol import Reply, ToolCall, turn_of
 from ralph.app import create_app
@@ -109,3 +110,36 @@ async def test_budget_is_validated(client: AsyncClient) -> None:
     for budget in ({"max_tokens_per_user": 0}, {"max_tokens_per_run": -1}, {"tokens": 5}):
         answer = await client.post("/background/tasks", json=task | {"budget": budget})
         assert answer.status_code == 422, budget
+
+
+@pytest.mark.parametrize("provider", ["openrouter", "openai"])
+async def test_cost_as_the_provider_reports_it(
+    settings: Settings, model_server: ModelServer, provider: str
+) -> None:
+    """OpenRouter reports each call's cost when asked (`usage: {include: true}`): it is kept
+    per user and summed per run. A provider that reports none leaves it unknown (null)."""
+
+    def costly(request: dict[str, Any]) -> Action:
+        asked = request.get("usage") == {"include": True}
+        cost = 0.0012 if asked else None
+        if turn_of(request) == 0:
+            return Reply(tool_calls=(ToolCall("list_memory_blocks", {}),), cost_usd=cost)
+        return Reply(content="done", cost_usd=cost)
+
+    model_server.responder = costly
+    configured = using_model_server(
+        settings,
+        model_server,
+        model_provider=provider,
+        model_api_key=SecretStr("key"),
+        wait_max_seconds=60.0,
+    )
+    app = create_app(configured)
+    async with (
+        app.router.lifespan_context(app),
+        AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
+    ):
+        detail = await run(client, 2, {"max_tokens_per_user": 1000})
+    expected_user = pytest.approx(0.0024) if provider == "openrouter" else None
+    assert [u["cost_usd"] for u in detail["user_results"]] == [expected_user, expected_user]
+    assert detail["cost_usd"] == (pytest.approx(0.0048) if provider == "openrouter" else None)

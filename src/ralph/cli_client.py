@@ -162,13 +162,18 @@ def runs_list(
     """List a task's runs."""
     with _client(url) as client:
         runs = _call(client, "GET", f"/background/tasks/{task}/runs", params={"limit": limit})
-    table = Table(Column("run id", no_wrap=True), "trigger", "status", "users", "created")
+    table = Table(
+        Column("run id", no_wrap=True), "trigger", "status", "users", "tokens", "cost", "created"
+    )
     for run in runs:
+        cost = run.get("cost_usd")
         table.add_row(
             run["id"],
             run["trigger_type"],
             run["status"],
             ", ".join(f"{k} {v}" for k, v in sorted(run["counts"].items())),
+            str(run["total_tokens"]),
+            "-" if cost is None else f"${cost:.4f}",
             run["created_at"],
         )
     console.print(table)

@@ -27,6 +27,7 @@ from agno.models.response import ModelResponse
 from openai.types.chat import ChatCompletion
 from pydantic import ValidationError
 
+from ralph.agents.calls import current_call
 from ralph.agents.ratelimit import ModelRateLimiter, estimate_tokens
 from ralph.agents.transport import Reply, Transport, TransportError
 
@@ -65,6 +66,8 @@ class DirectOpenAI(OpenAILike):
     max_retry_after: float = 60.0
     # every request waits for it; a 429 slows it down for everyone sharing it
     limiter: ModelRateLimiter | None = field(default=None, repr=False)
+    # ask for the provider's usage accounting (OpenRouter: each call's cost in `usage.cost`)
+    usage_accounting: bool = False
 
     async def ainvoke(  # type: ignore[override]
         self,
@@ -100,6 +103,8 @@ class DirectOpenAI(OpenAILike):
             "messages": self._format_all_messages(messages, compress_tool_results),
             **params,
         }
+        if self.usage_accounting:
+            body["usage"] = {"include": True}
         assistant_message.metrics.start_timer()
         data = await self._post(transport, body)
         assistant_message.metrics.stop_timer()
@@ -159,14 +164,19 @@ class DirectOpenAI(OpenAILike):
         raise AssertionError("unreachable")
 
     async def _charge(self, data: Any, estimate: int) -> None:
-        """Count the tokens a reply used beyond the estimate against the token limit."""
-        if self.limiter is None or not isinstance(data, dict):
+        """Count the tokens a reply used beyond the estimate against the token limit, and
+        its cost (if the provider reports one) into the agent's record."""
+        usage: Any = cast("dict[str, Any]", data).get("usage") if isinstance(data, dict) else None
+        if not isinstance(usage, dict):
             return
-        usage: Any = cast("dict[str, Any]", data).get("usage")
-        if isinstance(usage, dict):
-            total = cast("dict[str, Any]", usage).get("total_tokens")
-            if isinstance(total, int) and total > estimate:
-                await self.limiter.charge(total - estimate)
+        reported = cast("dict[str, Any]", usage)
+        total = reported.get("total_tokens")
+        if self.limiter is not None and isinstance(total, int) and total > estimate:
+            await self.limiter.charge(total - estimate)
+        cost = reported.get("cost")
+        record = current_call.get()
+        if record is not None and isinstance(cost, int | float) and not isinstance(cost, bool):
+            record.charged(float(cost))
 
     @staticmethod
     def _message(reply: Reply) -> str:
@@ -202,4 +212,7 @@ class DirectOpenAI(OpenAILike):
 class DirectOpenRouter(  # pyright: ignore[reportIncompatibleVariableOverride, reportIncompatibleMethodOverride]
     OpenRouter, DirectOpenAI
 ):
-    """Agno's `OpenRouter` posting its non-streaming calls as `DirectOpenAI` does."""
+    """Agno's `OpenRouter` posting its non-streaming calls as `DirectOpenAI` does, with
+    OpenRouter's usage accounting on (each call's cost in USD)."""
+
+    usage_accounting: bool = True

@@ -36,6 +36,7 @@ class Reply:
     tool_calls: tuple[ToolCall, ...] = ()
     prompt_tokens: int = 10
     completion_tokens: int = 5
+    cost_usd: float | None = None  # reported in `usage.cost`, as OpenRouter does
 
 
 def completion(reply: Reply, model: str) -> dict[str, Any]:
@@ -66,12 +67,15 @@ def completion(reply: Reply, model: str) -> dict[str, Any]:
     }
 
 
-def _usage(reply: Reply) -> dict[str, int]:
-    return {
+def _usage(reply: Reply) -> dict[str, Any]:
+    usage: dict[str, Any] = {
         "prompt_tokens": reply.prompt_tokens,
         "completion_tokens": reply.completion_tokens,
         "total_tokens": reply.prompt_tokens + reply.completion_tokens,
     }
+    if reply.cost_usd is not None:
+        usage["cost"] = reply.cost_usd
+    return usage
 
 
 def stream_chunks(reply: Reply, model: str) -> Iterator[dict[str, Any]]:

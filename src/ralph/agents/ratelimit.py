@@ -16,29 +16,16 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable
-from contextvars import ContextVar
-from dataclasses import dataclass
 
 from limits import RateLimitItem, RateLimitItemPerMinute, RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 
+from ralph.agents.calls import current_call
+
 _RECOVER_EVERY = 10.0  # seconds without a 429 before the rate grows back by a tenth
 _MIN_SCALE = 0.1
 _MARGIN = 0.02
-
-
-@dataclass
-class LimiterWait:
-    """Time one agent run spent waiting for the limiter; `extend` moves its deadline."""
-
-    seconds: float = 0.0
-    extend: Callable[[float], None] | None = None
-
-
-# set by the agent runner around one user's agent; read by the model calls inside it
-current_wait: ContextVar[LimiterWait | None] = ContextVar("ralph_limiter_wait", default=None)
 
 
 def estimate_tokens(request_bytes: int, max_output_tokens: int | None) -> int:
@@ -49,11 +36,9 @@ def estimate_tokens(request_bytes: int, max_output_tokens: int | None) -> int:
 
 
 def _extend_deadline(seconds: float) -> None:
-    record = current_wait.get()
+    record = current_call.get()
     if record is not None:
-        record.seconds += seconds
-        if record.extend is not None:
-            record.extend(seconds)
+        record.waited(seconds)
 
 
 class ModelRateLimiter:
@@ -96,7 +81,7 @@ class ModelRateLimiter:
 
     async def acquire(self, tokens: int = 0) -> float:
         """Wait until one call of about `tokens` tokens may start; return the seconds waited.
-        Each wait is added to the caller's `current_wait`, whose deadline moves by as much
+        Each wait is added to the caller's `current_call`, whose deadline moves by as much
         before the wait begins (so a wait for the limit never runs into a timeout)."""
         waited = 0.0
         while True:

@@ -14,7 +14,7 @@ from agno.models.base import Model
 from agno.run.agent import RunOutput
 from agno.run.base import RunStatus as AgnoRunStatus
 
-from ralph.agents.ratelimit import LimiterWait, current_wait
+from ralph.agents.calls import CallRecord, current_call
 from ralph.agents.tools import ToolContext, build_tools
 
 
@@ -100,6 +100,7 @@ class AgentOutcome:
     seconds: float = 0.0
     rate_limit_wait_seconds: float = 0.0
     tokens_estimated: bool = False
+    cost_usd: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -204,11 +205,11 @@ async def run_agent(
     )
     output: RunOutput | None = None
     # time spent waiting for the shared rate limit moves the deadline: it is not the agent's
-    waited = LimiterWait()
-    token = current_wait.set(waited)
+    record = CallRecord()
+    token = current_call.set(record)
     try:
         async with asyncio.timeout(timeout_seconds) as deadline:
-            waited.extend = lambda seconds: deadline.reschedule(
+            record.extend = lambda seconds: deadline.reschedule(
                 (deadline.when() or asyncio.get_running_loop().time()) + seconds
             )
             output = await agent.arun(prompt, user_id=context.user_id)  # pyright: ignore[reportUnknownMemberType]
@@ -223,8 +224,9 @@ async def run_agent(
         outcome.stopped_by = "budget"
 
     finally:
-        current_wait.reset(token)
-    outcome.rate_limit_wait_seconds = waited.seconds
+        current_call.reset(token)
+    outcome.rate_limit_wait_seconds = record.wait_seconds
+    outcome.cost_usd = record.cost_usd
     outcome.turns_used = turns()
     if output is not None:
         if output.status == AgnoRunStatus.error:

@@ -71,6 +71,7 @@ class UserResultOut(BaseModel):
     tokens_estimated: bool = Field(
         description="The provider reported no usage: tokens estimated from the text"
     )
+    cost_usd: float | None = Field(description="As the provider reported it (OpenRouter)")
 
     @classmethod
     def of(cls, result: UserResult) -> UserResultOut:
@@ -103,6 +104,7 @@ class RunOut(BaseModel):
     input_tokens: int
     output_tokens: int
     total_tokens: int
+    cost_usd: float | None = Field(description="The users' costs summed (None: not reported)")
     error: str | None
     rerun_of: str | None = Field(
         default=None, description="For a `rerun`: the interrupted run whose users it runs."

@@ -382,6 +382,7 @@ class Executor:
             "transcript": json.dumps(outcome.transcript, default=str),
             "rate_limit_wait_seconds": round(outcome.rate_limit_wait_seconds, 3),
             "tokens_estimated": outcome.tokens_estimated,
+            "cost_usd": outcome.cost_usd,
         }
         recorded = await until_reachable(
             lambda: self.runs.finish_user(run_id, task.name, user_id, result),

@@ -189,6 +189,7 @@ class TaskRun:
     total_tokens: int
     error: str | None
     rerun_of: str | None = None  # for a rerun: the interrupted run it continues
+    cost_usd: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,3 +211,4 @@ class UserResult:
     transcript: str | None
     rate_limit_wait_seconds: float = 0.0
     tokens_estimated: bool = False
+    cost_usd: float | None = None

@@ -242,6 +242,7 @@ def _run(row: RowMapping, counts: dict[str, int]) -> TaskRun:
         total_tokens=row["total_tokens"],
         error=row["error"],
         rerun_of=_rerun_of(row["slot_key"]),
+        cost_usd=row["cost_usd"],
     )
 
 
@@ -546,9 +547,10 @@ class RunStore:
             func.coalesce(func.sum(task_run_users.c.input_tokens), 0),
             func.coalesce(func.sum(task_run_users.c.output_tokens), 0),
             func.coalesce(func.sum(task_run_users.c.total_tokens), 0),
+            func.sum(task_run_users.c.cost_usd),  # NULL when no user's cost is known
         ).where(task_run_users.c.run_id == run_id)
         async with self._engine.begin() as conn:
-            input_tokens, output_tokens, total_tokens = (await conn.execute(tokens)).one()
+            input_tokens, output_tokens, total_tokens, cost = (await conn.execute(tokens)).one()
             await conn.execute(
                 update(task_runs)
                 .where(task_runs.c.id == run_id, task_runs.c.status == RunStatus.RUNNING.value)
@@ -560,6 +562,7 @@ class RunStore:
                     input_tokens=int(input_tokens),
                     output_tokens=int(output_tokens),
                     total_tokens=int(total_tokens),
+                    cost_usd=None if cost is None else float(cost),
                 )
             )
         return await self.get(run_id)

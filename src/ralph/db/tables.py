@@ -164,6 +164,7 @@ task_runs = Table(
     Column("input_tokens", BigInteger, nullable=False, default=0),
     Column("output_tokens", BigInteger, nullable=False, default=0),
     Column("total_tokens", BigInteger, nullable=False, default=0),
+    Column("cost_usd", Float, nullable=True),  # the users' costs summed; None: unknown
     Column("error", Text(), nullable=True),
     UniqueConstraint("task_name", "slot_key"),
     Index(None, "task_name", "created_at"),
@@ -192,6 +193,7 @@ task_run_users = Table(
     Column("rate_limit_wait_seconds", Float, nullable=False, server_default="0"),
     # the provider reported no usage: the tokens are estimated from the text (4 chars each)
     Column("tokens_estimated", Boolean, nullable=False, server_default=false()),
+    Column("cost_usd", Float, nullable=True),  # as the provider reports it; None: unknown
     Index(None, "run_id", "status", "position"),
     Index(None, "run_id", "position"),
 )

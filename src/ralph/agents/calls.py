@@ -1,0 +1,29 @@
+"""What one agent run's model calls add up to, beyond what Agno counts: time spent waiting
+for the shared rate limit, and what the provider charged. The agent runner sets a record
+around one user's agent; the model calls inside it add to it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+
+@dataclass
+class CallRecord:
+    wait_seconds: float = 0.0
+    # moves the agent's deadline by the time spent waiting for the limit
+    extend: Callable[[float], None] | None = None
+    # USD, as the provider reports it (None: it reported no cost)
+    cost_usd: float | None = None
+
+    def waited(self, seconds: float) -> None:
+        self.wait_seconds += seconds
+        if self.extend is not None:
+            self.extend(seconds)
+
+    def charged(self, usd: float) -> None:
+        self.cost_usd = (self.cost_usd or 0.0) + usd
+
+
+current_call: ContextVar[CallRecord | None] = ContextVar("ralph_current_call", default=None)
