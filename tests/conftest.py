@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ralph.app import create_app
 from ralph.background.executor import Executor
+from ralph.clock import Clock
 from ralph.config import Settings
 from ralph.db import migrate
 from ralph.db.engine import create_engine
@@ -188,6 +190,17 @@ def model_server() -> Iterator[ModelServer]:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@asynccontextmanager
+async def serving(settings: Settings, clock: Clock | None = None) -> AsyncGenerator[AsyncClient]:
+    """An app for `settings` with its lifespan running, and a client speaking to it in-process."""
+    app = create_app(settings, clock=clock)
+    async with (
+        app.router.lifespan_context(app),
+        AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
+    ):
+        yield client
 
 
 class AppHarness:

@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from httpx import ASGITransport, AsyncClient
+from httpx import AsyncClient
 from pydantic import SecretStr
 
-from ralph.app import create_app
 from ralph.config import Settings
+from tests.conftest import serving
 
 LONE = "a\ud800"
 TOKEN = "a-token-of-24-characters"
@@ -99,11 +99,7 @@ async def test_405_names_every_method_of_the_path(client: AsyncClient) -> None:
 
 @pytest.fixture
 async def token_client(settings: Settings) -> AsyncIterator[AsyncClient]:
-    app = create_app(settings.model_copy(update={"api_token": SecretStr(TOKEN)}))
-    async with (
-        app.router.lifespan_context(app),
-        AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
-    ):
+    async with serving(settings.model_copy(update={"api_token": SecretStr(TOKEN)})) as client:
         yield client
 
 
@@ -131,11 +127,7 @@ async def test_the_token_is_checked_before_the_body_and_covers_the_docs(
 
 async def test_the_docs_may_be_public(settings: Settings) -> None:
     update = {"api_token": SecretStr(TOKEN), "api_docs_public": True}
-    app = create_app(settings.model_copy(update=update))
-    async with (
-        app.router.lifespan_context(app),
-        AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
-    ):
+    async with serving(settings.model_copy(update=update)) as client:
         for path in ("/openapi.json", "/docs", "/redoc"):
             assert (await client.get(path)).status_code == 200, path
         assert (await client.get("/users/u/blocks")).status_code == 401

@@ -6,14 +6,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from httpx import ASGITransport, AsyncClient
+from httpx import AsyncClient
 from pydantic import SecretStr
 
 from ralph.agents.protocol import Reply, ToolCall, turn_of
-from ralph.app import create_app
 from ralph.config import Settings
 from ralph.testing.model_server import Action, ModelServer
-from tests.conftest import using_model_server
+from tests.conftest import serving, using_model_server
 
 # The scripted server reports 10 prompt + 5 completion tokens per call unless told otherwise.
 TOKENS_PER_CALL = 15
@@ -29,11 +28,7 @@ def tool_then_text(request: dict[str, Any]) -> Action:
 @pytest.fixture
 async def client(settings: Settings, model_server: ModelServer) -> AsyncIterator[AsyncClient]:
     model_server.responder = tool_then_text
-    app = create_app(using_model_server(settings, model_server, wait_max_seconds=60.0))
-    async with (
-        app.router.lifespan_context(app),
-        AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
-    ):
+    async with serving(using_model_server(settings, model_server, wait_max_seconds=60.0)) as client:
         yield client
 
 
@@ -134,11 +129,7 @@ async def test_cost_as_the_provider_reports_it(
         model_api_key=SecretStr("key"),
         wait_max_seconds=60.0,
     )
-    app = create_app(configured)
-    async with (
-        app.router.lifespan_context(app),
-        AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
-    ):
+    async with serving(configured) as client:
         detail = await run(client, 2, {"max_tokens_per_user": 1000})
     expected_user = pytest.approx(0.0024) if provider == "openrouter" else None
     assert [u["cost_usd"] for u in detail["user_results"]] == [expected_user, expected_user]

@@ -15,16 +15,20 @@ from functools import partial
 from typing import Any
 
 import pytest
-from httpx import ASGITransport, AsyncClient
+from httpx import AsyncClient
 from sqlalchemy.engine import make_url
 
-from ralph.app import create_app
 from ralph.config import Settings
 from ralph.db import migrate
 from ralph.db.engine import create_engine
 from ralph.testing.model_server import Delay, ModelServer, scripted, text
 from ralph.testing.tcp_proxy import TcpProxy
-from tests.conftest import create_mariadb_database, drop_mariadb_database, using_model_server
+from tests.conftest import (
+    create_mariadb_database,
+    drop_mariadb_database,
+    serving,
+    using_model_server,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -61,11 +65,7 @@ def model_server() -> Iterator[ModelServer]:
 
 @asynccontextmanager
 async def serve(settings: Settings) -> AsyncGenerator[AsyncClient]:
-    app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
-    ):
+    async with serving(settings) as client:
         task = {
             "name": "outage",
             "system_prompt": "review",

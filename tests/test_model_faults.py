@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from httpx import ASGITransport, AsyncClient
+from httpx import AsyncClient
 
 from ralph.agents.protocol import Reply, ToolCall
-from ralph.app import create_app
 from ralph.config import Settings
 from ralph.testing.model_server import (
     Delay,
@@ -24,7 +23,7 @@ from ralph.testing.model_server import (
     scripted,
     text,
 )
-from tests.conftest import using_model_server
+from tests.conftest import serving, using_model_server
 
 # With RALPH_MODEL_MAX_RETRIES=1 a failing call is sent twice, and Agno tries the whole call
 # once more: at most 4 requests for one model call.
@@ -127,11 +126,7 @@ async def client(settings: Settings, model_server: ModelServer) -> AsyncIterator
         model_timeout_seconds=MODEL_TIMEOUT,
         wait_max_seconds=60.0,
     )
-    app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
-    ):
+    async with serving(settings) as client:
         yield client
 
 

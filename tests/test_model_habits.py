@@ -9,13 +9,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from httpx import ASGITransport, AsyncClient
+from httpx import AsyncClient
 
 from ralph.agents.protocol import Reply, ToolCall, turn_of
-from ralph.app import create_app
 from ralph.config import Settings
 from ralph.testing.model_server import ModelServer, call, scripted, text
-from tests.conftest import using_model_server
+from tests.conftest import serving, using_model_server
 
 # What each edit tool is asked to do, and what a proposal that did it looks like.
 INTENDED: dict[str, tuple[dict[str, Any], tuple[str, str | None, str | None]]] = {
@@ -48,11 +47,7 @@ def fill_every_parameter(request: dict[str, Any]) -> Reply:
 
 @pytest.fixture
 async def client(settings: Settings, model_server: ModelServer) -> AsyncIterator[AsyncClient]:
-    app = create_app(using_model_server(settings, model_server, wait_max_seconds=60.0))
-    async with (
-        app.router.lifespan_context(app),
-        AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
-    ):
+    async with serving(using_model_server(settings, model_server, wait_max_seconds=60.0)) as client:
         yield client
 
 

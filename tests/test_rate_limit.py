@@ -7,6 +7,7 @@ Real time: the limits are per second and per minute.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 import uuid
@@ -16,16 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from httpx import ASGITransport, AsyncClient
+from httpx import AsyncClient
 
 from ralph.agents.protocol import turn_of
 from ralph.agents.ratelimit import ModelRateLimiter
-from ralph.app import create_app
 from ralph.config import Settings
 from ralph.db import migrate
 from ralph.db.engine import create_engine
 from ralph.testing.model_server import Action, Fail, ModelServer, call, text
 from ralph.testing.processes import start_worker_process
+from tests.conftest import serving
 from tests.test_worker import REDIS_URL, delete_queue_keys, require_redis
 
 pytestmark = pytest.mark.slow
@@ -55,18 +56,20 @@ class PerSecondLimit:
         return call("list_memory_blocks") if turn_of(request) == 0 else text("done")
 
 
-class EveryOtherRejected:
-    """A provider under a burst: every other request is a 429 without Retry-After."""
+class FirstAttemptRejected:
+    """A provider under a burst: half the requests are a 429 without Retry-After, namely the
+    first attempt of every call (its retry is answered)."""
 
     def __init__(self) -> None:
-        self._count = 0
+        self._seen: set[str] = set()
         self._lock = threading.Lock()
 
     def __call__(self, request: dict[str, Any]) -> Action:
+        call_key = json.dumps(request["messages"], sort_keys=True)
         with self._lock:
-            self._count += 1
-            rejected = self._count % 2 == 0
-        if rejected:
+            first = call_key not in self._seen
+            self._seen.add(call_key)
+        if first:
             return Fail(429, "slow down")
         return call("list_memory_blocks") if turn_of(request) == 0 else text("done")
 
@@ -124,19 +127,26 @@ def model_server() -> Iterator[ModelServer]:
         yield server
 
 
-async def run_hundred_users(client: AsyncClient) -> dict[str, Any]:
+async def run_task(
+    client: AsyncClient, users: int, batch_size: int, timeout_seconds: float, tools: list[str]
+) -> dict[str, Any]:
+    """Create a task of `users` users and run it to the end; the finished run."""
     task = {
         "name": "limited",
         "system_prompt": "review",
-        "tools": ["list_memory_blocks"],
+        "tools": tools,
         "trigger": {"type": "cron", "schedule": "0 3 * * *"},
-        "user_ids": [f"user-{i:03d}" for i in range(100)],
-        "batch_size": 20,
-        "timeout_seconds": 20,
+        "user_ids": [f"user-{i:03d}" for i in range(users)],
+        "batch_size": batch_size,
+        "timeout_seconds": timeout_seconds,
     }
     assert (await client.post("/background/tasks", json=task)).status_code == 201
     run: dict[str, Any] = (await client.post("/background/tasks/limited/run?wait=true")).json()
     return run
+
+
+async def run_hundred_users(client: AsyncClient) -> dict[str, Any]:
+    return await run_task(client, 100, 20, 20, ["list_memory_blocks"])
 
 
 async def test_a_configured_limit_keeps_the_provider_from_429(
@@ -146,11 +156,9 @@ async def test_a_configured_limit_keeps_the_provider_from_429(
     each user's wait for the limit is recorded."""
     provider = PerSecondLimit(10)
     model_server.responder = provider
-    app = create_app(sqlite_settings(tmp_path, model_server, model_requests_per_minute=540))
-    async with (
-        app.router.lifespan_context(app),
-        AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
-    ):
+    async with serving(
+        sqlite_settings(tmp_path, model_server, model_requests_per_minute=540)
+    ) as client:
         run = await run_hundred_users(client)
         assert run["counts"] == {"success": 100}
         waits = [u["rate_limit_wait_seconds"] for u in await _all_users(client, run["id"])]
@@ -167,21 +175,10 @@ async def test_waiting_for_the_limit_is_not_part_of_the_timeout(
     """One call a second for 5 agents started at once with a 2 s timeout: the last waits about
     4 s for its turn, and still succeeds."""
     model_server.responder = done
-    app = create_app(sqlite_settings(tmp_path, model_server, model_requests_per_minute=60))
-    async with (
-        app.router.lifespan_context(app),
-        AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
-    ):
-        task = {
-            "name": "patient",
-            "system_prompt": "review",
-            "trigger": {"type": "cron", "schedule": "0 3 * * *"},
-            "user_ids": [f"user-{i}" for i in range(5)],
-            "batch_size": 5,
-            "timeout_seconds": 2,
-        }
-        assert (await client.post("/background/tasks", json=task)).status_code == 201
-        run = (await client.post("/background/tasks/patient/run?wait=true")).json()
+    async with serving(
+        sqlite_settings(tmp_path, model_server, model_requests_per_minute=60)
+    ) as client:
+        run = await run_task(client, 5, 5, 2, [])
         assert run["counts"] == {"success": 5}
         waits = sorted(u["rate_limit_wait_seconds"] for u in await _all_users(client, run["id"]))
     assert waits[0] < 0.5
@@ -212,12 +209,8 @@ async def test_two_workers_share_the_limit_through_redis(
     await migrate.upgrade(engine)
     await engine.dispose()
     workers = [await start_worker_process(settings) for _ in range(2)]
-    app = create_app(settings)
     try:
-        async with (
-            app.router.lifespan_context(app),
-            AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
-        ):
+        async with serving(settings) as client:
             run = await run_hundred_users(client)
             assert run["counts"] == {"success": 100}
     finally:
@@ -232,28 +225,17 @@ async def test_two_workers_share_the_limit_through_redis(
 async def test_a_burst_of_429s_without_a_limit(
     tmp_path: Path, model_server: ModelServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """No limit configured, the provider rejects every other request: 429s pause every agent,
+    """No limit configured, the provider rejects half the requests: 429s pause every agent,
     every user succeeds within the retry bound, and fewer than 3 requests are spent per call
     that got an answer."""
-    model_server.responder = EveryOtherRejected()
-    app = create_app(sqlite_settings(tmp_path, model_server))
-    async with (
-        app.router.lifespan_context(app),
-        AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
-    ):
-        task = {
-            "name": "bursty",
-            "system_prompt": "review",
-            "tools": ["list_memory_blocks"],
-            "trigger": {"type": "cron", "schedule": "0 3 * * *"},
-            "user_ids": [f"user-{i:02d}" for i in range(20)],
-            "batch_size": 10,
-            "timeout_seconds": 60,
-        }
-        assert (await client.post("/background/tasks", json=task)).status_code == 201
-        run = (await client.post("/background/tasks/bursty/run?wait=true")).json()
+    model_server.responder = FirstAttemptRejected()
+    async with serving(sqlite_settings(tmp_path, model_server)) as client:
+        for i in range(20):  # each user's instructions (and so each call) differ
+            await client.put(f"/users/user-{i:03d}/blocks/student", json={"body": f"user {i}"})
+        run = await run_task(client, 20, 10, 60, ["list_memory_blocks"])
     assert run["counts"] == {"success": 20}
     answered = 40  # 2 calls per user
     with capsys.disabled():
         print(f"\n429 burst: {model_server.calls} requests for {answered} answered calls")
+    assert model_server.calls == 2 * answered  # each call's first attempt was refused
     assert model_server.calls < 3 * answered
