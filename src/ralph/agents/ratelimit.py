@@ -25,7 +25,11 @@ from ralph.agents.calls import current_call
 
 _RECOVER_EVERY = 10.0  # seconds without a 429 before the rate grows back by a tenth
 _MIN_SCALE = 0.1
+# waited past each window's reset: calls a whole window apart must not be counted in one
+# window by the provider, whose clock and network are some ms off ours; between processes
+# (Redis) the time from taking a slot to sending is less even
 _MARGIN = 0.02
+_SHARED_MARGIN = 0.1
 
 
 def estimate_tokens(request_bytes: int, max_output_tokens: int | None) -> int:
@@ -63,7 +67,7 @@ class ModelRateLimiter:
             else MemoryStorage()
         )
         self._limiter = MovingWindowRateLimiter(storage)
-        self._storage = storage
+        self._margin = _SHARED_MARGIN if redis_url else _MARGIN
         self._rpm = requests_per_minute
         self._tpm = tokens_per_minute
         self._scale = 1.0
@@ -138,7 +142,5 @@ class ModelRateLimiter:
         for item, key, cost in self._items(tokens):
             if not await self._limiter.hit(item, key, cost=cost):
                 stats = await self._limiter.get_window_stats(item, key)
-                # a little past the reset: calls a whole window apart are not counted in one
-                # window by a provider whose clock or network is a few ms off
-                return max(0.01, stats.reset_time - time.time()) + _MARGIN
+                return max(0.01, stats.reset_time - time.time()) + self._margin
         return 0.0

@@ -110,6 +110,7 @@ class ModelServer:
         self.clients: set[tuple[str, int]] = set()
         self.in_flight = 0
         self.max_in_flight = 0
+        self.failures: dict[int, int] = {}  # errors answered, by status
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         app = Starlette(
@@ -171,6 +172,7 @@ class ModelServer:
                 "calls": self.calls,
                 "max_in_flight": self.max_in_flight,
                 "connections": len(self.clients),
+                "failures": {str(k): v for k, v in self.failures.items()},
             }
         )
 
@@ -197,6 +199,8 @@ class ModelServer:
             await asyncio.sleep(action.seconds)
             action = action.then
         if isinstance(action, Fail):
+            with self._lock:
+                self.failures[action.status] = self.failures.get(action.status, 0) + 1
             error = {"error": {"message": action.message, "type": "scripted", "code": None}}
             return JSONResponse(error, status_code=action.status, headers=action.headers)
         if isinstance(action, Garbage):
@@ -242,6 +246,12 @@ def _main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per call (median)")
     parser.add_argument("--sigma", type=float, default=0.0, help="lognormal sigma (0: fixed)")
+    parser.add_argument(
+        "--per-second",
+        type=int,
+        default=0,
+        help="a provider's limit: 429 (Retry-After: 1) beyond this many requests in a second",
+    )
     parser.add_argument("steps", nargs="+", help="e.g. tool:list_memory_blocks done")
     args = parser.parse_args()
 
@@ -253,8 +263,21 @@ def _main() -> None:
 
     steps = [step(spec) for spec in args.steps]
     rng = random.Random(42)
+    recent: list[float] = []
+    limit_lock = threading.Lock()
+
+    def over_limit() -> bool:
+        now = time.monotonic()
+        with limit_lock:
+            recent[:] = [t for t in recent if t > now - 1.0]
+            if len(recent) >= args.per_second:
+                return True
+            recent.append(now)
+            return False
 
     def respond(request: dict[str, Any]) -> Action:
+        if args.per_second and over_limit():
+            return Fail(429, "rate limit exceeded", headers={"retry-after": "1"})
         step = steps[min(turn_of(request), len(steps) - 1)]
         if args.latency <= 0:
             return step

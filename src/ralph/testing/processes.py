@@ -1,5 +1,6 @@
-"""Ralph in processes of its own, for tests and benchmarks: `ralph serve` on a free port, and
-`ralph worker` processes configured like a given `Settings`."""
+"""Ralph in processes of its own, for tests and benchmarks: `ralph serve` on a free port,
+`ralph worker` processes configured like a given `Settings`, and the scripted model server
+(so that it does not share the GIL with what it measures)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
+from contextlib import contextmanager
+from typing import Any
 
 import httpx
 
@@ -84,3 +87,39 @@ async def start_worker_process(settings: Settings) -> asyncio.subprocess.Process
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
+
+
+@contextmanager
+def model_server_process(
+    latency: float, sigma: float, *steps: str, per_second: int = 0
+) -> Generator[str]:
+    """`python -m ralph.testing.model_server` answering `steps` (see there); yields its base
+    URL and stops the process on exit. `per_second`: 429 beyond that many requests a second."""
+    command = [
+        sys.executable,
+        "-m",
+        "ralph.testing.model_server",
+        "--latency",
+        str(latency),
+        "--sigma",
+        str(sigma),
+        "--per-second",
+        str(per_second),
+        *steps,
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        base_url = process.stdout.readline().strip()
+        if not base_url.startswith("http"):
+            raise RuntimeError("model server did not start")
+        yield base_url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def server_stats(base_url: str) -> dict[str, Any]:
+    """The model server process's counters: calls, max_in_flight, connections, failures."""
+    stats: dict[str, Any] = httpx.get(base_url.removesuffix("/v1") + "/stats").json()
+    return stats
