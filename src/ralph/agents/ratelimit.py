@@ -59,7 +59,7 @@ class ModelRateLimiter:
     ) -> None:
         storage: Storage = (
             RedisStorage(
-                redis_url.replace("redis://", "async+redis://", 1),
+                f"async+{redis_url}",  # redis:// or rediss://, on redis-py's asyncio client
                 implementation="redispy",
                 key_prefix=f"{namespace}:model-rate",
             )
