@@ -87,8 +87,7 @@ class DirectOpenAI(OpenAILike):
         )
         transport = self.transport
         if response_format is not None or _SDK_ONLY_PARAMS & params.keys() or transport is None:
-            if self.limiter is not None:
-                await self.limiter.acquire(estimate_tokens(0, self.max_tokens))
+            await self._wait_for_limit()
             return await super().ainvoke(
                 messages,
                 assistant_message,
@@ -116,8 +115,7 @@ class DirectOpenAI(OpenAILike):
 
     async def ainvoke_stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[ModelResponse]:  # type: ignore[override]
         """The SDK's streaming call (chat), after the rate limit."""
-        if self.limiter is not None:
-            await self.limiter.acquire(estimate_tokens(0, self.max_tokens))
+        await self._wait_for_limit()
         async for chunk in super().ainvoke_stream(*args, **kwargs):
             yield chunk
 
@@ -129,6 +127,7 @@ class DirectOpenAI(OpenAILike):
         estimate = estimate_tokens(len(content), self.max_tokens)
         for attempt in range(attempts):
             reply: Reply | None = None
+            asked: float | None = None  # what the reply's Retry-After asks for
             if self.limiter is not None:
                 await self.limiter.acquire(estimate)
             try:
@@ -157,11 +156,15 @@ class DirectOpenAI(OpenAILike):
                     reply.status not in _RETRY_STATUSES and reply.status < 500
                 ) or attempt + 1 == attempts:
                     raise self._error(self._message(reply), reply.status)
-            delay = _retry_after(reply)
             if reply is not None and reply.status == 429 and self.limiter is not None:
                 continue  # the limiter makes this call (and all others) wait
-            await asyncio.sleep(_backoff(attempt) if delay is None else delay)
+            await asyncio.sleep(_backoff(attempt) if asked is None else asked)
         raise AssertionError("unreachable")
+
+    async def _wait_for_limit(self) -> None:
+        """Before a call through the SDK, whose request size Ralph does not see."""
+        if self.limiter is not None:
+            await self.limiter.acquire(estimate_tokens(0, self.max_tokens))
 
     async def _charge(self, data: Any, estimate: int) -> None:
         """Count the tokens a reply used beyond the estimate against the token limit, and
