@@ -22,9 +22,9 @@ import httpx
 
 os.environ.setdefault("AGNO_TELEMETRY", "false")
 
+from ralph.composition import open_services
 from ralph.config import Settings
 from ralph.logs import configure_logging
-from ralph.services import open_services
 from ralph.testing.processes import free_port, start_server_process
 
 CONCURRENCY = 32

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _server import model_server_process
 from ralph.agents.runner import run_agent
 from ralph.agents.tools import ToolContext
+from ralph.composition import open_services
 from ralph.config import Settings
 from ralph.logs import configure_logging
-from ralph.services import open_services
 
 TOOLS = ("list_memory_blocks", "edit_memory_block")
 

@@ -8,8 +8,10 @@
 
     uv run python bench/executor.py [users] [latency] [batch_size] [sigma] [workers]
 
-With `workers` > 0 (Redis needed), the fixed-latency case is measured again with the agents
-run by that many `ralph worker` processes (RALPH_WORKER_MODE=arq).
+The fixed-latency case runs with the agents in this process (`inprocess`) and in an agent
+process (`subprocess`, `ralph serve`'s default). With `workers` > 0 (Redis needed), it is
+measured again with the agents run by that many `ralph worker` processes
+(RALPH_WORKER_MODE=arq).
 """
 
 from __future__ import annotations
@@ -28,16 +30,18 @@ import uvloop
 os.environ.setdefault("AGNO_TELEMETRY", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
+
 from _server import model_server_process, server_stats
-from ralph.background.executor import Executor
-from ralph.background.models import CronTrigger, TaskDefinition, TriggerType
-from ralph.config import Settings
+from ralph.background.models import CronTrigger, TaskDefinition, TaskRun, TriggerType
+from ralph.composition import Services, open_services
+from ralph.config import Settings, WorkerMode
 from ralph.logs import configure_logging
-from ralph.services import Services, open_services
 from ralph.testing.processes import start_worker_process
 
 
-def settings_for(base_url: str, data_dir: Path) -> Settings:
+def settings_for(base_url: str, data_dir: Path, worker_mode: WorkerMode = "inprocess") -> Settings:
+    """Settings for the benchmark; `worker_mode` "inprocess" or "subprocess" (where agents
+    run: the event loop that measures, or the agent process)."""
     # RALPH_BENCH_DATABASE_URL runs the benchmark on another database (e.g. MariaDB; the
     # database must exist and be empty); the default is a fresh SQLite file.
     return Settings(
@@ -47,6 +51,7 @@ def settings_for(base_url: str, data_dir: Path) -> Settings:
         model_base_url=base_url,
         model_id="bench",
         model_max_retries=0,
+        worker_mode=worker_mode,
         _env_file=None,  # type: ignore[call-arg]
     )
 
@@ -63,23 +68,27 @@ def task_for(users: int, batch_size: int) -> TaskDefinition:
     )
 
 
+async def execute_task(services: Services, task: TaskDefinition) -> TaskRun:
+    run_id = await services.background.create_run(task, TriggerType.MANUAL)
+    return await services.coordinator.execute(run_id)
+
+
 async def sliding(services: Services, task: TaskDefinition) -> float:
     started = time.perf_counter()
-    run = await services.executor.execute_task(task, TriggerType.MANUAL)
+    run = await execute_task(services, task)
     assert run.counts == {"success": len(task.user_ids)}, run.counts
     return time.perf_counter() - started
 
 
 async def batch_by_batch(services: Services, task: TaskDefinition) -> float:
     """The original plan's scheme: gather one batch, then start the next."""
-    executor: Executor = services.executor
-    run_id = await executor.create_run(task, TriggerType.MANUAL)
-    await services.runs.mark_started(run_id, executor.owner, services.clock.now())
+    run_id = await services.background.create_run(task, TriggerType.MANUAL)
+    await services.runs.mark_started(run_id, services.coordinator.owner, services.clock.now())
     started = time.perf_counter()
     users = task.user_ids
     for i in range(0, len(users), task.batch_size):
         await asyncio.gather(
-            *[executor.run_user(run_id, task, u) for u in users[i : i + task.batch_size]]
+            *[services.units.run_user(run_id, task, u) for u in users[i : i + task.batch_size]]
         )
     return time.perf_counter() - started
 
@@ -98,7 +107,7 @@ async def measure_with_workers(
         try:
             await asyncio.sleep(3)  # let the workers connect
             started = time.perf_counter()
-            run = await services.executor.execute_task(task, TriggerType.MANUAL)
+            run = await execute_task(services, task)
             assert run.counts == {"success": users}, run.counts
             return time.perf_counter() - started
         finally:
@@ -107,9 +116,14 @@ async def measure_with_workers(
                 await process.wait()
 
 
-async def measure(base_url: str, users: int, batch_size: int, scheme: str) -> float:
+async def measure(
+    base_url: str, users: int, batch_size: int, scheme: str, worker_mode: WorkerMode = "inprocess"
+) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        async with open_services(settings_for(base_url, Path(tmp))) as services:
+        settings = settings_for(base_url, Path(tmp), worker_mode)
+        async with open_services(settings) as services:
+            if worker_mode == "subprocess":
+                await asyncio.sleep(5)  # the agent process starts with the services
             task = task_for(users, batch_size)
             await services.registry.create(task)
             if scheme == "sliding":
@@ -125,16 +139,20 @@ def run(coroutine: Coroutine[Any, Any, float]) -> float:
 def main(users: int, latency: float, batch_size: int, sigma: float, workers: int) -> None:
     configure_logging("warning", json=True)
     steps = ("tool:list_memory_blocks", "ok")
-    with model_server_process(latency, 0.0, *steps) as url:
-        elapsed = run(measure(url, users, batch_size, "sliding"))
-        stats = server_stats(url)
     ideal = users * 2 * latency / batch_size
     print(f"fixed latency: users={users} latency={latency}s calls/user=2 batch_size={batch_size}")
-    print(
-        f"  model calls={stats['calls']} peak in flight={stats['max_in_flight']} "
-        f"connections opened={stats['connections']}"
-    )
-    print(f"  elapsed={elapsed:.2f}s ideal={ideal:.2f}s throughput/ideal={ideal / elapsed:.3f}")
+    modes: tuple[WorkerMode, ...] = ("inprocess", "subprocess")
+    for mode in modes:
+        with model_server_process(latency, 0.0, *steps) as url:
+            elapsed = run(measure(url, users, batch_size, "sliding", mode))
+            stats = server_stats(url)
+        print(
+            f"  RALPH_WORKER_MODE={mode}: model calls={stats['calls']} "
+            f"peak in flight={stats['max_in_flight']} connections opened={stats['connections']}"
+        )
+        print(
+            f"    elapsed={elapsed:.2f}s ideal={ideal:.2f}s throughput/ideal={ideal / elapsed:.3f}"
+        )
     if workers:
         with (
             model_server_process(latency, 0.0, *steps) as url,

@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _server import model_server_process
 from ralph.background.models import CronTrigger, TaskDefinition, TriggerType
+from ralph.composition import open_services
 from ralph.config import Settings
 from ralph.logs import configure_logging
-from ralph.services import open_services
 
 PROCESSED = 2_000
 
@@ -47,15 +47,15 @@ async def run(users: int, url: str, data_dir: Path) -> dict[str, int]:
             batch_size=50,
         )
         await services.registry.create(task)
-        run_id = await services.executor.create_run(task, TriggerType.MANUAL)
-        job = services.executor.start(run_id)
+        run_id = await services.background.create_run(task, TriggerType.MANUAL)
+        job = services.coordinator.start(run_id)
         while True:
             await asyncio.sleep(0.5)
             counts = await services.runs.counts(run_id)
             if counts.get("success", 0) >= min(PROCESSED, users) or job.done():
                 break
         if not job.done():
-            await services.executor.cancel(run_id)
+            await services.coordinator.cancel(run_id)
         final = await job
         return final.counts
 

@@ -24,11 +24,11 @@ os.environ.setdefault("AGNO_TELEMETRY", "false")
 from sqlalchemy import text, update
 
 from ralph.background.models import IdleTrigger, TaskDefinition
+from ralph.composition import open_services
 from ralph.config import Settings
 from ralph.db.engine import create_engine
 from ralph.db.tables import background_tasks, task_users, user_activity
 from ralph.logs import configure_logging
-from ralph.services import open_services
 from ralph.testing.clock import FakeClock
 
 MARIADB = os.environ.get("RALPH_TEST_MARIADB_URL", "mysql+asyncmy://root@127.0.0.1:3306")

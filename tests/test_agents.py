@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,10 @@ from pydantic import SecretStr
 from ralph.agents.models import ModelFactory
 from ralph.agents.runner import AgentOutcome, run_agent
 from ralph.agents.tools import ToolContext, build_tools, check_tool_names, workspace_dir
+from ralph.composition import Services
 from ralph.config import Settings, SettingsError
 from ralph.errors import InvalidInput
 from ralph.memory.models import ProposalStatus
-from ralph.services import Services
 from ralph.testing.model_server import (
     Delay,
     Fail,
@@ -27,13 +28,20 @@ from ralph.testing.model_server import (
     scripted,
     text,
 )
-from tests.conftest import AppHarness, using_model_server
+from tests.helpers import AppHarness, using_model_server
 
 
 def factory_for(server: ModelServer, settings: Settings, retries: int = 0) -> ModelFactory:
     return ModelFactory(
         using_model_server(settings, server, model_max_retries=retries, model_timeout_seconds=5.0)
     )
+
+
+@dataclass
+class Ran(AgentOutcome):
+    """An agent's outcome, with the proposals its tools stored."""
+
+    proposal_ids: list[str] = field(default_factory=list[str])
 
 
 async def run_for(
@@ -46,7 +54,7 @@ async def run_for(
     timeout_seconds: float = 10.0,
     retries: int = 0,
     user_id: str = "u1",
-) -> AgentOutcome:
+) -> Ran:
     server.responder = responder
     factory = factory_for(server, services.settings, retries)
     try:
@@ -58,7 +66,7 @@ async def run_for(
             author="agent:test",
             run_id="run-1",
         )
-        return await run_agent(
+        outcome = await run_agent(
             model=factory(),
             tools=tools,
             context=context,
@@ -67,6 +75,7 @@ async def run_for(
             max_turns=max_turns,
             timeout_seconds=timeout_seconds,
         )
+        return Ran(**vars(outcome), proposal_ids=list(context.proposal_ids))
     finally:
         await factory.aclose()
 
@@ -281,17 +290,18 @@ async def test_dev_model_reviews_and_proposes(harness: AppHarness) -> None:
     await services.memory.put_block("u1", "student", title="S", body="Ann", author="api")
     factory = ModelFactory(services.settings)
     try:
+        context = ToolContext(
+            "u1",
+            services.memory,
+            services.conversations,
+            services.settings.data_dir,
+            author="agent:dev",
+            run_id="r",
+        )
         outcome = await run_agent(
             model=factory(),
             tools=("list_memory_blocks", "edit_memory_block"),
-            context=ToolContext(
-                "u1",
-                services.memory,
-                services.conversations,
-                services.settings.data_dir,
-                author="agent:dev",
-                run_id="r",
-            ),
+            context=context,
             instructions="review",
             prompt="go",
             max_turns=5,
@@ -301,8 +311,8 @@ async def test_dev_model_reviews_and_proposes(harness: AppHarness) -> None:
         await factory.aclose()
     assert outcome.error is None
     assert outcome.turns_used == 3
-    assert len(outcome.proposal_ids) == 1
-    proposal = await services.memory.get_proposal(outcome.proposal_ids[0])
+    assert len(context.proposal_ids) == 1
+    proposal = await services.memory.get_proposal(context.proposal_ids[0])
     assert proposal.label == "last_reviewed"
     assert "student" in (proposal.body or "")
     assert outcome.final_text is not None

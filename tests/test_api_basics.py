@@ -10,7 +10,7 @@ from httpx import ASGITransport, AsyncClient
 from ralph.app import create_app
 from ralph.config import Settings
 from ralph.db import migrate
-from tests.conftest import AppHarness
+from tests.helpers import AppHarness
 
 
 async def test_health_reports_database_and_schema(client: AsyncClient) -> None:

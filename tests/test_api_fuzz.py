@@ -20,7 +20,7 @@ import pytest
 from pydantic import SecretStr
 
 from ralph.config import Settings
-from tests.conftest import LiveServer
+from tests.helpers import LiveServer
 
 TOKEN = "fuzz-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

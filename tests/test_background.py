@@ -8,12 +8,11 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from httpx import ASGITransport, AsyncClient
 
 from ralph.app import create_app
 from ralph.background.models import RunStatus, TaskDefinition, TriggerType, UserStatus
+from ralph.composition import Services
 from ralph.config import Settings
-from ralph.services import Services
 from ralph.testing.clock import FakeClock
 from ralph.testing.model_server import (
     Delay,
@@ -23,27 +22,16 @@ from ralph.testing.model_server import (
     scripted,
     text,
 )
-from tests.conftest import drain, using_model_server
-
-
-class BackgroundHarness:
-    def __init__(self, client: AsyncClient, services: Services, server: ModelServer) -> None:
-        self.client = client
-        self.services = services
-        self.server = server
+from tests.helpers import AppHarness, harness_for, using_model_server
 
 
 @pytest.fixture
 async def bg(
     settings: Settings, model_server: ModelServer, clock: FakeClock
-) -> AsyncIterator[BackgroundHarness]:
+) -> AsyncIterator[AppHarness]:
     settings = using_model_server(settings, model_server, wait_max_seconds=30.0)
-    app = create_app(settings, clock=clock)
-    async with (
-        app.router.lifespan_context(app),
-        AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
-    ):
-        yield BackgroundHarness(client, app.state.services, model_server)
+    async with harness_for(settings, clock, server=model_server) as harness:
+        yield harness
 
 
 def task_body(**overrides: Any) -> dict[str, Any]:
@@ -61,7 +49,7 @@ def task_body(**overrides: Any) -> dict[str, Any]:
     return body
 
 
-async def test_plan_manual_steps(bg: BackgroundHarness) -> None:
+async def test_plan_manual_steps(bg: AppHarness) -> None:
     """The plan's curl steps: create the task, run it, list its runs."""
     client = bg.client
     await client.put("/users/test-user-1/blocks/student", json={"title": "S", "body": "Ann"})
@@ -108,15 +96,13 @@ async def test_plan_manual_steps(bg: BackgroundHarness) -> None:
     ]
 
 
-async def _finished(bg: BackgroundHarness, run_id: str) -> dict[str, Any]:
-    task = bg.services.executor._active.get(run_id)  # pyright: ignore[reportPrivateUsage]
-    if task is not None:
-        await task
+async def _finished(bg: AppHarness, run_id: str) -> dict[str, Any]:
+    await bg.services.coordinator.wait(run_id)
     body: dict[str, Any] = (await bg.client.get(f"/background/runs/{run_id}")).json()
     return body
 
 
-async def test_wait_returns_the_finished_run(bg: BackgroundHarness) -> None:
+async def test_wait_returns_the_finished_run(bg: AppHarness) -> None:
     await bg.client.post("/background/tasks", json=task_body(user_ids=["a", "b"]))
     response = await bg.client.post("/background/tasks/test-progress-tracker/run?wait=true")
     assert response.status_code == 200
@@ -125,7 +111,7 @@ async def test_wait_returns_the_finished_run(bg: BackgroundHarness) -> None:
     assert [u["user_id"] for u in body["user_results"]] == ["a", "b"]
 
 
-async def test_concurrency_never_exceeds_batch_size(bg: BackgroundHarness) -> None:
+async def test_concurrency_never_exceeds_batch_size(bg: AppHarness) -> None:
     users = [f"user-{i}" for i in range(12)]
     bg.server.responder = scripted(Delay(0.05, call("list_memory_blocks")), text("ok"))
     await bg.client.post(
@@ -140,7 +126,7 @@ async def test_concurrency_never_exceeds_batch_size(bg: BackgroundHarness) -> No
     assert bg.server.calls == 24
 
 
-async def test_slots_refill_as_they_free(bg: BackgroundHarness) -> None:
+async def test_slots_refill_as_they_free(bg: AppHarness) -> None:
     """One slow user must not hold the other slot idle (the plan's batch-by-batch flaw)."""
     slow_done = False
     fast_arrivals: list[bool] = []
@@ -168,7 +154,7 @@ async def test_slots_refill_as_they_free(bg: BackgroundHarness) -> None:
     assert bg.server.max_in_flight == 2
 
 
-async def test_partial_when_some_users_fail(bg: BackgroundHarness) -> None:
+async def test_partial_when_some_users_fail(bg: AppHarness) -> None:
     def respond(request: dict[str, Any]) -> Any:
         return Fail(500, "boom") if "bad-user" in str(request["messages"]) else text("ok")
 
@@ -185,14 +171,14 @@ async def test_partial_when_some_users_fail(bg: BackgroundHarness) -> None:
     assert failed[0]["error"]
 
 
-async def test_all_failed_is_failed(bg: BackgroundHarness) -> None:
+async def test_all_failed_is_failed(bg: AppHarness) -> None:
     bg.server.responder = scripted(Fail(500, "down"))
     await bg.client.post("/background/tasks", json=task_body(user_ids=["a", "b"], tools=[]))
     body = (await bg.client.post("/background/tasks/test-progress-tracker/run?wait=true")).json()
     assert body["status"] == "failed"
 
 
-async def test_subset_run(bg: BackgroundHarness) -> None:
+async def test_subset_run(bg: AppHarness) -> None:
     await bg.client.post("/background/tasks", json=task_body(user_ids=["a", "b", "c"], tools=[]))
     response = await bg.client.post(
         "/background/tasks/test-progress-tracker/run?wait=true", json={"user_ids": ["c", "a"]}
@@ -206,7 +192,7 @@ async def test_subset_run(bg: BackgroundHarness) -> None:
     assert "zzz" in outside.json()["detail"]
 
 
-async def test_cancel_stops_running_and_pending_users(bg: BackgroundHarness) -> None:
+async def test_cancel_stops_running_and_pending_users(bg: AppHarness) -> None:
     bg.server.responder = scripted(Delay(30.0, text("never")))
     users = [f"u{i}" for i in range(6)]
     await bg.client.post(
@@ -223,28 +209,28 @@ async def test_cancel_stops_running_and_pending_users(bg: BackgroundHarness) -> 
     assert again.status_code == 409
 
 
-async def test_a_unit_executes_at_most_once(bg: BackgroundHarness) -> None:
+async def test_a_unit_executes_at_most_once(bg: AppHarness) -> None:
     """A unit delivered twice (a queue redelivers) or after its user stopped being pending
     (cancelled while queued) runs no agent and leaves the user's row as it was."""
     services = bg.services
     await bg.client.post("/background/tasks", json=task_body(user_ids=["a", "b"], tools=[]))
     task = (await services.registry.get("test-progress-tracker")).definition
-    run_id = await services.executor.create_run(task, TriggerType.MANUAL)
-    await services.executor.run_user(run_id, task, "a")
+    run_id = await services.background.create_run(task, TriggerType.MANUAL)
+    await services.units.run_user(run_id, task, "a")
     first = await services.runs.user(run_id, "a")
     assert (first.status, first.attempts, bg.server.calls) == (UserStatus.SUCCESS, 1, 1)
-    await services.executor.run_user(run_id, task, "a")
+    await services.units.run_user(run_id, task, "a")
     assert await services.runs.user(run_id, "a") == first
     assert bg.server.calls == 1
 
     await services.runs.cancel_pending_users(run_id, services.clock.now(), UserStatus.CANCELLED)
-    await services.executor.run_user(run_id, task, "b")
+    await services.units.run_user(run_id, task, "b")
     b = await services.runs.user(run_id, "b")
     assert (b.status, b.started_at, b.attempts) == (UserStatus.CANCELLED, None, 0)
     assert bg.server.calls == 1
 
 
-async def test_same_user_is_never_run_twice_at_once(bg: BackgroundHarness) -> None:
+async def test_same_user_is_never_run_twice_at_once(bg: AppHarness) -> None:
     gate = asyncio.Event()
 
     async def respond(request: dict[str, Any]) -> Any:
@@ -268,7 +254,7 @@ async def test_same_user_is_never_run_twice_at_once(bg: BackgroundHarness) -> No
     assert done["status"] == "success"
 
 
-async def test_task_validation_errors(bg: BackgroundHarness) -> None:
+async def test_task_validation_errors(bg: AppHarness) -> None:
     client = bg.client
     cases = {
         "name": task_body(name="Bad Name"),
@@ -293,7 +279,7 @@ async def test_task_validation_errors(bg: BackgroundHarness) -> None:
     assert (await client.get("/background/tasks")).json() == []
 
 
-async def test_task_crud_status_codes(bg: BackgroundHarness) -> None:
+async def test_task_crud_status_codes(bg: AppHarness) -> None:
     client = bg.client
     assert (await client.get("/background/tasks/nope")).status_code == 404
     assert (await client.post("/background/tasks/nope/run")).status_code == 404
@@ -324,11 +310,11 @@ async def test_task_crud_status_codes(bg: BackgroundHarness) -> None:
 
 
 async def test_registry_sees_changes_made_by_another_replica(
-    bg: BackgroundHarness, clock: FakeClock
+    bg: AppHarness, clock: FakeClock
 ) -> None:
     from ralph.background.models import TaskDefinition
     from ralph.background.registry import TaskRegistry
-    from ralph.background.store import TaskStore
+    from ralph.background.task_store import TaskStore
 
     other = TaskRegistry(TaskStore(bg.services.engine), bg.services.clock)
     assert await other.list() == []
@@ -369,10 +355,10 @@ async def test_shutdown_gives_grace_then_interrupts(
                 task_body(user_ids=["a", "b", "c"], batch_size=2, tools=[])
             )
         )
-        run_id = await services.executor.create_run(
+        run_id = await services.background.create_run(
             (await services.registry.get("test-progress-tracker")).definition, TriggerType.MANUAL
         )
-        services.executor.start(run_id)
+        services.coordinator.start(run_id)
         await model_server.wait_for_in_flight(2)
     # the lifespan has ended: the grace period passed, agents were cancelled
     async with app.router.lifespan_context(app):
@@ -388,7 +374,7 @@ async def test_shutdown_gives_grace_then_interrupts(
         assert (await services.scheduler.tick()).recovered == []
         await clock.advance(settings.run_lease_seconds + 1)
         [rerun_id] = (await services.scheduler.tick()).recovered
-        await drain(services.executor)
+        await services.coordinator.drain()
         rerun = await services.runs.get(rerun_id)
         assert rerun.status is RunStatus.SUCCESS
         assert (rerun.trigger_type, rerun.rerun_of) == (TriggerType.RERUN, run_id)
@@ -396,7 +382,7 @@ async def test_shutdown_gives_grace_then_interrupts(
         assert (await services.runs.get(run_id)).status is RunStatus.INTERRUPTED
 
 
-async def test_runs_api_pages_and_filters(bg: BackgroundHarness, clock: FakeClock) -> None:
+async def test_runs_api_pages_and_filters(bg: AppHarness, clock: FakeClock) -> None:
     users = [f"u{i}" for i in range(5)]
     await bg.client.post("/background/tasks", json=task_body(user_ids=users, tools=[]))
     first = (await bg.client.post("/background/tasks/test-progress-tracker/run?wait=true")).json()

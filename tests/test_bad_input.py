@@ -12,7 +12,7 @@ from httpx import AsyncClient
 from pydantic import SecretStr
 
 from ralph.config import Settings
-from tests.conftest import serving
+from tests.helpers import serving
 
 LONE = "a\ud800"
 TOKEN = "a-token-of-24-characters"

@@ -9,10 +9,10 @@ import pytest
 from httpx import AsyncClient
 from pydantic import SecretStr
 
-from ralph.agents.protocol import Reply, ToolCall, turn_of
+from ralph.agents.wire import Reply, ToolCall, turn_of
 from ralph.config import Settings
 from ralph.testing.model_server import Action, ModelServer
-from tests.conftest import serving, using_model_server
+from tests.helpers import serving, using_model_server
 
 # The scripted server reports 10 prompt + 5 completion tokens per call unless told otherwise.
 TOKENS_PER_CALL = 15

@@ -13,7 +13,7 @@ from ralph.app import create_app
 from ralph.config import Settings
 from ralph.testing.clock import FakeClock
 from ralph.testing.model_server import Fail, ModelServer, call, scripted, text
-from tests.conftest import using_model_server
+from tests.helpers import using_model_server
 
 
 @pytest.fixture

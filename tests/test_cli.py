@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from ralph.cli import app
 from ralph.config import Settings
-from tests.conftest import LiveServer
+from tests.helpers import LiveServer
 
 runner = CliRunner()
 

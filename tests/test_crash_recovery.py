@@ -19,7 +19,7 @@ import pytest
 
 from ralph.testing.model_server import Delay, ModelServer, scripted, text
 from ralph.testing.processes import free_port, start_server_process
-from tests.conftest import create_mariadb_database, drop_mariadb_database, in_own_loop
+from tests.helpers import create_mariadb_database, drop_mariadb_database, in_own_loop
 
 pytestmark = pytest.mark.slow
 

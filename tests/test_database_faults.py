@@ -23,7 +23,7 @@ from ralph.db import migrate
 from ralph.db.engine import create_engine
 from ralph.testing.model_server import Delay, ModelServer, scripted, text
 from ralph.testing.tcp_proxy import TcpProxy
-from tests.conftest import (
+from tests.helpers import (
     create_mariadb_database,
     drop_mariadb_database,
     serving,

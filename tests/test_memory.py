@@ -9,7 +9,7 @@ from httpx import AsyncClient
 
 from ralph.memory.models import ProposalDraft, ProposalStatus
 from ralph.testing.clock import FakeClock
-from tests.conftest import AppHarness
+from tests.helpers import AppHarness
 
 BLOCK = "/users/u1/blocks/student"
 

@@ -14,7 +14,7 @@ from sqlalchemy import Connection, inspect
 from ralph.db import migrate
 from ralph.db.engine import create_engine
 from ralph.db.tables import metadata
-from tests.conftest import create_mariadb_database, drop_mariadb_database
+from tests.helpers import create_mariadb_database, drop_mariadb_database
 
 
 @pytest.fixture(params=["sqlite", "mariadb"])

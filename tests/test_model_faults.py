@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from httpx import AsyncClient
 
-from ralph.agents.protocol import Reply, ToolCall
+from ralph.agents.wire import Reply, ToolCall
 from ralph.config import Settings
 from ralph.testing.model_server import (
     Delay,
@@ -23,7 +23,7 @@ from ralph.testing.model_server import (
     scripted,
     text,
 )
-from tests.conftest import serving, using_model_server
+from tests.helpers import serving, using_model_server
 
 # With RALPH_MODEL_MAX_RETRIES=1 a failing call is sent twice, and Agno tries the whole call
 # once more: at most 4 requests for one model call.

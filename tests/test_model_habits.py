@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from httpx import AsyncClient
 
-from ralph.agents.protocol import Reply, ToolCall, turn_of
+from ralph.agents.wire import Reply, ToolCall, turn_of
 from ralph.config import Settings
 from ralph.testing.model_server import ModelServer, call, scripted, text
-from tests.conftest import serving, using_model_server
+from tests.helpers import serving, using_model_server
 
 # What each edit tool is asked to do, and what a proposal that did it looks like.
 INTENDED: dict[str, tuple[dict[str, Any], tuple[str, str | None, str | None]]] = {

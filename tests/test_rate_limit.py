@@ -19,14 +19,14 @@ from typing import Any
 import pytest
 from httpx import AsyncClient
 
-from ralph.agents.protocol import turn_of
 from ralph.agents.ratelimit import ModelRateLimiter
+from ralph.agents.wire import turn_of
 from ralph.config import Settings
 from ralph.db import migrate
 from ralph.db.engine import create_engine
 from ralph.testing.model_server import Action, Fail, ModelServer, call, text
 from ralph.testing.processes import model_server_process, server_stats, start_worker_process
-from tests.conftest import create_mariadb_database, drop_mariadb_database, serving
+from tests.helpers import create_mariadb_database, drop_mariadb_database, serving
 from tests.test_worker import REDIS_URL, delete_queue_keys, require_redis
 
 pytestmark = pytest.mark.slow

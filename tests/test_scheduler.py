@@ -13,7 +13,6 @@ from httpx import AsyncClient
 from sqlalchemy import select, update
 
 from ralph.background.cron import due_slots
-from ralph.background.executor import Executor
 from ralph.background.models import (
     CronTrigger,
     IdleTrigger,
@@ -21,18 +20,11 @@ from ralph.background.models import (
     TaskDefinition,
     TriggerType,
 )
-from ralph.background.registry import TaskRegistry
-from ralph.background.schedule_store import ScheduleStore
-from ralph.background.scheduler import Scheduler
-from ralph.background.store import RunStore, TaskStore
-from ralph.conversations.store import ConversationStore
+from ralph.composition import Services, open_services
 from ralph.db.engine import create_engine
 from ralph.db.tables import background_tasks, task_runs
-from ralph.memory.service import MemoryService
-from ralph.memory.store import MemoryStore
-from ralph.services import Services
 from ralph.testing.clock import FakeClock
-from tests.conftest import AppHarness, drain
+from tests.helpers import AppHarness
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -50,28 +42,16 @@ def definition(**overrides: Any) -> TaskDefinition:
 
 
 @pytest.fixture
-async def second_replica(harness: AppHarness, clock: FakeClock) -> AsyncIterator[Scheduler]:
-    """Another scheduler with its own engine (own connections) on the same database, as a
-    second server process would have."""
+async def second_replica(harness: AppHarness, clock: FakeClock) -> AsyncIterator[Services]:
+    """Another server's services with their own engine (own connections) on the same database,
+    as a second server process would have."""
     services = harness.services
     engine = create_engine(services.settings.effective_database_url)
-    memory_store = MemoryStore(engine)
-    memory = MemoryService(memory_store, clock, services.settings.memory_max_body_bytes)
-    executor = Executor(
-        runs=RunStore(engine),
-        memory=memory,
-        conversations=ConversationStore(engine),
-        models=services.models,
-        clock=clock,
-        data_dir=services.settings.data_dir,
-    )
-    yield Scheduler(
-        store=ScheduleStore(engine),
-        registry=TaskRegistry(TaskStore(engine), clock),
-        executor=executor,
-        clock=clock,
-    )
-    await drain(executor)
+    async with open_services(
+        services.settings, clock=clock, models=services.models, engine=engine
+    ) as other:
+        yield other
+        await other.coordinator.drain()
     await engine.dispose()
 
 
@@ -96,7 +76,7 @@ async def test_cron_fires_at_the_slot_and_not_before(harness: AppHarness, clock:
     await clock.set(T0.replace(hour=3))
     report = await services.scheduler.tick()
     assert len(report.started) == 1
-    await drain(services.executor)
+    await services.coordinator.drain()
     assert await cron_runs(services) == [(T0.replace(hour=3), "success")]
     # the next slot is a day away; the loop still re-ticks hourly to see other replicas' changes
     assert report.next_wake == T0.replace(hour=4)
@@ -110,8 +90,8 @@ async def test_restart_after_three_missed_slots(harness: AppHarness, clock: Fake
     await services.registry.create(definition(trigger=CronTrigger(schedule="0 * * * *")))
     await clock.set(T0.replace(hour=3, second=30))  # 01:00, 02:00 and 03:00 were due
     report = await services.scheduler.tick()
-    await drain(services.executor)
-    assert report.missed == 2
+    await services.coordinator.drain()
+    assert report.started  # the 03:00 slot; the two before it are recorded as missed:
     assert await cron_runs(services) == [
         (T0.replace(hour=1), "missed"),
         (T0.replace(hour=2), "missed"),
@@ -146,25 +126,24 @@ async def test_new_and_reenabled_tasks_start_at_their_next_slot(
     assert (await services.scheduler.tick()).started == []  # 06:00..09:00 are not caught up
     await clock.set(T0.replace(hour=10))
     assert len((await services.scheduler.tick()).started) == 1
-    await drain(services.executor)
+    await services.coordinator.drain()
 
 
 async def test_two_schedulers_fire_each_of_100_slots_once(
-    harness: AppHarness, clock: FakeClock, second_replica: Scheduler
+    harness: AppHarness, clock: FakeClock, second_replica: Services
 ) -> None:
     services = harness.services
     await services.registry.create(
         definition(trigger=CronTrigger(schedule="* * * * *"), user_ids=["a"])
     )
-    other = second_replica
-    other_executor = other.executor
+    other = second_replica.scheduler
     started = 0
     for _ in range(100):
         await clock.advance(60)
         reports = await asyncio.gather(services.scheduler.tick(), other.tick())
         started += sum(len(r.started) for r in reports)
-        await drain(services.executor)
-        await drain(other_executor)
+        await services.coordinator.drain()
+        await second_replica.coordinator.drain()
     runs = await cron_runs(services)
     assert started == 100
     assert len(runs) == 100
@@ -216,7 +195,7 @@ async def test_idle_fires_once_per_episode_with_cooldown(
 
     async def fired() -> list[str]:
         report = await scheduler.tick()
-        await drain(services.executor)
+        await services.coordinator.drain()
         users: list[str] = []
         for run_id in report.started:
             users += [u.user_id for u in await services.runs.users(run_id)]
@@ -250,7 +229,7 @@ async def test_crashed_run_is_interrupted_and_its_users_rerun_once(
     services = harness.services
     task = definition(user_ids=["a", "b", "c"], trigger=CronTrigger(schedule="0 3 1 1 *"))
     await services.registry.create(task)
-    run_id = await services.executor.create_run(task, TriggerType.MANUAL)
+    run_id = await services.background.create_run(task, TriggerType.MANUAL)
     # a process that started the run, finished "a", then died
     assert await services.runs.mark_started(run_id, "dead-replica", clock.now())
     assert (await services.runs.start_user(run_id, task.name, "a", clock.now())).started
@@ -262,7 +241,7 @@ async def test_crashed_run_is_interrupted_and_its_users_rerun_once(
     await clock.advance(2)
     report = await services.scheduler.tick()
     assert len(report.recovered) == 1
-    await drain(services.executor)
+    await services.coordinator.drain()
     dead = await services.runs.get(run_id)
     assert dead.status is RunStatus.INTERRUPTED
     assert dead.counts == {"success": 1, "interrupted": 2}
@@ -281,13 +260,13 @@ async def test_reruns_stop_at_the_limit(harness: AppHarness) -> None:
     assert services.settings.rerun_interrupted_users == 3
     task = definition(user_ids=["a"], trigger=CronTrigger(schedule="0 3 1 1 *"))
     await services.registry.create(task)
-    chain = [await services.executor.create_run(task, TriggerType.MANUAL)]
+    chain = [await services.background.create_run(task, TriggerType.MANUAL)]
     for _ in range(3):
-        rerun = await services.executor.create_rerun(chain[-1], task, ["a"])
+        rerun = await services.coordinator.create_rerun(chain[-1], task, ["a"])
         assert rerun is not None
         chain.append(rerun)
-    assert await services.executor.create_rerun(chain[-1], task, ["a"]) is None
-    assert await services.executor.create_rerun(chain[0], task, ["a"]) is None  # one per run
+    assert await services.coordinator.create_rerun(chain[-1], task, ["a"]) is None
+    assert await services.coordinator.create_rerun(chain[0], task, ["a"]) is None  # one per run
     assert [await services.runs.rerun_depth(r, at_most=9) for r in chain] == [0, 1, 2, 3]
 
 
@@ -330,7 +309,7 @@ async def _until_async(condition: Any) -> None:
 
 
 async def test_two_schedulers_claim_each_idle_episode_once(
-    harness: AppHarness, clock: FakeClock, second_replica: Scheduler
+    harness: AppHarness, clock: FakeClock, second_replica: Services
 ) -> None:
     services = harness.services
     users = [f"user-{i}" for i in range(30)]
@@ -339,16 +318,15 @@ async def test_two_schedulers_claim_each_idle_episode_once(
     )
     for user in users:
         await services.conversations.record_activity(user, clock.now())
-    other = second_replica
+    other = second_replica.scheduler
     await clock.advance(timedelta(minutes=5))
     reports = await asyncio.gather(services.scheduler.tick(), other.tick())
-    assert sum(r.idle_users for r in reports) == 30
     claimed: list[str] = []
     for report in reports:
         for run_id in report.started:
             claimed += [u.user_id for u in await services.runs.users(run_id)]
     assert sorted(claimed) == sorted(users)
-    await drain(services.executor)
+    await services.coordinator.drain()
 
 
 async def test_scheduler_endpoint(harness: AppHarness, clock: FakeClock) -> None:
@@ -374,12 +352,12 @@ async def test_run_created_but_never_started_is_started_after_a_lease(
     task = definition(user_ids=["a", "b"], trigger=CronTrigger(schedule="0 3 1 1 *"))
     await services.registry.create(task)
     # its creator died before starting it
-    run_id = await services.executor.create_run(task, TriggerType.MANUAL)
+    run_id = await services.background.create_run(task, TriggerType.MANUAL)
     assert (await services.scheduler.tick()).recovered == []
     await clock.advance(services.settings.run_lease_seconds + 1)
     report = await services.scheduler.tick()
     assert report.recovered == [run_id]
-    await drain(services.executor)
+    await services.coordinator.drain()
     run = await services.runs.get(run_id)
     assert run.status is RunStatus.SUCCESS
     assert run.counts == {"success": 2}
@@ -432,7 +410,7 @@ async def test_a_task_that_fails_in_a_pass_does_not_stop_the_others(
     assert len(report.started) == 1
     assert report.next_wake == T0.replace(hour=2)
     assert "no fire time" in services.scheduler.errors["broken"]
-    await drain(services.executor)
+    await services.coordinator.drain()
     assert await cron_runs(services) == [(T0.replace(hour=1), "success")]
 
     answer = await harness.client.get("/background/scheduler")
@@ -460,7 +438,7 @@ async def test_a_pending_run_bounds_the_sleep(harness: AppHarness, clock: FakeCl
     task = definition(user_ids=["a", "b"], trigger=CronTrigger(schedule="0 3 1 1 *"))
     await services.registry.create(task)
     created_at = clock.now()
-    run_id = await services.executor.create_run(task, TriggerType.RERUN)
+    run_id = await services.background.create_run(task, TriggerType.RERUN)
     await clock.advance(1)
     assert (await services.scheduler.tick()).next_wake == created_at + lease
 
@@ -485,7 +463,7 @@ async def test_another_replicas_running_run_bounds_the_sleep(
     lease = timedelta(seconds=services.settings.run_lease_seconds)
     task = definition(user_ids=["a"], trigger=CronTrigger(schedule="0 3 1 1 *"))
     await services.registry.create(task)
-    run_id = await services.executor.create_run(task, TriggerType.MANUAL)
+    run_id = await services.background.create_run(task, TriggerType.MANUAL)
     assert await services.runs.mark_started(run_id, "other-replica", clock.now())
     await clock.advance(10)
     await services.runs.heartbeat(run_id, clock.now())
@@ -494,4 +472,4 @@ async def test_another_replicas_running_run_bounds_the_sleep(
     assert (await services.scheduler.tick()).next_wake == beat + lease
     await clock.set(beat + lease)
     assert len((await services.scheduler.tick()).recovered) == 1
-    await drain(services.executor)
+    await services.coordinator.drain()

@@ -12,7 +12,6 @@ from typing import Any, cast
 import pytest
 import redis.asyncio as redis_asyncio
 from arq.worker import Worker
-from httpx import ASGITransport, AsyncClient
 
 from ralph.app import create_app
 from ralph.background.models import (
@@ -22,13 +21,14 @@ from ralph.background.models import (
     TriggerType,
     UserStatus,
 )
-from ralph.background.queue import alive_key, build_worker
+from ralph.background.queue import alive_key
+from ralph.background.worker import build_worker
+from ralph.composition import Services
 from ralph.config import Settings
-from ralph.services import Services
 from ralph.testing.clock import FakeClock
 from ralph.testing.model_server import Delay, ModelServer, call, in_order, scripted, text
 from ralph.testing.processes import start_worker_process
-from tests.conftest import drain, using_model_server
+from tests.helpers import AppHarness, execute_task, harness_for, using_model_server
 
 REDIS_URL = os.environ.get("RALPH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REQUIRE_REDIS = os.environ.get("RALPH_REQUIRE_REDIS") == "1" or os.environ.get("CI") == "true"
@@ -46,16 +46,6 @@ async def _redis_reachable() -> bool:
         return False
     finally:
         await client.aclose()
-
-
-class WorkerHarness:
-    def __init__(
-        self, client: AsyncClient, services: Services, worker: Worker, server: ModelServer
-    ) -> None:
-        self.client = client
-        self.services = services
-        self.worker = worker
-        self.server = server
 
 
 async def require_redis() -> None:
@@ -114,7 +104,7 @@ async def _recovered_rerun(services: Services, clock: FakeClock) -> list[str]:
     """Past the run lease, one recovery tick starts one rerun, which succeeds: its users."""
     await clock.advance(services.settings.run_lease_seconds + 1)
     [rerun_id] = (await services.scheduler.tick()).recovered
-    await drain(services.executor)
+    await services.coordinator.drain()
     rerun = await services.runs.get(rerun_id)
     assert rerun.status is RunStatus.SUCCESS
     return [u.user_id for u in await services.runs.users(rerun_id)]
@@ -129,23 +119,21 @@ async def _lost_and_freed(
     user = await services.runs.user(run.id, "a")
     assert user.error is not None
     assert user.error.startswith("worker lost")
-    other = await services.executor.create_run(task, TriggerType.MANUAL)
+    other = await services.background.create_run(task, TriggerType.MANUAL)
     assert (await services.runs.start_user(other, task.name, "a", clock.now())).started
 
 
 @pytest.fixture
 async def arq(
     settings: Settings, model_server: ModelServer, clock: FakeClock
-) -> AsyncIterator[WorkerHarness]:
+) -> AsyncIterator[AppHarness]:
     await require_redis()
     settings = arq_settings(settings, model_server)
-    app = create_app(settings, clock=clock)
     async with (
-        app.router.lifespan_context(app),
         running_worker(settings, clock) as worker,
-        AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
+        harness_for(settings, clock, server=model_server, worker=worker) as harness,
     ):
-        yield WorkerHarness(client, app.state.services, worker, model_server)
+        yield harness
 
 
 def task_body(users: list[str], **overrides: Any) -> dict[str, Any]:
@@ -160,7 +148,7 @@ def task_body(users: list[str], **overrides: Any) -> dict[str, Any]:
     }
 
 
-async def test_units_run_in_the_worker(arq: WorkerHarness) -> None:
+async def test_units_run_in_the_worker(arq: AppHarness) -> None:
     users = [f"u{i}" for i in range(7)]
     arq.server.responder = scripted(
         Delay(0.05, call("edit_memory_block", label="notes", body="seen", reason="r")),
@@ -182,14 +170,14 @@ async def test_units_run_in_the_worker(arq: WorkerHarness) -> None:
         assert [(p.user_id, p.run_id) for p in proposals] == [(user, body["id"])]
 
 
-async def test_cancel_reaches_agents_in_the_worker(arq: WorkerHarness) -> None:
+async def test_cancel_reaches_agents_in_the_worker(arq: AppHarness) -> None:
     arq.server.responder = scripted(Delay(30.0, text("never")))
     await arq.client.post("/background/tasks", json=task_body(["a", "b", "c", "d"], tools=[]))
     run_id = (await arq.client.post("/background/tasks/queued/run")).json()["run_id"]
     await arq.server.wait_for_in_flight(3)
     await arq.client.post(f"/background/runs/{run_id}/cancel")
-    job = arq.services.executor._active[run_id]  # pyright: ignore[reportPrivateUsage]
-    run = await asyncio.wait_for(job, 10)
+    run = await arq.services.coordinator.wait(run_id, 10)
+    assert run is not None
     assert run.counts == {"cancelled": 4}
     assert run.status.value == "cancelled"
 
@@ -220,8 +208,8 @@ async def test_server_shutdown_leaves_started_units_to_the_worker(
                 task_body(["a", "b", "c", "d"], tools=[], batch_size=4)
             )
             await services.registry.create(task)
-            run_id = await services.executor.create_run(task, TriggerType.MANUAL)
-            services.executor.start(run_id)
+            run_id = await services.background.create_run(task, TriggerType.MANUAL)
+            services.coordinator.start(run_id)
             await model_server.wait_for_in_flight(2)  # a and b in the worker, c and d queued
         assert model_server.loop is not None
         model_server.loop.call_soon_threadsafe(gate.set)
@@ -248,8 +236,8 @@ async def test_a_unit_whose_worker_died_is_failed(
             services: Services = app.state.services
             task = TaskDefinition.model_validate(task_body(["a"], tools=[]))
             await services.registry.create(task)
-            run_id = await services.executor.create_run(task, TriggerType.MANUAL)
-            job = services.executor.start(run_id)
+            run_id = await services.background.create_run(task, TriggerType.MANUAL)
+            job = services.coordinator.start(run_id)
             redis = _redis()
             async with asyncio.timeout(10):
                 # the unit is queued (a Redis sorted set; nothing to wait on but polling)
@@ -275,7 +263,7 @@ async def test_a_live_worker_keeps_a_long_unit_alive(
         services: Services = app.state.services
         task = TaskDefinition.model_validate(task_body(["a", "b"], tools=[]))
         await services.registry.create(task)
-        run = await services.executor.execute_task(task, TriggerType.MANUAL)
+        run = await execute_task(services, task)
     assert run.counts == {"success": 2}  # 1 s each: ten heartbeats, more than three TTLs
 
 
@@ -291,7 +279,7 @@ async def test_recovery_leaves_a_unit_to_its_live_worker(
         services: Services = app.state.services
         task = TaskDefinition.model_validate(task_body(["a", "b", "c"], tools=[]))
         await services.registry.create(task)
-        run_id = await services.executor.create_run(task, TriggerType.MANUAL)
+        run_id = await services.background.create_run(task, TriggerType.MANUAL)
         # the crashed server had dispatched "a" (its worker lives on) and "b" (its worker
         # died too); "c" was still pending
         assert await services.runs.mark_started(run_id, "crashed-server", clock.now())
@@ -305,7 +293,7 @@ async def test_recovery_leaves_a_unit_to_its_live_worker(
         crashed = await services.runs.get(run_id)
         assert crashed.status is RunStatus.INTERRUPTED
         assert crashed.counts == {"running": 1, "interrupted": 2}
-        other = await services.executor.create_run(task, TriggerType.MANUAL)
+        other = await services.background.create_run(task, TriggerType.MANUAL)
         start = await services.runs.start_user(other, task.name, "a", clock.now())
         assert start.held_by == run_id  # until a's worker records its result
 
@@ -317,7 +305,7 @@ async def test_recovery_leaves_a_unit_to_its_live_worker(
         lost = await services.runs.user(run_id, "a")
         assert lost.status is UserStatus.FAILED
         assert lost.error == "worker lost after the server stopped"
-        third = await services.executor.create_run(task, TriggerType.MANUAL)
+        third = await services.background.create_run(task, TriggerType.MANUAL)
         assert (await services.runs.start_user(third, task.name, "a", clock.now())).started
     assert model_server.calls == 2
 
@@ -337,8 +325,8 @@ async def test_kill_9_of_a_worker_process_fails_its_unit(
             services: Services = app.state.services
             task = TaskDefinition.model_validate(task_body(["a"], tools=[]))
             await services.registry.create(task)
-            run_id = await services.executor.create_run(task, TriggerType.MANUAL)
-            job = services.executor.start(run_id)
+            run_id = await services.background.create_run(task, TriggerType.MANUAL)
+            job = services.coordinator.start(run_id)
             await model_server.wait_for_in_flight(1, timeout_seconds=60)
             worker.kill()
             await worker.wait()
@@ -365,17 +353,17 @@ async def test_units_a_stopping_worker_cancels_are_run_again(
         await services.registry.create(task)
         first = build_worker(settings, clock=clock, handle_signals=False)
         running = asyncio.create_task(first.async_run())
-        run_id = await services.executor.create_run(task, TriggerType.MANUAL)
-        job = services.executor.start(run_id)
+        run_id = await services.background.create_run(task, TriggerType.MANUAL)
+        job = services.coordinator.start(run_id)
         await model_server.wait_for_in_flight(1)
         await first.close()  # what SIGTERM does once the grace period is over
         running.cancel()
         run = await asyncio.wait_for(job, 10)
         assert run.status is RunStatus.INTERRUPTED
         assert run.counts == {"interrupted": 1}
-        [rerun_id] = services.executor.active_runs
+        [rerun_id] = services.coordinator.active_runs
         async with running_worker(settings, clock):
-            await drain(services.executor)
+            await services.coordinator.drain()
         rerun = await services.runs.get(rerun_id)
         assert rerun.status is RunStatus.SUCCESS
         assert [u.user_id for u in await services.runs.users(rerun_id)] == ["a"]

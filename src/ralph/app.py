@@ -18,8 +18,8 @@ from ralph.api.middleware import (
     UnicodeGuardMiddleware,
 )
 from ralph.clock import Clock
+from ralph.composition import open_services
 from ralph.config import Settings
-from ralph.services import open_services
 
 # the interactive docs and the document they read
 API_DOCS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
@@ -39,7 +39,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
                 yield
             finally:
                 await services.scheduler.stop()
-                await services.executor.shutdown(settings.shutdown_grace_seconds)
+                await services.coordinator.shutdown(settings.shutdown_grace_seconds)
 
     app = FastAPI(
         title="Ralph",

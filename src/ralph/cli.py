@@ -77,7 +77,7 @@ def worker() -> None:
     import uvloop
 
     from ralph.agents.models import check_model_settings
-    from ralph.background.queue import build_worker
+    from ralph.background.worker import build_worker
     from ralph.logs import configure_logging
 
     settings = _settings()

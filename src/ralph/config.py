@@ -13,6 +13,9 @@ ModelProvider = Literal["dev", "openai", "openrouter"]
 ENV_PREFIX = "RALPH_"
 
 
+WorkerMode = Literal["subprocess", "inprocess", "arq"]
+
+
 class Settings(BaseSettings):
     """Everything that varies between deployments. Field `x` is read from `RALPH_X`."""
 
@@ -72,9 +75,10 @@ class Settings(BaseSettings):
     rerun_interrupted_users: int = Field(default=3, ge=0, le=100)
     wait_max_seconds: float = Field(default=600.0, gt=0)
 
-    # Worker mode: "inprocess" runs agents in the server; "arq" hands them to `ralph worker`
-    # processes through Redis.
-    worker_mode: Literal["inprocess", "arq"] = "inprocess"
+    # Where a server's background agents run: "subprocess" in one child process of the server
+    # (its requests never wait behind agents), "inprocess" in the server's own event loop,
+    # "arq" in `ralph worker` processes fed through Redis.
+    worker_mode: WorkerMode = "subprocess"
     redis_url: str = "redis://127.0.0.1:6379/0"
     queue_name: str = Field(default="ralph", min_length=1, max_length=100)
     worker_max_jobs: int = Field(default=100, ge=1, le=10_000)

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from ralph.agents.protocol import (
+from ralph.agents.wire import (
     Reply,
     ToolCall,
     completion,

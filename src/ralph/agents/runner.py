@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -89,7 +88,6 @@ class AgentOutcome:
 
     turns_used: int = 0
     tool_calls: int = 0
-    proposal_ids: list[str] = field(default_factory=list[str])
     final_text: str | None = None
     error: str | None = None
     stopped_by: str | None = None  # "max_turns" | "timeout" | "budget" | None
@@ -97,7 +95,6 @@ class AgentOutcome:
     output_tokens: int = 0
     total_tokens: int = 0
     transcript: list[dict[str, Any]] = field(default_factory=list[dict[str, Any]])
-    seconds: float = 0.0
     rate_limit_wait_seconds: float = 0.0
     tokens_estimated: bool = False
     cost_usd: float | None = None
@@ -149,6 +146,29 @@ def limit_model_calls(
     return lambda: calls
 
 
+def build_agent(
+    model: Model,
+    tools: Sequence[str],
+    context: ToolContext,
+    instructions: str,
+    max_turns: int,
+    budget: TokenBudget | None = None,
+    *,
+    markdown: bool = False,
+) -> tuple[Agent, Callable[[], int]]:
+    """The Agno agent of one user (background or chat): `tools` bound to `context`, at most
+    `max_turns` model calls within `budget`. Returns it with a counter of the calls made."""
+    turns = limit_model_calls(model, max_turns, budget)
+    agent = Agent(
+        model=model,
+        tools=build_tools(tools, context),
+        instructions=instructions,
+        telemetry=False,
+        markdown=markdown,
+    )
+    return agent, turns
+
+
 def _transcript(output: RunOutput | None, max_chars: int) -> list[dict[str, Any]]:
     """Messages with tool calls and results, cut to about `max_chars` characters in total."""
     if output is None or not output.messages:
@@ -192,17 +212,9 @@ async def run_agent(
     """Run one agent for `context.user_id` and report what it did. Never raises for agent or
     provider failures: they come back in `outcome.error`. Cancellation propagates.
     """
-    started = time.perf_counter()
     outcome = AgentOutcome()
     budget = budget or TokenBudget()
-    turns = limit_model_calls(model, max_turns, budget)
-    agent = Agent(
-        model=model,
-        tools=build_tools(tools, context),
-        instructions=instructions,
-        telemetry=False,
-        markdown=False,
-    )
+    agent, turns = build_agent(model, tools, context, instructions, max_turns, budget)
     output: RunOutput | None = None
     # time spent waiting for the shared rate limit moves the deadline: it is not the agent's
     record = CallRecord()
@@ -249,6 +261,4 @@ async def run_agent(
         # no usage from the provider (or the run stopped before Agno summed it)
         outcome.total_tokens = budget.used
         outcome.tokens_estimated = budget.estimated
-    outcome.proposal_ids = list(context.proposal_ids)
-    outcome.seconds = time.perf_counter() - started
     return outcome

@@ -20,7 +20,7 @@ from agno.tools.file import FileTools
 from agno.tools.function import Function
 from agno.tools.shell import ShellTools
 
-from ralph.conversations.store import ConversationStore
+from ralph.conversations.service import ConversationService
 from ralph.errors import InvalidInput, RalphError
 from ralph.memory.models import ProposalDraft
 from ralph.memory.service import MemoryService
@@ -100,7 +100,7 @@ class ToolContext:
 
     user_id: str
     memory: MemoryService
-    conversations: ConversationStore
+    conversations: ConversationService
     data_dir: Path
     author: str = "agent"
     run_id: str | None = None
@@ -306,11 +306,7 @@ def _query_messages(ctx: ToolContext) -> Callable[..., Any]:
             limit: how many messages at most (1-100).
         """
         limit = max(1, min(int(limit), 100))
-        store = ctx.conversations
-        if query:
-            found = await store.search_messages(ctx.user_id, query, limit=limit)
-        else:
-            found = await store.list_messages(ctx.user_id, limit=limit)
+        found = await ctx.conversations.messages(ctx.user_id, limit=limit, text=query or None)
         return json.dumps(
             [
                 {"role": m.role.value, "content": m.content, "at": m.created_at.isoformat()}

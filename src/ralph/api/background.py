@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import json
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -13,14 +13,12 @@ from pydantic import AfterValidator, BaseModel, Field
 
 from ralph.api.deps import ServicesDep
 from ralph.api.params import TaskNamePath, UserIdPath
-from ralph.background.cron import never_fires_reason, next_slot
+from ralph.api.schema import response_model
 from ralph.background.models import (
-    CronTrigger,
     RunStatus,
     StoredTask,
     TaskDefinition,
     TaskRun,
-    TriggerType,
     UserResult,
     UserStatus,
 )
@@ -51,71 +49,41 @@ class RunRequest(StrictInput):
     )
 
 
-class UserResultOut(BaseModel):
-    user_id: str
-    position: int
-    status: UserStatus
-    attempts: int
-    started_at: datetime | None
-    completed_at: datetime | None
-    turns_used: int
-    tool_calls: int
-    proposals_created: int
-    input_tokens: int
-    output_tokens: int
-    total_tokens: int
-    error: str | None
-    rate_limit_wait_seconds: float = Field(
-        description="Time the agent waited for the model rate limit (not part of its timeout)"
-    )
-    tokens_estimated: bool = Field(
-        description="The provider reported no usage: tokens estimated from the text"
-    )
-    cost_usd: float | None = Field(description="As the provider reported it (OpenRouter)")
-
-    @classmethod
-    def of(cls, result: UserResult) -> UserResultOut:
-        return cls.model_validate(result, from_attributes=True)
-
-
-class UserDetailOut(UserResultOut):
-    run_id: str
-    transcript: list[dict[str, Any]]
-
-    @classmethod
-    def detail(cls, result: UserResult) -> UserDetailOut:
-        data = UserResultOut.of(result).model_dump()
-        transcript: list[dict[str, Any]] = json.loads(result.transcript or "[]")
-        return cls(**data, run_id=result.run_id, transcript=transcript)
+_USER_NOTES = {
+    "rate_limit_wait_seconds": (
+        "Time the agent waited for the model rate limit (not part of its timeout)"
+    ),
+    "tokens_estimated": "The provider reported no usage: tokens estimated from the text",
+    "cost_usd": "As the provider reported it (OpenRouter)",
+}
+UserResultOut = response_model(
+    UserResult,
+    "UserResultOut",
+    exclude=frozenset({"run_id", "transcript"}),
+    descriptions=_USER_NOTES,
+)
+UserDetailOut = response_model(
+    UserResult,
+    "UserDetailOut",
+    exclude=frozenset({"transcript"}),
+    descriptions=_USER_NOTES,
+    extra={"transcript": (list[dict[str, Any]], ...)},
+)
+RunOut = response_model(
+    TaskRun,
+    "RunOut",
+    exclude=frozenset({"heartbeat_at", "owner"}),
+    descriptions={
+        "cost_usd": "The users' costs summed (None: not reported)",
+        "rerun_of": "For a `rerun`: the interrupted run whose users it runs.",
+    },
+    extra={"user_results": (list[UserResultOut] | None, None)},
+)
 
 
-class RunOut(BaseModel):
-    id: str
-    task_name: str
-    trigger_type: TriggerType
-    status: RunStatus
-    slot_at: datetime | None
-    created_at: datetime
-    started_at: datetime | None
-    completed_at: datetime | None
-    cancel_requested: bool
-    user_total: int
-    counts: dict[str, int]
-    input_tokens: int
-    output_tokens: int
-    total_tokens: int
-    cost_usd: float | None = Field(description="The users' costs summed (None: not reported)")
-    error: str | None
-    rerun_of: str | None = Field(
-        default=None, description="For a `rerun`: the interrupted run whose users it runs."
-    )
-    user_results: list[UserResultOut] | None = None
-
-    @classmethod
-    def of(cls, run: TaskRun, users: list[UserResult] | None = None) -> RunOut:
-        data = {k: getattr(run, k) for k in cls.model_fields if k != "user_results"}
-        results = [UserResultOut.of(u) for u in users] if users is not None else None
-        return cls(**data, user_results=results)
+def run_out(run: TaskRun, users: list[UserResult] | None = None) -> dict[str, Any]:
+    """A run as `RunOut` shows it, with a page of its users' results if given."""
+    return {**dataclasses.asdict(run), "user_results": users}
 
 
 class RunStarted(BaseModel):
@@ -178,15 +146,15 @@ async def run_task(
 ) -> JSONResponse:
     """Start a manual run now; 202 with the run id. `?wait=true` returns the finished run
     (or 202 if it is still running after RALPH_WAIT_MAX_SECONDS)."""
-    task = (await services.registry.get(name)).definition
-    user_ids = request.user_ids if request else None
-    run_id = await services.executor.create_run(task, TriggerType.MANUAL, user_ids)
-    job = services.executor.start(run_id)
-    if wait:
-        done, _ = await asyncio.wait({job}, timeout=services.settings.wait_max_seconds)
-        if done:
-            finished = RunOut.of(job.result(), await services.runs.users(run_id, limit=100))
-            return JSONResponse(finished.model_dump(mode="json"), status_code=200)
+    run_id, finished = await services.background.run_now(
+        name,
+        request.user_ids if request else None,
+        services.settings.wait_max_seconds if wait else None,
+    )
+    if finished is not None:
+        _, users = await services.background.run(run_id, users_limit=100)
+        body = RunOut.model_validate(run_out(finished, users)).model_dump(mode="json")
+        return JSONResponse(body, status_code=200)
     started = RunStarted(run_id=run_id, status=RunStatus.PENDING, message=f"task '{name}' started")
     return JSONResponse(started.model_dump(mode="json"), status_code=202)
 
@@ -197,9 +165,9 @@ async def list_runs(
     services: ServicesDep,
     limit: int = Query(default=50, ge=1, le=500),
     status: RunStatus | None = None,
-) -> list[RunOut]:
+) -> list[dict[str, Any]]:
     """The task's runs, newest first, with per-status user counts."""
-    return [RunOut.of(r) for r in await services.runs.list(name, status=status, limit=limit)]
+    return [run_out(r) for r in await services.background.runs(name, status, limit)]
 
 
 @router.get("/runs/{run_id}", response_model=RunOut)
@@ -209,25 +177,25 @@ async def get_run(
     users_offset: int = Query(default=0, ge=0, le=MAX_INT32),
     users_limit: int = Query(default=100, ge=0, le=1000),
     users_status: UserStatus | None = None,
-) -> RunOut:
+) -> dict[str, Any]:
     """A run with a page of its per-user results (in list order)."""
-    run = await services.runs.get(run_id)
-    users = await services.runs.users(
-        run_id, offset=users_offset, limit=users_limit, status=users_status
+    run, users = await services.background.run(
+        run_id, users_offset=users_offset, users_limit=users_limit, users_status=users_status
     )
-    return RunOut.of(run, users)
+    return run_out(run, users)
 
 
 @router.get("/runs/{run_id}/users/{user_id}", response_model=UserDetailOut)
-async def get_run_user(run_id: str, user_id: UserIdPath, services: ServicesDep) -> UserDetailOut:
+async def get_run_user(run_id: str, user_id: UserIdPath, services: ServicesDep) -> dict[str, Any]:
     """One user's result with the agent's transcript (messages, tool calls and results)."""
-    return UserDetailOut.detail(await services.runs.user(run_id, user_id))
+    result = await services.background.run_user(run_id, user_id)
+    return {**dataclasses.asdict(result), "transcript": json.loads(result.transcript or "[]")}
 
 
 @router.post("/runs/{run_id}/cancel", response_model=RunOut)
-async def cancel_run(run_id: str, services: ServicesDep) -> RunOut:
+async def cancel_run(run_id: str, services: ServicesDep) -> dict[str, Any]:
     """Cancel: running agents are stopped, pending users are marked `cancelled`."""
-    return RunOut.of(await services.executor.cancel(run_id))
+    return run_out(await services.background.cancel(run_id))
 
 
 class SchedulerTask(BaseModel):
@@ -251,31 +219,12 @@ class SchedulerOut(BaseModel):
 @router.get("/scheduler", response_model=SchedulerOut)
 async def scheduler_state(services: ServicesDep) -> SchedulerOut:
     """Each enabled task's next fire time, this replica's last tick, replicas seen recently."""
-    now = services.clock.now()
-    scheduler = services.scheduler
-    tasks: list[SchedulerTask] = []
-    for stored in await services.registry.list():
-        trigger = stored.definition.trigger
-        if not stored.definition.enabled:
-            continue
-        upcoming = (
-            next_slot(trigger.schedule, trigger.timezone, max(now, stored.schedule_from))
-            if isinstance(trigger, CronTrigger)
-            else None
-        )
-        name = stored.definition.name
-        error = scheduler.errors.get(name)
-        if isinstance(trigger, CronTrigger) and upcoming is None:
-            error = never_fires_reason(trigger.schedule, now)
-        tasks.append(
-            SchedulerTask(name=name, trigger_type=trigger.type, next_fire_at=upcoming, error=error)
-        )
-    replicas = await scheduler.replicas(now - timedelta(minutes=10))
+    state = await services.background.scheduler_state()
     return SchedulerOut(
-        replica_id=scheduler.replica_id,
+        replica_id=state.replica_id,
         running=services.settings.scheduler_enabled,
-        last_tick_at=scheduler.last_tick,
-        recovery_error=scheduler.recovery_error,
-        tasks=tasks,
-        replicas=replicas,
+        last_tick_at=state.last_tick_at,
+        recovery_error=state.recovery_error,
+        tasks=[SchedulerTask.model_validate(t, from_attributes=True) for t in state.tasks],
+        replicas=state.replicas,
     )

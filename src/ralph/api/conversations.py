@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from ralph.api.deps import ServicesDep
 from ralph.api.params import UserIdPath
+from ralph.api.schema import response_model
 from ralph.clock import utc
-from ralph.conversations.store import Message, Role
-from ralph.errors import InvalidInput
+from ralph.conversations.models import Message, Role
 from ralph.validation import MAX_INT64, JsonTime, StrictInput
 
 router = APIRouter(prefix="/users/{user_id}", tags=["conversations"])
 
 MAX_MESSAGE_CHARS = 64 * 1024
-# how far ahead of the server's clock a reported activity time may be (clock skew)
-MAX_ACTIVITY_AHEAD = timedelta(minutes=5)
 
 
 class MessageIn(StrictInput):
@@ -26,16 +24,7 @@ class MessageIn(StrictInput):
     content: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS)
 
 
-class MessageOut(BaseModel):
-    id: int
-    user_id: str
-    role: Role
-    content: str
-    created_at: datetime
-
-    @classmethod
-    def of(cls, message: Message) -> MessageOut:
-        return cls.model_validate(message, from_attributes=True)
+MessageOut = response_model(Message, "MessageOut")
 
 
 class ActivityIn(StrictInput):
@@ -54,12 +43,9 @@ class ActivityOut(BaseModel):
 
 
 @router.post("/messages", response_model=MessageOut, status_code=201)
-async def add_message(user_id: UserIdPath, payload: MessageIn, services: ServicesDep) -> MessageOut:
+async def add_message(user_id: UserIdPath, payload: MessageIn, services: ServicesDep) -> Message:
     """Store a message; a `user` message also records the user's activity."""
-    message = await services.conversations.add_message(
-        user_id, payload.role, payload.content, services.clock.now()
-    )
-    return MessageOut.of(message)
+    return await services.conversations.add_message(user_id, payload.role, payload.content)
 
 
 @router.get("/messages", response_model=list[MessageOut])
@@ -71,14 +57,9 @@ async def list_messages(
         default=None, ge=1, le=MAX_INT64, description="Only messages older than this id."
     ),
     q: str | None = Query(default=None, min_length=1, max_length=200, description="Text search"),
-) -> list[MessageOut]:
+) -> list[Message]:
     """Newest first; page with `before=<smallest id seen>`."""
-    store = services.conversations
-    if q is not None:
-        found = await store.search_messages(user_id, q, limit=limit)
-    else:
-        found = await store.list_messages(user_id, limit=limit, before=before)
-    return [MessageOut.of(m) for m in found]
+    return await services.conversations.messages(user_id, limit=limit, before=before, text=q)
 
 
 @router.post("/activity", response_model=ActivityOut)
@@ -86,15 +67,9 @@ async def record_activity(
     user_id: UserIdPath, services: ServicesDep, payload: ActivityIn | None = None
 ) -> ActivityOut:
     """Record that the user was active (for chat front ends that keep messages elsewhere)."""
-    now = services.clock.now()
-    at = utc(payload.at) if payload and payload.at else now
-    if at > now + MAX_ACTIVITY_AHEAD:
-        # it would keep the user from going idle until then
-        raise InvalidInput(f"at: {at.isoformat()} is in the future (server time {now.isoformat()})")
-    await services.conversations.record_activity(user_id, at)
-    return ActivityOut(
-        user_id=user_id, last_message_at=await services.conversations.last_activity(user_id)
-    )
+    at = utc(payload.at) if payload and payload.at else None
+    latest = await services.conversations.record_activity(user_id, at)
+    return ActivityOut(user_id=user_id, last_message_at=latest)
 
 
 @router.get("/activity", response_model=ActivityOut)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from ralph.services import Services
+from ralph.composition import Services
 
 _bearer = HTTPBearer(auto_error=False, description="RALPH_API_TOKEN, when one is set")
 

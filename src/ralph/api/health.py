@@ -8,7 +8,6 @@ from pydantic import BaseModel
 
 from ralph import __version__
 from ralph.api.deps import ServicesDep
-from ralph.db import migrate
 
 router = APIRouter(tags=["health"])
 
@@ -24,14 +23,7 @@ class Health(BaseModel):
 @router.get("/health", response_model=Health, responses={503: {"model": Health}})
 async def health(services: ServicesDep) -> JSONResponse:
     """200 when the database answers and its schema is current; 503 otherwise."""
-    head = migrate.head_revision()
-    try:
-        # reading the schema version is the round trip that proves the database answers
-        current = await migrate.current_revision(services.probe_engine)
-        database = "ok"
-    except Exception as exc:  # any driver error means "unreachable" to a health probe
-        current = None
-        database = f"unreachable: {type(exc).__name__}"
+    database, current, head = await services.schema_status()
     ok = database == "ok" and current == head
     body = Health(
         status="ok" if ok else "degraded",

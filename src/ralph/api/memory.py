@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query
@@ -10,24 +9,18 @@ from pydantic import BaseModel, Field
 
 from ralph.api.deps import ServicesDep
 from ralph.api.params import LabelPath, UserIdPath
+from ralph.api.schema import response_model
 from ralph.memory.models import Block, BlockVersion
 from ralph.validation import MAX_INT32, StrictInput
 
 router = APIRouter(prefix="/users/{user_id}/blocks", tags=["memory"])
 
 
-class BlockOut(BaseModel):
-    user_id: str
-    label: str
-    title: str
-    body: str
-    version: int
-    created_at: datetime
-    updated_at: datetime
-
-    @classmethod
-    def of(cls, block: Block) -> BlockOut:
-        return cls.model_validate(block, from_attributes=True)
+BlockOut = response_model(Block, "BlockOut")
+VersionSummary = response_model(
+    BlockVersion, "VersionSummary", exclude=frozenset({"user_id", "label", "body"})
+)
+VersionOut = response_model(BlockVersion, "VersionOut", exclude=frozenset({"user_id"}))
 
 
 class BlockIn(StrictInput):
@@ -50,46 +43,28 @@ class RevertIn(StrictInput):
     author: Literal["user", "api"] = "api"
 
 
-class VersionSummary(BaseModel):
-    version: int
-    title: str
-    deleted: bool
-    author: str
-    proposal_id: str | None
-    created_at: datetime
-
-
-class VersionOut(VersionSummary):
-    label: str
-    body: str
-
-    @classmethod
-    def of(cls, version: BlockVersion) -> VersionOut:
-        return cls.model_validate(version, from_attributes=True)
-
-
 class Deleted(BaseModel):
     deleted: bool
     version: int
 
 
 @router.get("", response_model=list[BlockOut])
-async def list_blocks(user_id: UserIdPath, services: ServicesDep) -> list[BlockOut]:
+async def list_blocks(user_id: UserIdPath, services: ServicesDep) -> list[Block]:
     """All of the user's blocks, by label."""
-    return [BlockOut.of(b) for b in await services.memory.list_blocks(user_id)]
+    return await services.memory.list_blocks(user_id)
 
 
 @router.get("/{label}", response_model=BlockOut)
-async def get_block(user_id: UserIdPath, label: LabelPath, services: ServicesDep) -> BlockOut:
-    return BlockOut.of(await services.memory.get_block(user_id, label))
+async def get_block(user_id: UserIdPath, label: LabelPath, services: ServicesDep) -> Block:
+    return await services.memory.get_block(user_id, label)
 
 
 @router.put("/{label}", response_model=BlockOut)
 async def put_block(
     user_id: UserIdPath, label: LabelPath, payload: BlockIn, services: ServicesDep
-) -> BlockOut:
+) -> Block:
     """Create or replace a block. With `expected_version`, a mismatch is 409."""
-    block = await services.memory.put_block(
+    return await services.memory.put_block(
         user_id,
         label,
         title=payload.title,
@@ -97,24 +72,22 @@ async def put_block(
         author=payload.author,
         expected_version=payload.expected_version,
     )
-    return BlockOut.of(block)
 
 
 @router.post("/{label}/revert", response_model=BlockOut)
 async def revert_block(
     user_id: UserIdPath, label: LabelPath, payload: RevertIn, services: ServicesDep
-) -> BlockOut:
+) -> Block:
     """Undo: an earlier version's title and body become the next version (also brings back a
     deleted block). 404 for an unknown version, 422 for a deletion, 409 on `expected_version`
     mismatch."""
-    block = await services.memory.revert_block(
+    return await services.memory.revert_block(
         user_id,
         label,
         payload.version,
         author=payload.author,
         expected_version=payload.expected_version,
     )
-    return BlockOut.of(block)
 
 
 @router.delete("/{label}", response_model=Deleted)
@@ -134,10 +107,9 @@ async def delete_block(
 @router.get("/{label}/history", response_model=list[VersionSummary])
 async def history(
     user_id: UserIdPath, label: LabelPath, services: ServicesDep
-) -> list[VersionSummary]:
+) -> list[BlockVersion]:
     """Every version, newest first, with author and time."""
-    versions = await services.memory.history(user_id, label)
-    return [VersionSummary.model_validate(v, from_attributes=True) for v in versions]
+    return await services.memory.history(user_id, label)
 
 
 @router.get("/{label}/history/{version}", response_model=VersionOut)
@@ -146,5 +118,5 @@ async def get_version(
     label: LabelPath,
     version: Annotated[int, Path(ge=1, le=MAX_INT32)],
     services: ServicesDep,
-) -> VersionOut:
-    return VersionOut.of(await services.memory.get_version(user_id, label, version))
+) -> BlockVersion:
+    return await services.memory.get_version(user_id, label, version)

@@ -2,42 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
 from ralph.api.deps import ServicesDep
 from ralph.api.params import UserIdPath
-from ralph.memory.models import Proposal, ProposalDraft, ProposalKind, ProposalStatus
+from ralph.api.schema import response_model
+from ralph.memory.models import Proposal, ProposalDraft, ProposalStatus
 from ralph.validation import Label, StrictInput
 
 router = APIRouter(tags=["proposals"])
 
 
-class ProposalOut(BaseModel):
-    id: str
-    user_id: str
-    label: str
-    kind: ProposalKind
-    title: str | None
-    body: str | None
-    old_text: str | None
-    new_text: str | None
-    reason: str
-    author: str
-    run_id: str | None
-    base_version: int
-    status: ProposalStatus
-    diff: str
-    comment: str | None
-    applied_version: int | None
-    created_at: datetime
-    decided_at: datetime | None
-
-    @classmethod
-    def of(cls, proposal: Proposal) -> ProposalOut:
-        return cls.model_validate(proposal, from_attributes=True)
+ProposalOut = response_model(Proposal, "ProposalOut")
 
 
 class ProposalIn(StrictInput):
@@ -70,12 +47,12 @@ class Decision(StrictInput):
 @router.post("/users/{user_id}/proposals", response_model=ProposalOut, status_code=201)
 async def create_proposal(
     user_id: UserIdPath, payload: ProposalIn, services: ServicesDep
-) -> ProposalOut:
+) -> Proposal:
     """Propose a change to one block; nothing changes until it is approved."""
     proposal, _ = await services.memory.propose(
         ProposalDraft(user_id=user_id, **payload.model_dump())
     )
-    return ProposalOut.of(proposal)
+    return proposal
 
 
 @router.get("/users/{user_id}/proposals", response_model=list[ProposalOut])
@@ -85,10 +62,9 @@ async def list_proposals(
     status: ProposalStatus | None = None,
     run_id: str | None = Query(default=None, max_length=36, description="Made by this run."),
     limit: int = Query(default=100, ge=1, le=1000),
-) -> list[ProposalOut]:
+) -> list[Proposal]:
     """The user's proposals, newest first; `?status=pending` for the user's review queue."""
-    found = await services.memory.list_proposals(user_id, status=status, limit=limit, run_id=run_id)
-    return [ProposalOut.of(p) for p in found]
+    return await services.memory.list_proposals(user_id, status=status, limit=limit, run_id=run_id)
 
 
 @router.get("/proposals", response_model=list[ProposalOut])
@@ -97,30 +73,29 @@ async def review_queue(
     status: ProposalStatus | None = None,
     run_id: str | None = Query(default=None, max_length=36, description="Made by this run."),
     limit: int = Query(default=100, ge=1, le=1000),
-) -> list[ProposalOut]:
+) -> list[Proposal]:
     """Every user's proposals, newest first: `?status=pending` is the review queue,
     `?run_id=` what one background run proposed."""
-    found = await services.memory.list_proposals(None, status=status, limit=limit, run_id=run_id)
-    return [ProposalOut.of(p) for p in found]
+    return await services.memory.list_proposals(None, status=status, limit=limit, run_id=run_id)
 
 
 @router.get("/proposals/{proposal_id}", response_model=ProposalOut)
-async def get_proposal(proposal_id: str, services: ServicesDep) -> ProposalOut:
-    return ProposalOut.of(await services.memory.get_proposal(proposal_id))
+async def get_proposal(proposal_id: str, services: ServicesDep) -> Proposal:
+    return await services.memory.get_proposal(proposal_id)
 
 
 @router.post("/proposals/{proposal_id}/approve", response_model=ProposalOut)
 async def approve(
     proposal_id: str, services: ServicesDep, decision: Decision | None = None
-) -> ProposalOut:
+) -> Proposal:
     """Apply the change as a new block version. 409 if decided already or if it conflicts."""
     comment = decision.comment if decision else None
-    return ProposalOut.of(await services.memory.approve(proposal_id, comment))
+    return await services.memory.approve(proposal_id, comment)
 
 
 @router.post("/proposals/{proposal_id}/reject", response_model=ProposalOut)
 async def reject(
     proposal_id: str, services: ServicesDep, decision: Decision | None = None
-) -> ProposalOut:
+) -> Proposal:
     comment = decision.comment if decision else None
-    return ProposalOut.of(await services.memory.reject(proposal_id, comment))
+    return await services.memory.reject(proposal_id, comment)

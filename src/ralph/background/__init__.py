@@ -1,1 +1,1 @@
-"""Background tasks: definitions, runs, the executor and the scheduler."""
+"""Background tasks: definitions, runs, their coordinator and units, the scheduler."""

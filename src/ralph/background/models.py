@@ -160,6 +160,65 @@ FINISHED_RUN = {
 }
 
 
+# Every change of a user's status in a run, from -> allowed targets. The run store writes
+# each change conditional on the user being in one of the sources of its target.
+USER_TRANSITIONS: dict[UserStatus, frozenset[UserStatus]] = {
+    # started; or never started: a cancel, a shutdown, a spent budget, a lost worker
+    UserStatus.PENDING: frozenset(
+        {
+            UserStatus.RUNNING,
+            UserStatus.CANCELLED,
+            UserStatus.INTERRUPTED,
+            UserStatus.BUDGET_EXCEEDED,
+            UserStatus.FAILED,
+        }
+    ),
+    # the agent's outcome; or `skipped`: another run holds the (task, user) lock
+    UserStatus.RUNNING: frozenset(
+        {
+            UserStatus.SUCCESS,
+            UserStatus.FAILED,
+            UserStatus.CANCELLED,
+            UserStatus.INTERRUPTED,
+            UserStatus.BUDGET_EXCEEDED,
+            UserStatus.SKIPPED,
+        }
+    ),
+}
+
+
+def user_sources(target: UserStatus) -> list[str]:
+    """The statuses a user may move to `target` from, as stored values."""
+    return [source.value for source, targets in USER_TRANSITIONS.items() if target in targets]
+
+
+def final_run_status(
+    counts: dict[str, int], *, cancel_requested: bool, error: str | None
+) -> RunStatus:
+    """A finished run's status from its users' statuses: `interrupted` if any user was cut
+    short by a shutdown (or is still running in a worker the stopping server no longer waits
+    for), `cancelled` after a cancel, else success / partial / failed."""
+    succeeded = counts.get(UserStatus.SUCCESS, 0)
+    failed = counts.get(UserStatus.FAILED, 0)
+    cancelled = counts.get(UserStatus.CANCELLED, 0)
+    exceeded = counts.get(UserStatus.BUDGET_EXCEEDED, 0)
+    if counts.get(UserStatus.INTERRUPTED, 0) or counts.get(UserStatus.RUNNING, 0):
+        return RunStatus.INTERRUPTED
+    if cancel_requested and cancelled:
+        return RunStatus.CANCELLED
+    if error is not None or (failed and not succeeded and not exceeded):
+        return RunStatus.FAILED
+    if failed or cancelled or exceeded:
+        return RunStatus.PARTIAL
+    return RunStatus.SUCCESS
+
+
+def schedule_restarts(current: TaskDefinition, new: TaskDefinition) -> bool:
+    """Whether replacing `current` by `new` restarts the schedule from now (no immediate fire
+    for slots in between): the trigger changed, or the task is enabled again."""
+    return current.trigger != new.trigger or (new.enabled and not current.enabled)
+
+
 @dataclass(frozen=True, slots=True)
 class StoredTask:
     definition: TaskDefinition

@@ -1,9 +1,10 @@
-"""ARQ worker mode: the (run, user) units of a run executed by worker processes over Redis.
+"""ARQ worker mode, the server's side: the (run, user) units of a run handed to worker
+processes over Redis (`ralph.background.worker` is the workers' side).
 
 The server keeps the sliding window (it decides what runs, and how many at once); instead of
 running an agent itself it enqueues `ralph_run_user(run_id, user_id)` and waits for the worker
 to report the unit done. Workers (`ralph worker`, any number, on any machine that reaches the
-database, Redis and the model) execute `Executor.run_user`, which reads everything it needs
+database, Redis and the model) execute `UnitRunner.run_user`, which reads everything it needs
 from the database and records the result there.
 
 Completion comes back through a Redis list per run (`BLPOP`), not by polling each job. While
@@ -15,24 +16,16 @@ server fails it instead of waiting out the agent's timeout.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import math
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any, cast
+from typing import cast
 
 import structlog
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.worker import Worker, func
 
 from ralph.background.models import TaskDefinition, UserStatus
-from ralph.background.store import RunStore
+from ralph.background.run_store import RunStore
 from ralph.clock import Clock
 from ralph.config import Settings
-
-if TYPE_CHECKING:
-    from ralph.services import Services
 
 log = structlog.get_logger(__name__)
 
@@ -55,7 +48,7 @@ async def connect(settings: Settings) -> ArqRedis:
 
 
 class ArqDispatcher:
-    """An `Executor` dispatch that enqueues each unit and waits for a worker to finish it."""
+    """A coordinator's dispatch that enqueues each unit and waits for a worker to finish it."""
 
     def __init__(
         self,
@@ -124,6 +117,17 @@ class ArqDispatcher:
                 log.exception("unit_listener_error", run_id=run_id)
                 await asyncio.sleep(1)
 
+    def cancel(self, run_id: str) -> None:
+        """Nothing to send: workers poll the run's cancel flag, which is already set."""
+
+    async def stop(self) -> None:
+        """Stop waiting: the workers finish the units they have started; units still queued
+        find their users `interrupted` and do nothing."""
+        for waiting in self._waiting.values():
+            for done in waiting.values():
+                if not done.done():
+                    done.set_result(None)
+
     def _resolve(self, run_id: str, user_id: str) -> None:
         done = self._waiting.get(run_id, {}).get(user_id)
         if done is not None and not done.done():
@@ -165,97 +169,3 @@ class ArqDispatcher:
         for listener in self._listeners.values():
             listener.cancel()
         await self._redis.aclose()
-
-
-async def _keep_alive(redis: ArqRedis, key: str, heartbeat_seconds: float) -> None:
-    while True:
-        await asyncio.sleep(heartbeat_seconds)
-        await redis.set(key, b"1", px=_alive_ttl_ms(heartbeat_seconds))
-
-
-def _alive_ttl_ms(heartbeat_seconds: float) -> int:
-    return max(1, round(3 * heartbeat_seconds * 1000))
-
-
-async def run_user_job(ctx: dict[str, Any], run_id: str, user_id: str) -> str:
-    """The worker's job: execute one unit, then tell the server it is done (also when it
-    failed here: the user is then recorded as failed, so the server does not wait for it)."""
-    services: Services = ctx["services"]
-    redis: ArqRedis = ctx["redis"]
-    queue = services.settings.queue_name
-    heartbeat = services.settings.worker_heartbeat_seconds
-    alive = alive_key(queue, run_id, user_id)
-    task: TaskDefinition | None = None
-    try:
-        task = await _snapshot(ctx, services, run_id)
-        # set before the user is marked running: the server reads a running user without
-        # this key as a dead worker
-        await redis.set(alive, b"1", px=_alive_ttl_ms(heartbeat))
-        refresher = asyncio.create_task(_keep_alive(redis, alive, heartbeat))
-        try:
-            await services.executor.run_user(run_id, task, user_id)
-        finally:
-            refresher.cancel()
-    except Exception as exc:
-        log.exception("unit_error", run_id=run_id, user_id=user_id)
-        if task is not None:
-            await services.runs.fail_unfinished_user(
-                run_id, task.name, user_id, services.clock.now(), f"worker error: {exc!r}"
-            )
-        raise
-    finally:
-        key = done_key(queue, run_id)
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, user_id)  # pyright: ignore[reportUnusedCallResult]
-            pipe.expire(key, DONE_TTL_SECONDS)  # pyright: ignore[reportUnusedCallResult]
-            pipe.delete(alive)  # pyright: ignore[reportUnusedCallResult]
-            await pipe.execute()
-    return (await services.runs.user(run_id, user_id)).status.value
-
-
-async def _snapshot(ctx: dict[str, Any], services: Services, run_id: str) -> TaskDefinition:
-    """The run's task as it was when the run was created, cached per worker."""
-    snapshots: dict[str, TaskDefinition] = ctx["snapshots"]
-    task = snapshots.get(run_id)
-    if task is None:
-        task = snapshots[run_id] = await services.runs.snapshot(run_id)
-        if len(snapshots) > 1000:
-            snapshots.pop(next(iter(snapshots)))
-    return task
-
-
-def build_worker(
-    settings: Settings, *, clock: Clock | None = None, handle_signals: bool = True
-) -> Worker:
-    """An ARQ worker executing Ralph's units with `settings` (same database as the server)."""
-    from ralph.services import open_services
-
-    stack = AsyncExitStack()
-
-    async def startup(ctx: dict[str, Any]) -> None:
-        ctx["services"] = await stack.enter_async_context(
-            open_services(settings, clock=clock, apply_migrations=False, role="worker")
-        )
-        ctx["snapshots"] = {}
-        log.info("worker_started", queue=settings.queue_name, max_jobs=settings.worker_max_jobs)
-
-    async def shutdown(ctx: dict[str, Any]) -> None:
-        with contextlib.suppress(Exception):
-            await stack.aclose()
-
-    return Worker(
-        functions=[func(run_user_job, name=FUNCTION, max_tries=1)],
-        queue_name=settings.queue_name,
-        redis_settings=RedisSettings.from_dsn(settings.redis_url),
-        on_startup=startup,
-        on_shutdown=shutdown,
-        max_jobs=settings.worker_max_jobs,
-        job_timeout=timedelta(days=1),
-        keep_result=60,
-        poll_delay=0.05,
-        handle_signals=handle_signals,
-        # on SIGTERM/SIGINT: take no new units, give running ones this long, then cancel them
-        # (their users are `interrupted`, and the server re-runs them)
-        job_completion_wait=math.ceil(settings.shutdown_grace_seconds),
-        log_results=False,
-    )

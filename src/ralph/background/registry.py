@@ -13,7 +13,7 @@ from datetime import datetime
 
 from ralph.agents.tools import check_tool_names
 from ralph.background.models import StoredTask, TaskDefinition
-from ralph.background.store import TaskStore
+from ralph.background.task_store import TaskStore
 from ralph.clock import Clock
 from ralph.errors import NotFound
 

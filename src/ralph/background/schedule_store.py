@@ -1,4 +1,4 @@
-"""SQL state of the scheduler: cron slots taken, idle episodes, run leases, replicas."""
+"""SQL state of the scheduler: idle episodes (claims, deferred users) and replicas."""
 
 from __future__ import annotations
 
@@ -9,20 +9,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ralph.background.models import RunStatus, TaskDefinition, TriggerType, UserStatus
-from ralph.background.store import RunStore
+from ralph.background.models import TaskDefinition, TriggerType
+from ralph.background.run_store import RunStore
+from ralph.background.task_store import TaskStore
 from ralph.db.engine import insert_ignore, upsert
 from ralph.db.tables import (
     background_tasks,
     idle_deferred,
     idle_state,
     scheduler_replicas,
-    task_run_users,
-    task_runs,
-    task_user_locks,
     task_users,
     user_activity,
 )
@@ -39,31 +37,19 @@ class IdleCandidate:
 
 
 class ScheduleStore:
-    def __init__(self, engine: AsyncEngine) -> None:
+    """Idle episodes and replicas. An idle run is created, and a task's idle watermark moved,
+    through the stores that own those tables, in this store's transaction."""
+
+    def __init__(self, engine: AsyncEngine, runs: RunStore, tasks: TaskStore) -> None:
         self._engine = engine
+        self._runs = runs
+        self._tasks = tasks
         self._defer = upsert(engine, idle_deferred, lambda p: {"due_at": p.due_at})
         self._replica = upsert(
             engine,
             scheduler_replicas,
             lambda p: {"heartbeat_at": p.heartbeat_at, "last_tick_at": p.last_tick_at},
         )
-
-    # --- cron -----------------------------------------------------------------------------
-
-    async def last_cron_slot(self, task_name: str) -> datetime | None:
-        """The newest slot recorded for the task (run or missed), if any."""
-        query = (
-            select(task_runs.c.slot_at)
-            .where(
-                task_runs.c.task_name == task_name,
-                task_runs.c.trigger_type == TriggerType.CRON.value,
-                task_runs.c.slot_at.is_not(None),
-            )
-            .order_by(task_runs.c.slot_at.desc())
-            .limit(1)
-        )
-        async with self._engine.connect() as conn:
-            return (await conn.execute(query)).scalar()
 
     # --- idle -----------------------------------------------------------------------------
 
@@ -120,7 +106,6 @@ class ScheduleStore:
 
     async def fire_idle(
         self,
-        runs: RunStore,
         task: TaskDefinition,
         due: Sequence[tuple[str, datetime]],
         now: datetime,
@@ -142,7 +127,7 @@ class ScheduleStore:
             ]
             if not claimed:
                 return None, []
-            run_id = await runs.create_in(conn, task, TriggerType.IDLE, claimed, now)
+            run_id = await self._runs.create_in(conn, task, TriggerType.IDLE, claimed, now)
         return run_id, claimed
 
     async def _claim(
@@ -184,7 +169,7 @@ class ScheduleStore:
         watermark: datetime,
     ) -> None:
         """Replace the deferred users due by `now` with `held` (user, due time), and move the
-        watermark forward (never back, whichever replica writes last)."""
+        task's watermark forward."""
         async with self._engine.begin() as conn:
             await conn.execute(
                 delete(idle_deferred).where(
@@ -195,123 +180,7 @@ class ScheduleStore:
                 await conn.execute(
                     self._defer, {"task_name": task_name, "user_id": user_id, "due_at": due_at}
                 )
-            await conn.execute(
-                update(background_tasks)
-                .where(
-                    background_tasks.c.name == task_name,
-                    or_(
-                        background_tasks.c.idle_watermark.is_(None),
-                        background_tasks.c.idle_watermark < watermark,
-                    ),
-                )
-                .values(idle_watermark=watermark)
-            )
-
-    # --- leases ---------------------------------------------------------------------------
-
-    async def lease_start(self, active: Sequence[str]) -> datetime | None:
-        """The earliest moment from which recovery may have work one lease later: the oldest
-        creation time of a pending run or the oldest heartbeat of a running one, among the
-        runs not in `active` (those the caller runs or is about to start). None if none."""
-        others = task_runs.c.id.not_in(list(active))
-        pending = select(func.min(task_runs.c.created_at)).where(
-            task_runs.c.status == RunStatus.PENDING.value, others
-        )
-        running = select(func.min(task_runs.c.heartbeat_at)).where(
-            task_runs.c.status == RunStatus.RUNNING.value, others
-        )
-        async with self._engine.connect() as conn:
-            times = [(await conn.execute(q)).scalar() for q in (pending, running)]
-        return min((t for t in times if t is not None), default=None)
-
-    async def orphaned_runs(self, created_before: datetime) -> list[str]:
-        """Runs still pending that were created at or before `created_before`: their creator
-        died between creating and starting them (or queued them as a rerun when it stopped)."""
-        query = select(task_runs.c.id).where(
-            task_runs.c.status == RunStatus.PENDING.value, task_runs.c.created_at <= created_before
-        )
-        async with self._engine.connect() as conn:
-            return [row.id for row in (await conn.execute(query)).all()]
-
-    async def running_users_of_stopped_runs(
-        self, stopped_since: datetime
-    ) -> list[tuple[str, str, str]]:
-        """(run id, task name, user id) of users still `running` in runs `interrupted` since
-        `stopped_since`: in worker mode, units a stopped server left to their workers."""
-        query = (
-            select(task_run_users.c.run_id, task_runs.c.task_name, task_run_users.c.user_id)
-            .select_from(task_runs.join(task_run_users, task_run_users.c.run_id == task_runs.c.id))
-            .where(
-                task_runs.c.status == RunStatus.INTERRUPTED.value,
-                task_runs.c.completed_at >= stopped_since,
-                task_run_users.c.status == UserStatus.RUNNING.value,
-            )
-        )
-        async with self._engine.connect() as conn:
-            return [(r.run_id, r.task_name, r.user_id) for r in await conn.execute(query)]
-
-    async def stale_runs(self, heartbeat_before: datetime) -> list[str]:
-        """Running runs whose last heartbeat is at or before `heartbeat_before`."""
-        query = select(task_runs.c.id).where(
-            task_runs.c.status == RunStatus.RUNNING.value,
-            task_runs.c.heartbeat_at <= heartbeat_before,
-        )
-        async with self._engine.connect() as conn:
-            return [row.id for row in (await conn.execute(query)).all()]
-
-    async def interrupt_stale_run(
-        self, run_id: str, heartbeat_before: datetime, now: datetime, dead: Sequence[str]
-    ) -> list[str] | None:
-        """Mark a run whose heartbeat is at or before `heartbeat_before` as interrupted, with its
-        pending users and those of its running users listed in `dead` (read before: a user
-        that started since, or that a live worker runs, stays running and keeps its lock).
-        Releases the interrupted users' locks. Returns those users, in list order, or None if
-        another caller interrupted the run first (or it heart-beat again meanwhile)."""
-        async with self._engine.begin() as conn:
-            claimed = await conn.execute(
-                update(task_runs)
-                .where(
-                    task_runs.c.id == run_id,
-                    task_runs.c.status == RunStatus.RUNNING.value,
-                    task_runs.c.heartbeat_at <= heartbeat_before,
-                )
-                .values(
-                    status=RunStatus.INTERRUPTED.value,
-                    completed_at=now,
-                    error="owner stopped (no heartbeat within the lease)",
-                )
-            )
-            if claimed.rowcount != 1:
-                return None
-            unfinished = and_(
-                task_run_users.c.run_id == run_id,
-                or_(
-                    task_run_users.c.status == UserStatus.PENDING.value,
-                    and_(
-                        task_run_users.c.status == UserStatus.RUNNING.value,
-                        task_run_users.c.user_id.in_(list(dead)),
-                    ),
-                ),
-            )
-            query = (
-                select(task_run_users.c.user_id)
-                .where(unfinished)
-                .order_by(task_run_users.c.position)
-            )
-            users = [r.user_id for r in await conn.execute(query)]
-            await conn.execute(
-                update(task_run_users)
-                .where(unfinished)
-                .values(status=UserStatus.INTERRUPTED.value, completed_at=now)
-            )
-            if dead:
-                await conn.execute(
-                    task_user_locks.delete().where(
-                        task_user_locks.c.run_id == run_id,
-                        task_user_locks.c.user_id.in_(list(dead)),
-                    )
-                )
-        return users
+            await self._tasks.advance_idle_watermark_in(conn, task_name, watermark)
 
     # --- replicas -------------------------------------------------------------------------
 

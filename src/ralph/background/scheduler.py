@@ -16,8 +16,8 @@ from typing import Any
 
 import structlog
 
+from ralph.background.coordinator import RunCoordinator
 from ralph.background.cron import due_slots, next_slot
-from ralph.background.executor import Executor
 from ralph.background.models import (
     CronTrigger,
     IdleTrigger,
@@ -27,6 +27,7 @@ from ralph.background.models import (
     UserStatus,
 )
 from ralph.background.registry import TaskRegistry
+from ralph.background.run_store import RunStore
 from ralph.background.schedule_store import ScheduleStore
 from ralph.clock import Clock
 
@@ -47,8 +48,6 @@ UnitsAlive = Callable[[str, Sequence[str]], Awaitable[set[str]]]
 @dataclass(frozen=True, slots=True)
 class TickReport:
     started: list[str]
-    missed: int
-    idle_users: int
     recovered: list[str]
     next_wake: datetime
 
@@ -58,8 +57,9 @@ class Scheduler:
         self,
         *,
         store: ScheduleStore,
+        runs: RunStore,
         registry: TaskRegistry,
-        executor: Executor,
+        coordinator: RunCoordinator,
         clock: Clock,
         idle_interval_seconds: float = 30.0,
         lease_seconds: float = 60.0,
@@ -68,13 +68,14 @@ class Scheduler:
         """`units_alive` (the ARQ mode's) tells which running users of a crashed server's run
         are still being run by workers: recovery leaves those to their workers."""
         self._store = store
+        self._runs = runs
         self._registry = registry
-        self._executor = executor
+        self._coordinator = coordinator
         self._clock = clock
         self._idle_interval = timedelta(seconds=idle_interval_seconds)
         self._lease = timedelta(seconds=lease_seconds)
         self._units_alive = units_alive
-        self.replica_id = executor.owner
+        self.replica_id = coordinator.owner
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self.last_tick: datetime | None = None
@@ -82,10 +83,6 @@ class Scheduler:
         self.errors: dict[str, str] = {}
         self.recovery_error: str | None = None
         registry.on_change(self._wake.set)
-
-    @property
-    def executor(self) -> Executor:
-        return self._executor
 
     # --- one tick -------------------------------------------------------------------------
 
@@ -102,8 +99,6 @@ class Scheduler:
             k: v for k, v in self.errors.items() if k in {t.definition.name for t in tasks}
         }
         started: list[str] = []
-        missed = 0
-        idle_users = 0
         # Re-tick at least hourly (and every idle interval while idle tasks exist), even if
         # no slot is due: that picks up changes made through other replicas.
         wake = now + timedelta(hours=1)
@@ -120,16 +115,14 @@ class Scheduler:
         for stored in tasks:
             name = stored.definition.name
             try:
-                run_ids, task_wake, n_missed, n_idle = await self._fire(stored, now)
+                run_ids, task_wake = await self._fire(stored, now)
             except Exception as exc:
                 log.exception("scheduler_task_failed", task=name)
                 self.errors[name] = _describe(exc)
                 wake = min(wake, now + _RETRY_FAILED)
                 continue
-            missed += n_missed
-            idle_users += n_idle
             for run_id in run_ids:
-                self._executor.start(run_id)
+                self._coordinator.start(run_id)
             started += run_ids
             if task_wake is None:
                 # a cron expression stored before expressions were checked: nothing to retry
@@ -143,7 +136,7 @@ class Scheduler:
             # queued by a stopping server) or a run nobody here runs (another process's, or
             # one this process lost to a database outage) becomes recoverable one lease
             # after it was created or last heart-beat
-            lease_start = await self._store.lease_start(self._executor.active_runs)
+            lease_start = await self._runs.lease_start(self._coordinator.active_runs)
             if lease_start is not None:
                 wake = min(wake, max(now, lease_start + self._lease))
             await self._heartbeat(now)
@@ -151,40 +144,37 @@ class Scheduler:
             log.exception("scheduler_heartbeat_failed")
             wake = min(wake, now + _RETRY_FAILED)
         self.last_tick = now
-        return TickReport(started, missed, idle_users, recovered, wake)
+        return TickReport(started, recovered, wake)
 
-    async def _fire(
-        self, stored: StoredTask, now: datetime
-    ) -> tuple[list[str], datetime | None, int, int]:
-        """Fire one task: (runs created, when it is next due, slots missed, idle users)."""
+    async def _fire(self, stored: StoredTask, now: datetime) -> tuple[list[str], datetime | None]:
+        """Fire one task: (runs created, when it is next due)."""
         trigger = stored.definition.trigger
         if isinstance(trigger, CronTrigger):
-            run_ids, missed = await self._fire_cron(stored, trigger, now)
-            return run_ids, next_slot(trigger.schedule, trigger.timezone, now), missed, 0
-        run_id, n_users = await self._fire_idle(stored, trigger, now)
-        return [run_id] if run_id else [], now + self._idle_interval, 0, n_users
+            run_ids = await self._fire_cron(stored, trigger, now)
+            return run_ids, next_slot(trigger.schedule, trigger.timezone, now)
+        run_id = await self._fire_idle(stored, trigger, now)
+        return [run_id] if run_id else [], now + self._idle_interval
 
     async def _fire_cron(
         self, stored: StoredTask, trigger: CronTrigger, now: datetime
-    ) -> tuple[list[str], int]:
+    ) -> list[str]:
         task = stored.definition
         after = stored.schedule_from
-        last = await self._store.last_cron_slot(task.name)
+        last = await self._runs.last_cron_slot(task.name)
         if last is not None and last > after:
             after = last
         slots = due_slots(trigger.schedule, trigger.timezone, after, now)
         if not slots:
-            return [], 0
+            return []
         grace = timedelta(seconds=task.misfire_grace_seconds)
         # Coalesce: only the newest due slot may run, and only inside the grace window;
         # every other due slot is recorded as missed.
         latest = slots[-1]
         runnable = latest if now - latest <= grace else None
         started: list[str] = []
-        missed = 0
         for slot in slots:
             status = RunStatus.PENDING if slot == runnable else RunStatus.MISSED
-            run_id = await self._executor.runs.create(
+            run_id = await self._runs.create(
                 task,
                 TriggerType.CRON,
                 task.user_ids if status is RunStatus.PENDING else [],
@@ -199,9 +189,8 @@ class Scheduler:
                 started.append(run_id)
                 log.info("cron_fired", task=task.name, slot=slot.isoformat(), run_id=run_id)
             else:
-                missed += 1
                 log.warning("cron_missed", task=task.name, slot=slot.isoformat())
-        return started, missed
+        return started
 
     async def due_idle_users(
         self, task_name: str, trigger: IdleTrigger, now: datetime
@@ -231,18 +220,16 @@ class Scheduler:
 
     async def _fire_idle(
         self, stored: StoredTask, trigger: IdleTrigger, now: datetime
-    ) -> tuple[str | None, int]:
+    ) -> str | None:
         task = stored.definition
         cooldown_cutoff = now - timedelta(minutes=trigger.cooldown_minutes)
         due, held, watermark = await self.due_idle_users(task.name, trigger, now)
-        run_id, claimed = await self._store.fire_idle(
-            self._executor.runs, task, due, now, cooldown_cutoff
-        )
+        run_id, claimed = await self._store.fire_idle(task, due, now, cooldown_cutoff)
         # after the run exists: a crash before this line re-reads the same window next time
         await self._store.save_idle_progress(task.name, now, held, watermark)
         if run_id is not None:
             log.info("idle_fired", task=task.name, users=len(claimed), run_id=run_id)
-        return run_id, len(claimed)
+        return run_id
 
     # --- crash recovery -------------------------------------------------------------------
 
@@ -255,27 +242,27 @@ class Scheduler:
         new_runs: list[str] = []
         # created but never started (their creator died in between): start them here;
         # starting is a conditional pending -> running write, so only one replica runs each
-        for run_id in await self._store.orphaned_runs(stale):
-            if run_id not in self._executor.active_runs:
+        for run_id in await self._runs.orphaned_runs(stale):
+            if run_id not in self._coordinator.active_runs:
                 log.warning("run_orphaned", run_id=run_id)
                 new_runs.append(run_id)
-        for run_id in await self._store.stale_runs(stale):
-            running = await self._executor.runs.user_ids(run_id, UserStatus.RUNNING)
+        for run_id in await self._runs.stale_runs(stale):
+            running = await self._runs.user_ids(run_id, UserStatus.RUNNING)
             alive: set[str] = set()
             if self._units_alive is not None and running:
                 alive = await self._units_alive(run_id, running)
             dead = [u for u in running if u not in alive]
-            unfinished = await self._store.interrupt_stale_run(run_id, stale, now, dead)
+            unfinished = await self._runs.interrupt_stale_run(run_id, stale, now, dead)
             if unfinished is None:
                 continue  # another replica recovered it
             log.warning("run_interrupted", run_id=run_id, unfinished=len(unfinished))
             if unfinished:
-                task = await self._executor.runs.snapshot(run_id)
-                rerun = await self._executor.create_rerun(run_id, task, unfinished)
+                task = await self._runs.snapshot(run_id)
+                rerun = await self._coordinator.create_rerun(run_id, task, unfinished)
                 if rerun is not None:
                     new_runs.append(rerun)
         for run_id in new_runs:
-            self._executor.start(run_id)
+            self._coordinator.start(run_id)
         left = 0
         if self._units_alive is not None:
             left = await self._fail_units_of_dead_workers(now, self._units_alive)
@@ -286,7 +273,7 @@ class Scheduler:
         died: nobody waits for them any more, so fail them here and free their locks. A unit
         runs at most a day (the longest `timeout_seconds`), so older runs are not looked at.
         Returns how many are still alive (to be looked at again)."""
-        left = await self._store.running_users_of_stopped_runs(now - timedelta(days=1, hours=1))
+        left = await self._runs.running_users_of_stopped_runs(now - timedelta(days=1, hours=1))
         by_run: dict[str, list[tuple[str, str]]] = {}
         for run_id, task_name, user_id in left:
             by_run.setdefault(run_id, []).append((task_name, user_id))
@@ -297,7 +284,7 @@ class Scheduler:
             for task_name, user_id in users:
                 if user_id not in alive:
                     log.warning("worker_lost", run_id=run_id, user_id=user_id)
-                    await self._executor.runs.fail_unfinished_user(
+                    await self._runs.fail_unfinished_user(
                         run_id, task_name, user_id, now, "worker lost after the server stopped"
                     )
         return still_alive
@@ -306,8 +293,8 @@ class Scheduler:
 
     async def _heartbeat(self, now: datetime) -> None:
         await self._store.replica_heartbeat(self.replica_id, now)
-        for run_id in self._executor.active_runs:
-            await self._executor.runs.heartbeat(run_id, now)
+        for run_id in self._coordinator.active_runs:
+            await self._runs.heartbeat(run_id, now)
 
     async def replicas(self, since: datetime) -> list[dict[str, Any]]:
         return await self._store.replicas(since)

@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
-from enum import StrEnum
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ralph.conversations.models import Message, Role
 from ralph.db.engine import is_sqlite, upsert
 from ralph.db.tables import messages, user_activity
-
-
-class Role(StrEnum):
-    USER = "user"
-    ASSISTANT = "assistant"
-    SYSTEM = "system"
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    id: int
-    user_id: str
-    role: Role
-    content: str
-    created_at: datetime
 
 
 def _escape_like(text: str) -> str:

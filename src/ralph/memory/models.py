@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -89,3 +90,11 @@ class ProposalDraft:
         if self.append is not None:
             return ProposalKind.APPEND
         return ProposalKind.REPLACE
+
+
+def labels_in_order(blocks: Sequence[Block], labels: Sequence[str]) -> list[Block]:
+    """`blocks` in the order of `labels` (all blocks by label when `labels` is empty)."""
+    if not labels:
+        return sorted(blocks, key=lambda b: b.label)
+    by_label = {b.label: b for b in blocks}
+    return [by_label[label] for label in labels if label in by_label]

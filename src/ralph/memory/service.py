@@ -17,8 +17,9 @@ from ralph.memory.models import (
     ProposalDraft,
     ProposalKind,
     ProposalStatus,
+    labels_in_order,
 )
-from ralph.memory.store import EditFn, MemoryStore, labels_in_order
+from ralph.memory.store import EditFn, MemoryStore
 
 
 def unified_diff(label: str, before: str, after: str) -> str:

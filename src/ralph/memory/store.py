@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -393,11 +393,3 @@ class MemoryStore:
             .one()
         )
         return _proposal(row)
-
-
-def labels_in_order(blocks: Sequence[Block], labels: Sequence[str]) -> list[Block]:
-    """`blocks` in the order of `labels` (all blocks by label when `labels` is empty)."""
-    if not labels:
-        return sorted(blocks, key=lambda b: b.label)
-    by_label = {b.label: b for b in blocks}
-    return [by_label[label] for label in labels if label in by_label]

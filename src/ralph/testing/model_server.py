@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ralph.agents.protocol import Reply, ToolCall, completion, sse, stream_chunks, turn_of
+from ralph.agents.wire import Reply, ToolCall, completion, sse, stream_chunks, turn_of
 from ralph.testing.processes import free_port
 
 

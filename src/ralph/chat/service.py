@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import structlog
-from agno.agent import Agent
 from agno.run.agent import RunContentEvent, RunErrorEvent
 
-from ralph.agents.models import ModelFactory
-from ralph.agents.runner import TurnLimitReached, limit_model_calls
-from ralph.agents.tools import ToolContext, build_tools
+from ralph.agents.kit import AgentKit
+from ralph.agents.runner import TurnLimitReached, build_agent
 from ralph.clock import Clock
-from ralph.conversations.store import ConversationStore, Role
-from ralph.memory.service import MemoryService
+from ralph.conversations.models import Role
 
 log = structlog.get_logger(__name__)
 
@@ -31,21 +27,11 @@ class ChatService:
     """One chat turn per call: streams the agent's answer as events."""
 
     def __init__(
-        self,
-        *,
-        memory: MemoryService,
-        conversations: ConversationStore,
-        models: ModelFactory,
-        clock: Clock,
-        data_dir: Path,
-        max_turns: int = 8,
-        timeout: float = 300.0,
+        self, kit: AgentKit, clock: Clock, *, max_turns: int = 8, timeout: float = 300.0
     ) -> None:
-        self._memory = memory
-        self._conversations = conversations
-        self._models = models
+        self._kit = kit
+        self._conversations = kit.conversations
         self._clock = clock
-        self._data_dir = data_dir
         self._max_turns = max_turns
         self._timeout = timeout
 
@@ -54,24 +40,11 @@ class ChatService:
         or `error`. The user's message, the answer and the user's activity are stored when the
         answer is complete; a failed turn stores nothing."""
         received_at = self._clock.now()
-        instructions = await self._memory.instructions_with_memory(CHAT_INSTRUCTIONS, user_id)
-        model = self._models()
-        limit_model_calls(model, self._max_turns)
-        agent = Agent(
-            model=model,
-            tools=build_tools(
-                CHAT_TOOLS,
-                ToolContext(
-                    user_id=user_id,
-                    memory=self._memory,
-                    conversations=self._conversations,
-                    data_dir=self._data_dir,
-                    author="agent:chat",
-                ),
-            ),
-            instructions=instructions,
-            telemetry=False,
-            markdown=True,
+        instructions = await self._kit.instructions(CHAT_INSTRUCTIONS, user_id)
+        model = self._kit.model()
+        context = self._kit.context(user_id, author="agent:chat")
+        agent, _ = build_agent(
+            model, CHAT_TOOLS, context, instructions, self._max_turns, markdown=True
         )
         parts: list[str] = []
         error: str | None = None

@@ -1,4 +1,5 @@
-"""SQL storage for task definitions, runs and per-user results."""
+"""SQL storage for runs and their per-user rows, and the (task, user) locks: the only module
+that writes them, so every change of a run's or a user's status is made here."""
 
 from __future__ import annotations
 
@@ -9,22 +10,23 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import RowMapping, and_, bindparam, delete, func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import RowMapping, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ralph.background.models import (
     FINISHED_RUN,
+    USER_TRANSITIONS,
     RunStatus,
-    StoredTask,
     TaskDefinition,
     TaskRun,
     TriggerType,
     UserResult,
     UserStatus,
+    final_run_status,
+    user_sources,
 )
 from ralph.db.engine import insert_ignore, insert_rows
-from ralph.db.tables import background_tasks, task_run_users, task_runs, task_user_locks, task_users
+from ralph.db.tables import task_run_users, task_runs, task_user_locks
 from ralph.errors import Conflict, NotFound
 
 CHUNK = 1000
@@ -54,172 +56,6 @@ class UserStart:
 
     started: bool
     held_by: str | None = None
-
-
-class TaskStore:
-    """Task definitions. The database is the source of truth; `revision` grows on every change
-    so caches in other replicas can tell when to reload."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-
-    async def _users(self, conn: AsyncConnection, name: str) -> list[str]:
-        query = (
-            select(task_users.c.user_id)
-            .where(task_users.c.task_name == name)
-            .order_by(task_users.c.position)
-        )
-        return list((await conn.execute(query)).scalars().all())
-
-    async def _write_users(self, conn: AsyncConnection, name: str, user_ids: list[str]) -> None:
-        await conn.execute(delete(task_users).where(task_users.c.task_name == name))
-        for start in range(0, len(user_ids), CHUNK):
-            chunk = user_ids[start : start + CHUNK]
-            await insert_rows(
-                conn,
-                task_users,
-                ("task_name", "user_id", "position"),
-                [(name, u, start + i) for i, u in enumerate(chunk)],
-            )
-
-    @staticmethod
-    def _row_values(task: TaskDefinition) -> dict[str, Any]:
-        return {
-            "definition": task.model_dump_json(exclude={"user_ids"}),
-            "trigger_type": task.trigger.type,
-            "enabled": task.enabled,
-            "user_count": len(task.user_ids),
-        }
-
-    async def create(self, task: TaskDefinition, now: datetime) -> StoredTask:
-        """Store a new task; Conflict if the name is taken."""
-        try:
-            async with self._engine.begin() as conn:
-                await conn.execute(
-                    background_tasks.insert().values(
-                        name=task.name,
-                        schedule_from=now,
-                        revision=1,
-                        created_at=now,
-                        updated_at=now,
-                        **self._row_values(task),
-                    )
-                )
-                await self._write_users(conn, task.name, task.user_ids)
-        except IntegrityError:
-            raise Conflict(f"task '{task.name}' already exists; PUT replaces it") from None
-        return StoredTask(task, now, now, now, 1)
-
-    async def replace(self, task: TaskDefinition, now: datetime) -> StoredTask:
-        """Replace a task's definition. The schedule restarts from now if the trigger changed or
-        the task was re-enabled (no immediate fire for slots in between)."""
-        async with self._engine.begin() as conn:
-            current = await self._get(conn, task.name, with_users=False)
-            if current is None:
-                raise NotFound(f"task '{task.name}' not found")
-            restart = current.definition.trigger != task.trigger or (
-                task.enabled and not current.definition.enabled
-            )
-            schedule_from = now if restart else current.schedule_from
-            await conn.execute(
-                update(background_tasks)
-                .where(background_tasks.c.name == task.name)
-                .values(
-                    schedule_from=schedule_from,
-                    idle_watermark=None,  # users or trigger may have changed: rescan once
-                    revision=background_tasks.c.revision + 1,
-                    updated_at=now,
-                    **self._row_values(task),
-                )
-            )
-            await self._write_users(conn, task.name, task.user_ids)
-        return StoredTask(task, current.created_at, now, schedule_from, current.revision + 1)
-
-    async def set_enabled(self, name: str, enabled: bool, now: datetime) -> StoredTask:
-        async with self._engine.begin() as conn:
-            current = await self._get(conn, name, with_users=False)
-            if current is None:
-                raise NotFound(f"task '{name}' not found")
-            if current.definition.enabled != enabled:
-                task = current.definition.model_copy(update={"enabled": enabled})
-                values = self._row_values(task)
-                values.pop("user_count")
-                await conn.execute(
-                    update(background_tasks)
-                    .where(background_tasks.c.name == name)
-                    .values(
-                        revision=background_tasks.c.revision + 1,
-                        updated_at=now,
-                        schedule_from=now if enabled else current.schedule_from,
-                        **values,
-                    )
-                )
-        stored = await self.get(name)
-        assert stored is not None
-        return stored
-
-    async def delete(self, name: str) -> None:
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
-                delete(background_tasks).where(background_tasks.c.name == name)
-            )
-            if result.rowcount == 0:
-                raise NotFound(f"task '{name}' not found")
-            await conn.execute(delete(task_users).where(task_users.c.task_name == name))
-
-    async def get(self, name: str) -> StoredTask | None:
-        async with self._engine.connect() as conn:
-            return await self._get(conn, name)
-
-    async def _get(
-        self, conn: AsyncConnection, name: str, *, with_users: bool = True
-    ) -> StoredTask | None:
-        """The stored task; without its users (an empty list) unless `with_users`."""
-        row = (
-            (await conn.execute(select(background_tasks).where(background_tasks.c.name == name)))
-            .mappings()
-            .first()
-        )
-        if row is None:
-            return None
-        return self._stored(row, await self._users(conn, name) if with_users else [])
-
-    @staticmethod
-    def _stored(row: RowMapping, user_ids: list[str]) -> StoredTask:
-        data = json.loads(row["definition"])
-        data["enabled"] = bool(row["enabled"])
-        definition = TaskDefinition.from_stored(data, user_ids)
-        return StoredTask(
-            definition, row["created_at"], row["updated_at"], row["schedule_from"], row["revision"]
-        )
-
-    async def list(self) -> list[StoredTask]:
-        async with self._engine.connect() as conn:
-            rows = (
-                (await conn.execute(select(background_tasks).order_by(background_tasks.c.name)))
-                .mappings()
-                .all()
-            )
-            users: dict[str, list[str]] = {r["name"]: [] for r in rows}
-            query = select(task_users.c.task_name, task_users.c.user_id).order_by(
-                task_users.c.task_name, task_users.c.position
-            )
-            for task_name, user_id in (await conn.execute(query)).all():
-                users.setdefault(task_name, []).append(user_id)
-        return [self._stored(r, users[r["name"]]) for r in rows]
-
-    async def fingerprint(self) -> frozenset[tuple[str, int, datetime]]:
-        """(name, revision, created_at) of every task: differs after any create, change or
-        delete, whatever the clocks of the replicas that made them (a task deleted and created
-        again under its name has a new creation time)."""
-        query = select(
-            background_tasks.c.name, background_tasks.c.revision, background_tasks.c.created_at
-        )
-        async with self._engine.connect() as conn:
-            return frozenset(
-                (name, int(revision), created_at)
-                for name, revision, created_at in (await conn.execute(query)).all()
-            )
 
 
 def _run(row: RowMapping, counts: dict[str, int]) -> TaskRun:
@@ -267,7 +103,7 @@ _THIS_USER = and_(
 )
 _CLAIM_USER = (
     update(task_run_users)
-    .where(_THIS_USER, task_run_users.c.status == UserStatus.PENDING.value)
+    .where(_THIS_USER, task_run_users.c.status.in_(user_sources(UserStatus.RUNNING)))
     .values(
         status=UserStatus.RUNNING.value,
         started_at=bindparam("b_now"),
@@ -276,7 +112,7 @@ _CLAIM_USER = (
 )
 _SKIP_USER = (
     update(task_run_users)
-    .where(_THIS_USER)
+    .where(_THIS_USER, task_run_users.c.status.in_(user_sources(UserStatus.SKIPPED)))
     .values(
         status=UserStatus.SKIPPED.value,
         started_at=None,  # it never started: undo the claim
@@ -296,6 +132,11 @@ _RELEASE_LOCK = delete(task_user_locks).where(
     task_user_locks.c.user_id == bindparam("b_user"),
     task_user_locks.c.run_id == bindparam("b_run"),
 )
+
+
+def _check_transition(source: UserStatus, target: UserStatus) -> None:
+    if target not in USER_TRANSITIONS.get(source, frozenset()):
+        raise ValueError(f"a user cannot go from {source.value} to {target.value}")
 
 
 class RunStore:
@@ -464,6 +305,7 @@ class RunStore:
         meanwhile, because this process seemed gone, belongs to the rerun). Returns whether
         the result was recorded. The run's token totals are summed from these rows when the
         run finishes."""
+        _check_transition(UserStatus.RUNNING, UserStatus(values["status"]))
         unit = {"b_run": run_id, "b_user": user_id, "b_task": task_name}
         async with self._engine.begin() as conn:
             result = await conn.execute(_FINISH_USER, {**unit, **values})
@@ -477,16 +319,15 @@ class RunStore:
         unit = {"b_run": run_id, "b_user": user_id, "b_task": task_name}
         async with self._engine.begin() as conn:
             await conn.execute(
-                _UPDATE_USER.where(
-                    task_run_users.c.status.in_(
-                        [UserStatus.PENDING.value, UserStatus.RUNNING.value]
-                    )
-                ),
+                _UPDATE_USER.where(task_run_users.c.status.in_(user_sources(UserStatus.FAILED))),
                 {**unit, "status": UserStatus.FAILED.value, "completed_at": now, "error": error},
             )
             await conn.execute(_RELEASE_LOCK, unit)
 
     async def cancel_pending_users(self, run_id: str, now: datetime, status: UserStatus) -> int:
+        """The run's users not started yet end in `status` (cancelled, interrupted, budget
+        exceeded): returns how many."""
+        _check_transition(UserStatus.PENDING, status)
         async with self._engine.begin() as conn:
             result = await conn.execute(
                 update(task_run_users)
@@ -523,26 +364,11 @@ class RunStore:
         return counts
 
     async def finish(self, run_id: str, now: datetime, error: str | None = None) -> TaskRun:
-        """Set the final run status from its users' statuses: `interrupted` if any user was
-        cut short by a shutdown (or is still running in a worker the stopping server no longer
-        waits for), `cancelled` after a cancel, else success / partial / failed. Only a run
-        still `running` is finished (recovery may have interrupted it meanwhile)."""
+        """Set the final run status from its users' statuses (`final_run_status`) and sum
+        their tokens. Only a run still `running` is finished (recovery may have interrupted
+        it meanwhile)."""
         run = await self.get(run_id)
-        counts = run.counts
-        succeeded = counts.get(UserStatus.SUCCESS, 0)
-        failed = counts.get(UserStatus.FAILED, 0)
-        cancelled = counts.get(UserStatus.CANCELLED, 0)
-        exceeded = counts.get(UserStatus.BUDGET_EXCEEDED, 0)
-        if counts.get(UserStatus.INTERRUPTED, 0) or counts.get(UserStatus.RUNNING, 0):
-            status = RunStatus.INTERRUPTED
-        elif run.cancel_requested and cancelled:
-            status = RunStatus.CANCELLED
-        elif error is not None or (failed and not succeeded and not exceeded):
-            status = RunStatus.FAILED
-        elif failed or cancelled or exceeded:
-            status = RunStatus.PARTIAL
-        else:
-            status = RunStatus.SUCCESS
+        status = final_run_status(run.counts, cancel_requested=run.cancel_requested, error=error)
         tokens = select(
             func.coalesce(func.sum(task_run_users.c.input_tokens), 0),
             func.coalesce(func.sum(task_run_users.c.output_tokens), 0),
@@ -646,3 +472,124 @@ class RunStore:
         if row is None:
             raise NotFound(f"user '{user_id}' is not part of run '{run_id}'")
         return _user(row)
+
+    # --- slots, leases and recovery ----------------------------------------------------
+
+    async def last_cron_slot(self, task_name: str) -> datetime | None:
+        """The newest slot recorded for the task (run or missed), if any."""
+        query = (
+            select(task_runs.c.slot_at)
+            .where(
+                task_runs.c.task_name == task_name,
+                task_runs.c.trigger_type == TriggerType.CRON.value,
+                task_runs.c.slot_at.is_not(None),
+            )
+            .order_by(task_runs.c.slot_at.desc())
+            .limit(1)
+        )
+        async with self._engine.connect() as conn:
+            return (await conn.execute(query)).scalar()
+
+    async def lease_start(self, active: Sequence[str]) -> datetime | None:
+        """The earliest moment from which recovery may have work one lease later: the oldest
+        creation time of a pending run or the oldest heartbeat of a running one, among the
+        runs not in `active` (those the caller runs or is about to start). None if none."""
+        others = task_runs.c.id.not_in(list(active))
+        pending = select(func.min(task_runs.c.created_at)).where(
+            task_runs.c.status == RunStatus.PENDING.value, others
+        )
+        running = select(func.min(task_runs.c.heartbeat_at)).where(
+            task_runs.c.status == RunStatus.RUNNING.value, others
+        )
+        async with self._engine.connect() as conn:
+            times = [(await conn.execute(q)).scalar() for q in (pending, running)]
+        return min((t for t in times if t is not None), default=None)
+
+    async def orphaned_runs(self, created_before: datetime) -> list[str]:
+        """Runs still pending that were created at or before `created_before`: their creator
+        died between creating and starting them (or queued them as a rerun when it stopped)."""
+        query = select(task_runs.c.id).where(
+            task_runs.c.status == RunStatus.PENDING.value, task_runs.c.created_at <= created_before
+        )
+        async with self._engine.connect() as conn:
+            return [row.id for row in (await conn.execute(query)).all()]
+
+    async def running_users_of_stopped_runs(
+        self, stopped_since: datetime
+    ) -> list[tuple[str, str, str]]:
+        """(run id, task name, user id) of users still `running` in runs `interrupted` since
+        `stopped_since`: in worker mode, units a stopped server left to their workers."""
+        query = (
+            select(task_run_users.c.run_id, task_runs.c.task_name, task_run_users.c.user_id)
+            .select_from(task_runs.join(task_run_users, task_run_users.c.run_id == task_runs.c.id))
+            .where(
+                task_runs.c.status == RunStatus.INTERRUPTED.value,
+                task_runs.c.completed_at >= stopped_since,
+                task_run_users.c.status == UserStatus.RUNNING.value,
+            )
+        )
+        async with self._engine.connect() as conn:
+            return [(r.run_id, r.task_name, r.user_id) for r in await conn.execute(query)]
+
+    async def stale_runs(self, heartbeat_before: datetime) -> list[str]:
+        """Running runs whose last heartbeat is at or before `heartbeat_before`."""
+        query = select(task_runs.c.id).where(
+            task_runs.c.status == RunStatus.RUNNING.value,
+            task_runs.c.heartbeat_at <= heartbeat_before,
+        )
+        async with self._engine.connect() as conn:
+            return [row.id for row in (await conn.execute(query)).all()]
+
+    async def interrupt_stale_run(
+        self, run_id: str, heartbeat_before: datetime, now: datetime, dead: Sequence[str]
+    ) -> list[str] | None:
+        """Mark a run whose heartbeat is at or before `heartbeat_before` as interrupted, with its
+        pending users and those of its running users listed in `dead` (read before: a user
+        that started since, or that a live worker runs, stays running and keeps its lock).
+        Releases the interrupted users' locks. Returns those users, in list order, or None if
+        another caller interrupted the run first (or it heart-beat again meanwhile)."""
+        async with self._engine.begin() as conn:
+            claimed = await conn.execute(
+                update(task_runs)
+                .where(
+                    task_runs.c.id == run_id,
+                    task_runs.c.status == RunStatus.RUNNING.value,
+                    task_runs.c.heartbeat_at <= heartbeat_before,
+                )
+                .values(
+                    status=RunStatus.INTERRUPTED.value,
+                    completed_at=now,
+                    error="owner stopped (no heartbeat within the lease)",
+                )
+            )
+            if claimed.rowcount != 1:
+                return None
+            unfinished = and_(
+                task_run_users.c.run_id == run_id,
+                or_(
+                    task_run_users.c.status == UserStatus.PENDING.value,
+                    and_(
+                        task_run_users.c.status == UserStatus.RUNNING.value,
+                        task_run_users.c.user_id.in_(list(dead)),
+                    ),
+                ),
+            )
+            query = (
+                select(task_run_users.c.user_id)
+                .where(unfinished)
+                .order_by(task_run_users.c.position)
+            )
+            users = [r.user_id for r in await conn.execute(query)]
+            await conn.execute(
+                update(task_run_users)
+                .where(unfinished)
+                .values(status=UserStatus.INTERRUPTED.value, completed_at=now)
+            )
+            if dead:
+                await conn.execute(
+                    task_user_locks.delete().where(
+                        task_user_locks.c.run_id == run_id,
+                        task_user_locks.c.user_id.in_(list(dead)),
+                    )
+                )
+        return users

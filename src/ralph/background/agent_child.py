@@ -1,0 +1,84 @@
+"""The agent process itself (`python -m ralph.background.agent_child`), started by a server
+in the `subprocess` worker mode: see `ralph.background.agent_process` for the protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+
+import structlog
+
+from ralph.background.models import TaskDefinition
+from ralph.composition import open_services
+from ralph.config import Settings
+
+log = structlog.get_logger(__name__)
+
+
+async def _serve(settings: Settings, out: int) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    units: set[asyncio.Task[None]] = set()
+    snapshots: dict[str, TaskDefinition] = {}
+    async with open_services(settings, apply_migrations=False, role="agents") as services:
+
+        async def unit(run_id: str, user_id: str) -> None:
+            task: TaskDefinition | None = None
+            try:
+                task = snapshots.get(run_id)
+                if task is None:
+                    task = snapshots[run_id] = await services.runs.snapshot(run_id)
+                    if len(snapshots) > 1000:
+                        snapshots.pop(next(iter(snapshots)))
+                await services.units.run_user(run_id, task, user_id)
+            except Exception as exc:
+                log.exception("unit_error", run_id=run_id, user_id=user_id)
+                if task is not None:
+                    await services.runs.fail_unfinished_user(
+                        run_id, task.name, user_id, services.clock.now(), f"unit error: {exc!r}"
+                    )
+            finally:
+                os.write(out, json.dumps({"done": [run_id, user_id]}).encode() + b"\n")
+
+        while line := await reader.readline():
+            message = json.loads(line)
+            if "run" in message:
+                job = asyncio.create_task(unit(message["run"], message["user"]))
+                units.add(job)
+                job.add_done_callback(units.discard)
+            elif "cancel" in message:
+                services.units.inflight.cancel(message["cancel"])
+            elif "stop" in message:
+                services.units.inflight.stop_all()
+                if units:
+                    await asyncio.wait(units)
+                return
+    # the server is gone without a word: leave as abruptly, its runs go to recovery
+    os._exit(1)
+
+
+def main() -> None:
+    import uvloop
+
+    from ralph.logs import configure_logging
+
+    # byte by byte: what follows the first line is read by the event loop
+    first = bytearray()
+    while not first.endswith(b"\n"):
+        byte = os.read(0, 1)
+        if not byte:
+            sys.exit(1)
+        first += byte
+    settings = Settings.model_validate_json(bytes(first))
+    # stdout is the answer channel: keep it for answers, send anything else printed to stderr
+    out = os.dup(1)
+    os.dup2(2, 1)
+    configure_logging(settings.log_level, settings.log_json)
+    uvloop.run(_serve(settings, out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The `subprocess` worker mode (the default): the server's units run in one child process,
+so the agents' CPU time (Agno, the model client, their database work) never delays the
+server's own requests, which keep an event loop of their own.
+
+The server starts the child as it starts (`python -m ralph.background.agent_child`), and
+again on the next unit if the child died. They speak in JSON lines: the server writes
+`{"run": RUN, "user": USER}`, `{"cancel": RUN}` and `{"stop": true}` to the child's stdin;
+the child answers `{"done": [RUN, USER]}` on stdout once the unit's result is recorded.
+Everything else a unit needs is in the database. A child that reads the end of its input
+without `stop` (its server is gone) exits at once, leaving its runs to crash recovery, as if
+it had died with the server. A child that dies while units are in flight has them failed
+("agent process exited"); the next unit starts a new child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from typing import Any
+
+import structlog
+from pydantic import SecretStr
+
+from ralph.background.models import TaskDefinition
+from ralph.background.run_store import RunStore
+from ralph.clock import Clock
+from ralph.config import Settings
+
+log = structlog.get_logger(__name__)
+
+
+def _settings_line(settings: Settings) -> bytes:
+    """`settings` as one JSON line, secrets included (it goes down a pipe to the child)."""
+    values = settings.model_dump(mode="json")
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            values[name] = value.get_secret_value()
+    return json.dumps(values).encode() + b"\n"
+
+
+class AgentProcess:
+    """The server's side: a coordinator's dispatch that hands each unit to the child."""
+
+    def __init__(self, settings: Settings, runs: RunStore, clock: Clock) -> None:
+        self._settings = settings
+        self._runs = runs
+        self._clock = clock
+        self._child: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._starting = asyncio.Lock()
+        self._waiting: dict[tuple[str, str], tuple[asyncio.Future[None], str]] = {}
+
+    async def __call__(self, run_id: str, task: TaskDefinition, user_id: str) -> None:
+        child = await self._ensure_child()
+        done = asyncio.get_running_loop().create_future()
+        self._waiting[(run_id, user_id)] = (done, task.name)
+        try:
+            self._send(child, {"run": run_id, "user": user_id})
+            await done
+        finally:
+            self._waiting.pop((run_id, user_id), None)
+
+    async def start(self) -> None:
+        """Start the child now (it takes seconds to import what agents need), so that the
+        first unit does not wait for it."""
+        await self._ensure_child()
+
+    def cancel(self, run_id: str) -> None:
+        if self._child is not None and self._child.returncode is None:
+            self._send(self._child, {"cancel": run_id})
+
+    async def stop(self) -> None:
+        """Ask the child to stop its agents (their users end `interrupted`) and to exit once
+        it has recorded them."""
+        child = self._child
+        if child is None:
+            return
+        if child.returncode is None:
+            self._send(child, {"stop": True})
+            try:
+                await asyncio.wait_for(child.wait(), timeout=30)
+            except TimeoutError:
+                child.kill()
+                await child.wait()
+        if self._reader is not None:
+            await self._reader
+
+    async def aclose(self) -> None:
+        await self.stop()
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while it runs."""
+        child = self._child
+        return child.pid if child is not None and child.returncode is None else None
+
+    async def _ensure_child(self) -> asyncio.subprocess.Process:
+        async with self._starting:
+            if self._child is None or self._child.returncode is not None:
+                if self._reader is not None:
+                    await self._reader  # the old child's units are settled first
+                self._child = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "ralph.background.agent_child",
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    env={**os.environ, "AGNO_TELEMETRY": "false"},
+                )
+                assert self._child.stdin is not None
+                self._child.stdin.write(_settings_line(self._settings))
+                self._reader = asyncio.create_task(self._read(self._child))
+                log.info("agent_process_started", pid=self._child.pid)
+            return self._child
+
+    @staticmethod
+    def _send(child: asyncio.subprocess.Process, message: dict[str, Any]) -> None:
+        assert child.stdin is not None
+        if not child.stdin.is_closing():
+            child.stdin.write(json.dumps(message).encode() + b"\n")
+
+    async def _read(self, child: asyncio.subprocess.Process) -> None:
+        assert child.stdout is not None
+        while line := await child.stdout.readline():
+            run_id, user_id = json.loads(line)["done"]
+            self._resolve(run_id, user_id)
+        code = await child.wait()
+        lost = list(self._waiting.items())
+        if lost:
+            log.error("agent_process_exited", pid=child.pid, code=code, units=len(lost))
+        for (run_id, user_id), (_, task_name) in lost:
+            await self._runs.fail_unfinished_user(
+                run_id, task_name, user_id, self._clock.now(), f"agent process exited ({code})"
+            )
+            self._resolve(run_id, user_id)
+
+    def _resolve(self, run_id: str, user_id: str) -> None:
+        waiting = self._waiting.get((run_id, user_id))
+        if waiting is not None and not waiting[0].done():
+            waiting[0].set_result(None)

@@ -1,0 +1,138 @@
+"""Background use cases as the API and the CLI ask for them: run a task now (and wait for it),
+read runs and their users, cancel, the scheduler's view of what fires next."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from ralph.background.coordinator import RunCoordinator
+from ralph.background.cron import never_fires_reason, next_slot
+from ralph.background.models import (
+    CronTrigger,
+    RunStatus,
+    TaskDefinition,
+    TaskRun,
+    TriggerType,
+    UserResult,
+    UserStatus,
+)
+from ralph.background.registry import TaskRegistry
+from ralph.background.run_store import RunStore
+from ralph.background.scheduler import Scheduler
+from ralph.clock import Clock
+from ralph.errors import InvalidInput
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSchedule:
+    name: str
+    trigger_type: str
+    next_fire_at: datetime | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerState:
+    replica_id: str
+    last_tick_at: datetime | None
+    recovery_error: str | None
+    tasks: list[TaskSchedule]
+    replicas: list[dict[str, Any]]
+
+
+class BackgroundService:
+    def __init__(
+        self,
+        *,
+        registry: TaskRegistry,
+        runs: RunStore,
+        coordinator: RunCoordinator,
+        scheduler: Scheduler,
+        clock: Clock,
+    ) -> None:
+        self._registry = registry
+        self._runs = runs
+        self._coordinator = coordinator
+        self._scheduler = scheduler
+        self._clock = clock
+
+    async def create_run(
+        self, task: TaskDefinition, trigger: TriggerType, user_ids: Sequence[str] | None = None
+    ) -> str:
+        """Record a pending run for `user_ids` (default: all the task's users; any others are
+        InvalidInput) and return its id; the coordinator's `start` runs it."""
+        users = list(task.user_ids if user_ids is None else user_ids)
+        if user_ids is not None:
+            allowed = set(task.user_ids)
+            outside = [u for u in users if u not in allowed]
+            if outside:
+                raise InvalidInput(f"user ids not in task '{task.name}': {', '.join(outside[:5])}")
+        run_id = await self._runs.create(task, trigger, users, self._clock.now())
+        assert run_id is not None  # only a slot claim can lose, and this run claims none
+        return run_id
+
+    async def run_now(
+        self, name: str, user_ids: Sequence[str] | None, wait_seconds: float | None
+    ) -> tuple[str, TaskRun | None]:
+        """Start a manual run of the task; with `wait_seconds`, wait that long at most for it
+        to finish. Returns its id and, if it finished, the finished run."""
+        task = (await self._registry.get(name)).definition
+        run_id = await self.create_run(task, TriggerType.MANUAL, user_ids)
+        self._coordinator.start(run_id)
+        finished = None
+        if wait_seconds is not None:
+            finished = await self._coordinator.wait(run_id, wait_seconds)
+        return run_id, finished
+
+    async def runs(self, name: str, status: RunStatus | None, limit: int) -> list[TaskRun]:
+        return await self._runs.list(name, status=status, limit=limit)
+
+    async def run(
+        self,
+        run_id: str,
+        *,
+        users_offset: int = 0,
+        users_limit: int = 100,
+        users_status: UserStatus | None = None,
+    ) -> tuple[TaskRun, list[UserResult]]:
+        """A run with a page of its users' results, in list order."""
+        run = await self._runs.get(run_id)
+        users = await self._runs.users(
+            run_id, offset=users_offset, limit=users_limit, status=users_status
+        )
+        return run, users
+
+    async def run_user(self, run_id: str, user_id: str) -> UserResult:
+        return await self._runs.user(run_id, user_id)
+
+    async def cancel(self, run_id: str) -> TaskRun:
+        return await self._coordinator.cancel(run_id)
+
+    async def scheduler_state(self) -> SchedulerState:
+        """Each enabled task's next fire time, this replica's last tick, replicas seen in the
+        last 10 minutes."""
+        now = self._clock.now()
+        tasks: list[TaskSchedule] = []
+        for stored in await self._registry.list():
+            trigger = stored.definition.trigger
+            if not stored.definition.enabled:
+                continue
+            name = stored.definition.name
+            error = self._scheduler.errors.get(name)
+            upcoming = None
+            if isinstance(trigger, CronTrigger):
+                after = max(now, stored.schedule_from)
+                upcoming = next_slot(trigger.schedule, trigger.timezone, after)
+                if upcoming is None:
+                    error = never_fires_reason(trigger.schedule, now)
+            tasks.append(TaskSchedule(name, trigger.type, upcoming, error))
+        return SchedulerState(
+            replica_id=self._scheduler.replica_id,
+            last_tick_at=self._scheduler.last_tick,
+            recovery_error=self._scheduler.recovery_error,
+            tasks=tasks,
+            replicas=await self._scheduler.replicas(now - timedelta(minutes=10)),
+        )

@@ -1,0 +1,145 @@
+"""The unit of work: one user of one run. Everything it needs is read from the database (the
+run's task snapshot, the user's memory), so any process can execute it: the server itself
+(`inprocess`), its agent process (`subprocess`, the default) or an ARQ worker (`arq`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import structlog
+
+from ralph.agents.kit import AgentKit
+from ralph.agents.runner import AgentOutcome, TokenBudget, run_agent
+from ralph.agents.tools import ToolContext
+from ralph.background.inflight import InFlight
+from ralph.background.models import TaskDefinition, UserStatus
+from ralph.background.run_store import RunStore
+from ralph.clock import Clock
+from ralph.db.retry import is_unreachable, until_reachable
+
+log = structlog.get_logger(__name__)
+
+BACKGROUND_PROMPT = (
+    "Execute your background task now. Review the user's context and take appropriate action."
+)
+
+
+class UnitRunner:
+    """Runs the task's agent for one user of a run and records the result.
+
+    It is also the `inprocess` mode's dispatch: the coordinator awaits `run_user` directly,
+    `cancel` and `stop` reach the agents through the shared `InFlight`."""
+
+    def __init__(
+        self,
+        *,
+        runs: RunStore,
+        kit: AgentKit,
+        clock: Clock,
+        inflight: InFlight,
+        transcript_max_chars: int = 200_000,
+    ) -> None:
+        self._runs = runs
+        self._kit = kit
+        self._clock = clock
+        self.inflight = inflight
+        self._transcript_max_chars = transcript_max_chars
+
+    async def __call__(self, run_id: str, task: TaskDefinition, user_id: str) -> None:
+        await self.run_user(run_id, task, user_id)
+
+    def cancel(self, run_id: str) -> None:
+        self.inflight.cancel(run_id)
+
+    async def stop(self) -> None:
+        self.inflight.stop_all()
+
+    async def run_user(self, run_id: str, task: TaskDefinition, user_id: str) -> None:
+        """Execute the unit at most once: a user no longer pending (a duplicate delivery, a
+        user cancelled or interrupted while queued) is left alone. The (task, user) lock makes
+        a second concurrent run of the same user in another run impossible: that user is
+        recorded as `skipped`."""
+        start = await until_reachable(
+            lambda: self._runs.start_user(run_id, task.name, user_id, self._clock.now()),
+            what="user start",
+        )
+        if not start.started:
+            if start.held_by is not None:
+                log.info("user_skipped", run_id=run_id, user_id=user_id, running_in=start.held_by)
+            else:
+                log.info("user_not_pending", run_id=run_id, user_id=user_id)
+            return
+        status = UserStatus.FAILED
+        outcome = AgentOutcome()
+        context = self._kit.context(user_id, author=f"agent:{task.name}", run_id=run_id)
+        agent = asyncio.create_task(self._agent(task, context))
+        self.inflight.add(run_id, agent)
+        try:
+            outcome = await agent
+            status = UserStatus.SUCCESS if outcome.ok else UserStatus.FAILED
+            if outcome.stopped_by == "budget":
+                status = UserStatus.BUDGET_EXCEEDED
+        except asyncio.CancelledError:
+            if not agent.cancelled():
+                raise  # this bookkeeping task itself was cancelled: not ours to swallow
+            cancelled = self.inflight.is_cancelled(run_id)
+            status = UserStatus.CANCELLED if cancelled else UserStatus.INTERRUPTED
+            outcome.error = "cancelled" if cancelled else "interrupted by shutdown"
+        except Exception as exc:
+            log.exception("user_run_error", run_id=run_id, user_id=user_id)
+            outcome.error = f"{type(exc).__name__}: {exc}"
+            if is_unreachable(exc):
+                # not the user's fault: re-run them (within the rerun limit) once it is back
+                status = UserStatus.INTERRUPTED
+                outcome.error = f"interrupted: the database was unreachable ({outcome.error})"
+        finally:
+            self.inflight.discard(run_id, agent)
+        result = {
+            "status": status.value,
+            "completed_at": self._clock.now(),
+            "turns_used": outcome.turns_used,
+            "tool_calls": outcome.tool_calls,
+            # the proposal rows this user's tools stored (or found stored, on a retry); kept
+            # even when the agent was cancelled half-way
+            "proposals_created": len(context.proposal_ids),
+            "input_tokens": outcome.input_tokens,
+            "output_tokens": outcome.output_tokens,
+            "total_tokens": outcome.total_tokens,
+            "error": outcome.error,
+            "transcript": json.dumps(outcome.transcript, default=str),
+            "rate_limit_wait_seconds": round(outcome.rate_limit_wait_seconds, 3),
+            "tokens_estimated": outcome.tokens_estimated,
+            "cost_usd": outcome.cost_usd,
+        }
+        recorded = await until_reachable(
+            lambda: self._runs.finish_user(run_id, task.name, user_id, result),
+            what="user result",
+        )
+        if not recorded:
+            # recovery took the user over while the database was away: its rerun decides
+            log.warning("user_result_superseded", run_id=run_id, user_id=user_id)
+        self.inflight.settle(run_id)
+
+    async def _agent(self, task: TaskDefinition, context: ToolContext) -> AgentOutcome:
+        run_id = context.run_id or ""
+        instructions = await self._kit.instructions(
+            task.system_prompt, context.user_id, task.memory_blocks
+        )
+        budget = TokenBudget(
+            per_user=task.budget.max_tokens_per_user if task.budget else None,
+            run=await self.inflight.run_tokens(
+                run_id, task, lambda: self._runs.tokens_used(run_id)
+            ),
+        )
+        return await run_agent(
+            budget=budget,
+            model=self._kit.model(),
+            tools=task.tools,
+            context=context,
+            instructions=instructions,
+            prompt=BACKGROUND_PROMPT,
+            max_turns=task.max_turns,
+            timeout_seconds=task.timeout_seconds,
+            transcript_max_chars=self._transcript_max_chars,
+        )

@@ -1,0 +1,1 @@
+"""Chat with a user's agent."""

@@ -1,0 +1,50 @@
+"""Messages and activity as the API and the agents' tools use them."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from ralph.clock import Clock
+from ralph.conversations.models import Message, Role
+from ralph.conversations.store import ConversationStore
+from ralph.errors import InvalidInput
+
+# how far ahead of the server's clock a reported activity time may be (clock skew)
+MAX_ACTIVITY_AHEAD = timedelta(minutes=5)
+
+
+class ConversationService:
+    def __init__(self, store: ConversationStore, clock: Clock) -> None:
+        self._store = store
+        self._clock = clock
+
+    async def add_message(
+        self, user_id: str, role: Role, content: str, at: datetime | None = None
+    ) -> Message:
+        """Store a message (sent `at`, default now); a `user` message also records the
+        user's activity."""
+        return await self._store.add_message(user_id, role, content, at or self._clock.now())
+
+    async def messages(
+        self, user_id: str, *, limit: int = 50, before: int | None = None, text: str | None = None
+    ) -> list[Message]:
+        """Newest first: those containing `text`, or a page of messages older than `before`."""
+        if text is not None:
+            return await self._store.search_messages(user_id, text, limit=limit)
+        return await self._store.list_messages(user_id, limit=limit, before=before)
+
+    async def record_activity(self, user_id: str, at: datetime | None = None) -> datetime | None:
+        """The user was active `at` (default now; InvalidInput if later than the clock allows,
+        which would keep the user from going idle until then). Returns the user's latest
+        activity (an older `at` leaves it as it was)."""
+        now = self._clock.now()
+        at = at or now
+        if at > now + MAX_ACTIVITY_AHEAD:
+            raise InvalidInput(
+                f"at: {at.isoformat()} is in the future (server time {now.isoformat()})"
+            )
+        await self._store.record_activity(user_id, at)
+        return await self._store.last_activity(user_id)
+
+    async def last_activity(self, user_id: str) -> datetime | None:
+        return await self._store.last_activity(user_id)

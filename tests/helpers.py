@@ -1,0 +1,195 @@
+"""Helpers for tests (the fixtures are in conftest.py): databases on the MariaDB server, apps
+served in-process or on a port, settings pointed at a scripted model server, runs to the end."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import pytest
+from arq.worker import Worker
+from fastapi import FastAPI
+from httpx import ASGITransport, AsyncClient
+from sqlalchemy import text
+
+from ralph.app import create_app
+from ralph.background.models import TaskDefinition, TaskRun, TriggerType
+from ralph.clock import Clock
+from ralph.composition import Services
+from ralph.config import Settings
+from ralph.db.engine import create_engine
+from ralph.testing.model_server import ModelServer
+
+T = TypeVar("T")
+
+MARIADB_SERVER = os.environ.get("RALPH_TEST_MARIADB_URL", "mysql+asyncmy://root@127.0.0.1:3306")
+REQUIRE_MARIADB = os.environ.get("RALPH_REQUIRE_MARIADB") == "1" or os.environ.get("CI") == "true"
+
+
+async def server_reachable(url: str) -> bool:
+    engine = create_engine(url + "/")
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+        return True
+    except Exception:
+        return False
+    finally:
+        await engine.dispose()
+
+
+async def create_mariadb_database() -> str:
+    """Create a uniquely named database on the MariaDB server; return its URL."""
+    if not await server_reachable(MARIADB_SERVER):
+        message = f"MariaDB not reachable at {MARIADB_SERVER}"
+        if REQUIRE_MARIADB:
+            pytest.fail(message)
+        pytest.skip(message)
+    name = f"ralph_test_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(MARIADB_SERVER + "/")
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
+    finally:
+        await engine.dispose()
+    return f"{MARIADB_SERVER}/{name}?charset=utf8mb4"
+
+
+async def drop_mariadb_database(url: str) -> None:
+    name = url.rsplit("/", 1)[1].split("?")[0]
+    engine = create_engine(MARIADB_SERVER + "/")
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+    finally:
+        await engine.dispose()
+
+
+def in_own_loop(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine to completion on a fresh event loop in another thread.
+
+    Session-wide set-up runs outside any test's event loop this way.
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(lambda: asyncio.run(make())).result()
+
+
+def using_model_server(settings: Settings, server: ModelServer, **extra: object) -> Settings:
+    """`settings` with the `openai` provider pointed at the scripted server, no retries."""
+    update: dict[str, object] = {
+        "model_provider": "openai",
+        "model_base_url": server.base_url,
+        "model_id": "scripted",
+        "model_max_retries": 0,
+        **extra,
+    }
+    return settings.model_copy(update=update)
+
+
+@asynccontextmanager
+async def serving(settings: Settings, clock: Clock | None = None) -> AsyncGenerator[AsyncClient]:
+    """An app for `settings` with its lifespan running, and a client speaking to it in-process."""
+    async with harness_for(settings, clock) as harness:
+        yield harness.client
+
+
+class AppHarness:
+    """An app with its lifespan running, an HTTP client speaking to it in-process and, where a
+    test needs them, the scripted model server and the ARQ worker it uses."""
+
+    def __init__(
+        self,
+        app: FastAPI,
+        client: AsyncClient,
+        *,
+        server: ModelServer | None = None,
+        worker: Worker | None = None,
+    ) -> None:
+        self.app = app
+        self.client = client
+        self._server = server
+        self._worker = worker
+
+    @property
+    def services(self) -> Services:
+        services: Services = self.app.state.services
+        return services
+
+    @property
+    def server(self) -> ModelServer:
+        assert self._server is not None, "this harness has no model server"
+        return self._server
+
+    @property
+    def worker(self) -> Worker:
+        assert self._worker is not None, "this harness has no worker"
+        return self._worker
+
+
+@asynccontextmanager
+async def harness_for(
+    settings: Settings,
+    clock: Clock | None = None,
+    *,
+    server: ModelServer | None = None,
+    worker: Worker | None = None,
+) -> AsyncGenerator[AppHarness]:
+    """`AppHarness` for an app built from `settings`, its lifespan running."""
+    app = create_app(settings, clock=clock)
+    async with (
+        app.router.lifespan_context(app),
+        AsyncClient(transport=ASGITransport(app=app), base_url="http://ralph.test") as client,
+    ):
+        yield AppHarness(app, client, server=server, worker=worker)
+
+
+class LiveServer:
+    """The app served by uvicorn on a free loopback port, from a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        import threading
+
+        import uvicorn
+
+        from ralph.testing.processes import free_port
+
+        self.port = free_port()
+        config = uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=self.port, log_level="warning"
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> LiveServer:
+        import time
+
+        self._thread.start()
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+
+
+async def execute_task(
+    services: Services,
+    task: TaskDefinition,
+    trigger: TriggerType = TriggerType.MANUAL,
+    user_ids: Sequence[str] | None = None,
+) -> TaskRun:
+    """Create a run of `task` and execute it to the end in this event loop."""
+    run_id = await services.background.create_run(task, trigger, user_ids)
+    return await services.coordinator.execute(run_id)

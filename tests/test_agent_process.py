@@ -1,0 +1,131 @@
+"""The default worker mode: a server's units run in its agent process (a child process), on the
+real clock. The model is the scripted server; the database a SQLite file or MariaDB."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import pytest
+
+from ralph.background.agent_process import AgentProcess
+from ralph.background.models import RunStatus, TaskDefinition, TriggerType
+from ralph.composition import Services
+from ralph.config import Settings
+from ralph.testing.model_server import Delay, ModelServer, call, scripted, text
+from tests.helpers import execute_task, harness_for, using_model_server
+
+pytestmark = pytest.mark.slow
+
+
+def subprocess_settings(settings: Settings, server: ModelServer, **extra: object) -> Settings:
+    return using_model_server(settings, server, worker_mode="subprocess", **extra)
+
+
+def task(users: list[str], **overrides: Any) -> TaskDefinition:
+    values: dict[str, Any] = {
+        "name": "nightly",
+        "system_prompt": "review",
+        "tools": ["edit_memory_block"],
+        "trigger": {"type": "cron", "schedule": "0 3 * * *"},
+        "user_ids": users,
+        "batch_size": 2,
+    }
+    return TaskDefinition.model_validate(values | overrides)
+
+
+def agent_process(services: Services) -> AgentProcess:
+    dispatch = services.coordinator.dispatch
+    assert isinstance(dispatch, AgentProcess)
+    return dispatch
+
+
+async def start_stuck_run(services: Services, model_server: ModelServer) -> str:
+    """A run of three users whose model calls hang, once two of them are in flight."""
+    model_server.responder = scripted(Delay(30.0, text("never")))
+    await services.registry.create(task(["a", "b", "c"], tools=[]))
+    run_id, _ = await services.background.run_now("nightly", None, None)
+    await model_server.wait_for_in_flight(2)
+    return run_id
+
+
+async def test_units_run_in_the_agent_process(
+    settings: Settings, model_server: ModelServer
+) -> None:
+    model_server.responder = scripted(
+        call("edit_memory_block", label="notes", body="seen", reason="r"), text("done")
+    )
+    async with harness_for(subprocess_settings(settings, model_server)) as harness:
+        services = harness.services
+        users = ["a", "b", "c", "d", "e"]
+        await services.registry.create(task(users))
+        run = await execute_task(services, task(users))
+        child = agent_process(services).pid
+        assert child is not None
+        assert child != os.getpid()
+        assert run.status is RunStatus.SUCCESS, run
+        assert run.counts == {"success": 5}
+        for user in users:
+            proposals = await services.memory.list_proposals(user)
+            assert [(p.author, p.run_id) for p in proposals] == [("agent:nightly", run.id)]
+        assert model_server.max_in_flight <= 2  # the server's window caps the child's agents
+        # a second run reuses the same child
+        again = await execute_task(services, task(users), TriggerType.MANUAL, ["a"])
+        assert again.counts == {"success": 1}
+        assert agent_process(services).pid == child
+
+
+async def test_cancel_reaches_agents_in_the_agent_process(
+    settings: Settings, model_server: ModelServer
+) -> None:
+    async with harness_for(subprocess_settings(settings, model_server)) as harness:
+        services = harness.services
+        run_id = await start_stuck_run(services, model_server)
+        await services.background.cancel(run_id)
+        run = await services.coordinator.wait(run_id, 10)
+        assert run is not None
+        assert run.status is RunStatus.CANCELLED
+        assert run.counts == {"cancelled": 3}
+
+
+async def test_shutdown_interrupts_the_agent_process_and_queues_a_rerun(
+    settings: Settings, model_server: ModelServer
+) -> None:
+    settings = subprocess_settings(settings, model_server, shutdown_grace_seconds=0.2)
+    async with harness_for(settings) as harness:
+        services = harness.services
+        run_id = await start_stuck_run(services, model_server)
+        child = agent_process(services)
+    # the lifespan has ended: the child recorded its users and exited
+    assert child.pid is None
+    async with harness_for(settings.model_copy(update={"worker_mode": "inprocess"})) as harness:
+        run, users = await harness.services.background.run(run_id)
+        assert run.status is RunStatus.INTERRUPTED
+        assert sorted((u.user_id, u.status.value) for u in users) == [
+            ("a", "interrupted"),
+            ("b", "interrupted"),
+            ("c", "interrupted"),
+        ]
+        [rerun] = await harness.services.background.runs("nightly", RunStatus.PENDING, 10)
+        assert rerun.rerun_of == run_id
+
+
+async def test_a_killed_agent_process_fails_its_units_and_is_replaced(
+    settings: Settings, model_server: ModelServer
+) -> None:
+    async with harness_for(subprocess_settings(settings, model_server)) as harness:
+        services = harness.services
+        run_id = await start_stuck_run(services, model_server)
+        first = agent_process(services).pid
+        assert first is not None
+        model_server.responder = scripted(text("done"))
+        os.kill(first, signal.SIGKILL)
+        run = await services.coordinator.wait(run_id, 30)
+        assert run is not None
+        # the two in flight are failed; the third starts in a new child and succeeds
+        assert run.counts == {"failed": 2, "success": 1}, run.counts
+        _, users = await services.background.run(run_id)
+        failed = [u for u in users if u.status.value == "failed"]
+        assert all(u.error is not None and "agent process exited" in u.error for u in failed)
+        assert agent_process(services).pid not in (None, first)
