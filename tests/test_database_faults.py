@@ -163,3 +163,30 @@ async def test_sqlite_locked_by_another_process_mid_run(
 
 async def _status(client: AsyncClient, path: str, expected: int) -> bool:
     return (await client.get(path)).status_code == expected
+
+
+async def test_sqlite_reads_answer_while_another_process_writes(settings: Settings) -> None:
+    """With the write lock held elsewhere (an agent process, a worker: here a plain sqlite3
+    connection), requests that only read answer at once from WAL's snapshot, instead of
+    waiting for the lock; a write waits for it, then lands."""
+    if not settings.effective_database_url.startswith("sqlite"):
+        pytest.skip("the SQLite case")
+    database = settings.effective_database_url.split("///", 1)[1]
+    async with serve(settings) as client:
+        await client.put("/users/u1/blocks/notes", json={"body": "before"})
+        other = sqlite3.connect(database, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            write = asyncio.create_task(client.put("/users/u1/blocks/notes", json={"body": "x"}))
+            async with asyncio.timeout(2):  # the busy timeout is 30 s
+                blocks = (await client.get("/users/u1/blocks")).json()
+                history = await client.get("/users/u1/blocks/notes/history")
+                messages = await client.get("/users/u1/messages")
+                tasks = await client.get("/background/tasks")
+            assert [b["body"] for b in blocks] == ["before"]
+            assert [r.status_code for r in (history, messages, tasks)] == [200, 200, 200]
+            assert not write.done()  # the writer waits for the lock
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert (await write).json()["body"] == "x"

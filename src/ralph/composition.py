@@ -28,7 +28,7 @@ from ralph.config import Settings
 from ralph.conversations.service import ConversationService
 from ralph.conversations.store import ConversationStore
 from ralph.db import migrate
-from ralph.db.engine import create_engine, create_probe_engine
+from ralph.db.engine import create_engine, create_probe_engine, create_read_engine
 from ralph.memory.service import MemoryService
 from ralph.memory.store import MemoryStore
 
@@ -88,15 +88,16 @@ async def open_services(
     own_engine = engine is None
     engine = engine or create_engine(settings.effective_database_url)
     probe_engine = create_probe_engine(settings.effective_database_url)
+    read_engine = create_read_engine(settings.effective_database_url)
     stack = AsyncExitStack()
     try:
         if apply_migrations:
             await migrate.upgrade(engine)
         clock = clock or SystemClock()
-        memory_store = MemoryStore(engine)
+        memory_store = MemoryStore(engine, read_engine)
         memory = MemoryService(memory_store, clock, settings.memory_max_body_bytes)
-        conversations = ConversationService(ConversationStore(engine), clock)
-        runs = RunStore(engine)
+        conversations = ConversationService(ConversationStore(engine, read_engine), clock)
+        runs = RunStore(engine, read_engine)
         kit = AgentKit(memory, conversations, models, settings.data_dir, settings.allow_shell_tools)
         units = UnitRunner(
             runs=runs,
@@ -131,10 +132,10 @@ async def open_services(
             clock=clock,
             rerun_limit=settings.rerun_interrupted_users,
         )
-        tasks = TaskStore(engine)
+        tasks = TaskStore(engine, read_engine)
         registry = TaskRegistry(tasks, clock, allow_shell=settings.allow_shell_tools)
         scheduler = Scheduler(
-            store=ScheduleStore(engine, runs, tasks),
+            store=ScheduleStore(engine, runs, tasks, read_engine),
             runs=runs,
             registry=registry,
             coordinator=coordinator,
@@ -175,4 +176,6 @@ async def open_services(
         if own_engine:
             await engine.dispose()
         await probe_engine.dispose()
+        if read_engine is not None:
+            await read_engine.dispose()
         await models.aclose()

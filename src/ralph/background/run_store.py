@@ -142,8 +142,10 @@ def _check_transition(source: UserStatus, target: UserStatus) -> None:
 class RunStore:
     """Runs and their per-user rows: one row per (run, user), never a JSON blob."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, reads: AsyncEngine | None = None) -> None:
         self._engine = engine
+        # transactions that only read (SQLite: see ralph.db.engine.create_read_engine)
+        self._reads = reads or engine
         self._take_lock = insert_ignore(engine, task_user_locks)
 
     async def create(
@@ -222,7 +224,7 @@ class RunStore:
     async def snapshot(self, run_id: str) -> TaskDefinition:
         """The task definition the run was created with (users excluded)."""
         query = select(task_runs.c.task_snapshot).where(task_runs.c.id == run_id)
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             raw = (await conn.execute(query)).scalar()
         if raw is None:
             raise NotFound(f"run '{run_id}' not found")
@@ -255,7 +257,7 @@ class RunStore:
 
     async def get_cancel_flag(self, run_id: str) -> bool:
         query = select(task_runs.c.cancel_requested).where(task_runs.c.id == run_id)
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return bool((await conn.execute(query)).scalar())
 
     async def pending_users(
@@ -272,7 +274,7 @@ class RunStore:
             .order_by(task_run_users.c.position)
             .limit(limit)
         )
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return [(r.position, r.user_id) for r in (await conn.execute(query)).all()]
 
     async def start_user(
@@ -344,7 +346,7 @@ class RunStore:
         query = select(func.coalesce(func.sum(task_run_users.c.total_tokens), 0)).where(
             task_run_users.c.run_id == run_id
         )
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return int((await conn.execute(query)).scalar_one())
 
     async def counts(self, run_id: str) -> dict[str, int]:
@@ -358,7 +360,7 @@ class RunStore:
             .group_by(task_run_users.c.run_id, task_run_users.c.status)
         )
         counts: dict[str, dict[str, int]] = {run_id: {} for run_id in run_ids}
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             for run_id, status, n in (await conn.execute(query)).all():
                 counts[run_id][status] = int(n)
         return counts
@@ -404,7 +406,7 @@ class RunStore:
         return await self.get(run_id)
 
     async def get(self, run_id: str) -> TaskRun:
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             row = (
                 (await conn.execute(select(task_runs).where(task_runs.c.id == run_id)))
                 .mappings()
@@ -421,7 +423,7 @@ class RunStore:
         if status is not None:
             query = query.where(task_runs.c.status == status.value)
         query = query.order_by(task_runs.c.created_at.desc(), task_runs.c.id).limit(limit)
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             rows = (await conn.execute(query)).mappings().all()
         counts = await self._counts([r["id"] for r in rows])
         return [_run(r, counts[r["id"]]) for r in rows]
@@ -433,14 +435,14 @@ class RunStore:
         if status is not None:
             query = query.where(task_run_users.c.status == status.value)
         query = query.order_by(task_run_users.c.position).offset(offset).limit(limit)
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return [_user(r) for r in (await conn.execute(query)).mappings().all()]
 
     async def rerun_depth(self, run_id: str, at_most: int) -> int:
         """How many reruns deep `run_id` is (0: an original run), counted up to `at_most`."""
         depth = 0
         current = run_id
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             while depth < at_most:
                 key = (
                     await conn.execute(
@@ -460,14 +462,14 @@ class RunStore:
             .where(task_run_users.c.run_id == run_id, task_run_users.c.status == status.value)
             .order_by(task_run_users.c.position)
         )
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return list((await conn.execute(query)).scalars().all())
 
     async def user(self, run_id: str, user_id: str) -> UserResult:
         query = select(task_run_users).where(
             and_(task_run_users.c.run_id == run_id, task_run_users.c.user_id == user_id)
         )
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             row = (await conn.execute(query)).mappings().first()
         if row is None:
             raise NotFound(f"user '{user_id}' is not part of run '{run_id}'")
@@ -487,7 +489,7 @@ class RunStore:
             .order_by(task_runs.c.slot_at.desc())
             .limit(1)
         )
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return (await conn.execute(query)).scalar()
 
     async def lease_start(self, active: Sequence[str]) -> datetime | None:
@@ -501,7 +503,7 @@ class RunStore:
         running = select(func.min(task_runs.c.heartbeat_at)).where(
             task_runs.c.status == RunStatus.RUNNING.value, others
         )
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             times = [(await conn.execute(q)).scalar() for q in (pending, running)]
         return min((t for t in times if t is not None), default=None)
 
@@ -511,7 +513,7 @@ class RunStore:
         query = select(task_runs.c.id).where(
             task_runs.c.status == RunStatus.PENDING.value, task_runs.c.created_at <= created_before
         )
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return [row.id for row in (await conn.execute(query)).all()]
 
     async def running_users_of_stopped_runs(
@@ -528,7 +530,7 @@ class RunStore:
                 task_run_users.c.status == UserStatus.RUNNING.value,
             )
         )
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return [(r.run_id, r.task_name, r.user_id) for r in await conn.execute(query)]
 
     async def stale_runs(self, heartbeat_before: datetime) -> list[str]:
@@ -537,7 +539,7 @@ class RunStore:
             task_runs.c.status == RunStatus.RUNNING.value,
             task_runs.c.heartbeat_at <= heartbeat_before,
         )
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return [row.id for row in (await conn.execute(query)).all()]
 
     async def interrupt_stale_run(

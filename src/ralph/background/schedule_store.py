@@ -40,8 +40,16 @@ class ScheduleStore:
     """Idle episodes and replicas. An idle run is created, and a task's idle watermark moved,
     through the stores that own those tables, in this store's transaction."""
 
-    def __init__(self, engine: AsyncEngine, runs: RunStore, tasks: TaskStore) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        runs: RunStore,
+        tasks: TaskStore,
+        reads: AsyncEngine | None = None,
+    ) -> None:
         self._engine = engine
+        # transactions that only read (SQLite: see ralph.db.engine.create_read_engine)
+        self._reads = reads or engine
         self._runs = runs
         self._tasks = tasks
         self._defer = upsert(engine, idle_deferred, lambda p: {"due_at": p.due_at})
@@ -97,7 +105,7 @@ class ScheduleStore:
         watermark_query = select(background_tasks.c.idle_watermark).where(
             background_tasks.c.name == task_name
         )
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             watermark = (await conn.execute(watermark_query)).scalar()
             if watermark is not None:
                 window = window.where(user_activity.c.last_message_at > watermark)
@@ -201,5 +209,5 @@ class ScheduleStore:
     async def replicas(self, since: datetime) -> list[dict[str, Any]]:
         """Replicas that heart-beat at or after `since`."""
         query = select(scheduler_replicas).where(scheduler_replicas.c.heartbeat_at >= since)
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return [dict(r) for r in (await conn.execute(query)).mappings().all()]

@@ -22,8 +22,10 @@ class TaskStore:
     """Task definitions. The database is the source of truth; `revision` grows on every change
     so caches in other replicas can tell when to reload."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, reads: AsyncEngine | None = None) -> None:
         self._engine = engine
+        # transactions that only read (SQLite: see ralph.db.engine.create_read_engine)
+        self._reads = reads or engine
 
     async def _users(self, conn: AsyncConnection, name: str) -> list[str]:
         query = (
@@ -128,7 +130,7 @@ class TaskStore:
             await conn.execute(delete(task_users).where(task_users.c.task_name == name))
 
     async def get(self, name: str) -> StoredTask | None:
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return await self._get(conn, name)
 
     async def _get(
@@ -154,7 +156,7 @@ class TaskStore:
         )
 
     async def list(self) -> list[StoredTask]:
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             rows = (
                 (await conn.execute(select(background_tasks).order_by(background_tasks.c.name)))
                 .mappings()
@@ -193,7 +195,7 @@ class TaskStore:
         query = select(
             background_tasks.c.name, background_tasks.c.revision, background_tasks.c.created_at
         )
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return frozenset(
                 (name, int(revision), created_at)
                 for name, revision, created_at in (await conn.execute(query)).all()

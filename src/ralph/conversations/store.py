@@ -23,8 +23,10 @@ class ConversationStore:
     so out-of-order writers cannot make a user look idle.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, reads: AsyncEngine | None = None) -> None:
         self._engine = engine
+        # transactions that only read (SQLite: see ralph.db.engine.create_read_engine)
+        self._reads = reads or engine
         greatest = func.max if is_sqlite(engine) else func.greatest
         self._activity_upsert = upsert(
             engine,
@@ -57,7 +59,7 @@ class ConversationStore:
         if before is not None:
             query = query.where(messages.c.id < before)
         query = query.order_by(messages.c.id.desc()).limit(limit)
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             rows = (await conn.execute(query)).all()
         return [Message(r.id, r.user_id, Role(r.role), r.content, r.created_at) for r in rows]
 
@@ -73,7 +75,7 @@ class ConversationStore:
             .order_by(messages.c.id.desc())
             .limit(limit)
         )
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             rows = (await conn.execute(query)).all()
         return [Message(r.id, r.user_id, Role(r.role), r.content, r.created_at) for r in rows]
 
@@ -86,5 +88,5 @@ class ConversationStore:
 
     async def last_activity(self, user_id: str) -> datetime | None:
         query = select(user_activity.c.last_message_at).where(user_activity.c.user_id == user_id)
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return (await conn.execute(query)).scalar()

@@ -21,7 +21,8 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     must not hold a connection while waiting for another), WAL mode and a busy timeout are set,
     and every
     transaction starts with BEGIN IMMEDIATE, so a read-then-write transaction never fails
-    half-way with "database is locked" when another connection or process writes concurrently.
+    half-way with "database is locked" when another connection or process writes concurrently
+    (reads that need not wait have `create_read_engine`).
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -46,6 +47,22 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     )
 
 
+def create_read_engine(url: str) -> AsyncEngine | None:
+    """On SQLite, an engine for transactions that only read: a few connections of their own
+    that begin deferred instead of IMMEDIATE, so a read never waits for the write lock that
+    another process (an agent process, a worker, another server) or this process's own
+    writer holds: WAL gives it a snapshot. A write through it would fail when another
+    connection writes: write through `create_engine`'s. None for a server database (its
+    pool serves reads as well)."""
+    if make_url(url).get_backend_name() != "sqlite":
+        return None
+    engine = create_async_engine(
+        url, connect_args={"timeout": 30}, pool_size=4, max_overflow=0, pool_timeout=300
+    )
+    _configure_sqlite(engine, begin="BEGIN")
+    return engine
+
+
 def create_probe_engine(url: str) -> AsyncEngine:
     """An engine for health probes: a fresh connection per probe (no pool to queue in behind
     a long write) that gives up within about two seconds. On SQLite it only reads, which WAL
@@ -55,7 +72,7 @@ def create_probe_engine(url: str) -> AsyncEngine:
     return create_async_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 2})
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
+def _configure_sqlite(engine: AsyncEngine, begin: str = "BEGIN IMMEDIATE") -> None:
     sync_engine = engine.sync_engine
 
     @event.listens_for(sync_engine, "connect")
@@ -71,7 +88,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(sync_engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        connection.exec_driver_sql(begin)
 
 
 async def insert_rows(

@@ -63,19 +63,21 @@ class MemoryStore:
     and sees the winner's change.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, reads: AsyncEngine | None = None) -> None:
         self._engine = engine
+        # transactions that only read (SQLite: see ralph.db.engine.create_read_engine)
+        self._reads = reads or engine
         self._lock_rows = not is_sqlite(engine)
 
     # --- blocks ---------------------------------------------------------------------------
 
     async def list_blocks(self, user_id: str) -> list[Block]:
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             rows = (await conn.execute(_LIST_BLOCKS, {"b_user": user_id})).mappings().all()
         return [_block(r) for r in rows]
 
     async def get_block(self, user_id: str, label: str) -> Block | None:
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return await self._get_block(conn, user_id, label, lock=False)
 
     async def _get_block(
@@ -227,7 +229,7 @@ class MemoryStore:
             )
             .order_by(memory_block_versions.c.version.desc())
         )
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return [_version(r) for r in (await conn.execute(query)).mappings().all()]
 
     async def get_version(self, user_id: str, label: str, version: int) -> BlockVersion | None:
@@ -236,7 +238,7 @@ class MemoryStore:
             memory_block_versions.c.label == label,
             memory_block_versions.c.version == version,
         )
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             row = (await conn.execute(query)).mappings().first()
         return _version(row) if row else None
 
@@ -259,7 +261,7 @@ class MemoryStore:
         return _proposal(row), created
 
     async def get_proposal(self, proposal_id: str) -> Proposal | None:
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             row = (
                 (await conn.execute(select(proposals).where(proposals.c.id == proposal_id)))
                 .mappings()
@@ -284,7 +286,7 @@ class MemoryStore:
         if run_id is not None:
             query = query.where(proposals.c.run_id == run_id)
         query = query.order_by(proposals.c.created_at.desc(), proposals.c.id).limit(limit)
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return [_proposal(r) for r in (await conn.execute(query)).mappings().all()]
 
     async def decide(
