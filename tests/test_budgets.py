@@ -64,6 +64,23 @@ async def test_a_user_over_budget_makes_no_further_call(
 async def test_a_run_over_budget_stops_every_user(
     client: AsyncClient, model_server: ModelServer
 ) -> None:
+    await check_run_budget(client, model_server)
+
+
+@pytest.mark.slow
+async def test_a_run_over_budget_stops_every_user_in_the_agent_process(
+    settings: Settings, model_server: ModelServer
+) -> None:
+    """The agents run in the agent process: what they spend reaches the server's window."""
+    model_server.responder = tool_then_text
+    configured = using_model_server(
+        settings, model_server, wait_max_seconds=60.0, worker_mode="subprocess"
+    )
+    async with serving(configured) as client:
+        await check_run_budget(client, model_server)
+
+
+async def check_run_budget(client: AsyncClient, model_server: ModelServer) -> None:
     batch = 5
     detail = await run(client, 20, {"max_tokens_per_run": 100}, batch=batch)
     spent = detail["total_tokens"]
@@ -77,6 +94,8 @@ async def test_a_run_over_budget_stops_every_user(
     never_started = [u for u in detail["user_results"] if u["turns_used"] == 0]
     assert never_started
     assert {u["status"] for u in never_started} == {"budget_exceeded"}
+    # once the budget is spent, the window starts nobody else
+    assert any(u["attempts"] == 0 for u in never_started)
 
 
 async def test_usage_not_reported_is_estimated(

@@ -12,7 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ralph.agents.kit import AgentKit
 from ralph.agents.models import ModelFactory
 from ralph.background.agent_process import AgentProcess
-from ralph.background.coordinator import Dispatch, RunCoordinator
+from ralph.background.coordinator import RunCoordinator
+from ralph.background.dispatch import Dispatch
 from ralph.background.inflight import InFlight
 from ralph.background.queue import ArqDispatcher, connect
 from ralph.background.registry import TaskRegistry
@@ -107,6 +108,8 @@ async def open_services(
             transcript_max_chars=settings.agent_transcript_max_chars,
         )
         dispatch: Dispatch = units
+        # units run here share the coordinator's cancel marks and token counters
+        inflight = units.inflight
         arq: ArqDispatcher | None = None
         if role == "server" and settings.worker_mode == "arq":
             arq = ArqDispatcher(
@@ -117,14 +120,13 @@ async def open_services(
                 heartbeat_seconds=settings.worker_heartbeat_seconds,
             )
             stack.push_async_callback(arq.aclose)
-            dispatch = arq
+            dispatch, inflight = arq, InFlight()
         elif role == "server" and settings.worker_mode == "subprocess":
-            child = AgentProcess(settings, runs, clock)
+            inflight = InFlight()
+            child = AgentProcess(settings, runs, clock, inflight)
             stack.push_async_callback(child.aclose)
             await child.start()
             dispatch = child
-        # units run here share the coordinator's cancel marks and token counters
-        inflight = units.inflight if dispatch is units else InFlight()
         coordinator = RunCoordinator(
             runs=runs,
             dispatch=dispatch,

@@ -27,13 +27,14 @@ async def _serve(settings: Settings, out: int) -> None:
 
         async def unit(run_id: str, user_id: str) -> None:
             task: TaskDefinition | None = None
+            tokens = 0
             try:
                 task = snapshots.get(run_id)
                 if task is None:
                     task = snapshots[run_id] = await services.runs.snapshot(run_id)
                     if len(snapshots) > 1000:
                         snapshots.pop(next(iter(snapshots)))
-                await services.units.run_user(run_id, task, user_id)
+                tokens = await services.units.run_user(run_id, task, user_id)
             except Exception as exc:
                 log.exception("unit_error", run_id=run_id, user_id=user_id)
                 if task is not None:
@@ -41,7 +42,8 @@ async def _serve(settings: Settings, out: int) -> None:
                         run_id, task.name, user_id, services.clock.now(), f"unit error: {exc!r}"
                     )
             finally:
-                os.write(out, json.dumps({"done": [run_id, user_id]}).encode() + b"\n")
+                done = {"done": [run_id, user_id], "tokens": tokens}
+                os.write(out, json.dumps(done).encode() + b"\n")
 
         while line := await reader.readline():
             message = json.loads(line)

@@ -5,7 +5,8 @@ server's own requests, which keep an event loop of their own.
 The server starts the child as it starts (`python -m ralph.background.agent_child`), and
 again on the next unit if the child died. They speak in JSON lines: the server writes
 `{"run": RUN, "user": USER}`, `{"cancel": RUN}` and `{"stop": true}` to the child's stdin;
-the child answers `{"done": [RUN, USER]}` on stdout once the unit's result is recorded.
+the child answers `{"done": [RUN, USER], "tokens": N}` on stdout once the unit's result is
+recorded (the tokens count against the run's budget in the server's window).
 Everything else a unit needs is in the database. A child that reads the end of its input
 without `stop` (its server is gone) exits at once, leaving its runs to crash recovery, as if
 it had died with the server. A child that dies while units are in flight has them failed
@@ -23,6 +24,7 @@ from typing import Any
 import structlog
 from pydantic import SecretStr
 
+from ralph.background.inflight import InFlight
 from ralph.background.models import TaskDefinition
 from ralph.background.run_store import RunStore
 from ralph.clock import Clock
@@ -44,10 +46,15 @@ def _settings_line(settings: Settings) -> bytes:
 class AgentProcess:
     """The server's side: a coordinator's dispatch that hands each unit to the child."""
 
-    def __init__(self, settings: Settings, runs: RunStore, clock: Clock) -> None:
+    def __init__(
+        self, settings: Settings, runs: RunStore, clock: Clock, inflight: InFlight
+    ) -> None:
+        """`inflight`: the coordinator's, to count the tokens of each finished unit against
+        its run's budget."""
         self._settings = settings
         self._runs = runs
         self._clock = clock
+        self._inflight = inflight
         self._child: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._starting = asyncio.Lock()
@@ -125,7 +132,9 @@ class AgentProcess:
     async def _read(self, child: asyncio.subprocess.Process) -> None:
         assert child.stdout is not None
         while line := await child.stdout.readline():
-            run_id, user_id = json.loads(line)["done"]
+            answer = json.loads(line)
+            run_id, user_id = answer["done"]
+            self._inflight.spent(run_id, answer["tokens"])
             self._resolve(run_id, user_id)
         code = await child.wait()
         lost = list(self._waiting.items())

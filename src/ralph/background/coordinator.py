@@ -11,10 +11,10 @@ import os
 import socket
 import uuid
 from collections.abc import Sequence
-from typing import Protocol
 
 import structlog
 
+from ralph.background.dispatch import Dispatch
 from ralph.background.inflight import InFlight
 from ralph.background.models import RunStatus, TaskDefinition, TaskRun, TriggerType, UserStatus
 from ralph.background.run_store import RERUN_PREFIX, RunStore
@@ -22,23 +22,6 @@ from ralph.clock import Clock
 from ralph.db.retry import until_reachable
 
 log = structlog.get_logger(__name__)
-
-
-class Dispatch(Protocol):
-    """Executes (run id, task snapshot, user id) units somewhere and records their results."""
-
-    async def __call__(self, run_id: str, task: TaskDefinition, user_id: str) -> None:
-        """Return once the unit is done (or nobody executes it any more)."""
-        ...
-
-    def cancel(self, run_id: str) -> None:
-        """A cancel of the run was requested: stop its agents wherever they run."""
-        ...
-
-    async def stop(self) -> None:
-        """The shutdown's grace is over: stop the agents in flight (their users end
-        `interrupted`), or stop waiting for those another process finishes."""
-        ...
 
 
 def replica_id() -> str:

@@ -62,6 +62,14 @@ class InFlight:
             tokens = self._tokens.setdefault(run_id, RunTokens(limit, used))
         return tokens
 
+    def spent(self, run_id: str, tokens: int) -> None:
+        """A unit of the run that ran elsewhere (the agent process) recorded `tokens`: count
+        them against the run's budget here. (A counter made later reads them from the
+        database with the rest.)"""
+        counter = self._tokens.get(run_id)
+        if counter is not None:
+            counter.used += tokens
+
     def settle(self, run_id: str) -> None:
         """A unit of the run ended: with none of its agents left here, its users' rows now
         count all its tokens, so the counter is read again next time."""

@@ -55,11 +55,11 @@ class UnitRunner:
     async def stop(self) -> None:
         self.inflight.stop_all()
 
-    async def run_user(self, run_id: str, task: TaskDefinition, user_id: str) -> None:
+    async def run_user(self, run_id: str, task: TaskDefinition, user_id: str) -> int:
         """Execute the unit at most once: a user no longer pending (a duplicate delivery, a
         user cancelled or interrupted while queued) is left alone. The (task, user) lock makes
         a second concurrent run of the same user in another run impossible: that user is
-        recorded as `skipped`."""
+        recorded as `skipped`. Returns the tokens the user's result records (0: not run)."""
         start = await until_reachable(
             lambda: self._runs.start_user(run_id, task.name, user_id, self._clock.now()),
             what="user start",
@@ -69,7 +69,7 @@ class UnitRunner:
                 log.info("user_skipped", run_id=run_id, user_id=user_id, running_in=start.held_by)
             else:
                 log.info("user_not_pending", run_id=run_id, user_id=user_id)
-            return
+            return 0
         status = UserStatus.FAILED
         outcome = AgentOutcome()
         context = self._kit.context(user_id, author=f"agent:{task.name}", run_id=run_id)
@@ -120,6 +120,7 @@ class UnitRunner:
             # recovery took the user over while the database was away: its rerun decides
             log.warning("user_result_superseded", run_id=run_id, user_id=user_id)
         self.inflight.settle(run_id)
+        return outcome.total_tokens if recorded else 0
 
     async def _agent(self, task: TaskDefinition, context: ToolContext) -> AgentOutcome:
         run_id = context.run_id or ""
