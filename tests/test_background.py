@@ -230,6 +230,22 @@ async def test_a_unit_executes_at_most_once(bg: AppHarness) -> None:
     assert bg.server.calls == 1
 
 
+async def test_a_start_whose_commit_was_lost_is_recognised_on_retry(bg: AppHarness) -> None:
+    """The connection broke after the claim committed: the retry (same start time) finds the
+    user running since then with this run's lock, and runs it; a duplicate delivery does not.
+    Before, the user stayed `running` with its lock held, and was skipped by every later run."""
+    services = bg.services
+    task = TaskDefinition.model_validate(task_body(user_ids=["a"], tools=[]))
+    await services.registry.create(task)
+    run_id = await services.background.create_run(task, TriggerType.MANUAL)
+    now = services.clock.now()
+    assert (await services.runs.start_user(run_id, task.name, "a", now)).started  # committed
+    assert (await services.runs.start_user(run_id, task.name, "a", now, retry=True)).started
+    assert not (await services.runs.start_user(run_id, task.name, "a", now)).started
+    later = now + timedelta(microseconds=1)
+    assert not (await services.runs.start_user(run_id, task.name, "a", later, retry=True)).started
+
+
 async def test_same_user_is_never_run_twice_at_once(bg: AppHarness) -> None:
     gate = asyncio.Event()
 

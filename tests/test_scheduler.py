@@ -21,10 +21,11 @@ from ralph.background.models import (
     TriggerType,
 )
 from ralph.composition import Services, open_services
+from ralph.config import Settings
 from ralph.db.engine import create_engine
 from ralph.db.tables import background_tasks, task_runs
 from ralph.testing.clock import FakeClock
-from tests.helpers import AppHarness
+from tests.helpers import AppHarness, harness_for
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -473,3 +474,80 @@ async def test_another_replicas_running_run_bounds_the_sleep(
     await clock.set(beat + lease)
     assert len((await services.scheduler.tick()).recovered) == 1
     await services.coordinator.drain()
+
+
+async def _ticked_at(scheduler: Any, clock: FakeClock, when: datetime) -> None:
+    """Move the fake clock to `when`; return once the loop has ticked there (if its sleep
+    ended) and sleeps again."""
+    await clock.set(when)
+    await asyncio.sleep(0.05)
+    await _until(lambda: clock.sleepers > 0)
+
+
+async def idle_runs(services: Services, task: str) -> list[tuple[datetime, list[str]]]:
+    runs = await services.background.runs(task, None, 50)
+    found: list[tuple[datetime, list[str]]] = []
+    for run in reversed(runs):
+        _, users = await services.background.run(run.id)
+        found.append((run.created_at, [u.user_id for u in users]))
+    return found
+
+
+async def test_idle_fires_at_the_users_due_time_not_at_the_next_check(
+    harness: AppHarness, clock: FakeClock
+) -> None:
+    """The loop sleeps until the earliest due time the database knows of: a user active at
+    00:00:10 with `idle_minutes` 30 fires at 00:30:10, not at the next 30 s check."""
+    services = harness.services
+    scheduler = services.scheduler
+    await services.registry.create(
+        definition(name="idle-review", trigger=IdleTrigger(idle_minutes=30), user_ids=["a"])
+    )
+    scheduler.start()
+    try:
+        await _until(lambda: scheduler.last_tick is not None and clock.sleepers > 0)
+        await clock.set(T0 + timedelta(seconds=10))
+        await services.conversations.record_activity("a", clock.now())
+        await _until(lambda: clock.sleepers > 0)
+        due = T0 + timedelta(minutes=30, seconds=10)
+        await _ticked_at(scheduler, clock, T0 + timedelta(minutes=1))  # the periodic check
+        await _ticked_at(scheduler, clock, due - timedelta(seconds=1))
+        assert await idle_runs(services, "idle-review") == []
+        await _ticked_at(scheduler, clock, due)
+
+        async def fired() -> bool:
+            return await idle_runs(services, "idle-review") == [(due, ["a"])]
+
+        await _until_async(fired)
+    finally:
+        await scheduler.stop()
+
+
+async def test_activity_through_this_server_wakes_a_loop_that_sleeps_longer(
+    settings: Settings, clock: FakeClock
+) -> None:
+    """With a periodic check longer than `idle_minutes`, activity recorded through this
+    server brings the loop's wake forward to the user's due time."""
+    async with harness_for(settings.model_copy(update={"idle_check_seconds": 3600}), clock) as h:
+        services = h.services
+        scheduler = services.scheduler
+        await services.registry.create(
+            definition(name="idle-review", trigger=IdleTrigger(idle_minutes=1), user_ids=["a"])
+        )
+        scheduler.start()
+        try:
+            await _until(lambda: scheduler.last_tick is not None and clock.sleepers > 0)
+            await clock.set(T0 + timedelta(seconds=5))
+            answer = await h.client.post("/users/a/activity")
+            assert answer.status_code == 200, answer.text
+            await _until(lambda: scheduler.last_tick == T0 + timedelta(seconds=5))
+            await _until(lambda: clock.sleepers > 0)
+            due = T0 + timedelta(minutes=1, seconds=5)
+            await _ticked_at(scheduler, clock, due)
+
+            async def fired() -> bool:
+                return await idle_runs(services, "idle-review") == [(due, ["a"])]
+
+            await _until_async(fired)
+        finally:
+            await scheduler.stop()

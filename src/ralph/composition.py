@@ -146,6 +146,7 @@ async def open_services(
             lease_seconds=settings.run_lease_seconds,
             units_alive=arq.alive_users if arq is not None else None,
         )
+        conversations.on_activity(scheduler.note_activity)
         yield Services(
             settings=settings,
             clock=clock,

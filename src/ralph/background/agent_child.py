@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 
 import structlog
@@ -58,14 +59,20 @@ async def _serve(settings: Settings, out: int) -> None:
                 if units:
                     await asyncio.wait(units)
                 return
-    # the server is gone without a word: leave as abruptly, its runs go to recovery
-    os._exit(1)
+        # the server is gone without a word (killed): leave as abruptly, with nothing more
+        # written, as if this process had died with it; its runs go to crash recovery
+        os._exit(1)
 
 
 def main() -> None:
     import uvloop
 
     from ralph.logs import configure_logging
+
+    # Ctrl-C in a terminal, or a service manager's SIGTERM to every process of the server,
+    # must not cut the agents short: the server stops them through `stop`, after its grace
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
 
     # byte by byte: what follows the first line is read by the event loop
     first = bytearray()

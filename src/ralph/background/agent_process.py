@@ -116,6 +116,8 @@ class AgentProcess:
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     env={**os.environ, "AGNO_TELEMETRY": "false"},
+                    # signals to the server's process group (Ctrl-C) are the server's to handle
+                    start_new_session=True,
                 )
                 assert self._child.stdin is not None
                 self._child.stdin.write(_settings_line(self._settings))
@@ -132,9 +134,15 @@ class AgentProcess:
     async def _read(self, child: asyncio.subprocess.Process) -> None:
         assert child.stdout is not None
         while line := await child.stdout.readline():
-            answer = json.loads(line)
-            run_id, user_id = answer["done"]
-            self._inflight.spent(run_id, answer["tokens"])
+            try:
+                answer = json.loads(line)
+                run_id, user_id = answer["done"]
+                tokens = int(answer["tokens"])
+            except (ValueError, KeyError, TypeError):
+                # something in the child printed to its stdout: not an answer
+                log.warning("agent_process_noise", line=line[:200].decode(errors="replace"))
+                continue
+            self._inflight.spent(run_id, tokens)
             self._resolve(run_id, user_id)
         code = await child.wait()
         lost = list(self._waiting.items())

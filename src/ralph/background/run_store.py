@@ -278,18 +278,24 @@ class RunStore:
             return [(r.position, r.user_id) for r in (await conn.execute(query)).all()]
 
     async def start_user(
-        self, run_id: str, task_name: str, user_id: str, now: datetime
+        self, run_id: str, task_name: str, user_id: str, now: datetime, *, retry: bool = False
     ) -> UserStart:
         """Mark a pending user running and take the (task, user) lock, in one transaction.
 
         A unit executes at most once: a user no longer pending (cancelled or interrupted while
         queued, or delivered twice by a queue) is left as it is. A user whose lock another run
         holds is marked `skipped`; the lock's primary key makes two holders impossible.
+
+        `retry`: an earlier call with the same `now` lost its connection, so whether it
+        committed is unknown. A user found running since exactly `now` with the lock held by
+        this run is that call's claim: started (otherwise nobody would ever run the user, and
+        its lock would be held for good).
         """
         unit = {"b_run": run_id, "b_user": user_id, "b_task": task_name, "b_now": now}
         async with self._engine.begin() as conn:
             if (await conn.execute(_CLAIM_USER, unit)).rowcount != 1:
-                return UserStart(started=False)
+                claimed = retry and await self._claimed_at(conn, unit)
+                return UserStart(started=claimed)
             lock = {"task_name": task_name, "user_id": user_id, "run_id": run_id}
             taken = await conn.execute(self._take_lock, {**lock, "acquired_at": now})
             if taken.rowcount == 1:
@@ -298,6 +304,23 @@ class RunStore:
             error = f"already running for this task in run {holder}"
             await conn.execute(_SKIP_USER, {**unit, "b_error": error})
             return UserStart(started=False, held_by=str(holder))
+
+    @staticmethod
+    async def _claimed_at(conn: AsyncConnection, unit: dict[str, Any]) -> bool:
+        """Whether the unit's user is running since `b_now`, its lock held by its run."""
+        row = (
+            await conn.execute(
+                select(task_run_users.c.status, task_run_users.c.started_at).where(_THIS_USER),
+                unit,
+            )
+        ).first()
+        holder = (await conn.execute(_LOCK_HOLDER, unit)).scalar()
+        return (
+            row is not None
+            and row.status == UserStatus.RUNNING.value
+            and row.started_at == unit["b_now"]
+            and holder == unit["b_run"]
+        )
 
     async def finish_user(
         self, run_id: str, task_name: str, user_id: str, values: dict[str, Any]

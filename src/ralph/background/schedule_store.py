@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, select, update
+from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ralph.background.models import TaskDefinition, TriggerType
@@ -111,6 +111,36 @@ class ScheduleStore:
                 window = window.where(user_activity.c.last_message_at > watermark)
             rows = [*(await conn.execute(window)).all(), *(await conn.execute(deferred)).all()]
         return [IdleCandidate(*row) for row in rows], watermark
+
+    async def next_idle_due(
+        self, task_name: str, idle_cutoff: datetime
+    ) -> tuple[datetime | None, datetime | None]:
+        """What bounds the task's next idle check: the oldest last message, after
+        `idle_cutoff`, of a user in the task's list (due `idle_minutes` after it), and the
+        earliest time a deferred user is looked at again (None: none). Each is one index
+        range read from its low end (the activity index on `last_message_at`, the deferred
+        users' on (task, due_at)), whatever the size of the tables."""
+        member = (
+            select(task_users.c.user_id)
+            .where(
+                task_users.c.task_name == task_name,
+                task_users.c.user_id == user_activity.c.user_id,
+            )
+            .exists()
+        )
+        active = (
+            select(user_activity.c.last_message_at)
+            .where(user_activity.c.last_message_at > idle_cutoff, member)
+            .order_by(user_activity.c.last_message_at)
+            .limit(1)
+        )
+        deferred = select(func.min(idle_deferred.c.due_at)).where(
+            idle_deferred.c.task_name == task_name
+        )
+        async with self._reads.connect() as conn:
+            oldest_active = (await conn.execute(active)).scalar()
+            first_deferred = (await conn.execute(deferred)).scalar()
+        return oldest_active, first_deferred
 
     async def fire_idle(
         self,

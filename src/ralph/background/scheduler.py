@@ -79,6 +79,9 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self.last_tick: datetime | None = None
+        # what `note_activity` compares with: the loop's planned wake, the shortest idle time
+        self._next_wake: datetime | None = None
+        self._min_idle: timedelta | None = None
         # the last tick's failures: task name -> error, and recovery's
         self.errors: dict[str, str] = {}
         self.recovery_error: str | None = None
@@ -95,6 +98,10 @@ class Scheduler:
         """
         now = self._clock.now()
         tasks = [t for t in (await self._registry.refresh()).values() if t.definition.enabled]
+        idle = [
+            t.definition.trigger for t in tasks if isinstance(t.definition.trigger, IdleTrigger)
+        ]
+        self._min_idle = min((timedelta(minutes=t.idle_minutes) for t in idle), default=None)
         self.errors = {
             k: v for k, v in self.errors.items() if k in {t.definition.name for t in tasks}
         }
@@ -153,7 +160,7 @@ class Scheduler:
             run_ids = await self._fire_cron(stored, trigger, now)
             return run_ids, next_slot(trigger.schedule, trigger.timezone, now)
         run_id = await self._fire_idle(stored, trigger, now)
-        return [run_id] if run_id else [], now + self._idle_interval
+        return [run_id] if run_id else [], await self._next_idle_check(stored, trigger, now)
 
     async def _fire_cron(
         self, stored: StoredTask, trigger: CronTrigger, now: datetime
@@ -230,6 +237,30 @@ class Scheduler:
         if run_id is not None:
             log.info("idle_fired", task=task.name, users=len(claimed), run_id=run_id)
         return run_id
+
+    async def _next_idle_check(
+        self, stored: StoredTask, trigger: IdleTrigger, now: datetime
+    ) -> datetime:
+        """When the task's next idle episode can be due: the oldest last message of an active
+        user plus `idle_minutes`, or a deferred user's time, and at the latest one idle check
+        interval from now (activity recorded through another replica, which this process
+        does not hear of)."""
+        idle = timedelta(minutes=trigger.idle_minutes)
+        active, deferred = await self._store.next_idle_due(stored.definition.name, now - idle)
+        due = [now + self._idle_interval]
+        if active is not None:
+            due.append(active + idle)
+        if deferred is not None:
+            due.append(deferred)
+        return max(now, min(due))
+
+    def note_activity(self, at: datetime) -> None:
+        """A user was active `at` (recorded through this process): if that makes an idle
+        episode due before the loop's next wake, wake it to plan again."""
+        if self._min_idle is None or self._next_wake is None:
+            return
+        if at + self._min_idle < self._next_wake:
+            self._wake.set()
 
     # --- crash recovery -------------------------------------------------------------------
 
@@ -309,6 +340,7 @@ class Scheduler:
                 log.exception("scheduler_tick_failed")
                 wake = self._clock.now() + timedelta(seconds=5)
             self._wake.clear()
+            self._next_wake = wake
             sleeper = asyncio.create_task(self._clock.sleep_until(wake))
             waker = asyncio.create_task(self._wake.wait())
             try:

@@ -14,7 +14,7 @@ from ralph.agents.runner import AgentOutcome, TokenBudget, run_agent
 from ralph.agents.tools import ToolContext
 from ralph.background.inflight import InFlight
 from ralph.background.models import TaskDefinition, UserStatus
-from ralph.background.run_store import RunStore
+from ralph.background.run_store import RunStore, UserStart
 from ralph.clock import Clock
 from ralph.db.retry import is_unreachable, until_reachable
 
@@ -60,10 +60,16 @@ class UnitRunner:
         user cancelled or interrupted while queued) is left alone. The (task, user) lock makes
         a second concurrent run of the same user in another run impossible: that user is
         recorded as `skipped`. Returns the tokens the user's result records (0: not run)."""
-        start = await until_reachable(
-            lambda: self._runs.start_user(run_id, task.name, user_id, self._clock.now()),
-            what="user start",
-        )
+        now = self._clock.now()
+        attempts = 0
+
+        async def claim() -> UserStart:
+            # after a failed attempt, its commit may have happened: the retry recognises it
+            nonlocal attempts
+            attempts += 1
+            return await self._runs.start_user(run_id, task.name, user_id, now, retry=attempts > 1)
+
+        start = await until_reachable(claim, what="user start")
         if not start.started:
             if start.held_by is not None:
                 log.info("user_skipped", run_id=run_id, user_id=user_id, running_in=start.held_by)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from ralph.clock import Clock
@@ -17,13 +18,26 @@ class ConversationService:
     def __init__(self, store: ConversationStore, clock: Clock) -> None:
         self._store = store
         self._clock = clock
+        self._listeners: list[Callable[[datetime], None]] = []
+
+    def on_activity(self, listener: Callable[[datetime], None]) -> None:
+        """Call `listener(at)` after each activity recorded through this service (wakes a
+        scheduler whose next idle episode it brings forward)."""
+        self._listeners.append(listener)
+
+    def _active(self, at: datetime) -> None:
+        for listener in self._listeners:
+            listener(at)
 
     async def add_message(
         self, user_id: str, role: Role, content: str, at: datetime | None = None
     ) -> Message:
         """Store a message (sent `at`, default now); a `user` message also records the
         user's activity."""
-        return await self._store.add_message(user_id, role, content, at or self._clock.now())
+        message = await self._store.add_message(user_id, role, content, at or self._clock.now())
+        if role is Role.USER:
+            self._active(message.created_at)
+        return message
 
     async def messages(
         self, user_id: str, *, limit: int = 50, before: int | None = None, text: str | None = None
@@ -44,6 +58,7 @@ class ConversationService:
                 f"at: {at.isoformat()} is in the future (server time {now.isoformat()})"
             )
         await self._store.record_activity(user_id, at)
+        self._active(at)
         return await self._store.last_activity(user_id)
 
     async def last_activity(self, user_id: str) -> datetime | None:
