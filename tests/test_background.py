@@ -438,3 +438,76 @@ async def test_runs_api_pages_and_filters(bg: AppHarness, clock: FakeClock) -> N
     assert (
         await bg.client.get("/background/tasks/test-progress-tracker/runs?limit=0")
     ).status_code == 422
+
+
+def _prompt(request: dict[str, Any]) -> str:
+    """The agent's input in a model request: its last user message."""
+    users = [m for m in request["messages"] if m["role"] == "user"]
+    return str(users[-1]["content"])
+
+
+async def _fire(services: Services) -> list[str]:
+    report = await services.scheduler.tick()
+    await services.coordinator.drain()
+    return report.started
+
+
+async def test_an_idle_run_gets_the_messages_since_the_task_last_ran(
+    bg: AppHarness, clock: FakeClock
+) -> None:
+    services = bg.services
+    bg.server.responder = scripted(text("summarised"))
+    body = task_body(
+        name="summarise",
+        tools=[],
+        trigger={"type": "idle", "idle_minutes": 30, "cooldown_minutes": 0},
+        user_ids=["a"],
+    )
+    assert (await bg.client.post("/background/tasks", json=body)).status_code == 201
+    for content in ("first question", "second question"):
+        await bg.client.post("/users/a/messages", json={"content": content})
+        await clock.advance(1)
+    await bg.client.post("/users/b/messages", json={"content": "someone else's"})
+    await clock.advance(timedelta(minutes=30))
+    [run_id] = await _fire(services)
+    prompt = _prompt(bg.server.requests[-1])
+    assert "(2, oldest first)" in prompt
+    assert prompt.index("user: first question") < prompt.index("user: second question")
+    assert "someone else's" not in prompt
+    run = await services.background.run(run_id)
+    assert run[0].trigger_type is TriggerType.IDLE
+
+    await clock.advance(1)
+    await bg.client.post("/users/a/messages", json={"content": "third question"})
+    await clock.advance(timedelta(minutes=30))
+    assert len(await _fire(services)) == 1
+    prompt = _prompt(bg.server.requests[-1])
+    assert "(1, oldest first)" in prompt
+    assert "user: third question" in prompt
+    assert "first question" not in prompt
+
+
+async def test_other_runs_get_episode_messages_only_when_the_task_asks(
+    bg: AppHarness, clock: FakeClock
+) -> None:
+    bg.server.responder = scripted(text("done"))
+    for content in ("one", "two", "three"):
+        await bg.client.post("/users/a/messages", json={"content": f"message {content}"})
+        await clock.advance(1)
+    plain = task_body(name="plain", tools=[], user_ids=["a"])
+    asking = task_body(name="asking", tools=[], user_ids=["a"], episode_messages=2)
+    for body in (plain, asking):
+        assert (await bg.client.post("/background/tasks", json=body)).status_code == 201
+    await bg.client.post("/background/tasks/plain/run?wait=true")
+    assert "message" not in _prompt(bg.server.requests[-1])
+    await bg.client.post("/background/tasks/asking/run?wait=true")
+    prompt = _prompt(bg.server.requests[-1])
+    assert "(2, oldest first)" in prompt
+    assert "message one" not in prompt
+    assert prompt.index("message two") < prompt.index("message three")
+    # since it last ran: nothing new, nothing given
+    await clock.advance(1)
+    await bg.client.post("/background/tasks/asking/run?wait=true")
+    assert "message" not in _prompt(bg.server.requests[-1])
+    invalid = task_body(name="too-many", user_ids=["a"], episode_messages=501)
+    assert (await bg.client.post("/background/tasks", json=invalid)).status_code == 422

@@ -72,6 +72,10 @@ class Budget(StrictInput):
     max_tokens_per_run: int | None = Field(default=None, ge=1)
 
 
+IDLE_EPISODE_MESSAGES = 50
+MAX_EPISODE_MESSAGES = 500
+
+
 class TaskDefinition(StrictInput):
     """What a background task does, for whom, and when."""
 
@@ -89,7 +93,25 @@ class TaskDefinition(StrictInput):
     timeout_seconds: float = Field(default=300.0, gt=0, le=24 * 3600)
     misfire_grace_seconds: int = Field(default=300, ge=0, le=7 * 24 * 3600)
     budget: Budget | None = None
+    episode_messages: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_EPISODE_MESSAGES,
+        description=(
+            "How many of the user's messages since the task last ran for them the agent gets "
+            f"in its input (newest last; 0: none). Default: {IDLE_EPISODE_MESSAGES} for idle "
+            "runs, 0 for the others."
+        ),
+    )
     enabled: bool = True
+
+    def for_trigger(self, trigger: TriggerType) -> TaskDefinition:
+        """The definition a run of `trigger` executes: `episode_messages` resolved to a
+        number (an idle run's default differs from the others')."""
+        if self.episode_messages is not None:
+            return self
+        default = IDLE_EPISODE_MESSAGES if trigger is TriggerType.IDLE else 0
+        return self.model_copy(update={"episode_messages": default})
 
     @classmethod
     def from_stored(cls, data: dict[str, object], user_ids: list[str]) -> TaskDefinition:

@@ -198,7 +198,7 @@ class RunStore:
                 slot_key=slot_key,
                 slot_at=slot_at,
                 status=status.value,
-                task_snapshot=task.model_dump_json(exclude={"user_ids"}),
+                task_snapshot=task.for_trigger(trigger).model_dump_json(exclude={"user_ids"}),
                 cancel_requested=False,
                 user_total=len(user_ids),
                 created_at=now,
@@ -477,6 +477,22 @@ class RunStore:
                 depth += 1
                 current = key.removeprefix(RERUN_PREFIX)
         return depth
+
+    async def last_started(self, task_name: str, user_id: str, other_than: str) -> datetime | None:
+        """When the task last started running for the user, in a run other than
+        `other_than` (None: never)."""
+        query = (
+            select(func.max(task_run_users.c.started_at))
+            .select_from(task_run_users.join(task_runs, task_runs.c.id == task_run_users.c.run_id))
+            .where(
+                task_run_users.c.user_id == user_id,
+                task_run_users.c.started_at.is_not(None),
+                task_runs.c.task_name == task_name,
+                task_runs.c.id != other_than,
+            )
+        )
+        async with self._reads.connect() as conn:
+            return (await conn.execute(query)).scalar()
 
     async def user_ids(self, run_id: str, status: UserStatus) -> list[str]:
         """The ids of the run's users in `status`, in the run's order."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 
 import structlog
 
@@ -16,6 +17,7 @@ from ralph.background.inflight import InFlight
 from ralph.background.models import TaskDefinition, UserStatus
 from ralph.background.run_store import RunStore, UserStart
 from ralph.clock import Clock
+from ralph.conversations.models import Message
 from ralph.db.retry import is_unreachable, until_reachable
 
 log = structlog.get_logger(__name__)
@@ -23,6 +25,28 @@ log = structlog.get_logger(__name__)
 BACKGROUND_PROMPT = (
     "Execute your background task now. Review the user's context and take appropriate action."
 )
+
+
+# the episode's messages in an agent's input stop at this many characters (the newest kept)
+EPISODE_MAX_CHARS = 20_000
+
+
+def with_episode(prompt: str, messages: Sequence[Message]) -> str:
+    """`prompt` followed by the user's messages since the task last ran for them, oldest
+    first; the newest are kept when they exceed `EPISODE_MAX_CHARS` in all."""
+    kept: list[str] = []
+    total = 0
+    for message in reversed(messages):
+        at = message.created_at.isoformat(timespec="seconds")
+        line = f"[{at}] {message.role.value}: {message.content}"[:EPISODE_MAX_CHARS]
+        if kept and total + len(line) > EPISODE_MAX_CHARS:
+            break
+        kept.append(line)
+        total += len(line)
+    if not kept:
+        return prompt
+    header = f"The user's messages since this task last ran for them ({len(kept)}, oldest first):"
+    return "\n".join([prompt, "", header, *reversed(kept)])
 
 
 class UnitRunner:
@@ -139,13 +163,21 @@ class UnitRunner:
                 run_id, task, lambda: self._runs.tokens_used(run_id)
             ),
         )
+        prompt = BACKGROUND_PROMPT
+        if task.episode_messages:
+            user_id = context.user_id
+            since = await self._runs.last_started(task.name, user_id, run_id)
+            episode = await self._kit.conversations.since(
+                user_id, since, self._clock.now(), task.episode_messages
+            )
+            prompt = with_episode(prompt, episode)
         return await run_agent(
             budget=budget,
             model=self._kit.model(),
             tools=task.tools,
             context=context,
             instructions=instructions,
-            prompt=BACKGROUND_PROMPT,
+            prompt=prompt,
             max_turns=task.max_turns,
             timeout_seconds=task.timeout_seconds,
             transcript_max_chars=self._transcript_max_chars,

@@ -47,6 +47,13 @@ class ConversationService:
             return await self._store.search_messages(user_id, text, limit=limit)
         return await self._store.list_messages(user_id, limit=limit, before=before)
 
+    async def since(
+        self, user_id: str, since: datetime | None, until: datetime, limit: int
+    ) -> list[Message]:
+        """The newest `limit` messages after `since` (all, if None) up to `until`, oldest
+        first: what happened since a task last ran for the user."""
+        return await self._store.messages_since(user_id, since, until, limit)
+
     async def record_activity(self, user_id: str, at: datetime | None = None) -> datetime | None:
         """The user was active `at` (default now; InvalidInput if later than the clock allows,
         which would keep the user from going idle until then). Returns the user's latest

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Row, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ralph.conversations.models import Message, Role
 from ralph.db.engine import is_sqlite, upsert
 from ralph.db.tables import messages, user_activity
+
+
+def _message(row: Row[Any]) -> Message:
+    return Message(row.id, row.user_id, Role(row.role), row.content, row.created_at)
 
 
 def _escape_like(text: str) -> str:
@@ -61,7 +66,22 @@ class ConversationStore:
         query = query.order_by(messages.c.id.desc()).limit(limit)
         async with self._reads.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return [Message(r.id, r.user_id, Role(r.role), r.content, r.created_at) for r in rows]
+        return [_message(r) for r in rows]
+
+    async def messages_since(
+        self, user_id: str, since: datetime | None, until: datetime, limit: int
+    ) -> list[Message]:
+        """The newest `limit` of the user's messages after `since` (all, if None) and at or
+        before `until`, oldest first."""
+        query = select(messages).where(
+            messages.c.user_id == user_id, messages.c.created_at <= until
+        )
+        if since is not None:
+            query = query.where(messages.c.created_at > since)
+        query = query.order_by(messages.c.id.desc()).limit(limit)
+        async with self._reads.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_message(r) for r in reversed(rows)]
 
     async def search_messages(self, user_id: str, text: str, *, limit: int = 20) -> list[Message]:
         """Messages containing `text` (case-insensitive), newest first."""
@@ -77,7 +97,7 @@ class ConversationStore:
         )
         async with self._reads.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return [Message(r.id, r.user_id, Role(r.role), r.content, r.created_at) for r in rows]
+        return [_message(r) for r in rows]
 
     async def record_activity(self, user_id: str, at: datetime) -> None:
         async with self._engine.begin() as conn:

@@ -196,6 +196,7 @@ task_run_users = Table(
     Column("cost_usd", Float, nullable=True),  # as the provider reports it; None: unknown
     Index(None, "run_id", "status", "position"),
     Index(None, "run_id", "position"),
+    Index(None, "user_id", "started_at"),  # when a task last ran for a user
 )
 
 # One row while a (task, user) agent is in flight: the key makes a second one impossible.
