@@ -551,3 +551,40 @@ async def test_activity_through_this_server_wakes_a_loop_that_sleeps_longer(
             await _until_async(fired)
         finally:
             await scheduler.stop()
+
+
+async def test_upcoming_fire_times_and_idle_outlook(harness: AppHarness, clock: FakeClock) -> None:
+    client = harness.client
+    services = harness.services
+    await clock.set(datetime(2026, 3, 27, 12, tzinfo=UTC))
+    berlin = definition(
+        name="berlin", trigger=CronTrigger(schedule="0 3 * * *", timezone="Europe/Berlin")
+    )
+    await services.registry.create(berlin)
+    answer = await client.get("/background/tasks/berlin/upcoming?limit=3")
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["trigger_type"] == "cron"
+    # 03:00 in Berlin: 02:00 UTC before the DST change of March 29, 01:00 UTC after it
+    assert [f["at"] for f in body["fires"]] == [
+        "2026-03-28T02:00:00Z",
+        "2026-03-29T01:00:00Z",
+        "2026-03-30T01:00:00Z",
+    ]
+    assert {(f["timezone"], f["users"]) for f in body["fires"]} == {("Europe/Berlin", 1)}
+    assert len((await client.get("/background/tasks/berlin/upcoming")).json()["fires"]) == 5
+
+    idle = definition(name="idle", trigger=IdleTrigger(idle_minutes=30), user_ids=["a", "b", "c"])
+    await services.registry.create(idle)
+    start = clock.now()
+    await services.conversations.record_activity("a", start)
+    await services.conversations.record_activity("outsider", start)
+    await clock.advance(timedelta(minutes=10))
+    await services.conversations.record_activity("b", clock.now())
+    await clock.advance(timedelta(minutes=5))
+    body = (await client.get("/background/tasks/idle/upcoming")).json()
+    assert (body["fires"], body["armed_users"]) == ([], 2)
+    assert body["next_due_at"] == "2026-03-27T12:30:00Z"
+
+    assert (await client.get("/background/tasks/nope/upcoming")).status_code == 404
+    assert (await client.get("/background/tasks/idle/upcoming?limit=0")).status_code == 422

@@ -22,6 +22,7 @@ from ralph.background.models import (
     UserResult,
     UserStatus,
 )
+from ralph.background.service import Fire, Upcoming
 from ralph.errors import InvalidInput
 from ralph.validation import MAX_INT32, StrictInput, UserId, unique_user_ids
 
@@ -157,6 +158,34 @@ async def run_task(
         return JSONResponse(body, status_code=200)
     started = RunStarted(run_id=run_id, status=RunStatus.PENDING, message=f"task '{name}' started")
     return JSONResponse(started.model_dump(mode="json"), status_code=202)
+
+
+FireOut = response_model(
+    Fire,
+    "FireOut",
+    descriptions={"at": "The instant (UTC)", "users": "How many users the run will have"},
+)
+UpcomingOut = response_model(
+    Upcoming,
+    "UpcomingOut",
+    descriptions={
+        "fires": "Cron: the next fire times, soonest first",
+        "armed_users": "Idle: users with a message since their last episode",
+        "next_due_at": "Idle: the earliest time one of them can be due (UTC)",
+    },
+    extra={"fires": (list[FireOut], ...)},
+)
+
+
+@router.get("/tasks/{name}/upcoming", response_model=UpcomingOut)
+async def upcoming(
+    name: TaskNamePath,
+    services: ServicesDep,
+    limit: int = Query(default=5, ge=1, le=100, description="How many cron fire times"),
+) -> dict[str, Any]:
+    """What the task does next: its next fire times (cron), or how many users are armed and
+    the earliest due time (idle)."""
+    return dataclasses.asdict(await services.background.upcoming(name, limit))
 
 
 @router.get("/tasks/{name}/runs", response_model=list[RunOut])

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ralph.background.models import TaskDefinition, TriggerType
@@ -141,6 +141,36 @@ class ScheduleStore:
             oldest_active = (await conn.execute(active)).scalar()
             first_deferred = (await conn.execute(deferred)).scalar()
         return oldest_active, first_deferred
+
+    async def armed_users(self, task_name: str) -> int:
+        """How many of the task's users have a message since their last idle episode (or
+        never had one): each will fire once idle, past the cooldown."""
+        query = (
+            select(func.count())
+            .select_from(
+                user_activity.join(
+                    task_users,
+                    and_(
+                        task_users.c.task_name == task_name,
+                        task_users.c.user_id == user_activity.c.user_id,
+                    ),
+                ).outerjoin(
+                    idle_state,
+                    and_(
+                        idle_state.c.task_name == task_name,
+                        idle_state.c.user_id == user_activity.c.user_id,
+                    ),
+                )
+            )
+            .where(
+                or_(
+                    idle_state.c.episode_message_at.is_(None),
+                    user_activity.c.last_message_at > idle_state.c.episode_message_at,
+                )
+            )
+        )
+        async with self._reads.connect() as conn:
+            return int((await conn.execute(query)).scalar_one())
 
     async def fire_idle(
         self,

@@ -254,6 +254,15 @@ class Scheduler:
             due.append(deferred)
         return max(now, min(due))
 
+    async def idle_outlook(self, name: str, trigger: IdleTrigger) -> tuple[int, datetime | None]:
+        """(users armed now, the earliest time one of them can be due) for an idle task."""
+        now = self._clock.now()
+        idle = timedelta(minutes=trigger.idle_minutes)
+        armed = await self._store.armed_users(name)
+        active, deferred = await self._store.next_idle_due(name, now - idle)
+        due = [t for t in (active + idle if active else None, deferred) if t is not None]
+        return armed, min(due, default=None)
+
     def note_activity(self, at: datetime) -> None:
         """A user was active `at` (recorded through this process): if that makes an idle
         episode due before the loop's next wake, wake it to plan again."""

@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from itertools import islice
 from typing import Any
 
 from ralph.background.coordinator import RunCoordinator
-from ralph.background.cron import never_fires_reason, next_slot
+from ralph.background.cron import never_fires_reason, next_slot, slots_after
 from ralph.background.models import (
     CronTrigger,
     RunStatus,
@@ -32,6 +33,25 @@ class TaskSchedule:
     trigger_type: str
     next_fire_at: datetime | None
     error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Fire:
+    at: datetime
+    timezone: str
+    users: int
+
+
+@dataclass(frozen=True, slots=True)
+class Upcoming:
+    """What a task does next: cron fire times, or an idle task's armed users."""
+
+    name: str
+    trigger_type: str
+    enabled: bool
+    fires: list[Fire]
+    armed_users: int | None
+    next_due_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +130,21 @@ class BackgroundService:
 
     async def cancel(self, run_id: str) -> TaskRun:
         return await self._coordinator.cancel(run_id)
+
+    async def upcoming(self, name: str, limit: int) -> Upcoming:
+        """The task's next `limit` fire times (cron; from the schedule's start if later than
+        now), or how many users an idle task has armed and when the first can be due."""
+        stored = await self._registry.get(name)
+        task = stored.definition
+        trigger = task.trigger
+        now = self._clock.now()
+        if isinstance(trigger, CronTrigger):
+            after = max(now, stored.schedule_from)
+            slots = slots_after(trigger.schedule, trigger.timezone, after)
+            fires = [Fire(at, trigger.timezone, len(task.user_ids)) for at in islice(slots, limit)]
+            return Upcoming(name, trigger.type, task.enabled, fires, None, None)
+        armed, due = await self._scheduler.idle_outlook(name, trigger)
+        return Upcoming(name, trigger.type, task.enabled, [], armed, due)
 
     async def scheduler_state(self) -> SchedulerState:
         """Each enabled task's next fire time, this replica's last tick, replicas seen in the
