@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 
+import structlog
 from fastapi import Depends, FastAPI
 
 from ralph import __version__
@@ -17,9 +18,12 @@ from ralph.api.middleware import (
     TokenMiddleware,
     UnicodeGuardMiddleware,
 )
+from ralph.background.taskfile import read_tasks_file
 from ralph.clock import Clock
 from ralph.composition import open_services
 from ralph.config import Settings
+
+log = structlog.get_logger(__name__)
 
 # the interactive docs and the document they read
 API_DOCS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
@@ -33,6 +37,10 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
         async with open_services(settings, clock=clock) as services:
             services.models.warn_if_dev()
             app.state.services = services
+            if settings.tasks_file is not None:
+                tasks = read_tasks_file(settings.tasks_file)
+                for change in await services.background.apply(tasks):
+                    log.info("task_file_applied", task=change.name, action=change.action)
             if settings.scheduler_enabled:
                 services.scheduler.start()
             try:

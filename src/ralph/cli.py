@@ -58,6 +58,14 @@ def serve(
     except SettingsError as exc:
         typer.echo(f"error: invalid settings: {exc}", err=True)
         raise typer.Exit(2) from None
+    if settings.tasks_file is not None:
+        from ralph.background.taskfile import TaskFileError, read_tasks_file
+
+        try:
+            read_tasks_file(settings.tasks_file)
+        except TaskFileError as exc:
+            typer.echo(f"error: RALPH_TASKS_FILE: {exc}", err=True)
+            raise typer.Exit(2) from None
     os.environ.setdefault("AGNO_TELEMETRY", "false")
     configure_logging(settings.log_level, settings.log_json)
     uvicorn.run(

@@ -16,6 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column, Table
 from rich.text import Text
 
+from ralph.background.models import TaskDefinition
+from ralph.background.taskfile import TaskFileError, dump_tasks, read_tasks_file
 from ralph.config import load_settings
 
 tasks_app = typer.Typer(help="Background task definitions (talks to a running server).")
@@ -107,6 +109,59 @@ def tasks_create(
         else:
             task = _call(client, "POST", "/background/tasks", json=body)
     console.print(f"task [bold]{task['name']}[/bold] saved")
+
+
+@tasks_app.command("apply")
+def tasks_apply(
+    file: Annotated[Path, typer.Option("-f", "--file", help="Tasks file (TOML).")],
+    prune: Annotated[
+        bool, typer.Option("--prune", help="Delete the tasks the file does not define.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what would change; change nothing.")
+    ] = False,
+    url: UrlOption = None,
+) -> None:
+    """Make the server's tasks match a file: create, update, leave unchanged (and with
+    --prune delete). An invalid file applies nothing."""
+    tasks = _read_tasks_file(file)
+    body = {"tasks": [t.model_dump(mode="json") for t in tasks], "prune": prune}
+    with _client(url) as client:
+        changes = _call(client, "POST", "/background/tasks/apply", json=body | {"dry_run": dry_run})
+    for change in changes:
+        console.print(f"{change['action']:<10} {escape(change['name'])}")
+    if dry_run:
+        console.print("(dry run: nothing changed)")
+
+
+@tasks_app.command("export")
+def tasks_export(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Tasks to export (default all).")
+    ] = None,
+    url: UrlOption = None,
+) -> None:
+    """Print tasks as a file `ralph tasks apply -f` reads (TOML)."""
+    with _client(url) as client:
+        if names:
+            found = [_call(client, "GET", f"/background/tasks/{name}") for name in names]
+        else:
+            found = _call(client, "GET", "/background/tasks")
+    fields = set(TaskDefinition.model_fields)
+    tasks = [
+        TaskDefinition.model_validate({k: v for k, v in t.items() if k in fields}) for t in found
+    ]
+    typer.echo(dump_tasks(tasks), nl=False)
+
+
+def _read_tasks_file(file: Path) -> list[TaskDefinition]:
+    try:
+        return read_tasks_file(file)
+    except TaskFileError as exc:
+        # one problem a line, as long as it is: the path and the field must stay whole
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        console.print("nothing applied")
+        raise typer.Exit(1) from None
 
 
 @tasks_app.command("run")

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
 
     # Storage
     data_dir: Path = Path("./data")
+    # a TOML file of tasks applied at start (created, updated, unchanged; none deleted)
+    tasks_file: Path | None = None
     database_url: str | None = None
 
     # HTTP

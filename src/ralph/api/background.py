@@ -22,7 +22,7 @@ from ralph.background.models import (
     UserResult,
     UserStatus,
 )
-from ralph.background.service import Fire, Upcoming
+from ralph.background.service import Fire, TaskChange, Upcoming
 from ralph.errors import InvalidInput
 from ralph.validation import MAX_INT32, StrictInput, UserId, unique_user_ids
 
@@ -102,6 +102,25 @@ async def list_tasks(services: ServicesDep) -> list[TaskOut]:
 async def create_task(task: TaskDefinition, services: ServicesDep) -> TaskOut:
     """Create a task (409 if the name exists; PUT replaces). Starts at its next slot."""
     return TaskOut.of(await services.registry.create(task))
+
+
+class ApplyIn(StrictInput):
+    tasks: list[TaskDefinition] = Field(max_length=1000, description="The tasks to have.")
+    prune: bool = Field(default=False, description="Delete the tasks not in `tasks`.")
+    dry_run: bool = Field(default=False, description="Report what would change; change nothing.")
+
+
+TaskChangeOut = response_model(TaskChange, "TaskChangeOut")
+
+
+@router.post("/tasks/apply", response_model=list[TaskChangeOut])
+async def apply_tasks(payload: ApplyIn, services: ServicesDep) -> list[TaskChange]:
+    """Create or replace each task given, leave unchanged ones alone (their schedules do not
+    restart); with `prune`, delete the others. Every task is checked before anything is
+    written. `ralph tasks apply -f tasks.toml` sends a file's tasks here."""
+    return await services.background.apply(
+        payload.tasks, prune=payload.prune, dry_run=payload.dry_run
+    )
 
 
 @router.get("/tasks/{name}", response_model=TaskOut)

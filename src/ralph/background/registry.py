@@ -55,14 +55,19 @@ class TaskRegistry:
             raise NotFound(f"task '{name}' not found")
         return task
 
-    async def create(self, task: TaskDefinition) -> StoredTask:
+    def check(self, task: TaskDefinition) -> None:
+        """InvalidInput if the task cannot be stored here (a tool this server does not
+        offer)."""
         check_tool_names(task.tools, allow_shell=self._allow_shell)
+
+    async def create(self, task: TaskDefinition) -> StoredTask:
+        self.check(task)
         stored = await self._store.create(task, self._clock.now())
         self._changed()
         return stored
 
     async def replace(self, task: TaskDefinition) -> StoredTask:
-        check_tool_names(task.tools, allow_shell=self._allow_shell)
+        self.check(task)
         stored = await self._store.replace(task, self._clock.now())
         self._changed()
         return stored

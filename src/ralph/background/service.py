@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import islice
-from typing import Any
+from typing import Any, Literal
 
 from ralph.background.coordinator import RunCoordinator
 from ralph.background.cron import never_fires_reason, next_slot, slots_after
@@ -33,6 +33,12 @@ class TaskSchedule:
     trigger_type: str
     next_fire_at: datetime | None
     error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskChange:
+    name: str
+    action: Literal["created", "updated", "unchanged", "deleted"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +136,49 @@ class BackgroundService:
 
     async def cancel(self, run_id: str) -> TaskRun:
         return await self._coordinator.cancel(run_id)
+
+    async def apply(
+        self, tasks: Sequence[TaskDefinition], *, prune: bool = False, dry_run: bool = False
+    ) -> list[TaskChange]:
+        """Make the stored tasks match `tasks`: create the new ones, replace the changed ones,
+        leave the unchanged ones alone (their schedules do not restart), and with `prune`
+        delete the tasks `tasks` does not name. Every task is checked before anything is
+        written (InvalidInput names the task); `dry_run` only reports."""
+        names = [task.name for task in tasks]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise InvalidInput(f"tasks named more than once: {', '.join(twice)}")
+        for task in tasks:
+            try:
+                self._registry.check(task)
+            except InvalidInput as exc:
+                raise InvalidInput(f"task '{task.name}': {exc}") from None
+        stored = {s.definition.name: s.definition for s in await self._registry.list()}
+        changes: list[TaskChange] = []
+        for task in tasks:
+            current = stored.get(task.name)
+            if current is None:
+                changes.append(TaskChange(task.name, "created"))
+                if not dry_run:
+                    await self._registry.create(task)
+            elif current != task:
+                changes.append(TaskChange(task.name, "updated"))
+                if not dry_run:
+                    await self._registry.replace(task)
+            else:
+                changes.append(TaskChange(task.name, "unchanged"))
+        if prune:
+            for name in sorted(set(stored) - set(names)):
+                changes.append(TaskChange(name, "deleted"))
+                if not dry_run:
+                    await self._registry.delete(name)
+        return changes
+
+    async def definitions(self, names: Sequence[str]) -> list[TaskDefinition]:
+        """The named tasks' definitions (all, if none is named), by name."""
+        if names:
+            return [(await self._registry.get(name)).definition for name in names]
+        return sorted((s.definition for s in await self._registry.list()), key=lambda t: t.name)
 
     async def upcoming(self, name: str, limit: int) -> Upcoming:
         """The task's next `limit` fire times (cron; from the schedule's start if later than
