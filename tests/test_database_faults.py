@@ -144,7 +144,8 @@ async def test_sqlite_locked_by_another_process_mid_run(
     url = settings.effective_database_url
     async with serve(fault_settings(settings, model_server, url)) as client:
         await start_run_and_wait_for_successes(client, 3)
-        other = sqlite3.connect(database, isolation_level=None)
+        # a patient lock taker: the server's writer takes the lock often while the run goes on
+        other = sqlite3.connect(database, timeout=30, isolation_level=None)
         try:
             other.execute("BEGIN EXCLUSIVE")
             for _ in range(3):
@@ -174,7 +175,8 @@ async def test_sqlite_reads_answer_while_another_process_writes(settings: Settin
     database = settings.effective_database_url.split("///", 1)[1]
     async with serve(settings) as client:
         await client.put("/users/u1/blocks/notes", json={"body": "before"})
-        other = sqlite3.connect(database, isolation_level=None)
+        # a patient lock taker: the server's writer takes the lock often while the run goes on
+        other = sqlite3.connect(database, timeout=30, isolation_level=None)
         try:
             other.execute("BEGIN IMMEDIATE")
             write = asyncio.create_task(client.put("/users/u1/blocks/notes", json={"body": "x"}))

@@ -103,6 +103,8 @@ async def test_the_limit_is_smooth(shared: bool) -> None:
 
 
 def sqlite_settings(tmp_path: Path, server: ModelServer, **extra: Any) -> Settings:
+    # the limiter and the calls in the test's process, unless the test says otherwise
+    extra = {"worker_mode": "inprocess", **extra}
     return Settings(
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'ralph.db'}",
         data_dir=tmp_path / "data",
