@@ -19,6 +19,8 @@ from ralph.background.models import (
     RunStatus,
     TaskDefinition,
     TriggerType,
+    UserStatus,
+    jitter_offset,
 )
 from ralph.composition import Services, open_services
 from ralph.config import Settings
@@ -588,3 +590,61 @@ async def test_upcoming_fire_times_and_idle_outlook(harness: AppHarness, clock: 
 
     assert (await client.get("/background/tasks/nope/upcoming")).status_code == 404
     assert (await client.get("/background/tasks/idle/upcoming?limit=0")).status_code == 422
+
+
+async def test_jitter_spreads_the_users_starts_after_the_slot(
+    harness: AppHarness, clock: FakeClock
+) -> None:
+    services = harness.services
+    users = [f"user-{i:02d}" for i in range(20)]
+    task = definition(
+        trigger=CronTrigger(schedule="0 3 * * *", jitter_seconds=600), user_ids=users
+    ).model_copy(update={"batch_size": 20})
+    await services.registry.create(task)
+    slot = T0.replace(hour=3)
+    await clock.set(slot)
+    [run_id] = (await services.scheduler.tick()).started
+    expected = {u: jitter_offset("nightly", slot, u, 600) for u in users}
+    assert all(0 <= d < 600 for d in expected.values())
+    assert len(set(expected.values())) > 15  # spread, not bunched
+
+    async def started_by(elapsed: float) -> None:
+        due = {u for u, d in expected.items() if d <= elapsed}
+
+        async def settled() -> bool:
+            _, results = await services.background.run(run_id)
+            return {r.user_id for r in results if r.status is not UserStatus.PENDING} == due
+
+        await _until_async(settled)
+
+    for elapsed in (0, 150, 300, 450, 599):
+        await clock.set(slot + timedelta(seconds=elapsed))
+        await started_by(elapsed)
+    await clock.set(slot + timedelta(seconds=600))
+    await services.coordinator.drain()
+    run, results = await services.background.run(run_id)
+    assert run.counts == {"success": 20}
+    assert {r.user_id: r.jitter_seconds for r in results} == expected
+    answer = await harness.client.get(f"/background/runs/{run_id}/users/user-03")
+    assert answer.json()["jitter_seconds"] == expected["user-03"]
+
+    too_long = definition(name="too-long").model_dump(mode="json")
+    too_long["trigger"]["jitter_seconds"] = 3601
+    assert (await harness.client.post("/background/tasks", json=too_long)).status_code == 422
+
+
+async def test_a_cancel_reaches_a_run_waiting_for_jittered_starts(
+    harness: AppHarness, clock: FakeClock
+) -> None:
+    services = harness.services
+    task = definition(
+        trigger=CronTrigger(schedule="0 3 * * *", jitter_seconds=3600), user_ids=["a", "b"]
+    )
+    await services.registry.create(task)
+    await clock.set(T0.replace(hour=3))
+    [run_id] = (await services.scheduler.tick()).started
+    await asyncio.sleep(0.05)
+    await services.background.cancel(run_id)
+    run = await services.coordinator.wait(run_id, 5)
+    assert run is not None
+    assert run.status is RunStatus.CANCELLED

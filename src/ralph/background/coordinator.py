@@ -10,13 +10,21 @@ import functools
 import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime, timedelta
 
 import structlog
 
 from ralph.background.dispatch import Dispatch
 from ralph.background.inflight import InFlight
-from ralph.background.models import RunStatus, TaskDefinition, TaskRun, TriggerType, UserStatus
+from ralph.background.models import (
+    CronTrigger,
+    RunStatus,
+    TaskDefinition,
+    TaskRun,
+    TriggerType,
+    UserStatus,
+)
 from ralph.background.run_store import RERUN_PREFIX, RunStore
 from ralph.clock import Clock
 from ralph.db.retry import until_reachable
@@ -54,6 +62,8 @@ class RunCoordinator:
         self._rerun_limit = rerun_limit
         self._active: dict[str, asyncio.Task[TaskRun]] = {}
         self._stopping = False
+        # set on a shutdown or a cancel: runs waiting for a user's jittered start look again
+        self._interrupted = asyncio.Event()
 
     # --- starting runs --------------------------------------------------------------------
 
@@ -115,6 +125,8 @@ class RunCoordinator:
     def _cancel_in_flight(self, run_id: str) -> None:
         self._inflight.cancel(run_id)
         self._dispatch.cancel(run_id)
+        self._interrupted.set()
+        self._interrupted.clear()
 
     async def shutdown(self, grace_seconds: float) -> None:
         """Stop starting users; give in-flight agents `grace_seconds`, then stop them (their
@@ -123,6 +135,7 @@ class RunCoordinator:
         has passed (the restarted server's too). Units of ARQ workers are finished by their
         workers; units still queued find their users `interrupted` and do nothing."""
         self._stopping = True
+        self._interrupted.set()
         runs = list(self._active.values())
         if not runs:
             return
@@ -181,29 +194,63 @@ class RunCoordinator:
 
     async def _window(self, run_id: str, task: TaskDefinition) -> None:
         in_flight: set[asyncio.Task[None]] = set()
-        page = max(task.batch_size * 2, 100)
-        after = -1
         try:
-            while not self._stopping:
-                batch = await until_reachable(
-                    functools.partial(self._runs.pending_users, run_id, after, page),
-                    what="pending users",
-                )
-                if not batch:
-                    break
-                for position, user_id in batch:
-                    while len(in_flight) >= task.batch_size:
-                        done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                        in_flight.difference_update(done)
-                    if self._stopping or self._inflight.is_cancelled(run_id):
-                        return
-                    if await self._budget_spent(run_id, task):
-                        return
-                    in_flight.add(asyncio.create_task(self._dispatch(run_id, task, user_id)))
-                    after = position
+            async for user_id, start_at in self._pending(run_id, task):
+                if start_at is not None and not await self._until(start_at, run_id):
+                    return
+                while len(in_flight) >= task.batch_size:
+                    done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    in_flight.difference_update(done)
+                if self._stopping or self._inflight.is_cancelled(run_id):
+                    return
+                if await self._budget_spent(run_id, task):
+                    return
+                in_flight.add(asyncio.create_task(self._dispatch(run_id, task, user_id)))
         finally:
             if in_flight:
                 await asyncio.wait(in_flight)
+
+    async def _pending(
+        self, run_id: str, task: TaskDefinition
+    ) -> AsyncIterator[tuple[str, datetime | None]]:
+        """The run's pending users in the order they start, each with the time it may start
+        (None: at once). A cron run with `jitter_seconds` starts each user at its slot plus
+        the user's delay, soonest first; other runs page through the list in its order."""
+        trigger = task.trigger
+        if isinstance(trigger, CronTrigger) and trigger.jitter_seconds:
+            run = await until_reachable(lambda: self._runs.get(run_id), what="run")
+            if run.slot_at is not None:
+                slot = run.slot_at
+                delays = await until_reachable(
+                    lambda: self._runs.pending_by_start(run_id), what="pending users"
+                )
+                for delay, user_id in delays:
+                    yield user_id, slot + timedelta(seconds=delay)
+                return
+        page = max(task.batch_size * 2, 100)
+        after = -1
+        while not self._stopping:
+            batch = await until_reachable(
+                functools.partial(self._runs.pending_users, run_id, after, page),
+                what="pending users",
+            )
+            if not batch:
+                return
+            for position, user_id in batch:
+                yield user_id, None
+                after = position
+
+    async def _until(self, when: datetime, run_id: str) -> bool:
+        """Sleep until `when` on the clock; False if the server stops or the run is
+        cancelled first."""
+        sleeper = asyncio.create_task(self._clock.sleep_until(when))
+        waker = asyncio.create_task(self._interrupted.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pending in (sleeper, waker):
+                pending.cancel()
+        return not (self._stopping or self._inflight.is_cancelled(run_id))
 
     async def _budget_spent(self, run_id: str, task: TaskDefinition) -> bool:
         """With the run's token budget spent, nobody else starts: the pending users end

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -26,6 +27,15 @@ class CronTrigger(StrictInput):
     type: Literal["cron"] = "cron"
     schedule: str = Field(examples=["0 3 * * *"])
     timezone: str = "UTC"
+    jitter_seconds: int = Field(
+        default=0,
+        ge=0,
+        le=3600,
+        description=(
+            "Spread the users' starts over this many seconds after the slot: each user's "
+            "delay is fixed by (task, slot, user), so 10,000 users do not start at once."
+        ),
+    )
 
     @field_validator("schedule")
     @classmethod
@@ -235,6 +245,16 @@ def final_run_status(
     return RunStatus.SUCCESS
 
 
+def jitter_offset(task_name: str, slot: datetime, user_id: str, jitter_seconds: int) -> float:
+    """A user's start delay after a cron slot, in [0, jitter_seconds) to the millisecond:
+    the same for the same (task, slot, user) in every process, spread evenly over users."""
+    if jitter_seconds <= 0:
+        return 0.0
+    key = f"{task_name}|{slot.isoformat()}|{user_id}".encode()
+    draw = int.from_bytes(hashlib.sha256(key).digest()[:8], "big")
+    return (draw % (jitter_seconds * 1000)) / 1000
+
+
 def schedule_restarts(current: TaskDefinition, new: TaskDefinition) -> bool:
     """Whether replacing `current` by `new` restarts the schedule from now (no immediate fire
     for slots in between): the trigger changed, or the task is enabled again."""
@@ -293,3 +313,4 @@ class UserResult:
     rate_limit_wait_seconds: float = 0.0
     tokens_estimated: bool = False
     cost_usd: float | None = None
+    jitter_seconds: float = 0.0

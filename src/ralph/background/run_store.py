@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ralph.background.models import (
     FINISHED_RUN,
     USER_TRANSITIONS,
+    CronTrigger,
     RunStatus,
     TaskDefinition,
     TaskRun,
@@ -23,6 +24,7 @@ from ralph.background.models import (
     UserResult,
     UserStatus,
     final_run_status,
+    jitter_offset,
     user_sources,
 )
 from ralph.db.engine import insert_ignore, insert_rows
@@ -43,6 +45,7 @@ _NEW_USER_COLUMNS = (
     "input_tokens",
     "output_tokens",
     "total_tokens",
+    "jitter_seconds",
 )
 _NEW_USER_VALUES = (UserStatus.PENDING.value, 0, 0, 0, 0, 0, 0, 0)
 # slot key of a run that re-runs the unfinished users of the run named after it
@@ -210,6 +213,8 @@ class RunStore:
         )
         if result.rowcount != 1:
             return None
+        trigger_spec = task.trigger
+        jitter = trigger_spec.jitter_seconds if isinstance(trigger_spec, CronTrigger) else 0
         # in chunks: a 100k-user run never holds 100k row dicts at once
         for start in range(0, len(user_ids), CHUNK):
             chunk = user_ids[start : start + CHUNK]
@@ -217,7 +222,16 @@ class RunStore:
                 conn,
                 task_run_users,
                 _NEW_USER_COLUMNS,
-                [(run_id, u, start + i, *_NEW_USER_VALUES) for i, u in enumerate(chunk)],
+                [
+                    (
+                        run_id,
+                        u,
+                        start + i,
+                        *_NEW_USER_VALUES,
+                        jitter_offset(task.name, slot_at, u, jitter) if slot_at else 0.0,
+                    )
+                    for i, u in enumerate(chunk)
+                ],
             )
         return run_id
 
@@ -276,6 +290,20 @@ class RunStore:
         )
         async with self._reads.connect() as conn:
             return [(r.position, r.user_id) for r in (await conn.execute(query)).all()]
+
+    async def pending_by_start(self, run_id: str) -> list[tuple[float, str]]:
+        """Every pending user with its start delay after the slot, soonest first (a cron run
+        with jitter: all at once, to order them by delay)."""
+        query = (
+            select(task_run_users.c.jitter_seconds, task_run_users.c.user_id)
+            .where(
+                task_run_users.c.run_id == run_id,
+                task_run_users.c.status == UserStatus.PENDING.value,
+            )
+            .order_by(task_run_users.c.jitter_seconds, task_run_users.c.position)
+        )
+        async with self._reads.connect() as conn:
+            return [(float(r.jitter_seconds), r.user_id) for r in (await conn.execute(query)).all()]
 
     async def start_user(
         self, run_id: str, task_name: str, user_id: str, now: datetime, *, retry: bool = False

@@ -194,6 +194,8 @@ task_run_users = Table(
     # the provider reported no usage: the tokens are estimated from the text (4 chars each)
     Column("tokens_estimated", Boolean, nullable=False, server_default=false()),
     Column("cost_usd", Float, nullable=True),  # as the provider reports it; None: unknown
+    # a cron run's start delay for this user, from its task's `jitter_seconds`
+    Column("jitter_seconds", Float, nullable=False, server_default="0"),
     Index(None, "run_id", "status", "position"),
     Index(None, "run_id", "position"),
     Index(None, "user_id", "started_at"),  # when a task last ran for a user
