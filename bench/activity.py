@@ -31,7 +31,7 @@ CONCURRENCY = 32
 
 
 async def through_store(users: int, data_dir: Path) -> float:
-    settings = Settings(data_dir=data_dir, _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(data_dir=data_dir, worker_mode="inprocess", _env_file=None)  # type: ignore[call-arg]
     async with open_services(settings) as services:
         store = services.conversations
         start_at = datetime(2026, 1, 1, tzinfo=UTC)

@@ -30,6 +30,8 @@ TOOLS = ("list_memory_blocks", "edit_memory_block")
 
 
 async def measure(settings: Settings, runs: int) -> tuple[float, float, int]:
+    # agents run here, by this function: no agent process
+    settings = settings.model_copy(update={"worker_mode": "inprocess"})
     async with open_services(settings) as services:
         await services.memory.put_block("u1", "student", title="S", body="Ann", author="api")
 

@@ -35,6 +35,7 @@ async def run(users: int, url: str, data_dir: Path) -> dict[str, int]:
         model_base_url=url,
         model_id="bench",
         model_max_retries=0,
+        worker_mode="inprocess",  # the peak memory of a run with its agents in this process
         _env_file=None,  # type: ignore[call-arg]
     )
     async with open_services(settings) as services:

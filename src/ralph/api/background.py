@@ -56,6 +56,7 @@ _USER_NOTES = {
     ),
     "tokens_estimated": "The provider reported no usage: tokens estimated from the text",
     "cost_usd": "As the provider reported it (OpenRouter)",
+    "jitter_seconds": "A cron run's start delay for this user after the slot (task jitter)",
 }
 UserResultOut = response_model(
     UserResult,

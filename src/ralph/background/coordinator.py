@@ -6,19 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Sequence
+from datetime import datetime
 
 import structlog
 
 from ralph.background.dispatch import Dispatch
 from ralph.background.inflight import InFlight
 from ralph.background.models import (
-    CronTrigger,
     RunStatus,
     TaskDefinition,
     TaskRun,
@@ -26,6 +24,7 @@ from ralph.background.models import (
     UserStatus,
 )
 from ralph.background.run_store import RERUN_PREFIX, RunStore
+from ralph.background.start_order import start_order
 from ralph.clock import Clock
 from ralph.db.retry import until_reachable
 
@@ -195,7 +194,8 @@ class RunCoordinator:
     async def _window(self, run_id: str, task: TaskDefinition) -> None:
         in_flight: set[asyncio.Task[None]] = set()
         try:
-            async for user_id, start_at in self._pending(run_id, task):
+            pending = start_order(self._runs, run_id, task, lambda: self._stopping)
+            async for user_id, start_at in pending:
                 if start_at is not None and not await self._until(start_at, run_id):
                     return
                 while len(in_flight) >= task.batch_size:
@@ -209,36 +209,6 @@ class RunCoordinator:
         finally:
             if in_flight:
                 await asyncio.wait(in_flight)
-
-    async def _pending(
-        self, run_id: str, task: TaskDefinition
-    ) -> AsyncIterator[tuple[str, datetime | None]]:
-        """The run's pending users in the order they start, each with the time it may start
-        (None: at once). A cron run with `jitter_seconds` starts each user at its slot plus
-        the user's delay, soonest first; other runs page through the list in its order."""
-        trigger = task.trigger
-        if isinstance(trigger, CronTrigger) and trigger.jitter_seconds:
-            run = await until_reachable(lambda: self._runs.get(run_id), what="run")
-            if run.slot_at is not None:
-                slot = run.slot_at
-                delays = await until_reachable(
-                    lambda: self._runs.pending_by_start(run_id), what="pending users"
-                )
-                for delay, user_id in delays:
-                    yield user_id, slot + timedelta(seconds=delay)
-                return
-        page = max(task.batch_size * 2, 100)
-        after = -1
-        while not self._stopping:
-            batch = await until_reachable(
-                functools.partial(self._runs.pending_users, run_id, after, page),
-                what="pending users",
-            )
-            if not batch:
-                return
-            for position, user_id in batch:
-                yield user_id, None
-                after = position
 
     async def _until(self, when: datetime, run_id: str) -> bool:
         """Sleep until `when` on the clock; False if the server stops or the run is

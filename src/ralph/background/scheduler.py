@@ -160,7 +160,7 @@ class Scheduler:
             run_ids = await self._fire_cron(stored, trigger, now)
             return run_ids, next_slot(trigger.schedule, trigger.timezone, now)
         run_id = await self._fire_idle(stored, trigger, now)
-        return [run_id] if run_id else [], await self._next_idle_check(stored, trigger, now)
+        return [run_id] if run_id else [], await self.next_idle_check(stored, trigger, now)
 
     async def _fire_cron(
         self, stored: StoredTask, trigger: CronTrigger, now: datetime
@@ -238,7 +238,7 @@ class Scheduler:
             log.info("idle_fired", task=task.name, users=len(claimed), run_id=run_id)
         return run_id
 
-    async def _next_idle_check(
+    async def next_idle_check(
         self, stored: StoredTask, trigger: IdleTrigger, now: datetime
     ) -> datetime:
         """When the task's next idle episode can be due: the oldest last message of an active
