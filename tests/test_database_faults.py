@@ -144,10 +144,11 @@ async def test_sqlite_locked_by_another_process_mid_run(
     url = settings.effective_database_url
     async with serve(fault_settings(settings, model_server, url)) as client:
         await start_run_and_wait_for_successes(client, 3)
-        # a patient lock taker: the server's writer takes the lock often while the run goes on
-        other = sqlite3.connect(database, timeout=30, isolation_level=None)
+        # Taken from a thread: waiting for the lock on this event loop would stop the
+        # in-process server, and with it the transaction that holds the lock (a deadlock).
+        other = sqlite3.connect(database, timeout=30, isolation_level=None, check_same_thread=False)
         try:
-            other.execute("BEGIN EXCLUSIVE")
+            await asyncio.to_thread(other.execute, "BEGIN EXCLUSIVE")
             for _ in range(3):
                 # the probe answers at once, whatever the writers waiting for the lock do:
                 # the database is there, and can be read (WAL)
@@ -156,7 +157,7 @@ async def test_sqlite_locked_by_another_process_mid_run(
                 assert health.status_code == 200, health.text
                 await asyncio.sleep(1.0)
         finally:
-            other.execute("ROLLBACK")
+            await asyncio.to_thread(other.execute, "ROLLBACK")
             other.close()
         await eventually(partial(_status, client, "/health", 200), 30)
         await all_done_once(client)
@@ -175,10 +176,9 @@ async def test_sqlite_reads_answer_while_another_process_writes(settings: Settin
     database = settings.effective_database_url.split("///", 1)[1]
     async with serve(settings) as client:
         await client.put("/users/u1/blocks/notes", json={"body": "before"})
-        # a patient lock taker: the server's writer takes the lock often while the run goes on
-        other = sqlite3.connect(database, timeout=30, isolation_level=None)
+        other = sqlite3.connect(database, timeout=30, isolation_level=None, check_same_thread=False)
         try:
-            other.execute("BEGIN IMMEDIATE")
+            await asyncio.to_thread(other.execute, "BEGIN IMMEDIATE")
             write = asyncio.create_task(client.put("/users/u1/blocks/notes", json={"body": "x"}))
             async with asyncio.timeout(2):  # the busy timeout is 30 s
                 blocks = (await client.get("/users/u1/blocks")).json()
@@ -189,6 +189,6 @@ async def test_sqlite_reads_answer_while_another_process_writes(settings: Settin
             assert [r.status_code for r in (history, messages, tasks)] == [200, 200, 200]
             assert not write.done()  # the writer waits for the lock
         finally:
-            other.execute("ROLLBACK")
+            await asyncio.to_thread(other.execute, "ROLLBACK")
             other.close()
         assert (await write).json()["body"] == "x"
