@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import AsyncGenerator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -14,7 +16,7 @@ from ralph.background.models import RunStatus, TaskDefinition, TriggerType
 from ralph.composition import Services
 from ralph.config import Settings
 from ralph.testing.model_server import Delay, ModelServer, call, scripted, text
-from tests.helpers import execute_task, harness_for, using_model_server
+from tests.helpers import AppHarness, execute_task, harness_for, using_model_server
 
 pytestmark = pytest.mark.slow
 
@@ -41,13 +43,18 @@ def agent_process(services: Services) -> AgentProcess:
     return dispatch
 
 
-async def start_stuck_run(services: Services, model_server: ModelServer) -> str:
-    """A run of three users whose model calls hang, once two of them are in flight."""
+@asynccontextmanager
+async def stuck_run(
+    settings: Settings, model_server: ModelServer
+) -> AsyncGenerator[tuple[AppHarness, str]]:
+    """A server in the subprocess mode with a run of three users whose model calls hang,
+    once two of them are in flight."""
     model_server.responder = scripted(Delay(30.0, text("never")))
-    await services.registry.create(task(["a", "b", "c"], tools=[]))
-    run_id, _ = await services.background.run_now("nightly", None, None)
-    await model_server.wait_for_in_flight(2)
-    return run_id
+    async with harness_for(subprocess_settings(settings, model_server)) as harness:
+        await harness.services.registry.create(task(["a", "b", "c"], tools=[]))
+        run_id, _ = await harness.services.background.run_now("nightly", None, None)
+        await model_server.wait_for_in_flight(2)
+        yield harness, run_id
 
 
 async def test_units_run_in_the_agent_process(
@@ -79,9 +86,8 @@ async def test_units_run_in_the_agent_process(
 async def test_cancel_reaches_agents_in_the_agent_process(
     settings: Settings, model_server: ModelServer
 ) -> None:
-    async with harness_for(subprocess_settings(settings, model_server)) as harness:
+    async with stuck_run(settings, model_server) as (harness, run_id):
         services = harness.services
-        run_id = await start_stuck_run(services, model_server)
         await services.background.cancel(run_id)
         run = await services.coordinator.wait(run_id, 10)
         assert run is not None
@@ -92,14 +98,12 @@ async def test_cancel_reaches_agents_in_the_agent_process(
 async def test_shutdown_interrupts_the_agent_process_and_queues_a_rerun(
     settings: Settings, model_server: ModelServer
 ) -> None:
-    settings = subprocess_settings(settings, model_server, shutdown_grace_seconds=0.2)
-    async with harness_for(settings) as harness:
-        services = harness.services
-        run_id = await start_stuck_run(services, model_server)
-        child = agent_process(services)
+    settings = settings.model_copy(update={"shutdown_grace_seconds": 0.2})
+    async with stuck_run(settings, model_server) as (harness, run_id):
+        child = agent_process(harness.services)
     # the lifespan has ended: the child recorded its users and exited
     assert child.pid is None
-    async with harness_for(settings.model_copy(update={"worker_mode": "inprocess"})) as harness:
+    async with harness_for(settings) as harness:  # the test's settings: in process
         run, users = await harness.services.background.run(run_id)
         assert run.status is RunStatus.INTERRUPTED
         assert sorted((u.user_id, u.status.value) for u in users) == [
@@ -114,9 +118,8 @@ async def test_shutdown_interrupts_the_agent_process_and_queues_a_rerun(
 async def test_a_killed_agent_process_fails_its_units_and_is_replaced(
     settings: Settings, model_server: ModelServer
 ) -> None:
-    async with harness_for(subprocess_settings(settings, model_server)) as harness:
+    async with stuck_run(settings, model_server) as (harness, run_id):
         services = harness.services
-        run_id = await start_stuck_run(services, model_server)
         first = agent_process(services).pid
         assert first is not None
         model_server.responder = scripted(text("done"))

@@ -63,6 +63,7 @@ async def test_plan_manual_steps(bg: AppHarness) -> None:
         "type": "cron",
         "schedule": "*/5 * * * *",
         "timezone": "UTC",
+        "jitter_seconds": 0,
     }
     listed = (await client.get("/background/tasks")).json()
     assert [t["name"] for t in listed] == ["test-progress-tracker"]

@@ -123,8 +123,10 @@ def test_sigterm_mid_run_then_immediate_restart(
         assert first["status"] == "interrupted"
         assert 5 <= first["counts"]["success"] < 10
         wait_for(lambda: successes_by_user(api, "deployed") == dict.fromkeys(users, 1), 30)
-        # started one lease after the stop, then one model call per user in batches of 5
-        assert time.monotonic() - stopped < LEASE_SECONDS + 10
+        # started one lease after the stop, then one model call per user in batches of 5;
+        # the bound also holds a cold start of the server and of its agent process, which
+        # import in parallel on two cores (3-6 s each when the machine is busy)
+        assert time.monotonic() - stopped < LEASE_SECONDS + 15
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)

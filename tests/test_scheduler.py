@@ -501,13 +501,8 @@ async def test_idle_fires_at_the_users_due_time_not_at_the_next_check(
     """The loop sleeps until the earliest due time the database knows of: a user active at
     00:00:10 with `idle_minutes` 30 fires at 00:30:10, not at the next 30 s check."""
     services = harness.services
-    scheduler = services.scheduler
-    await services.registry.create(
-        definition(name="idle-review", trigger=IdleTrigger(idle_minutes=30), user_ids=["a"])
-    )
-    scheduler.start()
+    scheduler = await _loop_with_idle_task(services, clock, idle_minutes=30)
     try:
-        await _until(lambda: scheduler.last_tick is not None and clock.sleepers > 0)
         await clock.set(T0 + timedelta(seconds=10))
         await services.conversations.record_activity("a", clock.now())
         await _until(lambda: clock.sleepers > 0)
@@ -516,13 +511,29 @@ async def test_idle_fires_at_the_users_due_time_not_at_the_next_check(
         await _ticked_at(scheduler, clock, due - timedelta(seconds=1))
         assert await idle_runs(services, "idle-review") == []
         await _ticked_at(scheduler, clock, due)
-
-        async def fired() -> bool:
-            return await idle_runs(services, "idle-review") == [(due, ["a"])]
-
-        await _until_async(fired)
+        await _fired_at(services, due)
     finally:
         await scheduler.stop()
+
+
+async def _loop_with_idle_task(services: Services, clock: FakeClock, idle_minutes: int) -> Any:
+    """The scheduler's loop started, sleeping, with an idle task for user "a"."""
+    scheduler = services.scheduler
+    await services.registry.create(
+        definition(
+            name="idle-review", trigger=IdleTrigger(idle_minutes=idle_minutes), user_ids=["a"]
+        )
+    )
+    scheduler.start()
+    await _until(lambda: scheduler.last_tick is not None and clock.sleepers > 0)
+    return scheduler
+
+
+async def _fired_at(services: Services, due: datetime) -> None:
+    async def fired() -> bool:
+        return await idle_runs(services, "idle-review") == [(due, ["a"])]
+
+    await _until_async(fired)
 
 
 async def test_activity_through_this_server_wakes_a_loop_that_sleeps_longer(
@@ -532,13 +543,8 @@ async def test_activity_through_this_server_wakes_a_loop_that_sleeps_longer(
     server brings the loop's wake forward to the user's due time."""
     async with harness_for(settings.model_copy(update={"idle_check_seconds": 3600}), clock) as h:
         services = h.services
-        scheduler = services.scheduler
-        await services.registry.create(
-            definition(name="idle-review", trigger=IdleTrigger(idle_minutes=1), user_ids=["a"])
-        )
-        scheduler.start()
+        scheduler = await _loop_with_idle_task(services, clock, idle_minutes=1)
         try:
-            await _until(lambda: scheduler.last_tick is not None and clock.sleepers > 0)
             await clock.set(T0 + timedelta(seconds=5))
             answer = await h.client.post("/users/a/activity")
             assert answer.status_code == 200, answer.text
@@ -546,11 +552,7 @@ async def test_activity_through_this_server_wakes_a_loop_that_sleeps_longer(
             await _until(lambda: clock.sleepers > 0)
             due = T0 + timedelta(minutes=1, seconds=5)
             await _ticked_at(scheduler, clock, due)
-
-            async def fired() -> bool:
-                return await idle_runs(services, "idle-review") == [(due, ["a"])]
-
-            await _until_async(fired)
+            await _fired_at(services, due)
         finally:
             await scheduler.stop()
 

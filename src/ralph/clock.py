@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -29,6 +30,19 @@ class SystemClock:
         delay = (when - self.now()).total_seconds()
         if delay > 0:
             await asyncio.sleep(delay)
+
+
+async def sleep_until_or(clock: Clock, when: datetime, event: asyncio.Event) -> None:
+    """Sleep on `clock` until `when`, or until `event` is set, whichever comes first."""
+    sleeper = asyncio.create_task(clock.sleep_until(when))
+    waker = asyncio.create_task(event.wait())
+    try:
+        await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (sleeper, waker):
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pending
 
 
 def utc(value: datetime) -> datetime:

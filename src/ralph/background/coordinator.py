@@ -25,7 +25,7 @@ from ralph.background.models import (
 )
 from ralph.background.run_store import RERUN_PREFIX, RunStore
 from ralph.background.start_order import start_order
-from ralph.clock import Clock
+from ralph.clock import Clock, sleep_until_or
 from ralph.db.retry import until_reachable
 
 log = structlog.get_logger(__name__)
@@ -213,13 +213,7 @@ class RunCoordinator:
     async def _until(self, when: datetime, run_id: str) -> bool:
         """Sleep until `when` on the clock; False if the server stops or the run is
         cancelled first."""
-        sleeper = asyncio.create_task(self._clock.sleep_until(when))
-        waker = asyncio.create_task(self._interrupted.wait())
-        try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for pending in (sleeper, waker):
-                pending.cancel()
+        await sleep_until_or(self._clock, when, self._interrupted)
         return not (self._stopping or self._inflight.is_cancelled(run_id))
 
     async def _budget_spent(self, run_id: str, task: TaskDefinition) -> bool:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import Join, and_, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ralph.background.models import TaskDefinition, TriggerType
@@ -34,6 +34,17 @@ class IdleCandidate:
     last_message_at: datetime
     episode_message_at: datetime | None
     last_run_at: datetime | None
+
+
+def _task_activity(task_name: str) -> Join:
+    """The activity of the task's users, with their idle state for the task (if any)."""
+    return user_activity.join(
+        task_users,
+        and_(task_users.c.task_name == task_name, task_users.c.user_id == user_activity.c.user_id),
+    ).outerjoin(
+        idle_state,
+        and_(idle_state.c.task_name == task_name, idle_state.c.user_id == user_activity.c.user_id),
+    )
 
 
 class ScheduleStore:
@@ -82,15 +93,7 @@ class ScheduleStore:
         )
         window = (
             select(*columns)
-            .select_from(
-                user_activity.join(
-                    task_users,
-                    and_(
-                        task_users.c.task_name == task_name,
-                        task_users.c.user_id == user_activity.c.user_id,
-                    ),
-                ).outerjoin(idle_state, state)
-            )
+            .select_from(_task_activity(task_name))
             .where(user_activity.c.last_message_at <= idle_cutoff)
         )
         deferred = (
@@ -147,21 +150,7 @@ class ScheduleStore:
         never had one): each will fire once idle, past the cooldown."""
         query = (
             select(func.count())
-            .select_from(
-                user_activity.join(
-                    task_users,
-                    and_(
-                        task_users.c.task_name == task_name,
-                        task_users.c.user_id == user_activity.c.user_id,
-                    ),
-                ).outerjoin(
-                    idle_state,
-                    and_(
-                        idle_state.c.task_name == task_name,
-                        idle_state.c.user_id == user_activity.c.user_id,
-                    ),
-                )
-            )
+            .select_from(_task_activity(task_name))
             .where(
                 or_(
                     idle_state.c.episode_message_at.is_(None),

@@ -29,7 +29,7 @@ from ralph.background.models import (
 from ralph.background.registry import TaskRegistry
 from ralph.background.run_store import RunStore
 from ralph.background.schedule_store import ScheduleStore
-from ralph.clock import Clock
+from ralph.clock import Clock, sleep_until_or
 
 log = structlog.get_logger(__name__)
 
@@ -350,15 +350,7 @@ class Scheduler:
                 wake = self._clock.now() + timedelta(seconds=5)
             self._wake.clear()
             self._next_wake = wake
-            sleeper = asyncio.create_task(self._clock.sleep_until(wake))
-            waker = asyncio.create_task(self._wake.wait())
-            try:
-                await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for pending in (sleeper, waker):
-                    pending.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await pending
+            await sleep_until_or(self._clock, wake, self._wake)
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self.run_forever(), name="ralph-scheduler")
