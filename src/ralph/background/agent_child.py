@@ -9,13 +9,8 @@ import os
 import signal
 import sys
 
-import structlog
-
-from ralph.background.models import TaskDefinition
 from ralph.composition import open_services
 from ralph.config import Settings
-
-log = structlog.get_logger(__name__)
 
 
 async def _serve(settings: Settings, out: int) -> None:
@@ -23,25 +18,14 @@ async def _serve(settings: Settings, out: int) -> None:
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     units: set[asyncio.Task[None]] = set()
-    snapshots: dict[str, TaskDefinition] = {}
     async with open_services(settings, apply_migrations=False, role="agents") as services:
 
         async def unit(run_id: str, user_id: str) -> None:
-            task: TaskDefinition | None = None
             tokens = 0
             try:
-                task = snapshots.get(run_id)
-                if task is None:
-                    task = snapshots[run_id] = await services.runs.snapshot(run_id)
-                    if len(snapshots) > 1000:
-                        snapshots.pop(next(iter(snapshots)))
-                tokens = await services.units.run_user(run_id, task, user_id)
-            except Exception as exc:
-                log.exception("unit_error", run_id=run_id, user_id=user_id)
-                if task is not None:
-                    await services.runs.fail_unfinished_user(
-                        run_id, task.name, user_id, services.clock.now(), f"unit error: {exc!r}"
-                    )
+                tokens = await services.units.run_delivered(run_id, user_id, where="unit")
+            except Exception:  # logged and recorded: the server still hears it is done
+                pass
             finally:
                 done = {"done": [run_id, user_id], "tokens": tokens}
                 os.write(out, json.dumps(done).encode() + b"\n")

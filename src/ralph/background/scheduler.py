@@ -241,27 +241,27 @@ class Scheduler:
     async def next_idle_check(
         self, stored: StoredTask, trigger: IdleTrigger, now: datetime
     ) -> datetime:
-        """When the task's next idle episode can be due: the oldest last message of an active
-        user plus `idle_minutes`, or a deferred user's time, and at the latest one idle check
-        interval from now (activity recorded through another replica, which this process
-        does not hear of)."""
-        idle = timedelta(minutes=trigger.idle_minutes)
-        active, deferred = await self._store.next_idle_due(stored.definition.name, now - idle)
-        due = [now + self._idle_interval]
-        if active is not None:
-            due.append(active + idle)
-        if deferred is not None:
-            due.append(deferred)
-        return max(now, min(due))
+        """When to look at the idle task again: when its next episode can be due, and at the
+        latest one idle check interval from now (activity recorded through another replica,
+        which this process does not hear of)."""
+        due = await self._earliest_idle_due(stored.definition.name, trigger, now)
+        fallback = now + self._idle_interval
+        return max(now, fallback if due is None else min(due, fallback))
 
     async def idle_outlook(self, name: str, trigger: IdleTrigger) -> tuple[int, datetime | None]:
         """(users armed now, the earliest time one of them can be due) for an idle task."""
-        now = self._clock.now()
-        idle = timedelta(minutes=trigger.idle_minutes)
         armed = await self._store.armed_users(name)
+        return armed, await self._earliest_idle_due(name, trigger, self._clock.now())
+
+    async def _earliest_idle_due(
+        self, name: str, trigger: IdleTrigger, now: datetime
+    ) -> datetime | None:
+        """The earliest time an episode of the task can be due: the oldest last message of an
+        active user plus `idle_minutes`, or a deferred user's time (None: neither)."""
+        idle = timedelta(minutes=trigger.idle_minutes)
         active, deferred = await self._store.next_idle_due(name, now - idle)
         due = [t for t in (active + idle if active else None, deferred) if t is not None]
-        return armed, min(due, default=None)
+        return min(due, default=None)
 
     def note_activity(self, at: datetime) -> None:
         """A user was active `at` (recorded through this process): if that makes an idle

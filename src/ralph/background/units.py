@@ -69,6 +69,8 @@ class UnitRunner:
         self._clock = clock
         self.inflight = inflight
         self._transcript_max_chars = transcript_max_chars
+        # task snapshots of the runs this process executes units of, the newest 1,000
+        self._snapshots: dict[str, TaskDefinition] = {}
 
     async def __call__(self, run_id: str, task: TaskDefinition, user_id: str) -> None:
         await self.run_user(run_id, task, user_id)
@@ -78,6 +80,28 @@ class UnitRunner:
 
     async def stop(self) -> None:
         self.inflight.stop_all()
+
+    async def run_delivered(self, run_id: str, user_id: str, *, where: str) -> int:
+        """`run_user` for a unit delivered from another process (an agent process, an ARQ
+        worker): the run's task is read from the database (cached). If this fails, the user
+        is recorded as failed ("<where> error: ..."), so nobody waits for it, and the error
+        is raised. Returns the tokens recorded."""
+        task: TaskDefinition | None = None
+        try:
+            task = self._snapshots.get(run_id)
+            if task is None:
+                task = self._snapshots[run_id] = await self._runs.snapshot(run_id)
+                if len(self._snapshots) > 1000:
+                    self._snapshots.pop(next(iter(self._snapshots)))
+            return await self.run_user(run_id, task, user_id)
+        except Exception as exc:
+            log.exception("unit_error", run_id=run_id, user_id=user_id)
+            if task is not None:
+                error = f"{where} error: {exc!r}"
+                await self._runs.fail_unfinished_user(
+                    run_id, task.name, user_id, self._clock.now(), error
+                )
+            raise
 
     async def run_user(self, run_id: str, task: TaskDefinition, user_id: str) -> int:
         """Execute the unit at most once: a user no longer pending (a duplicate delivery, a

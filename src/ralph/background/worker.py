@@ -18,7 +18,6 @@ import structlog
 from arq.connections import ArqRedis, RedisSettings
 from arq.worker import Worker, func
 
-from ralph.background.models import TaskDefinition
 from ralph.background.queue import DONE_TTL_SECONDS, FUNCTION, alive_key, done_key
 from ralph.clock import Clock
 from ralph.composition import Services, open_services
@@ -54,9 +53,7 @@ async def run_user_job(ctx: dict[str, Any], run_id: str, user_id: str) -> str:
     queue = services.settings.queue_name
     heartbeat = services.settings.worker_heartbeat_seconds
     alive = alive_key(queue, run_id, user_id)
-    task: TaskDefinition | None = None
     try:
-        task = await _snapshot(ctx, services, run_id)
         # set before the user is marked running: the server reads a running user without
         # this key as a dead worker
         await redis.set(alive, b"1", px=_alive_ttl_ms(heartbeat))
@@ -65,17 +62,10 @@ async def run_user_job(ctx: dict[str, Any], run_id: str, user_id: str) -> str:
             asyncio.create_task(_watch_cancel(services, run_id)),
         ]
         try:
-            await services.units.run_user(run_id, task, user_id)
+            await services.units.run_delivered(run_id, user_id, where="worker")
         finally:
             for helper in helpers:
                 helper.cancel()
-    except Exception as exc:
-        log.exception("unit_error", run_id=run_id, user_id=user_id)
-        if task is not None:
-            await services.runs.fail_unfinished_user(
-                run_id, task.name, user_id, services.clock.now(), f"worker error: {exc!r}"
-            )
-        raise
     finally:
         key = done_key(queue, run_id)
         async with redis.pipeline(transaction=True) as pipe:
@@ -84,17 +74,6 @@ async def run_user_job(ctx: dict[str, Any], run_id: str, user_id: str) -> str:
             pipe.delete(alive)  # pyright: ignore[reportUnusedCallResult]
             await pipe.execute()
     return (await services.runs.user(run_id, user_id)).status.value
-
-
-async def _snapshot(ctx: dict[str, Any], services: Services, run_id: str) -> TaskDefinition:
-    """The run's task as it was when the run was created, cached per worker."""
-    snapshots: dict[str, TaskDefinition] = ctx["snapshots"]
-    task = snapshots.get(run_id)
-    if task is None:
-        task = snapshots[run_id] = await services.runs.snapshot(run_id)
-        if len(snapshots) > 1000:
-            snapshots.pop(next(iter(snapshots)))
-    return task
 
 
 def build_worker(
@@ -107,7 +86,6 @@ def build_worker(
         ctx["services"] = await stack.enter_async_context(
             open_services(settings, clock=clock, apply_migrations=False, role="worker")
         )
-        ctx["snapshots"] = {}
         log.info("worker_started", queue=settings.queue_name, max_jobs=settings.worker_max_jobs)
 
     async def shutdown(ctx: dict[str, Any]) -> None:
