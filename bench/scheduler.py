@@ -1,10 +1,17 @@
-"""Idle-trigger selection time against the size of the activity table.
+"""Idle-trigger selection time against the size of the activity table, and the pass of a
+cron task read in each user's local time.
 
 For each size (default 10k, 100k, 1M users, all in the task's list), 99% of users went idle
 before the task's watermark (examined already) and 1% became idle since: the tick must find
 exactly those. Prints the selection time (median of 5) on SQLite and, when reachable, MariaDB.
 
+Local time: 100,000 users spread over 40 timezones, one cron task `"timezone": "user"`; the
+scheduler's pass over it (group the users by timezone, each zone's next slot) against the
+same pass over a task with one fixed timezone and the same users (the baseline, same run),
+and the read of one due zone's users.
+
     uv run python bench/scheduler.py [sizes...]      e.g. 10000 100000
+    uv run python bench/scheduler.py --local-time [users]
 """
 
 from __future__ import annotations
@@ -23,13 +30,14 @@ os.environ.setdefault("AGNO_TELEMETRY", "false")
 
 from sqlalchemy import text, update
 
-from ralph.background.models import IdleTrigger, TaskDefinition
+from ralph.background.models import CronTrigger, IdleTrigger, TaskDefinition
 from ralph.composition import open_services
 from ralph.config import Settings
 from ralph.db.engine import create_engine
-from ralph.db.tables import background_tasks, task_users, user_activity
+from ralph.db.tables import background_tasks, task_users, user_activity, user_profiles
 from ralph.logs import configure_logging
 from ralph.testing.clock import FakeClock
+from ralph.users.store import ProfileStore
 
 MARIADB = os.environ.get("RALPH_TEST_MARIADB_URL", "mysql+asyncmy://root@127.0.0.1:3306")
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
@@ -94,6 +102,102 @@ async def run_size(url: str, users: int) -> tuple[float, int, float]:
         return statistics.median(timings) * 1000, found, statistics.median(wakes) * 1000
 
 
+# 40 zones, west to east: most distinct offsets, some sharing one (Berlin and Paris)
+ZONES = [
+    "Pacific/Honolulu", "America/Anchorage", "America/Los_Angeles", "America/Denver",
+    "America/Chicago", "America/New_York", "America/Halifax", "America/Sao_Paulo",
+    "Atlantic/Azores", "UTC", "Europe/London", "Europe/Lisbon", "Europe/Berlin",
+    "Europe/Paris", "Europe/Madrid", "Africa/Lagos", "Europe/Athens", "Africa/Cairo",
+    "Europe/Moscow", "Asia/Tehran", "Asia/Dubai", "Asia/Kabul", "Asia/Karachi",
+    "Asia/Kolkata", "Asia/Kathmandu", "Asia/Dhaka", "Asia/Yangon", "Asia/Bangkok",
+    "Asia/Shanghai", "Asia/Singapore", "Australia/Perth", "Asia/Tokyo", "Asia/Seoul",
+    "Australia/Adelaide", "Australia/Sydney", "Pacific/Noumea", "Pacific/Auckland",
+    "Pacific/Chatham", "Pacific/Tongatapu", "Pacific/Kiritimati",
+]  # fmt: skip
+
+
+async def local_time_pass(url: str, users: int) -> tuple[float, float, float, int]:
+    """(per-user pass ms, fixed-timezone pass ms, one zone's users ms, that zone's users)."""
+    settings = Settings(
+        database_url=url,
+        data_dir=Path(tempfile.gettempdir()),
+        worker_mode="inprocess",
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    clock = FakeClock(NOW)
+    async with open_services(settings, clock=clock) as services:
+        for name, zone in (("local", "user"), ("fixed", "Europe/Berlin")):
+            trigger = CronTrigger(schedule="0 3 * * *", timezone=zone)
+            await services.registry.create(
+                TaskDefinition(name=name, system_prompt="x", trigger=trigger, user_ids=["seed"])
+            )
+        async with services.engine.begin() as conn:
+            await conn.execute(task_users.delete())
+            for start in range(0, users, CHUNK):
+                ids = range(start, min(start + CHUNK, users))
+                for name in ("local", "fixed"):
+                    await conn.execute(
+                        task_users.insert(),
+                        [{"task_name": name, "user_id": f"u{i}", "position": i} for i in ids],
+                    )
+                await conn.execute(
+                    user_profiles.insert(),
+                    [
+                        {
+                            "user_id": f"u{i}",
+                            "timezone": ZONES[i % len(ZONES)],
+                            "metadata": "{}",
+                            "timezone_changed_at": NOW - timedelta(days=30),
+                            "updated_at": NOW - timedelta(days=30),
+                        }
+                        for i in ids
+                    ],
+                )
+        scheduler = services.scheduler
+        passes: dict[str, list[float]] = {"local": [], "fixed": []}
+        for _ in range(5):
+            for name in passes:
+                await services.registry.set_enabled("fixed", name == "fixed")
+                await services.registry.set_enabled("local", name == "local")
+                await scheduler.tick()  # the registry's refresh, outside the timing
+                started = time.perf_counter()
+                await scheduler.tick()
+                passes[name].append(time.perf_counter() - started)
+        profiles = ProfileStore(services.engine)
+        reads: list[float] = []
+        found = 0
+        for _ in range(5):
+            started = time.perf_counter()
+            found = len(await profiles.users_in_zones("local", ["Asia/Tokyo"], "UTC"))
+            reads.append(time.perf_counter() - started)
+        return (
+            statistics.median(passes["local"]) * 1000,
+            statistics.median(passes["fixed"]) * 1000,
+            statistics.median(reads) * 1000,
+            found,
+        )
+
+
+async def local_time(users: int) -> None:
+    configure_logging("warning", json=True)
+    print(f"cron in users' local time: {users:,} users over {len(ZONES)} timezones, median of 5")
+    print("pass: one scheduler tick with only that task enabled, nothing due")
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = await local_time_pass(f"sqlite+aiosqlite:///{tmp}/bench.db", users)
+    rows = [("sqlite", figures)]
+    url = await mariadb_url()
+    if url is not None:
+        try:
+            rows.append(("mariadb", await local_time_pass(url, users)))
+        finally:
+            await drop(url)
+    for backend, (local, fixed, read, found) in rows:
+        print(
+            f"  {backend:8} per-user pass={local:7.2f} ms  fixed-timezone pass={fixed:6.2f} ms "
+            f"(x{local / fixed:.1f})  one zone's users ({found:,})={read:6.2f} ms"
+        )
+
+
 async def mariadb_url() -> str | None:
     engine = create_engine(MARIADB + "/")
     try:
@@ -144,5 +248,8 @@ async def main(sizes: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    sizes = [int(a) for a in sys.argv[1:]] or [10_000, 100_000, 1_000_000]
-    asyncio.run(main(sizes))
+    if sys.argv[1:2] == ["--local-time"]:
+        asyncio.run(local_time(int(sys.argv[2]) if len(sys.argv) > 2 else 100_000))
+    else:
+        sizes = [int(a) for a in sys.argv[1:]] or [10_000, 100_000, 1_000_000]
+        asyncio.run(main(sizes))

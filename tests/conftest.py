@@ -10,6 +10,7 @@ import pytest
 from httpx import AsyncClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ralph.composition import Services, open_services
 from ralph.config import Settings
 from ralph.db import migrate
 from ralph.db.engine import create_engine
@@ -138,3 +139,17 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith("RALPH_"):
             monkeypatch.delenv(key)
+
+
+@pytest.fixture
+async def second_replica(harness: AppHarness, clock: FakeClock) -> AsyncIterator[Services]:
+    """Another server's services with their own engine (own connections) on the same database,
+    as a second server process would have."""
+    services = harness.services
+    engine = create_engine(services.settings.effective_database_url)
+    async with open_services(
+        services.settings, clock=clock, models=services.models, engine=engine
+    ) as other:
+        yield other
+        await other.coordinator.drain()
+    await engine.dispose()

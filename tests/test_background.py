@@ -64,6 +64,7 @@ async def test_plan_manual_steps(bg: AppHarness) -> None:
         "schedule": "*/5 * * * *",
         "timezone": "UTC",
         "jitter_seconds": 0,
+        "default_timezone": None,
     }
     listed = (await client.get("/background/tasks")).json()
     assert [t["name"] for t in listed] == ["test-progress-tracker"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,9 +21,8 @@ from ralph.background.models import (
     UserStatus,
     jitter_offset,
 )
-from ralph.composition import Services, open_services
+from ralph.composition import Services
 from ralph.config import Settings
-from ralph.db.engine import create_engine
 from ralph.db.tables import background_tasks, task_runs
 from ralph.testing.clock import FakeClock
 from tests.helpers import AppHarness, harness_for
@@ -42,20 +40,6 @@ def definition(**overrides: Any) -> TaskDefinition:
     }
     values.update(overrides)
     return TaskDefinition(**values)
-
-
-@pytest.fixture
-async def second_replica(harness: AppHarness, clock: FakeClock) -> AsyncIterator[Services]:
-    """Another server's services with their own engine (own connections) on the same database,
-    as a second server process would have."""
-    services = harness.services
-    engine = create_engine(services.settings.effective_database_url)
-    async with open_services(
-        services.settings, clock=clock, models=services.models, engine=engine
-    ) as other:
-        yield other
-        await other.coordinator.drain()
-    await engine.dispose()
 
 
 async def cron_runs(services: Services) -> list[tuple[datetime | None, str]]:

@@ -9,7 +9,7 @@ import structlog
 from fastapi import Depends, FastAPI
 
 from ralph import __version__
-from ralph.api import background, chat, conversations, health, memory, proposals
+from ralph.api import background, chat, conversations, health, memory, proposals, users
 from ralph.api.deps import bearer_token
 from ralph.api.errors import ERROR_RESPONSES, install_error_handlers
 from ralph.api.middleware import (
@@ -78,6 +78,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
         conversations.router,
         chat.router,
         background.router,
+        users.router,
     ):
         app.include_router(router, dependencies=[Depends(bearer_token)], responses=ERROR_RESPONSES)
     return app

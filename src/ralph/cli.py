@@ -29,11 +29,12 @@ def _settings(**overrides: object) -> Settings:
 
 
 def _register_subcommands() -> None:
-    from ralph.cli_client import proposals_app, runs_app, tasks_app
+    from ralph.cli_client import proposals_app, runs_app, tasks_app, users_app
 
     app.add_typer(tasks_app, name="tasks")
     app.add_typer(runs_app, name="runs")
     app.add_typer(proposals_app, name="proposals")
+    app.add_typer(users_app, name="users")
 
 
 _register_subcommands()

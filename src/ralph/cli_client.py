@@ -322,3 +322,40 @@ def proposals_reject(
 ) -> None:
     """Reject the proposal: the block stays as it is."""
     _decide(proposal_id, "reject", comment, url)
+
+
+users_app = typer.Typer(help="User profiles: timezone and metadata (talks to a running server).")
+
+
+@users_app.command("show")
+def users_show(user_id: str, url: UrlOption = None) -> None:
+    """Show a user's profile as JSON."""
+    with _client(url) as client:
+        console.print_json(json.dumps(_call(client, "GET", f"/users/{user_id}")))
+
+
+@users_app.command("set")
+def users_set(
+    user_id: str,
+    timezone: Annotated[
+        str | None, typer.Option(help="IANA timezone, e.g. Europe/Berlin; 'none' clears it.")
+    ] = None,
+    metadata: Annotated[
+        str | None, typer.Option(help="A JSON object replacing the metadata.")
+    ] = None,
+    url: UrlOption = None,
+) -> None:
+    """Change a user's profile: only the fields given; the others stay as they are."""
+    with _client(url) as client:
+        profile = _call(client, "GET", f"/users/{user_id}")
+        body = {"timezone": profile["timezone"], "metadata": profile["metadata"]}
+        if timezone is not None:
+            body["timezone"] = None if timezone.lower() == "none" else timezone
+        if metadata is not None:
+            try:
+                body["metadata"] = json.loads(metadata)
+            except ValueError as exc:
+                console.print(f"[red]error:[/red] --metadata is not JSON: {escape(str(exc))}")
+                raise typer.Exit(1) from None
+        updated = _call(client, "PUT", f"/users/{user_id}", json=body)
+    console.print_json(json.dumps(updated))

@@ -32,6 +32,8 @@ from ralph.db import migrate
 from ralph.db.engine import create_engine, create_probe_engine, create_read_engine
 from ralph.memory.service import MemoryService
 from ralph.memory.store import MemoryStore
+from ralph.users.service import UserService
+from ralph.users.store import ProfileStore
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Services:
     probe_engine: AsyncEngine
     memory: MemoryService
     conversations: ConversationService
+    users: UserService
     models: ModelFactory
     chat: ChatService
     registry: TaskRegistry
@@ -136,9 +139,12 @@ async def open_services(
         )
         tasks = TaskStore(engine, read_engine)
         registry = TaskRegistry(tasks, clock, allow_shell=settings.allow_shell_tools)
+        profiles = ProfileStore(engine, read_engine)
+        users = UserService(profiles, clock)
         scheduler = Scheduler(
             store=ScheduleStore(engine, runs, tasks, read_engine),
             runs=runs,
+            profiles=profiles,
             registry=registry,
             coordinator=coordinator,
             clock=clock,
@@ -147,6 +153,7 @@ async def open_services(
             units_alive=arq.alive_users if arq is not None else None,
         )
         conversations.on_activity(scheduler.note_activity)
+        users.on_change(scheduler.wake)
         yield Services(
             settings=settings,
             clock=clock,
@@ -154,6 +161,7 @@ async def open_services(
             probe_engine=probe_engine,
             memory=memory,
             conversations=conversations,
+            users=users,
             models=models,
             chat=ChatService(
                 kit,
@@ -168,6 +176,7 @@ async def open_services(
             scheduler=scheduler,
             background=BackgroundService(
                 registry=registry,
+                profiles=profiles,
                 runs=runs,
                 coordinator=coordinator,
                 scheduler=scheduler,

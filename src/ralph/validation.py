@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from typing import Annotated
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     AfterValidator,
@@ -37,6 +38,15 @@ def check_user_id(value: str) -> str:
         raise ValueError(
             "user id must be 1-128 characters of A-Z a-z 0-9 . _ @ - and must not contain '..'"
         )
+    return value
+
+
+def check_timezone(value: str) -> str:
+    """Return `value` if it names an IANA timezone, else raise ValueError."""
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown timezone {value!r} (use an IANA name)") from None
     return value
 
 

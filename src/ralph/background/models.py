@@ -7,17 +7,26 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
-from pydantic import ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ralph.background.cron import never_fires_reason
-from ralph.validation import Label, StrictInput, TaskName, UserId, unique_user_ids
+from ralph.validation import (
+    Label,
+    StrictInput,
+    TaskName,
+    UserId,
+    check_timezone,
+    unique_user_ids,
+)
 
 # Validation context for definitions read back from the database: checks added since a row
 # was written must not make it unreadable.
 STORED = "stored"
+
+# a cron trigger's `timezone` that reads the schedule in each user's own timezone
+USER_TIMEZONE = "user"
 
 
 class CronTrigger(StrictInput):
@@ -26,7 +35,17 @@ class CronTrigger(StrictInput):
     model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["cron"] = "cron"
     schedule: str = Field(examples=["0 3 * * *"])
-    timezone: str = "UTC"
+    timezone: str = Field(
+        default="UTC",
+        description=(
+            'IANA timezone the schedule is read in, or "user": each user\'s own (their '
+            "profile's `timezone`, else `default_timezone`); one run per distinct instant."
+        ),
+    )
+    default_timezone: str | None = Field(
+        default=None,
+        description='With `"timezone": "user"`: the timezone of users without one (UTC).',
+    )
     jitter_seconds: int = Field(
         default=0,
         ge=0,
@@ -55,11 +74,31 @@ class CronTrigger(StrictInput):
     @field_validator("timezone")
     @classmethod
     def _valid_timezone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown timezone {value!r} (use an IANA name)") from None
-        return value
+        return value if value == USER_TIMEZONE else check_timezone(value)
+
+    @field_validator("default_timezone")
+    @classmethod
+    def _valid_default(cls, value: str | None) -> str | None:
+        return None if value is None else check_timezone(value)
+
+    @model_validator(mode="after")
+    def _default_only_for_users(self) -> CronTrigger:
+        if self.default_timezone is not None and self.timezone != USER_TIMEZONE:
+            raise ValueError(
+                f"default_timezone applies to timezone {USER_TIMEZONE!r} only "
+                f"(this trigger's schedule is read in {self.timezone!r})"
+            )
+        return self
+
+    @property
+    def per_user(self) -> bool:
+        """The schedule is read in each user's own timezone."""
+        return self.timezone == USER_TIMEZONE
+
+    @property
+    def fallback_timezone(self) -> str:
+        """The timezone of a user without one in their profile (per-user schedules)."""
+        return self.default_timezone or "UTC"
 
 
 class IdleTrigger(StrictInput):
@@ -195,10 +234,13 @@ FINISHED_RUN = {
 # Every change of a user's status in a run, from -> allowed targets. The run store writes
 # each change conditional on the user being in one of the sources of its target.
 USER_TRANSITIONS: dict[UserStatus, frozenset[UserStatus]] = {
-    # started; or never started: a cancel, a shutdown, a spent budget, a lost worker
+    # started; or never started: a cancel, a shutdown, a spent budget, a lost worker, or
+    # `skipped` when created: a cron slot in local time for a user who already ran on that
+    # local day before moving to another timezone
     UserStatus.PENDING: frozenset(
         {
             UserStatus.RUNNING,
+            UserStatus.SKIPPED,
             UserStatus.CANCELLED,
             UserStatus.INTERRUPTED,
             UserStatus.BUDGET_EXCEEDED,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -161,11 +161,13 @@ class RunStore:
         slot_key: str | None = None,
         slot_at: datetime | None = None,
         status: RunStatus = RunStatus.PENDING,
+        skipped: Mapping[str, str] | None = None,
     ) -> str | None:
         """Create a run with one pending row per user and return its id.
 
         With `slot_key`, the (task, slot_key) pair is claimed: if another caller (in any
-        process) created that run first, nothing is written and None is returned.
+        process) created that run first, nothing is written and None is returned. Users in
+        `skipped` (some of `user_ids`) are recorded as skipped at once, with its reason.
         """
         async with self._engine.begin() as conn:
             return await self.create_in(
@@ -177,6 +179,7 @@ class RunStore:
                 slot_key=slot_key,
                 slot_at=slot_at,
                 status=status,
+                skipped=skipped,
             )
 
     async def create_in(
@@ -190,6 +193,7 @@ class RunStore:
         slot_key: str | None = None,
         slot_at: datetime | None = None,
         status: RunStatus = RunStatus.PENDING,
+        skipped: Mapping[str, str] | None = None,
     ) -> str | None:
         """`create`, inside the caller's transaction (to make it atomic with other writes)."""
         run_id = str(uuid.uuid4())
@@ -231,6 +235,21 @@ class RunStore:
                         jitter_offset(task.name, slot_at, u, jitter) if slot_at else 0.0,
                     )
                     for i, u in enumerate(chunk)
+                ],
+            )
+        if skipped:
+            _check_transition(UserStatus.PENDING, UserStatus.SKIPPED)
+            await conn.execute(
+                _UPDATE_USER,
+                [
+                    {
+                        "b_run": run_id,
+                        "b_user": user_id,
+                        "status": UserStatus.SKIPPED.value,
+                        "completed_at": now,
+                        "error": reason,
+                    }
+                    for user_id, reason in skipped.items()
                 ],
             )
         return run_id
@@ -558,6 +577,28 @@ class RunStore:
         )
         async with self._reads.connect() as conn:
             return (await conn.execute(query)).scalar()
+
+    async def last_cron_slots(self, task_name: str, user_ids: Sequence[str]) -> dict[str, datetime]:
+        """For each of the users the task ever started for in a cron run: that run's slot,
+        the newest."""
+        found: dict[str, datetime] = {}
+        for start in range(0, len(user_ids), CHUNK):
+            query = (
+                select(task_run_users.c.user_id, func.max(task_runs.c.slot_at))
+                .select_from(
+                    task_run_users.join(task_runs, task_runs.c.id == task_run_users.c.run_id)
+                )
+                .where(
+                    task_run_users.c.user_id.in_(user_ids[start : start + CHUNK]),
+                    task_run_users.c.started_at.is_not(None),
+                    task_runs.c.task_name == task_name,
+                    task_runs.c.trigger_type == TriggerType.CRON.value,
+                )
+                .group_by(task_run_users.c.user_id)
+            )
+            async with self._reads.connect() as conn:
+                found.update(dict((await conn.execute(query)).all()))
+        return found
 
     async def lease_start(self, active: Sequence[str]) -> datetime | None:
         """The earliest moment from which recovery may have work one lease later: the oldest

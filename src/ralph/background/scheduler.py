@@ -17,19 +17,21 @@ from typing import Any
 import structlog
 
 from ralph.background.coordinator import RunCoordinator
-from ralph.background.cron import due_slots, next_slot
 from ralph.background.models import (
     CronTrigger,
     IdleTrigger,
     RunStatus,
     StoredTask,
+    TaskDefinition,
     TriggerType,
     UserStatus,
 )
 from ralph.background.registry import TaskRegistry
 from ralph.background.run_store import RunStore
 from ralph.background.schedule_store import ScheduleStore
+from ralph.background.slots import DueSlot, due_instants, next_instant, ran_this_local_day
 from ralph.clock import Clock, sleep_until_or
+from ralph.users.store import ProfileStore
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +60,7 @@ class Scheduler:
         *,
         store: ScheduleStore,
         runs: RunStore,
+        profiles: ProfileStore,
         registry: TaskRegistry,
         coordinator: RunCoordinator,
         clock: Clock,
@@ -69,6 +72,7 @@ class Scheduler:
         are still being run by workers: recovery leaves those to their workers."""
         self._store = store
         self._runs = runs
+        self._profiles = profiles
         self._registry = registry
         self._coordinator = coordinator
         self._clock = clock
@@ -86,6 +90,10 @@ class Scheduler:
         self.errors: dict[str, str] = {}
         self.recovery_error: str | None = None
         registry.on_change(self._wake.set)
+
+    def wake(self) -> None:
+        """Plan again now (a change made through this process may bring a firing forward)."""
+        self._wake.set()
 
     # --- one tick -------------------------------------------------------------------------
 
@@ -157,47 +165,75 @@ class Scheduler:
         """Fire one task: (runs created, when it is next due)."""
         trigger = stored.definition.trigger
         if isinstance(trigger, CronTrigger):
-            run_ids = await self._fire_cron(stored, trigger, now)
-            return run_ids, next_slot(trigger.schedule, trigger.timezone, now)
+            zones = await self._zones(stored.definition, trigger)
+            run_ids = await self._fire_cron(stored, trigger, zones, now)
+            return run_ids, next_instant(trigger.schedule, zones, now)
         run_id = await self._fire_idle(stored, trigger, now)
         return [run_id] if run_id else [], await self.next_idle_check(stored, trigger, now)
 
+    async def _zones(self, task: TaskDefinition, trigger: CronTrigger) -> list[str]:
+        """The timezones the task's schedule is read in: its own, or its users'."""
+        if not trigger.per_user:
+            return [trigger.timezone]
+        counts = await self._profiles.zone_counts(task.name, trigger.fallback_timezone)
+        return sorted(counts)
+
     async def _fire_cron(
-        self, stored: StoredTask, trigger: CronTrigger, now: datetime
+        self, stored: StoredTask, trigger: CronTrigger, zones: list[str], now: datetime
     ) -> list[str]:
         task = stored.definition
         after = stored.schedule_from
         last = await self._runs.last_cron_slot(task.name)
         if last is not None and last > after:
             after = last
-        slots = due_slots(trigger.schedule, trigger.timezone, after, now)
-        if not slots:
-            return []
         grace = timedelta(seconds=task.misfire_grace_seconds)
-        # Coalesce: only the newest due slot may run, and only inside the grace window;
-        # every other due slot is recorded as missed.
-        latest = slots[-1]
-        runnable = latest if now - latest <= grace else None
         started: list[str] = []
-        for slot in slots:
-            status = RunStatus.PENDING if slot == runnable else RunStatus.MISSED
+        # oldest first: a crash between two leaves the later ones due on the next tick
+        for due in due_instants(trigger.schedule, zones, after, now, grace):
+            users, skipped = await self._slot_users(task, trigger, due)
+            status = RunStatus.PENDING if due.zones else RunStatus.MISSED
             run_id = await self._runs.create(
                 task,
                 TriggerType.CRON,
-                task.user_ids if status is RunStatus.PENDING else [],
+                users,
                 now,
-                slot_key=f"cron:{slot.isoformat()}",
-                slot_at=slot,
+                slot_key=f"cron:{due.at.isoformat()}",
+                slot_at=due.at,
                 status=status,
+                skipped=skipped,
             )
             if run_id is None:
                 continue  # another replica claimed this slot
             if status is RunStatus.PENDING:
                 started.append(run_id)
-                log.info("cron_fired", task=task.name, slot=slot.isoformat(), run_id=run_id)
+                log.info("cron_fired", task=task.name, slot=due.at.isoformat(), run_id=run_id)
             else:
-                log.warning("cron_missed", task=task.name, slot=slot.isoformat())
+                log.warning("cron_missed", task=task.name, slot=due.at.isoformat())
         return started
+
+    async def _slot_users(
+        self, task: TaskDefinition, trigger: CronTrigger, due: DueSlot
+    ) -> tuple[list[str], dict[str, str]]:
+        """The users a due slot runs (those of its zones), and those of them skipped with
+        the reason: users who moved timezone after running on the slot's local day."""
+        if not due.zones:
+            return [], {}
+        if not trigger.per_user:
+            return task.user_ids, {}
+        fallback = trigger.fallback_timezone
+        users = await self._profiles.users_in_zones(task.name, due.zones, fallback)
+        # only a move in the last two days can put an earlier slot on the same local day
+        recent = due.at - timedelta(days=2)
+        moved = {u: (zone, at) for u, zone, at in users if at is not None and at > recent}
+        skipped: dict[str, str] = {}
+        if moved:
+            last = await self._runs.last_cron_slots(task.name, list(moved))
+            for user_id, (zone, moved_at) in moved.items():
+                if ran_this_local_day(trigger.schedule, last.get(user_id), moved_at, due.at, zone):
+                    skipped[user_id] = (
+                        f"already ran on this local day ({zone}) before the timezone changed"
+                    )
+        return [u for u, _, _ in users], skipped
 
     async def due_idle_users(
         self, task_name: str, trigger: IdleTrigger, now: datetime

@@ -6,11 +6,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from itertools import islice
 from typing import Any, Literal
 
 from ralph.background.coordinator import RunCoordinator
-from ralph.background.cron import never_fires_reason, next_slot, slots_after
+from ralph.background.cron import never_fires_reason
 from ralph.background.models import (
     CronTrigger,
     RunStatus,
@@ -23,8 +22,10 @@ from ralph.background.models import (
 from ralph.background.registry import TaskRegistry
 from ralph.background.run_store import RunStore
 from ralph.background.scheduler import Scheduler
+from ralph.background.slots import next_instant, upcoming_instants
 from ralph.clock import Clock
 from ralph.errors import InvalidInput
+from ralph.users.store import ProfileStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,12 +76,14 @@ class BackgroundService:
         *,
         registry: TaskRegistry,
         runs: RunStore,
+        profiles: ProfileStore,
         coordinator: RunCoordinator,
         scheduler: Scheduler,
         clock: Clock,
     ) -> None:
         self._registry = registry
         self._runs = runs
+        self._profiles = profiles
         self._coordinator = coordinator
         self._scheduler = scheduler
         self._clock = clock
@@ -189,8 +192,13 @@ class BackgroundService:
         now = self._clock.now()
         if isinstance(trigger, CronTrigger):
             after = max(now, stored.schedule_from)
-            slots = slots_after(trigger.schedule, trigger.timezone, after)
-            fires = [Fire(at, trigger.timezone, len(task.user_ids)) for at in islice(slots, limit)]
+            zones = {trigger.timezone: len(task.user_ids)}
+            if trigger.per_user:
+                zones = await self._profiles.zone_counts(name, trigger.fallback_timezone)
+            fires = [
+                Fire(at, zone, zones[zone])
+                for at, zone in upcoming_instants(trigger.schedule, sorted(zones), after, limit)
+            ]
             return Upcoming(name, trigger.type, task.enabled, fires, None, None)
         armed, due = await self._scheduler.idle_outlook(name, trigger)
         return Upcoming(name, trigger.type, task.enabled, [], armed, due)
@@ -209,7 +217,10 @@ class BackgroundService:
             upcoming = None
             if isinstance(trigger, CronTrigger):
                 after = max(now, stored.schedule_from)
-                upcoming = next_slot(trigger.schedule, trigger.timezone, after)
+                zones = [trigger.timezone]
+                if trigger.per_user:
+                    zones = list(await self._profiles.zone_counts(name, trigger.fallback_timezone))
+                upcoming = next_instant(trigger.schedule, zones, after)
                 if upcoming is None:
                     error = never_fires_reason(trigger.schedule, now)
             tasks.append(TaskSchedule(name, trigger.type, upcoming, error))

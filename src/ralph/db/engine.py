@@ -118,8 +118,10 @@ def insert_ignore(engine: AsyncEngine, table: Table) -> Insert:
 def upsert(engine: AsyncEngine, table: Table, update: Callable[[Any], dict[str, Any]]) -> Insert:
     """INSERT ... ON CONFLICT (primary key) / ON DUPLICATE KEY UPDATE.
 
-    `update(proposed)` returns column -> SQL expression; `proposed` names the row that was
-    being inserted (SQLite's `excluded`, MySQL's `VALUES()`).
+    `update(proposed)` returns column -> SQL expression, in the order to assign them;
+    `proposed` names the row that was being inserted (SQLite's `excluded`, MySQL's
+    `VALUES()`). An expression that reads the old row comes before the assignments of the
+    columns it reads (SQLite reads the old row throughout; MySQL the row as assigned so far).
     """
     if is_sqlite(engine):
         stmt = sqlite_insert(table)
@@ -127,4 +129,6 @@ def upsert(engine: AsyncEngine, table: Table, update: Callable[[Any], dict[str, 
             index_elements=list(table.primary_key.columns), set_=update(stmt.excluded)
         )
     stmt = mysql_insert(table)
-    return stmt.on_duplicate_key_update(update(stmt.inserted))
+    # as (column, value) pairs: MySQL assigns them in order, each seeing the ones before, so
+    # an expression that reads the old row must come before the assignments that change it
+    return stmt.on_duplicate_key_update(list(update(stmt.inserted).items()))

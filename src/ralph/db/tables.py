@@ -112,6 +112,19 @@ user_activity = Table(
     Column("last_message_at", UTCDateTime(), nullable=False, index=True),
 )
 
+# --- users --------------------------------------------------------------------------------
+
+user_profiles = Table(
+    "user_profiles",
+    metadata,
+    Column("user_id", String(USER), primary_key=True),
+    Column("timezone", String(64), nullable=True),  # IANA name; NULL: the task's default
+    Column("metadata", LongText(), nullable=False),  # JSON object
+    # when `timezone` last changed: cron in users' local time looks at recent moves only
+    Column("timezone_changed_at", UTCDateTime(), nullable=True, index=True),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
 # --- background tasks ---------------------------------------------------------------------
 
 background_tasks = Table(

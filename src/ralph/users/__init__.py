@@ -1,0 +1,1 @@
+"""User profiles: each user's timezone (for cron in local time) and free-form metadata."""
