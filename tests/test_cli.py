@@ -116,3 +116,27 @@ def test_review_proposals(live: LiveServer) -> None:
         app, ["proposals", "list", "--run", "r1", "--status", "all", "--url", live.url]
     )
     assert all(i in every.output for i in ids)
+
+
+def test_user_profiles(live: LiveServer) -> None:
+    shown = runner.invoke(app, ["users", "show", "ann", "--url", live.url])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["timezone"] is None
+    tz = ["users", "set", "ann", "--timezone", "Asia/Tokyo", "--url", live.url]
+    assert runner.invoke(app, tz).exit_code == 0
+    meta = ["users", "set", "ann", "--metadata", '{"plan": "pro"}', "--url", live.url]
+    assert runner.invoke(app, meta).exit_code == 0
+    profile = json.loads(runner.invoke(app, ["users", "show", "ann", "--url", live.url]).output)
+    # each set changes only what it names
+    assert (profile["timezone"], profile["metadata"]) == ("Asia/Tokyo", {"plan": "pro"})
+    cleared = runner.invoke(app, ["users", "set", "ann", "--timezone", "none", "--url", live.url])
+    assert json.loads(cleared.output)["timezone"] is None
+
+    unknown = runner.invoke(
+        app, ["users", "set", "ann", "--timezone", "Mars/Base", "--url", live.url]
+    )
+    assert unknown.exit_code == 1
+    assert "unknown timezone 'Mars/Base'" in unknown.output
+    broken = runner.invoke(app, ["users", "set", "ann", "--metadata", "{", "--url", live.url])
+    assert broken.exit_code == 1
+    assert "--metadata is not JSON" in broken.output
