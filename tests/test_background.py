@@ -513,3 +513,47 @@ async def test_other_runs_get_episode_messages_only_when_the_task_asks(
     assert "message" not in _prompt(bg.server.requests[-1])
     invalid = task_body(name="too-many", user_ids=["a"], episode_messages=501)
     assert (await bg.client.post("/background/tasks", json=invalid)).status_code == 422
+
+
+async def test_a_dry_run_previews_proposals_and_changes_nothing(
+    bg: AppHarness, clock: FakeClock
+) -> None:
+    client = bg.client
+    await client.put("/users/a/blocks/progress", json={"title": "P", "body": "week 1"})
+    await client.post("/users/a/messages", json={"content": "I finished unit 2"})
+    await clock.advance(1)
+    body = task_body(name="tryout", tools=["edit_memory_block"], user_ids=["a", "b"])
+    assert (await client.post("/background/tasks", json={**body, "episode_messages": 5})).is_success
+    bg.server.responder = scripted(
+        call("edit_memory_block", label="progress", append="unit 2 done", reason="told me"),
+        text("proposed"),
+    )
+    answer = await client.post(
+        "/background/tasks/tryout/run?wait=true", json={"dry_run": True, "user_ids": ["a"]}
+    )
+    assert answer.status_code == 200, answer.text
+    run = answer.json()
+    assert (run["dry_run"], run["status"], run["user_total"]) == (True, "success", 1)
+    assert "I finished unit 2" in _prompt(bg.server.requests[0])  # the agent saw its episode
+
+    previews = (await client.get(f"/proposals?run_id={run['id']}")).json()
+    assert [(p["status"], p["user_id"], p["label"]) for p in previews] == [
+        ("preview", "a", "progress")
+    ]
+    assert "+unit 2 done" in previews[0]["diff"]
+    assert (await client.get("/proposals?status=pending")).json() == []  # not in the queue
+    for verb in ("approve", "reject"):
+        refused = await client.post(f"/proposals/{previews[0]['id']}/{verb}", json={})
+        assert refused.status_code == 409
+        assert "preview from a dry run" in refused.text
+    block = (await client.get("/users/a/blocks/progress")).json()
+    assert (block["version"], block["body"]) == (1, "week 1")
+
+    # the dry run does not count as the task having run: a real run gets the same episode,
+    # and its proposal is a pending one (a preview never stands in for it)
+    bg.server.requests.clear()
+    real = await client.post("/background/tasks/tryout/run?wait=true", json={"user_ids": ["a"]})
+    assert real.json()["dry_run"] is False
+    assert "I finished unit 2" in _prompt(bg.server.requests[0])
+    pending = (await client.get("/proposals?status=pending")).json()
+    assert [(p["run_id"], p["status"]) for p in pending] == [(real.json()["id"], "pending")]

@@ -56,6 +56,17 @@ def test_create_run_wait_and_list(live: LiveServer, tmp_path: Path) -> None:
     assert shown.exit_code == 0
     assert json.loads(shown.output)["user_id"] == "b"
 
+    # a dry run prints each user's proposed diff and applies nothing
+    dry = ["tasks", "run", "cli-task", "--dry-run", "--user", "c", "--url", live.url]
+    tried = runner.invoke(app, dry)
+    assert tried.exit_code == 0, tried.output
+    assert "user c: block last_reviewed" in tried.output
+    assert "+Reviewed by the dev model" in tried.output
+    assert "1 proposed change(s), none applied" in tried.output
+    # in c's review queue: the real run's proposal only
+    queue = httpx.get(f"{live.url}/users/c/proposals", params={"status": "pending"}).json()
+    assert [p["run_id"] for p in queue] == [run_id]
+
 
 def test_errors_are_one_clear_line(live: LiveServer, tmp_path: Path) -> None:
     missing = runner.invoke(app, ["tasks", "show", "nope", "--url", live.url])

@@ -173,17 +173,37 @@ def tasks_run(
     user: Annotated[
         list[str] | None, typer.Option("--user", help="Only this user (repeat).")
     ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Run the agents for real, print each user's proposed diffs, apply nothing "
+            "(the proposals are previews). Waits for the run.",
+        ),
+    ] = False,
     url: UrlOption = None,
 ) -> None:
     """Start a run now; with --wait, follow it to the end."""
     with _client(url) as client:
-        body = {"user_ids": user} if user else None
-        started = _call(client, "POST", f"/background/tasks/{name}/run", json=body)
+        body: dict[str, Any] = {"dry_run": True} if dry_run else {}
+        if user:
+            body["user_ids"] = user
+        started = _call(client, "POST", f"/background/tasks/{name}/run", json=body or None)
         run_id = started["run_id"]
-        console.print(f"run {run_id} started")
-        if not wait:
+        console.print(f"{'dry run' if dry_run else 'run'} {run_id} started")
+        if not (wait or dry_run):
             return
         run = _follow(client, run_id)
+        previews: list[dict[str, Any]] = []
+        if dry_run:
+            query = {"run_id": run_id, "status": "preview", "limit": 1000}
+            previews = _call(client, "GET", "/proposals", params=query)
+    for preview in sorted(previews, key=lambda p: (p["user_id"], p["created_at"])):
+        console.rule(f"user {preview['user_id']}: block {preview['label']}", style="dim")
+        console.print(f"reason: {preview['reason']}", markup=False)
+        console.print(preview["diff"], markup=False, highlight=False)
+    if dry_run:
+        console.print(f"{len(previews)} proposed change(s), none applied")
     console.print(f"run {run_id}: [bold]{run['status']}[/bold] {run['counts']}")
     if run["status"] not in ("success",):
         raise typer.Exit(1)

@@ -27,8 +27,11 @@ class AgentKit:
     def model(self) -> Model:
         return self.models()
 
-    def context(self, user_id: str, *, author: str, run_id: str | None = None) -> ToolContext:
-        """What the user's tools may touch, on behalf of `author`."""
+    def context(
+        self, user_id: str, *, author: str, run_id: str | None = None, dry_run: bool = False
+    ) -> ToolContext:
+        """What the user's tools may touch, on behalf of `author` (in a dry run: proposals
+        become previews)."""
         return ToolContext(
             user_id=user_id,
             memory=self.memory,
@@ -37,6 +40,7 @@ class AgentKit:
             author=author,
             run_id=run_id,
             allow_shell=self.allow_shell,
+            dry_run=dry_run,
         )
 
     async def instructions(self, prompt: str, user_id: str, labels: Sequence[str] = ()) -> str:

@@ -105,6 +105,8 @@ class ToolContext:
     author: str = "agent"
     run_id: str | None = None
     allow_shell: bool = False
+    # a dry run's: proposals are recorded as previews (never reviewed or applied)
+    dry_run: bool = False
     proposal_ids: list[str] = field(default_factory=list[str])
 
 
@@ -184,6 +186,7 @@ def _memory_tools(ctx: ToolContext) -> dict[str, Callable[..., Any]]:
                     new_text=new_text,
                     append=append,
                     run_id=ctx.run_id,
+                    preview=ctx.dry_run,
                 )
             )
         except RalphError as exc:

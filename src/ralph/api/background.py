@@ -48,6 +48,14 @@ class RunRequest(StrictInput):
         default=None,
         description="Run only these users (each must be in the task's list); omit for all.",
     )
+    dry_run: bool = Field(
+        default=False,
+        description=(
+            "Run the agents for real, but record their proposals as previews attached to the "
+            "run (`GET /proposals?run_id=...`: not in the review queue, never applicable); "
+            "later runs do not count it as the task having run for its users."
+        ),
+    )
 
 
 _USER_NOTES = {
@@ -78,6 +86,7 @@ RunOut = response_model(
     descriptions={
         "cost_usd": "The users' costs summed (None: not reported)",
         "rerun_of": "For a `rerun`: the interrupted run whose users it runs.",
+        "dry_run": "Its proposals are previews (never applicable)",
     },
     extra={"user_results": (list[UserResultOut] | None, None)},
 )
@@ -171,12 +180,16 @@ async def run_task(
         name,
         request.user_ids if request else None,
         services.settings.wait_max_seconds if wait else None,
+        dry_run=request.dry_run if request else False,
     )
     if finished is not None:
         _, users = await services.background.run(run_id, users_limit=100)
         body = RunOut.model_validate(run_out(finished, users)).model_dump(mode="json")
         return JSONResponse(body, status_code=200)
-    started = RunStarted(run_id=run_id, status=RunStatus.PENDING, message=f"task '{name}' started")
+    what = "dry run" if request and request.dry_run else "run"
+    started = RunStarted(
+        run_id=run_id, status=RunStatus.PENDING, message=f"task '{name}' {what} started"
+    )
     return JSONResponse(started.model_dump(mode="json"), status_code=202)
 
 

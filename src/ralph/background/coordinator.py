@@ -83,6 +83,7 @@ class RunCoordinator:
             list(user_ids),
             self._clock.now(),
             slot_key=f"{RERUN_PREFIX}{run_id}",
+            dry_run=await self._runs.is_dry_run(run_id),  # a dry run's rerun previews too
         )
 
     def start(self, run_id: str) -> asyncio.Task[TaskRun]:

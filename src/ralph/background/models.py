@@ -333,6 +333,7 @@ class TaskRun:
     error: str | None
     rerun_of: str | None = None  # for a rerun: the interrupted run it continues
     cost_usd: float | None = None
+    dry_run: bool = False
 
 
 @dataclass(frozen=True, slots=True)

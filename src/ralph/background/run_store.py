@@ -82,6 +82,7 @@ def _run(row: RowMapping, counts: dict[str, int]) -> TaskRun:
         error=row["error"],
         rerun_of=_rerun_of(row["slot_key"]),
         cost_usd=row["cost_usd"],
+        dry_run=bool(row["dry_run"]),
     )
 
 
@@ -162,6 +163,7 @@ class RunStore:
         slot_at: datetime | None = None,
         status: RunStatus = RunStatus.PENDING,
         skipped: Mapping[str, str] | None = None,
+        dry_run: bool = False,
     ) -> str | None:
         """Create a run with one pending row per user and return its id.
 
@@ -180,6 +182,7 @@ class RunStore:
                 slot_at=slot_at,
                 status=status,
                 skipped=skipped,
+                dry_run=dry_run,
             )
 
     async def create_in(
@@ -194,6 +197,7 @@ class RunStore:
         slot_at: datetime | None = None,
         status: RunStatus = RunStatus.PENDING,
         skipped: Mapping[str, str] | None = None,
+        dry_run: bool = False,
     ) -> str | None:
         """`create`, inside the caller's transaction (to make it atomic with other writes)."""
         run_id = str(uuid.uuid4())
@@ -213,6 +217,7 @@ class RunStore:
                 input_tokens=0,
                 output_tokens=0,
                 total_tokens=0,
+                dry_run=dry_run,
             )
         )
         if result.rowcount != 1:
@@ -527,7 +532,7 @@ class RunStore:
 
     async def last_started(self, task_name: str, user_id: str, other_than: str) -> datetime | None:
         """When the task last started running for the user, in a run other than
-        `other_than` (None: never)."""
+        `other_than` and not a dry run (None: never)."""
         query = (
             select(func.max(task_run_users.c.started_at))
             .select_from(task_run_users.join(task_runs, task_runs.c.id == task_run_users.c.run_id))
@@ -536,10 +541,16 @@ class RunStore:
                 task_run_users.c.started_at.is_not(None),
                 task_runs.c.task_name == task_name,
                 task_runs.c.id != other_than,
+                task_runs.c.dry_run.is_(False),
             )
         )
         async with self._reads.connect() as conn:
             return (await conn.execute(query)).scalar()
+
+    async def is_dry_run(self, run_id: str) -> bool:
+        query = select(task_runs.c.dry_run).where(task_runs.c.id == run_id)
+        async with self._reads.connect() as conn:
+            return bool((await conn.execute(query)).scalar())
 
     async def user_ids(self, run_id: str, status: UserStatus) -> list[str]:
         """The ids of the run's users in `status`, in the run's order."""

@@ -89,27 +89,39 @@ class BackgroundService:
         self._clock = clock
 
     async def create_run(
-        self, task: TaskDefinition, trigger: TriggerType, user_ids: Sequence[str] | None = None
+        self,
+        task: TaskDefinition,
+        trigger: TriggerType,
+        user_ids: Sequence[str] | None = None,
+        *,
+        dry_run: bool = False,
     ) -> str:
         """Record a pending run for `user_ids` (default: all the task's users; any others are
-        InvalidInput) and return its id; the coordinator's `start` runs it."""
+        InvalidInput) and return its id; the coordinator's `start` runs it. A `dry_run`'s
+        agents run for real, but their proposals are previews (never applicable) and no later
+        run counts it as the task having run for its users."""
         users = list(task.user_ids if user_ids is None else user_ids)
         if user_ids is not None:
             allowed = set(task.user_ids)
             outside = [u for u in users if u not in allowed]
             if outside:
                 raise InvalidInput(f"user ids not in task '{task.name}': {', '.join(outside[:5])}")
-        run_id = await self._runs.create(task, trigger, users, self._clock.now())
+        run_id = await self._runs.create(task, trigger, users, self._clock.now(), dry_run=dry_run)
         assert run_id is not None  # only a slot claim can lose, and this run claims none
         return run_id
 
     async def run_now(
-        self, name: str, user_ids: Sequence[str] | None, wait_seconds: float | None
+        self,
+        name: str,
+        user_ids: Sequence[str] | None,
+        wait_seconds: float | None,
+        *,
+        dry_run: bool = False,
     ) -> tuple[str, TaskRun | None]:
-        """Start a manual run of the task; with `wait_seconds`, wait that long at most for it
-        to finish. Returns its id and, if it finished, the finished run."""
+        """Start a manual run (or a dry run) of the task; with `wait_seconds`, wait that long
+        at most for it to finish. Returns its id and, if it finished, the finished run."""
         task = (await self._registry.get(name)).definition
-        run_id = await self.create_run(task, TriggerType.MANUAL, user_ids)
+        run_id = await self.create_run(task, TriggerType.MANUAL, user_ids, dry_run=dry_run)
         self._coordinator.start(run_id)
         finished = None
         if wait_seconds is not None:

@@ -126,7 +126,12 @@ class UnitRunner:
             return 0
         status = UserStatus.FAILED
         outcome = AgentOutcome()
-        context = self._kit.context(user_id, author=f"agent:{task.name}", run_id=run_id)
+        context = self._kit.context(
+            user_id,
+            author=f"agent:{task.name}",
+            run_id=run_id,
+            dry_run=await self._runs.is_dry_run(run_id),
+        )
         agent = asyncio.create_task(self._agent(task, context))
         self.inflight.add(run_id, agent)
         try:

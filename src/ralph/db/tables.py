@@ -179,6 +179,9 @@ task_runs = Table(
     Column("total_tokens", BigInteger, nullable=False, default=0),
     Column("cost_usd", Float, nullable=True),  # the users' costs summed; None: unknown
     Column("error", Text(), nullable=True),
+    # a manual run that only previews: its proposals are previews, and no later run counts
+    # it as the task having run for its users
+    Column("dry_run", Boolean, nullable=False, server_default=false()),
     UniqueConstraint("task_name", "slot_key"),
     Index(None, "task_name", "created_at"),
     Index(None, "status", "heartbeat_at"),

@@ -38,6 +38,7 @@ class ProposalStatus(StrEnum):
     REJECTED = "rejected"
     SUPERSEDED = "superseded"
     CONFLICT = "conflict"
+    PREVIEW = "preview"  # from a dry run: shown with its run, never reviewed or applied
 
 
 class ProposalKind(StrEnum):
@@ -82,6 +83,7 @@ class ProposalDraft:
     new_text: str | None = None
     run_id: str | None = None
     append: str | None = None  # text to add at the end
+    preview: bool = False  # a dry run's: recorded as a preview, never applicable
 
     @property
     def kind(self) -> ProposalKind:

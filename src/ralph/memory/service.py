@@ -207,10 +207,13 @@ class MemoryService:
         self._check_body(after)
 
         # The same author proposing the same change to a block that already has it pending
-        # gets that proposal back (the key is cleared once the proposal is decided).
+        # gets that proposal back (the key is cleared once the proposal is decided); a
+        # preview, the same preview of its dry run.
         new_text = draft.append if draft.kind is ProposalKind.APPEND else draft.new_text
+        status = ProposalStatus.PREVIEW if draft.preview else ProposalStatus.PENDING
         content = json.dumps(
             [
+                *([status.value, draft.run_id] if draft.preview else []),
                 draft.user_id,
                 draft.label,
                 draft.author,
@@ -235,7 +238,7 @@ class MemoryService:
             "author": draft.author,
             "run_id": draft.run_id,
             "base_version": current.version if current else 0,
-            "status": ProposalStatus.PENDING.value,
+            "status": status.value,
             "diff": unified_diff(draft.label, before, after),
             "idempotency_key": key,
             "created_at": self._clock.now(),

@@ -316,6 +316,12 @@ class MemoryStore:
                 if row is None:
                     raise NotFound(f"proposal '{proposal_id}' not found")
                 proposal = _proposal(row)
+                if proposal.status is ProposalStatus.PREVIEW:
+                    raise Conflict(
+                        f"proposal '{proposal_id}' is a preview from a dry run: it can never "
+                        "be approved or rejected",
+                        status=proposal.status.value,
+                    )
                 if proposal.status is not ProposalStatus.PENDING:
                     raise Conflict(
                         f"proposal '{proposal_id}' is already {proposal.status.value}",
