@@ -634,3 +634,57 @@ async def test_a_cancel_reaches_a_run_waiting_for_jittered_starts(
     run = await services.coordinator.wait(run_id, 5)
     assert run is not None
     assert run.status is RunStatus.CANCELLED
+
+
+async def test_max_wait_fires_a_user_who_never_goes_idle(
+    harness: AppHarness, clock: FakeClock, second_replica: Services
+) -> None:
+    """`idle_minutes` 5, `max_wait_minutes` 10: a user writing every minute fires 10 minutes
+    into each episode; with a 15-minute cooldown, when the cooldown ends. A quiet user fires
+    on going idle, as before. Two schedulers tick throughout."""
+    services = harness.services
+    start = datetime(2026, 6, 1, 9, tzinfo=UTC)
+    await clock.set(start)
+    for name, cooldown in (("eager", 0), ("patient", 15)):
+        trigger = IdleTrigger(idle_minutes=5, cooldown_minutes=cooldown, max_wait_minutes=10)
+        await services.registry.create(
+            definition(name=name, trigger=trigger, user_ids=["chatty", "quiet"])
+        )
+    await services.conversations.record_activity("quiet", start)
+    due: list[datetime | None] = []
+    for minute in range(31):
+        await clock.set(start + timedelta(minutes=minute))
+        await services.conversations.record_activity("chatty", clock.now())
+        await asyncio.gather(services.scheduler.tick(), second_replica.scheduler.tick())
+        due.append((await services.background.upcoming("eager", 1)).next_due_at)
+        await services.coordinator.drain()
+        await second_replica.coordinator.drain()
+
+    def at(minutes: int) -> datetime:
+        return start + timedelta(minutes=minutes)
+
+    assert await idle_runs(services, "eager") == [
+        (at(5), ["quiet"]),
+        (at(10), ["chatty"]),  # the episode that started at 0
+        (at(21), ["chatty"]),  # the next one started at 11, the first message after the run
+    ]
+    assert await idle_runs(services, "patient") == [
+        (at(5), ["quiet"]),
+        (at(10), ["chatty"]),
+        (at(25), ["chatty"]),  # due at 21, held by the cooldown until 25
+    ]
+    # the earliest due time (which bounds the loop's sleep) is the max wait, not the idle
+    # time, which keeps moving away
+    assert (due[0], due[9], due[11], due[20]) == (at(5), at(10), at(16), at(21))
+
+
+async def test_max_wait_must_cover_idle_minutes(harness: AppHarness) -> None:
+    body = {
+        "name": "impatient",
+        "system_prompt": "x",
+        "user_ids": ["a"],
+        "trigger": {"type": "idle", "idle_minutes": 30, "max_wait_minutes": 10},
+    }
+    answer = await harness.client.post("/background/tasks", json=body)
+    assert answer.status_code == 422
+    assert "max_wait_minutes (10) must be at least idle_minutes (30)" in answer.text

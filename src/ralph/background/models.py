@@ -108,6 +108,24 @@ class IdleTrigger(StrictInput):
     type: Literal["idle"] = "idle"
     idle_minutes: int = Field(ge=1, le=60 * 24 * 365)
     cooldown_minutes: int = Field(default=60, ge=0, le=60 * 24 * 365)
+    max_wait_minutes: int | None = Field(
+        default=None,
+        ge=1,
+        le=60 * 24 * 365,
+        description=(
+            "Fire an episode of a user who never goes idle this long after it started (its "
+            "first activity Ralph saw), as Inngest's debounce timeout. At least idle_minutes."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _wait_covers_idle(self) -> IdleTrigger:
+        if self.max_wait_minutes is not None and self.max_wait_minutes < self.idle_minutes:
+            raise ValueError(
+                f"max_wait_minutes ({self.max_wait_minutes}) must be at least idle_minutes "
+                f"({self.idle_minutes})"
+            )
+        return self
 
 
 Trigger = Annotated[CronTrigger | IdleTrigger, Field(discriminator="type")]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Join, and_, delete, func, or_, select, update
+from sqlalchemy import Join, String, and_, delete, func, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ralph.background.models import TaskDefinition, TriggerType
@@ -19,11 +19,32 @@ from ralph.db.engine import insert_ignore, upsert
 from ralph.db.tables import (
     background_tasks,
     idle_deferred,
+    idle_pending,
     idle_state,
     scheduler_replicas,
     task_users,
     user_activity,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class WaitingUser:
+    """A user whose episode started (as the scheduler first saw it) `since`, for a task with a
+    max wait; their activity and idle state now, and whether they are still in the task."""
+
+    user_id: str
+    since: datetime
+    in_task: bool
+    last_message_at: datetime | None
+    episode_message_at: datetime | None
+    last_run_at: datetime | None
+
+    @property
+    def armed(self) -> bool:
+        """A message since the task's last episode for them."""
+        return self.last_message_at is not None and (
+            self.episode_message_at is None or self.last_message_at > self.episode_message_at
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +135,64 @@ class ScheduleStore:
                 window = window.where(user_activity.c.last_message_at > watermark)
             rows = [*(await conn.execute(window)).all(), *(await conn.execute(deferred)).all()]
         return [IdleCandidate(*row) for row in rows], watermark
+
+    async def note_episode_starts(self, task_name: str, idle_cutoff: datetime) -> None:
+        """Record when each episode of the task's users that is not idle yet (a message after
+        `idle_cutoff`, none fired for it) started, if not recorded: their last message, as
+        this pass sees it (an index range on `last_message_at`: the active users only)."""
+        armed = or_(
+            idle_state.c.episode_message_at.is_(None),
+            user_activity.c.last_message_at > idle_state.c.episode_message_at,
+        )
+        source = (
+            select(
+                literal(task_name, String()),
+                user_activity.c.user_id,
+                user_activity.c.last_message_at,
+            )
+            .select_from(_task_activity(task_name))
+            .where(user_activity.c.last_message_at > idle_cutoff, armed)
+        )
+        statement = insert_ignore(self._engine, idle_pending).from_select(
+            ["task_name", "user_id", "since"], source
+        )
+        async with self._engine.begin() as conn:
+            await conn.execute(statement)
+
+    async def waited_too_long(self, task_name: str, started_before: datetime) -> list[WaitingUser]:
+        """The task's recorded episode starts at or before `started_before`, with each user's
+        activity and idle state now."""
+        state = and_(
+            idle_state.c.task_name == task_name, idle_state.c.user_id == idle_pending.c.user_id
+        )
+        member = and_(
+            task_users.c.task_name == task_name, task_users.c.user_id == idle_pending.c.user_id
+        )
+        query = (
+            select(
+                idle_pending.c.user_id,
+                idle_pending.c.since,
+                task_users.c.user_id.is_not(None),
+                user_activity.c.last_message_at,
+                idle_state.c.episode_message_at,
+                idle_state.c.last_run_at,
+            )
+            .select_from(
+                idle_pending.outerjoin(task_users, member)
+                .outerjoin(user_activity, user_activity.c.user_id == idle_pending.c.user_id)
+                .outerjoin(idle_state, state)
+            )
+            .where(idle_pending.c.task_name == task_name, idle_pending.c.since <= started_before)
+        )
+        async with self._reads.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [WaitingUser(u, s, bool(m), a, e, r) for u, s, m, a, e, r in rows]
+
+    async def first_episode_start(self, task_name: str) -> datetime | None:
+        """The oldest recorded episode start of the task (it is due max_wait after it)."""
+        query = select(func.min(idle_pending.c.since)).where(idle_pending.c.task_name == task_name)
+        async with self._reads.connect() as conn:
+            return (await conn.execute(query)).scalar()
 
     async def next_idle_due(
         self, task_name: str, idle_cutoff: datetime
@@ -224,10 +303,28 @@ class ScheduleStore:
         now: datetime,
         held: Sequence[tuple[str, datetime]],
         watermark: datetime,
+        *,
+        restarted: Sequence[tuple[str, datetime]] = (),
+        ended: Sequence[str] = (),
     ) -> None:
         """Replace the deferred users due by `now` with `held` (user, due time), and move the
-        task's watermark forward."""
+        task's watermark forward. Max wait: the episodes of `restarted` now count from the
+        time given (a user the cooldown holds back), those of `ended` are forgotten (fired,
+        or no longer armed)."""
         async with self._engine.begin() as conn:
+            for user_id, since in restarted:
+                await conn.execute(
+                    update(idle_pending)
+                    .where(idle_pending.c.task_name == task_name, idle_pending.c.user_id == user_id)
+                    .values(since=since)
+                )
+            for start in range(0, len(ended), 1000):
+                await conn.execute(
+                    delete(idle_pending).where(
+                        idle_pending.c.task_name == task_name,
+                        idle_pending.c.user_id.in_(ended[start : start + 1000]),
+                    )
+                )
             await conn.execute(
                 delete(idle_deferred).where(
                     idle_deferred.c.task_name == task_name, idle_deferred.c.due_at <= now

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -45,6 +45,20 @@ def _describe(exc: Exception) -> str:
 
 # (run id, user ids) -> those of the users whose unit a live worker process is running
 UnitsAlive = Callable[[str, Sequence[str]], Awaitable[set[str]]]
+
+
+@dataclass(slots=True)
+class IdlePass:
+    """What one pass over an idle task found: due users (with the message that ends their
+    episode), users the cooldown holds (with when to look again), the new watermark; and
+    for a max wait, episodes that now count from another time, and episodes to forget."""
+
+    due: dict[str, datetime]
+    held: list[tuple[str, datetime]]
+    watermark: datetime
+    cooldown: timedelta = timedelta(0)
+    restarted: list[tuple[str, datetime]] = field(default_factory=list[tuple[str, datetime]])
+    ended: list[str] = field(default_factory=list[str])
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,14 +249,12 @@ class Scheduler:
                     )
         return [u for u, _, _ in users], skipped
 
-    async def due_idle_users(
-        self, task_name: str, trigger: IdleTrigger, now: datetime
-    ) -> tuple[list[tuple[str, datetime]], list[tuple[str, datetime]], datetime]:
+    async def due_idle_users(self, task_name: str, trigger: IdleTrigger, now: datetime) -> IdlePass:
         """The task's users whose idle episode is due now, and those held back by the cooldown.
 
         Due: in the task's list, idle for `idle_minutes`, a message since the task last ran
-        for them, and past the cooldown since that run. Returns (due users with the message
-        that ends their episode, held users with the time to look again, new watermark).
+        for them, and past the cooldown since that run; or, with `max_wait_minutes`, still
+        active but with an episode that started that long ago.
         """
         idle_cutoff = now - timedelta(minutes=trigger.idle_minutes)
         cooldown = timedelta(minutes=trigger.cooldown_minutes)
@@ -259,17 +271,45 @@ class Scheduler:
                 continue
             due[c.user_id] = c.last_message_at
         new_watermark = idle_cutoff if watermark is None else max(watermark, idle_cutoff)
-        return list(due.items()), held, new_watermark
+        found = IdlePass(due, held, new_watermark, cooldown)
+        if trigger.max_wait_minutes is not None:
+            await self._max_waits(task_name, trigger.max_wait_minutes, idle_cutoff, now, found)
+        return found
+
+    async def _max_waits(
+        self, task_name: str, max_wait: int, idle_cutoff: datetime, now: datetime, found: IdlePass
+    ) -> None:
+        """Add to `found` the users whose episode started `max_wait` minutes ago or more,
+        idle or not (first recording the start of every episode that is not idle yet)."""
+        await self._store.note_episode_starts(task_name, idle_cutoff)
+        wait = timedelta(minutes=max_wait)
+        for user in await self._store.waited_too_long(task_name, now - wait):
+            if not user.in_task or not user.armed or user.last_message_at is None:
+                found.ended.append(user.user_id)  # fired meanwhile, or left the task
+            elif user.last_run_at is not None and user.last_run_at > now - found.cooldown:
+                # held back by the cooldown: due when it ends
+                found.restarted.append((user.user_id, user.last_run_at + found.cooldown - wait))
+            else:
+                found.due.setdefault(user.user_id, user.last_message_at)
 
     async def _fire_idle(
         self, stored: StoredTask, trigger: IdleTrigger, now: datetime
     ) -> str | None:
         task = stored.definition
         cooldown_cutoff = now - timedelta(minutes=trigger.cooldown_minutes)
-        due, held, watermark = await self.due_idle_users(task.name, trigger, now)
-        run_id, claimed = await self._store.fire_idle(task, due, now, cooldown_cutoff)
+        found = await self.due_idle_users(task.name, trigger, now)
+        run_id, claimed = await self._store.fire_idle(
+            task, list(found.due.items()), now, cooldown_cutoff
+        )
         # after the run exists: a crash before this line re-reads the same window next time
-        await self._store.save_idle_progress(task.name, now, held, watermark)
+        await self._store.save_idle_progress(
+            task.name,
+            now,
+            found.held,
+            found.watermark,
+            restarted=found.restarted,
+            ended=[*found.ended, *claimed] if trigger.max_wait_minutes is not None else [],
+        )
         if run_id is not None:
             log.info("idle_fired", task=task.name, users=len(claimed), run_id=run_id)
         return run_id
@@ -297,6 +337,10 @@ class Scheduler:
         idle = timedelta(minutes=trigger.idle_minutes)
         active, deferred = await self._store.next_idle_due(name, now - idle)
         due = [t for t in (active + idle if active else None, deferred) if t is not None]
+        if trigger.max_wait_minutes is not None:
+            started = await self._store.first_episode_start(name)
+            if started is not None:
+                due.append(started + timedelta(minutes=trigger.max_wait_minutes))
         return min(due, default=None)
 
     def note_activity(self, at: datetime) -> None:

@@ -248,6 +248,17 @@ idle_deferred = Table(
     Index(None, "task_name", "due_at"),
 )
 
+# Idle tasks with `max_wait_minutes`: when each armed user's episode started (the first
+# activity the scheduler saw), so it fires max_wait after that even if the user never idles.
+idle_pending = Table(
+    "idle_pending",
+    metadata,
+    Column("task_name", String(TASK), primary_key=True),
+    Column("user_id", String(USER), primary_key=True),
+    Column("since", UTCDateTime(), nullable=False),
+    Index(None, "task_name", "since"),
+)
+
 scheduler_replicas = Table(
     "scheduler_replicas",
     metadata,
