@@ -316,6 +316,7 @@ async def test_task_crud_status_codes(bg: AppHarness) -> None:
         "type": "idle",
         "idle_minutes": 30,
         "cooldown_minutes": 60,
+        "max_wait_minutes": None,
     }
     mismatch = await client.put("/background/tasks/other", json=task_body())
     assert mismatch.status_code == 422

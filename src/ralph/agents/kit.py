@@ -28,7 +28,13 @@ class AgentKit:
         return self.models()
 
     def context(
-        self, user_id: str, *, author: str, run_id: str | None = None, dry_run: bool = False
+        self,
+        user_id: str,
+        *,
+        author: str,
+        run_id: str | None = None,
+        dry_run: bool = False,
+        auto_approve: bool = False,
     ) -> ToolContext:
         """What the user's tools may touch, on behalf of `author` (in a dry run: proposals
         become previews)."""
@@ -41,6 +47,7 @@ class AgentKit:
             run_id=run_id,
             allow_shell=self.allow_shell,
             dry_run=dry_run,
+            auto_approve=auto_approve,
         )
 
     async def instructions(self, prompt: str, user_id: str, labels: Sequence[str] = ()) -> str:

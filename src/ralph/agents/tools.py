@@ -21,8 +21,8 @@ from agno.tools.function import Function
 from agno.tools.shell import ShellTools
 
 from ralph.conversations.service import ConversationService
-from ralph.errors import InvalidInput, RalphError
-from ralph.memory.models import ProposalDraft
+from ralph.errors import Conflict, InvalidInput, RalphError
+from ralph.memory.models import ProposalDraft, ProposalStatus
 from ralph.memory.service import MemoryService
 from ralph.validation import LABEL_PATTERN, check_user_id
 
@@ -107,6 +107,8 @@ class ToolContext:
     allow_shell: bool = False
     # a dry run's: proposals are recorded as previews (never reviewed or applied)
     dry_run: bool = False
+    # a task whose approval is auto: proposals are approved at once (by system:auto)
+    auto_approve: bool = False
     proposal_ids: list[str] = field(default_factory=list[str])
 
 
@@ -199,6 +201,17 @@ def _memory_tools(ctx: ToolContext) -> dict[str, Callable[..., Any]]:
             return _error(f"{exc}.{hint}")
         if proposal.id not in ctx.proposal_ids:
             ctx.proposal_ids.append(proposal.id)
+        if ctx.auto_approve and proposal.status is ProposalStatus.PENDING:
+            try:
+                proposal = await ctx.memory.auto_approve(proposal.id)
+            except Conflict as exc:
+                return json.dumps(
+                    {
+                        "proposal_id": proposal.id,
+                        "status": proposal.status.value,
+                        "note": f"not applied, left for a person to review: {exc}",
+                    }
+                )
         return json.dumps({"proposal_id": proposal.id, "status": proposal.status.value})
 
     async def edit_memory_block(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Query
 from pydantic import Field, model_validator
 
 from ralph.api.deps import ServicesDep
 from ralph.api.params import UserIdPath
 from ralph.api.schema import response_model
-from ralph.memory.models import Proposal, ProposalDraft, ProposalStatus
+from ralph.memory.models import BulkDecision, Proposal, ProposalDraft, ProposalStatus
 from ralph.validation import Label, StrictInput
 
 router = APIRouter(tags=["proposals"])
@@ -42,6 +44,52 @@ class ProposalIn(StrictInput):
 
 class Decision(StrictInput):
     comment: str | None = Field(default=None, max_length=4000)
+
+
+class BulkIn(Decision):
+    ids: list[Annotated[str, Field(min_length=1, max_length=36)]] | None = Field(
+        default=None, min_length=1, max_length=10_000, description="These proposals, in order."
+    )
+    run_id: str | None = Field(
+        default=None, min_length=1, max_length=36, description="Every pending one of this run."
+    )
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> BulkIn:
+        if (self.ids is None) == (self.run_id is None):
+            raise ValueError("give ids (a list of proposal ids) or run_id, not both")
+        return self
+
+
+BulkOut = response_model(
+    BulkDecision,
+    "BulkDecisionOut",
+    descriptions={
+        "decided": "Decided as asked by this call",
+        "status": "The proposal's status after the call (null: not found)",
+        "error": "Why it was not decided as asked (a conflict, decided already, not found)",
+    },
+)
+
+
+async def _bulk(payload: BulkIn, services: ServicesDep, *, approve: bool) -> list[BulkDecision]:
+    return await services.memory.decide_many(
+        approve=approve, ids=payload.ids or (), run_id=payload.run_id, comment=payload.comment
+    )
+
+
+@router.post("/proposals/approve", response_model=list[BulkOut])
+async def approve_many(payload: BulkIn, services: ServicesDep) -> list[BulkDecision]:
+    """Approve many: `{"ids": [...]}` or `{"run_id": ...}` (everything pending it proposed).
+    Each is decided on its own and has its result; a conflict on one does not stop the
+    others (200 whatever the outcomes: read each `decided`)."""
+    return await _bulk(payload, services, approve=True)
+
+
+@router.post("/proposals/reject", response_model=list[BulkOut])
+async def reject_many(payload: BulkIn, services: ServicesDep) -> list[BulkDecision]:
+    """Reject many, as `POST /proposals/approve` selects them."""
+    return await _bulk(payload, services, approve=False)
 
 
 @router.post("/users/{user_id}/proposals", response_model=ProposalOut, status_code=201)

@@ -170,6 +170,14 @@ class TaskDefinition(StrictInput):
             "runs, 0 for the others."
         ),
     )
+    approval: Literal["required", "auto"] = Field(
+        default="required",
+        description=(
+            "auto: the task's proposals are approved at once by system:auto, through the same "
+            "path as a person's (history, conflicts); one that conflicts stays pending. For "
+            "tasks a team trusts. A dry run's proposals are previews either way."
+        ),
+    )
     enabled: bool = True
 
     def for_trigger(self, trigger: TriggerType) -> TaskDefinition:

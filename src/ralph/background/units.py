@@ -131,6 +131,7 @@ class UnitRunner:
             author=f"agent:{task.name}",
             run_id=run_id,
             dry_run=await self._runs.is_dry_run(run_id),
+            auto_approve=task.approval == "auto",
         )
         agent = asyncio.create_task(self._agent(task, context))
         self.inflight.add(run_id, agent)

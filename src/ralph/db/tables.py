@@ -85,6 +85,8 @@ proposals = Table(
     Column("idempotency_key", String(64), nullable=True, unique=True),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("decided_at", UTCDateTime(), nullable=True),
+    Column("decided_by", String(AUTHOR), nullable=True),
+    Column("superseded_by", String(UUID), nullable=True),
     Index(None, "user_id", "status", "created_at"),
     Index(None, "status", "created_at"),  # the review queue across users
     Index(None, "run_id"),

@@ -41,6 +41,18 @@ class ProposalStatus(StrEnum):
     PREVIEW = "preview"  # from a dry run: shown with its run, never reviewed or applied
 
 
+@dataclass(frozen=True, slots=True)
+class BulkDecision:
+    """One proposal's outcome in a bulk approve or reject: its status after the call (None:
+    not found), the version an approval wrote, and why it was not decided as asked."""
+
+    id: str
+    decided: bool
+    status: ProposalStatus | None
+    applied_version: int | None = None
+    error: str | None = None
+
+
 class ProposalKind(StrEnum):
     BODY = "body"  # replace the whole body (and optionally the title)
     REPLACE = "replace"  # replace one exact passage with another
@@ -67,6 +79,10 @@ class Proposal:
     applied_version: int | None
     created_at: datetime
     decided_at: datetime | None
+    # who decided: "api" (a person through the API or the CLI), "system:auto" (a task whose
+    # approval is auto), "system:supersede" (replaced by a newer one, or by an approval)
+    decided_by: str | None = None
+    superseded_by: str | None = None  # the proposal that replaced this one
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from ralph.errors import Conflict, InvalidInput, NotFound
 from ralph.memory.models import (
     Block,
     BlockVersion,
+    BulkDecision,
     Proposal,
     ProposalDraft,
     ProposalKind,
@@ -261,7 +262,9 @@ class MemoryService:
         """Newest first: one user's, or with `user_id` None everyone's (the review queue)."""
         return await self.store.list_proposals(user_id, status=status, run_id=run_id, limit=limit)
 
-    async def approve(self, proposal_id: str, comment: str | None = None) -> Proposal:
+    async def approve(
+        self, proposal_id: str, comment: str | None = None, *, by: str = "api"
+    ) -> Proposal:
         """Apply the proposal as a new block version (409 if not pending or if it conflicts)."""
         return await self.store.decide(
             proposal_id,
@@ -269,16 +272,66 @@ class MemoryService:
             comment=comment,
             now=self._clock.now(),
             edit_for=self._edit_for,
+            by=by,
         )
 
-    async def reject(self, proposal_id: str, comment: str | None = None) -> Proposal:
+    async def auto_approve(self, proposal_id: str) -> Proposal:
+        """Approve as `system:auto` (a task whose approval is auto), through the same path as
+        a person's approval; a proposal that conflicts stays pending for a person (Conflict
+        is raised, nothing changes)."""
+        return await self.store.decide(
+            proposal_id,
+            approve=True,
+            comment=None,
+            now=self._clock.now(),
+            edit_for=self._edit_for,
+            by="system:auto",
+            conflict_stays_pending=True,
+        )
+
+    async def reject(
+        self, proposal_id: str, comment: str | None = None, *, by: str = "api"
+    ) -> Proposal:
         return await self.store.decide(
             proposal_id,
             approve=False,
             comment=comment,
             now=self._clock.now(),
             edit_for=self._edit_for,
+            by=by,
         )
+
+    async def decide_many(
+        self,
+        *,
+        approve: bool,
+        ids: Sequence[str] = (),
+        run_id: str | None = None,
+        comment: str | None = None,
+    ) -> list[BulkDecision]:
+        """Approve or reject each of `ids`, or every pending proposal `run_id` made, each on
+        its own (one that conflicts or was decided already does not stop the others), in
+        order (a run's oldest first, as an agent made them)."""
+        if run_id is not None:
+            ids = await self.store.pending_ids_of_run(run_id)
+        decisions: list[BulkDecision] = []
+        for proposal_id in ids:
+            try:
+                if approve:
+                    stored = await self.approve(proposal_id, comment)
+                else:
+                    stored = await self.reject(proposal_id, comment)
+            except NotFound as exc:
+                decisions.append(BulkDecision(proposal_id, False, None, error=str(exc)))
+            except Conflict as exc:
+                current = await self.store.get_proposal(proposal_id)
+                status = current.status if current else None
+                decisions.append(BulkDecision(proposal_id, False, status, error=str(exc)))
+            else:
+                decisions.append(
+                    BulkDecision(proposal_id, True, stored.status, stored.applied_version)
+                )
+        return decisions
 
     def _edit_for(self, proposal: Proposal) -> EditFn:
         def edit(current: Block | None) -> tuple[str, str]:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import RowMapping, and_, bindparam, func, select, update
+from sqlalchemy import RowMapping, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ralph.db.engine import insert_ignore, is_sqlite
@@ -44,6 +44,22 @@ def _proposal(m: RowMapping) -> Proposal:
     values["kind"] = ProposalKind(m["kind"])
     values["status"] = ProposalStatus(m["status"])
     return Proposal(**values)
+
+
+def _supersede(successor: str, now: datetime) -> Any:
+    """UPDATE marking pending proposals (but `successor`) superseded by `successor`; the
+    caller adds which ones."""
+    return (
+        update(proposals)
+        .where(proposals.c.status == ProposalStatus.PENDING.value, proposals.c.id != successor)
+        .values(
+            status=ProposalStatus.SUPERSEDED.value,
+            decided_at=now,
+            decided_by="system:supersede",
+            superseded_by=successor,
+            idempotency_key=None,
+        )
+    )
 
 
 # read for every agent run: built once (building costs more than executing it on SQLite)
@@ -247,11 +263,25 @@ class MemoryStore:
     async def insert_proposal(self, values: dict[str, Any]) -> tuple[Proposal, bool]:
         """Insert a proposal unless a pending one with the same `idempotency_key` exists.
 
-        Returns the stored proposal and whether it was created by this call.
+        A new pending proposal from a task (author `agent:<task>`) supersedes the pending ones
+        the same task made for the same block in other runs, in the same transaction: a
+        nightly task leaves one edit of a block to review, not thirty (the edits of one run
+        are all kept: an agent may append twice). Returns the stored proposal and whether it
+        was created by this call.
         """
         async with self._engine.begin() as conn:
             result = await conn.execute(insert_ignore(self._engine, proposals).values(**values))
             created = result.rowcount == 1
+            from_task = str(values["author"]).startswith("agent:")
+            if created and from_task and values["status"] == ProposalStatus.PENDING.value:
+                await conn.execute(
+                    _supersede(values["id"], values["created_at"]).where(
+                        proposals.c.user_id == values["user_id"],
+                        proposals.c.label == values["label"],
+                        proposals.c.author == values["author"],
+                        proposals.c.run_id.is_distinct_from(values["run_id"]),
+                    )
+                )
             key = values.get("idempotency_key")
             if created or key is None:
                 where = proposals.c.id == values["id"]
@@ -289,6 +319,19 @@ class MemoryStore:
         async with self._reads.connect() as conn:
             return [_proposal(r) for r in (await conn.execute(query)).mappings().all()]
 
+    async def pending_ids_of_run(self, run_id: str) -> list[str]:
+        """The ids of the run's pending proposals, oldest first."""
+        query = (
+            select(proposals.c.id)
+            .where(
+                proposals.c.run_id == run_id,
+                proposals.c.status == ProposalStatus.PENDING.value,
+            )
+            .order_by(proposals.c.created_at, proposals.c.id)
+        )
+        async with self._reads.connect() as conn:
+            return list((await conn.execute(query)).scalars().all())
+
     async def decide(
         self,
         proposal_id: str,
@@ -297,8 +340,11 @@ class MemoryStore:
         comment: str | None,
         now: datetime,
         edit_for: Callable[[Proposal], EditFn],
+        by: str = "api",
+        conflict_stays_pending: bool = False,
     ) -> Proposal:
-        """Approve or reject a pending proposal, atomically with the block change.
+        """Approve or reject a pending proposal (decided `by`), atomically with the block
+        change.
 
         Approval applies `edit_for(proposal)` as a new block version in the same transaction; if
         that edit raises Conflict, the proposal is stored as `conflict`, the block is untouched,
@@ -329,7 +375,7 @@ class MemoryStore:
                     )
                 if not approve:
                     return await self._set_status(
-                        conn, proposal, ProposalStatus.REJECTED, comment, now, None
+                        conn, proposal, ProposalStatus.REJECTED, comment, now, None, by
                     ), None
                 try:
                     block = await self._write(
@@ -343,30 +389,23 @@ class MemoryStore:
                         proposal.id,
                     )
                 except Conflict as conflict:
+                    if conflict_stays_pending:
+                        raise  # the transaction rolls back: the proposal stays pending
                     stored = await self._set_status(
-                        conn, proposal, ProposalStatus.CONFLICT, comment, now, None
+                        conn, proposal, ProposalStatus.CONFLICT, comment, now, None, by
                     )
                     return stored, conflict
+                # whole-body rewrites of an older version can no longer apply
                 await conn.execute(
-                    update(proposals)
-                    .where(
-                        and_(
-                            proposals.c.user_id == proposal.user_id,
-                            proposals.c.label == proposal.label,
-                            proposals.c.status == ProposalStatus.PENDING.value,
-                            proposals.c.kind == ProposalKind.BODY.value,
-                            proposals.c.base_version < block.version,
-                            proposals.c.id != proposal.id,
-                        )
-                    )
-                    .values(
-                        status=ProposalStatus.SUPERSEDED.value,
-                        decided_at=now,
-                        idempotency_key=None,
+                    _supersede(proposal.id, now).where(
+                        proposals.c.user_id == proposal.user_id,
+                        proposals.c.label == proposal.label,
+                        proposals.c.kind == ProposalKind.BODY.value,
+                        proposals.c.base_version < block.version,
                     )
                 )
                 stored = await self._set_status(
-                    conn, proposal, ProposalStatus.APPROVED, comment, now, block.version
+                    conn, proposal, ProposalStatus.APPROVED, comment, now, block.version, by
                 )
                 return stored, None
 
@@ -383,6 +422,7 @@ class MemoryStore:
         comment: str | None,
         now: datetime,
         applied_version: int | None,
+        by: str,
     ) -> Proposal:
         await conn.execute(
             update(proposals)
@@ -391,6 +431,7 @@ class MemoryStore:
                 status=status.value,
                 comment=comment,
                 decided_at=now,
+                decided_by=by,
                 applied_version=applied_version,
                 idempotency_key=None,  # decided: the same change may be proposed again
             )

@@ -1,0 +1,98 @@
+"""The review side at scale: 1,000 pending proposals across 100 users (SQLite).
+
+Prints, median of 5 (server time: the request through the ASGI app in this process, no
+network), the review queue's first page (`GET /proposals?status=pending`, 100 newest) against
+the same page with an empty queue (baseline, same run); then one run's 1,000 proposals
+approved with `POST /proposals/approve {"run_id"}` against 1,000 `POST /proposals/{id}/approve`
+calls (baseline, same run, on another 1,000).
+
+    uv run python bench/review.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("AGNO_TELEMETRY", "false")
+
+from httpx import ASGITransport, AsyncClient
+
+from ralph.app import create_app
+from ralph.config import Settings
+from ralph.logs import configure_logging
+from ralph.memory.models import ProposalDraft
+
+USERS = 100
+PROPOSALS = 1_000
+
+
+async def timed_page(client: AsyncClient) -> float:
+    timings: list[float] = []
+    for _ in range(5):
+        started = time.perf_counter()
+        answer = await client.get("/proposals", params={"status": "pending", "limit": 100})
+        timings.append(time.perf_counter() - started)
+        answer.raise_for_status()
+    return statistics.median(timings) * 1000
+
+
+async def main() -> None:
+    configure_logging("warning", json=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(
+            database_url=f"sqlite+aiosqlite:///{tmp}/review.db",
+            data_dir=Path(tmp),
+            worker_mode="inprocess",
+            scheduler_enabled=False,
+            _env_file=None,  # type: ignore[call-arg]
+        )
+        app = create_app(settings)
+        async with (
+            app.router.lifespan_context(app),
+            AsyncClient(transport=ASGITransport(app=app), base_url="http://bench") as client,
+        ):
+            memory = app.state.services.memory
+            empty = await timed_page(client)
+
+            async def propose(run_id: str) -> list[str]:
+                ids: list[str] = []
+                for i in range(PROPOSALS):
+                    # one block per proposal: appends to 10 blocks of each of 100 users
+                    draft = ProposalDraft(
+                        user_id=f"user{i % USERS}",
+                        label=f"note{i // USERS}",
+                        reason="nightly review",
+                        author=f"agent:{run_id}",
+                        append=f"line {i} " + "words " * 30,
+                        run_id=run_id,
+                    )
+                    ids.append((await memory.propose(draft))[0].id)
+                return ids
+
+            await propose("bulk")
+            full = await timed_page(client)
+            started = time.perf_counter()
+            answer = await client.post("/proposals/approve", json={"run_id": "bulk"})
+            bulk = time.perf_counter() - started
+            decided = sum(1 for r in answer.json() if r["decided"])
+            singles = await propose("single")
+            started = time.perf_counter()
+            for proposal_id in singles:
+                (await client.post(f"/proposals/{proposal_id}/approve")).raise_for_status()
+            single = time.perf_counter() - started
+    print(f"review queue, first page of 100 ({PROPOSALS:,} pending across {USERS} users):")
+    print(f"  {full:7.2f} ms   (empty queue, baseline: {empty:.2f} ms; x{full / empty:.1f})")
+    print(f"approve a run's {PROPOSALS:,} proposals ({decided:,} decided):")
+    print(
+        f"  bulk {bulk:6.2f} s   (1,000 single approvals, baseline: {single:.2f} s; "
+        f"x{bulk / single:.2f})"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
