@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -149,3 +151,32 @@ async def test_an_auto_proposal_that_conflicts_stays_pending(harness: AppHarness
         await memory.auto_approve(rewrite.id)
     assert (await memory.get_proposal(rewrite.id)).status is ProposalStatus.PENDING
     assert (await client.get("/users/u1/blocks/notes")).json()["body"] == "v2 by a person"
+
+
+async def test_pending_proposals_expire_once_across_replicas(
+    settings: Settings, clock: FakeClock
+) -> None:
+    settings = settings.model_copy(update={"proposal_ttl_days": 2.0})
+    async with harness_for(settings, clock) as one, harness_for(settings, clock) as two:
+        memory = one.services.memory
+        start = clock.now()
+        old, _ = await memory.propose(draft("old"))
+        await clock.advance(timedelta(days=1))
+        young, _ = await memory.propose(draft("young", label="goals"))
+        decided, _ = await memory.propose(draft("decided", label="plans"))
+        await memory.reject(decided.id)
+        await clock.set(start + timedelta(days=2, seconds=1))
+        counts = await asyncio.gather(
+            one.services.memory.expire_pending(2.0), two.services.memory.expire_pending(2.0)
+        )
+        assert sorted(counts) == [0, 1]
+        expired = await memory.get_proposal(old.id)
+        assert (expired.status, expired.decided_by) == (ProposalStatus.EXPIRED, "system:expire")
+        assert (await memory.get_proposal(young.id)).status is ProposalStatus.PENDING
+        assert (await memory.get_proposal(decided.id)).status is ProposalStatus.REJECTED
+        # the scheduler's pass sweeps: a day later the young one goes too
+        await clock.advance(timedelta(days=1))
+        await asyncio.gather(one.services.scheduler.tick(), two.services.scheduler.tick())
+        assert (await memory.get_proposal(young.id)).status is ProposalStatus.EXPIRED
+        queue = (await one.client.get("/proposals?status=expired")).json()
+        assert {p["id"] for p in queue} == {old.id, young.id}

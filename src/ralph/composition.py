@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -34,6 +34,14 @@ from ralph.memory.service import MemoryService
 from ralph.memory.store import MemoryStore
 from ralph.users.service import UserService
 from ralph.users.store import ProfileStore
+
+
+def _sweeps(settings: Settings, memory: MemoryService) -> list[Callable[[], Awaitable[object]]]:
+    """What the scheduler does once a pass besides firing tasks."""
+    ttl = settings.proposal_ttl_days
+    if ttl is None:
+        return []
+    return [lambda: memory.expire_pending(ttl)]
 
 
 @dataclass
@@ -151,6 +159,7 @@ async def open_services(
             idle_interval_seconds=settings.idle_check_seconds,
             lease_seconds=settings.run_lease_seconds,
             units_alive=arq.alive_users if arq is not None else None,
+            sweeps=_sweeps(settings, memory),
         )
         conversations.on_activity(scheduler.note_activity)
         users.on_change(scheduler.wake)

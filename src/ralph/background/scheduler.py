@@ -81,9 +81,12 @@ class Scheduler:
         idle_interval_seconds: float = 30.0,
         lease_seconds: float = 60.0,
         units_alive: UnitsAlive | None = None,
+        sweeps: Sequence[Callable[[], Awaitable[object]]] = (),
     ) -> None:
         """`units_alive` (the ARQ mode's) tells which running users of a crashed server's run
-        are still being run by workers: recovery leaves those to their workers."""
+        are still being run by workers: recovery leaves those to their workers. `sweeps` run
+        once a pass (at least hourly), each safe to run on every replica at once (expiring
+        old proposals)."""
         self._store = store
         self._runs = runs
         self._profiles = profiles
@@ -93,6 +96,7 @@ class Scheduler:
         self._idle_interval = timedelta(seconds=idle_interval_seconds)
         self._lease = timedelta(seconds=lease_seconds)
         self._units_alive = units_alive
+        self._sweeps = list(sweeps)
         self.replica_id = coordinator.owner
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -160,6 +164,12 @@ class Scheduler:
             else:
                 self.errors.pop(name, None)
                 wake = min(wake, task_wake)
+        for sweep in self._sweeps:
+            try:
+                await sweep()
+            except Exception:
+                log.exception("scheduler_sweep_failed")
+                wake = min(wake, now + _RETRY_FAILED)
         try:
             # every due time the store knows of bounds the sleep: a pending run (a rerun
             # queued by a stopping server) or a run nobody here runs (another process's, or

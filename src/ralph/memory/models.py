@@ -38,6 +38,7 @@ class ProposalStatus(StrEnum):
     REJECTED = "rejected"
     SUPERSEDED = "superseded"
     CONFLICT = "conflict"
+    EXPIRED = "expired"  # pending longer than RALPH_PROPOSAL_TTL_DAYS
     PREVIEW = "preview"  # from a dry run: shown with its run, never reviewed or applied
 
 

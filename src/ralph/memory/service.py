@@ -7,6 +7,9 @@ import hashlib
 import json
 import uuid
 from collections.abc import Sequence
+from datetime import timedelta
+
+import structlog
 
 from ralph.clock import Clock
 from ralph.errors import Conflict, InvalidInput, NotFound
@@ -21,6 +24,8 @@ from ralph.memory.models import (
     labels_in_order,
 )
 from ralph.memory.store import EditFn, MemoryStore
+
+log = structlog.get_logger(__name__)
 
 
 def unified_diff(label: str, before: str, after: str) -> str:
@@ -300,6 +305,14 @@ class MemoryService:
             edit_for=self._edit_for,
             by=by,
         )
+
+    async def expire_pending(self, ttl_days: float) -> int:
+        """Pending proposals older than `ttl_days` end `expired`: returns how many."""
+        now = self._clock.now()
+        expired = await self.store.expire(now - timedelta(days=ttl_days), now)
+        if expired:
+            log.info("proposals_expired", count=expired, ttl_days=ttl_days)
+        return expired
 
     async def decide_many(
         self,

@@ -319,6 +319,25 @@ class MemoryStore:
         async with self._reads.connect() as conn:
             return [_proposal(r) for r in (await conn.execute(query)).mappings().all()]
 
+    async def expire(self, created_before: datetime, now: datetime) -> int:
+        """Pending proposals created before `created_before` end `expired`; returns how many.
+        A conditional write: replicas sweeping at once expire each proposal once."""
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(proposals)
+                .where(
+                    proposals.c.status == ProposalStatus.PENDING.value,
+                    proposals.c.created_at < created_before,
+                )
+                .values(
+                    status=ProposalStatus.EXPIRED.value,
+                    decided_at=now,
+                    decided_by="system:expire",
+                    idempotency_key=None,
+                )
+            )
+        return result.rowcount
+
     async def pending_ids_of_run(self, run_id: str) -> list[str]:
         """The ids of the run's pending proposals, oldest first."""
         query = (
