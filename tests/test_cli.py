@@ -128,6 +128,17 @@ def test_review_proposals(live: LiveServer) -> None:
     )
     assert all(i in every.output for i in ids)
 
+    # a whole run at once: r2's two pending proposals
+    for i in range(2):
+        proposal = {"label": f"b{i}", "reason": "r", "body": "x", "run_id": "r2"}
+        httpx.post(f"{live.url}/users/u3/proposals", json=proposal).raise_for_status()
+    bulk = runner.invoke(app, ["proposals", "approve", "--run", "r2", "--url", live.url])
+    assert bulk.exit_code == 0, bulk.output
+    assert "2 of 2 approved" in bulk.output
+    both = runner.invoke(app, ["proposals", "reject", ids[1], "--run", "r2", "--url", live.url])
+    assert both.exit_code == 2
+    assert "not both" in both.output
+
 
 def test_user_profiles(live: LiveServer) -> None:
     shown = runner.invoke(app, ["users", "show", "ann", "--url", live.url])

@@ -328,20 +328,57 @@ def _decide(proposal_id: str, verb: str, comment: str | None, url: str | None) -
 CommentOption = Annotated[str | None, typer.Option(help="Why, kept with the decision.")]
 
 
+RunOption = Annotated[
+    str | None, typer.Option("--run", help="Every pending proposal of this run, instead of ID.")
+]
+
+
+def _decide_run(run_id: str, verb: str, comment: str | None, url: str | None) -> None:
+    with _client(url) as client:
+        body = {"run_id": run_id, "comment": comment}
+        results: list[dict[str, Any]] = _call(client, "POST", f"/proposals/{verb}", json=body)
+    for result in results:
+        note = "" if result["decided"] else f"  ({result['error']})"
+        console.print(f"{result['id']}  {result['status']}{note}", markup=False)
+    failed = sum(1 for r in results if not r["decided"])
+    console.print(f"{len(results) - failed} of {len(results)} {verb}d")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _decide_one_or_run(
+    proposal_id: str | None, run: str | None, verb: str, comment: str | None, url: str | None
+) -> None:
+    if (proposal_id is None) == (run is None):
+        console.print("[red]error:[/red] give a proposal ID or --run RUN_ID (not both)")
+        raise typer.Exit(2)
+    if run is not None:
+        _decide_run(run, verb, comment, url)
+    else:
+        assert proposal_id is not None
+        _decide(proposal_id, verb, comment, url)
+
+
 @proposals_app.command("approve")
 def proposals_approve(
-    proposal_id: str, comment: CommentOption = None, url: UrlOption = None
+    proposal_id: Annotated[str | None, typer.Argument()] = None,
+    run: RunOption = None,
+    comment: CommentOption = None,
+    url: UrlOption = None,
 ) -> None:
-    """Apply the proposal as the block's next version."""
-    _decide(proposal_id, "approve", comment, url)
+    """Apply the proposal (or each pending one of a run) as the block's next version."""
+    _decide_one_or_run(proposal_id, run, "approve", comment, url)
 
 
 @proposals_app.command("reject")
 def proposals_reject(
-    proposal_id: str, comment: CommentOption = None, url: UrlOption = None
+    proposal_id: Annotated[str | None, typer.Argument()] = None,
+    run: RunOption = None,
+    comment: CommentOption = None,
+    url: UrlOption = None,
 ) -> None:
-    """Reject the proposal: the block stays as it is."""
-    _decide(proposal_id, "reject", comment, url)
+    """Reject the proposal (or each pending one of a run): the block stays as it is."""
+    _decide_one_or_run(proposal_id, run, "reject", comment, url)
 
 
 users_app = typer.Typer(help="User profiles: timezone and metadata (talks to a running server).")
