@@ -84,11 +84,16 @@ def tasks_list(url: UrlOption = None) -> None:
     console.print(table)
 
 
+def _show(url: str | None, path: str) -> None:
+    """Print what GET `path` answers, as JSON."""
+    with _client(url) as client:
+        console.print_json(json.dumps(_call(client, "GET", path)))
+
+
 @tasks_app.command("show")
 def tasks_show(name: str, url: UrlOption = None) -> None:
     """Show one task as JSON."""
-    with _client(url) as client:
-        console.print_json(json.dumps(_call(client, "GET", f"/background/tasks/{name}")))
+    _show(url, f"/background/tasks/{name}")
 
 
 @tasks_app.command("create")
@@ -261,9 +266,7 @@ def runs_show(
     url: UrlOption = None,
 ) -> None:
     """Show a run (or one user's result in it) as JSON."""
-    path = f"/background/runs/{run_id}" + (f"/users/{user}" if user else "")
-    with _client(url) as client:
-        console.print_json(json.dumps(_call(client, "GET", path)))
+    _show(url, f"/background/runs/{run_id}" + (f"/users/{user}" if user else ""))
 
 
 @proposals_app.command("list")
@@ -387,8 +390,7 @@ users_app = typer.Typer(help="User profiles: timezone and metadata (talks to a r
 @users_app.command("show")
 def users_show(user_id: str, url: UrlOption = None) -> None:
     """Show a user's profile as JSON."""
-    with _client(url) as client:
-        console.print_json(json.dumps(_call(client, "GET", f"/users/{user_id}")))
+    _show(url, f"/users/{user_id}")
 
 
 @users_app.command("set")

@@ -271,39 +271,36 @@ class MemoryService:
         self, proposal_id: str, comment: str | None = None, *, by: str = "api"
     ) -> Proposal:
         """Apply the proposal as a new block version (409 if not pending or if it conflicts)."""
-        return await self.store.decide(
-            proposal_id,
-            approve=True,
-            comment=comment,
-            now=self._clock.now(),
-            edit_for=self._edit_for,
-            by=by,
-        )
+        return await self._decide(proposal_id, True, comment, by)
 
     async def auto_approve(self, proposal_id: str) -> Proposal:
         """Approve as `system:auto` (a task whose approval is auto), through the same path as
         a person's approval; a proposal that conflicts stays pending for a person (Conflict
         is raised, nothing changes)."""
-        return await self.store.decide(
-            proposal_id,
-            approve=True,
-            comment=None,
-            now=self._clock.now(),
-            edit_for=self._edit_for,
-            by="system:auto",
-            conflict_stays_pending=True,
-        )
+        return await self._decide(proposal_id, True, None, "system:auto", keep_on_conflict=True)
 
     async def reject(
         self, proposal_id: str, comment: str | None = None, *, by: str = "api"
     ) -> Proposal:
+        return await self._decide(proposal_id, False, comment, by)
+
+    async def _decide(
+        self,
+        proposal_id: str,
+        approve: bool,
+        comment: str | None,
+        by: str,
+        *,
+        keep_on_conflict: bool = False,
+    ) -> Proposal:
         return await self.store.decide(
             proposal_id,
-            approve=False,
+            approve=approve,
             comment=comment,
             now=self._clock.now(),
             edit_for=self._edit_for,
             by=by,
+            conflict_stays_pending=keep_on_conflict,
         )
 
     async def expire_pending(self, ttl_days: float) -> int:
