@@ -269,26 +269,32 @@ class MemoryStore:
         are all kept: an agent may append twice). Returns the stored proposal and whether it
         was created by this call.
         """
-        async with self._engine.begin() as conn:
-            result = await conn.execute(insert_ignore(self._engine, proposals).values(**values))
-            created = result.rowcount == 1
-            from_task = str(values["author"]).startswith("agent:")
-            if created and from_task and values["status"] == ProposalStatus.PENDING.value:
-                await conn.execute(
-                    _supersede(values["id"], values["created_at"]).where(
-                        proposals.c.user_id == values["user_id"],
-                        proposals.c.label == values["label"],
-                        proposals.c.author == values["author"],
-                        proposals.c.run_id.is_distinct_from(values["run_id"]),
+
+        async def attempt() -> tuple[Proposal, bool]:
+            async with self._engine.begin() as conn:
+                insert = insert_ignore(self._engine, proposals).values(**values)
+                created = (await conn.execute(insert)).rowcount == 1
+                from_task = str(values["author"]).startswith("agent:")
+                if created and from_task and values["status"] == ProposalStatus.PENDING.value:
+                    await conn.execute(
+                        _supersede(values["id"], values["created_at"]).where(
+                            proposals.c.user_id == values["user_id"],
+                            proposals.c.label == values["label"],
+                            proposals.c.author == values["author"],
+                            proposals.c.run_id.is_distinct_from(values["run_id"]),
+                        )
                     )
-                )
-            key = values.get("idempotency_key")
-            if created or key is None:
-                where = proposals.c.id == values["id"]
-            else:
-                where = proposals.c.idempotency_key == key
-            row = (await conn.execute(select(proposals).where(where))).mappings().one()
-        return _proposal(row), created
+                key = values.get("idempotency_key")
+                if created or key is None:
+                    where = proposals.c.id == values["id"]
+                else:
+                    where = proposals.c.idempotency_key == key
+                row = (await conn.execute(select(proposals).where(where))).mappings().one()
+            return _proposal(row), created
+
+        # the superseding UPDATE takes InnoDB range locks: two proposals of one user made at
+        # once (parallel tool calls) can deadlock, and the loser is run again
+        return await retrying(attempt)
 
     async def get_proposal(self, proposal_id: str) -> Proposal | None:
         async with self._reads.connect() as conn:
