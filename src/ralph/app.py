@@ -9,7 +9,16 @@ import structlog
 from fastapi import Depends, FastAPI
 
 from ralph import __version__
-from ralph.api import background, chat, conversations, health, memory, proposals, users
+from ralph.api import (
+    background,
+    chat,
+    conversations,
+    health,
+    memory,
+    metrics,
+    proposals,
+    users,
+)
 from ralph.api.deps import bearer_token
 from ralph.api.errors import ERROR_RESPONSES, install_error_handlers
 from ralph.api.middleware import (
@@ -65,7 +74,11 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
     app.add_middleware(UnicodeGuardMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.api_token is not None:
-        public = {"/health", *(API_DOCS if settings.api_docs_public else ())}
+        public = {
+            "/health",
+            *(API_DOCS if settings.api_docs_public else ()),
+            *(["/metrics"] if settings.metrics_public else ()),
+        }
         app.add_middleware(
             TokenMiddleware, token=settings.api_token.get_secret_value(), public=public
         )
@@ -79,6 +92,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
         chat.router,
         background.router,
         users.router,
+        metrics.router,
     ):
         app.include_router(router, dependencies=[Depends(bearer_token)], responses=ERROR_RESPONSES)
     return app

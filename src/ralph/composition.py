@@ -32,6 +32,8 @@ from ralph.db import migrate
 from ralph.db.engine import create_engine, create_probe_engine, create_read_engine
 from ralph.memory.service import MemoryService
 from ralph.memory.store import MemoryStore
+from ralph.observability.service import MetricsService
+from ralph.observability.store import MetricsStore
 from ralph.users.service import UserService
 from ralph.users.store import ProfileStore
 
@@ -56,6 +58,7 @@ class Services:
     memory: MemoryService
     conversations: ConversationService
     users: UserService
+    metrics: MetricsService
     models: ModelFactory
     chat: ChatService
     registry: TaskRegistry
@@ -161,6 +164,7 @@ async def open_services(
             units_alive=arq.alive_users if arq is not None else None,
             sweeps=_sweeps(settings, memory),
         )
+        metrics = MetricsService(MetricsStore(read_engine or engine), clock)
         conversations.on_activity(scheduler.note_activity)
         users.on_change(scheduler.wake)
         yield Services(
@@ -171,6 +175,7 @@ async def open_services(
             memory=memory,
             conversations=conversations,
             users=users,
+            metrics=metrics,
             models=models,
             chat=ChatService(
                 kit,

@@ -67,6 +67,8 @@ class Settings(BaseSettings):
 
     # Memory
     memory_max_body_bytes: int = Field(default=64 * 1024, ge=1)
+    # /metrics without the token (a scraper on a private network)
+    metrics_public: bool = False
     # pending proposals older than this end `expired` (None: they wait for a person forever)
     proposal_ttl_days: float | None = Field(default=None, gt=0, le=3650)
 

@@ -31,6 +31,7 @@ from ralph.background.run_store import RunStore
 from ralph.background.schedule_store import ScheduleStore
 from ralph.background.slots import DueSlot, due_instants, next_instant, ran_this_local_day
 from ralph.clock import Clock, sleep_until_or
+from ralph.observability.events import SCHEDULER_LAG
 from ralph.users.store import ProfileStore
 
 log = structlog.get_logger(__name__)
@@ -230,6 +231,7 @@ class Scheduler:
                 continue  # another replica claimed this slot
             if status is RunStatus.PENDING:
                 started.append(run_id)
+                SCHEDULER_LAG.observe((now - due.at).total_seconds())
                 log.info("cron_fired", task=task.name, slot=due.at.isoformat(), run_id=run_id)
             else:
                 log.warning("cron_missed", task=task.name, slot=due.at.isoformat())
