@@ -45,7 +45,7 @@ async def runs_by_slot(services: Services) -> dict[datetime, dict[str, str]]:
     )
     found: dict[datetime, dict[str, str]] = defaultdict(dict)
     async with services.engine.connect() as conn:
-        for slot, user_id, status in (await conn.execute(query)).tuples():
+        for slot, user_id, status in (await conn.execute(query)).all():
             found[slot][user_id] = status
     return dict(found)
 

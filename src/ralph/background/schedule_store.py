@@ -57,6 +57,13 @@ class IdleCandidate:
     last_run_at: datetime | None
 
 
+# in `_task_activity`: a user with a message since the task's last episode for them (or none)
+_ARMED = or_(
+    idle_state.c.episode_message_at.is_(None),
+    user_activity.c.last_message_at > idle_state.c.episode_message_at,
+)
+
+
 def _task_activity(task_name: str) -> Join:
     """The activity of the task's users, with their idle state for the task (if any)."""
     return user_activity.join(
@@ -140,10 +147,6 @@ class ScheduleStore:
         """Record when each episode of the task's users that is not idle yet (a message after
         `idle_cutoff`, none fired for it) started, if not recorded: their last message, as
         this pass sees it (an index range on `last_message_at`: the active users only)."""
-        armed = or_(
-            idle_state.c.episode_message_at.is_(None),
-            user_activity.c.last_message_at > idle_state.c.episode_message_at,
-        )
         source = (
             select(
                 literal(task_name, String()),
@@ -151,7 +154,7 @@ class ScheduleStore:
                 user_activity.c.last_message_at,
             )
             .select_from(_task_activity(task_name))
-            .where(user_activity.c.last_message_at > idle_cutoff, armed)
+            .where(user_activity.c.last_message_at > idle_cutoff, _ARMED)
         )
         statement = insert_ignore(self._engine, idle_pending).from_select(
             ["task_name", "user_id", "since"], source
@@ -227,16 +230,7 @@ class ScheduleStore:
     async def armed_users(self, task_name: str) -> int:
         """How many of the task's users have a message since their last idle episode (or
         never had one): each will fire once idle, past the cooldown."""
-        query = (
-            select(func.count())
-            .select_from(_task_activity(task_name))
-            .where(
-                or_(
-                    idle_state.c.episode_message_at.is_(None),
-                    user_activity.c.last_message_at > idle_state.c.episode_message_at,
-                )
-            )
-        )
+        query = select(func.count()).select_from(_task_activity(task_name)).where(_ARMED)
         async with self._reads.connect() as conn:
             return int((await conn.execute(query)).scalar_one())
 

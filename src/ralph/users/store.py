@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, and_, case, func, literal, select
+from sqlalchemy import Row, case, func, literal, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ralph.db.engine import upsert
@@ -25,6 +25,12 @@ def _profile(row: Row[Any]) -> UserProfile:
         timezone_changed_at=row.timezone_changed_at,
         updated_at=row.updated_at,
     )
+
+
+# a task's users (filtered on `task_users.task_name`), each with their profile if any
+_USERS_WITH_PROFILES = task_users.outerjoin(
+    user_profiles, user_profiles.c.user_id == task_users.c.user_id
+)
 
 
 class ProfileStore:
@@ -80,21 +86,16 @@ class ProfileStore:
 
     # --- a task's users by timezone -------------------------------------------------------
 
-    @staticmethod
-    def _zone(fallback: str) -> Any:
-        return func.coalesce(user_profiles.c.timezone, fallback)
-
-    def _task_users(self, task_name: str) -> Any:
-        return task_users.outerjoin(
-            user_profiles, user_profiles.c.user_id == task_users.c.user_id
-        ), task_users.c.task_name == task_name
-
     async def zone_counts(self, task_name: str, fallback: str) -> dict[str, int]:
         """How many of the task's users live in each timezone (`fallback` for those whose
         profile names none)."""
-        joined, of_task = self._task_users(task_name)
-        zone = self._zone(fallback)
-        query = select(zone, func.count()).select_from(joined).where(of_task).group_by(zone)
+        zone = func.coalesce(user_profiles.c.timezone, fallback)
+        query = (
+            select(zone, func.count())
+            .select_from(_USERS_WITH_PROFILES)
+            .where(task_users.c.task_name == task_name)
+            .group_by(zone)
+        )
         async with self._reads.connect() as conn:
             return dict((await conn.execute(query)).all())
 
@@ -103,12 +104,11 @@ class ProfileStore:
     ) -> list[tuple[str, str, datetime | None]]:
         """The task's users living in `zones`, in the task's order, each with their timezone
         and the time it last changed."""
-        joined, of_task = self._task_users(task_name)
-        zone = self._zone(fallback)
+        zone = func.coalesce(user_profiles.c.timezone, fallback)
         query = (
             select(task_users.c.user_id, zone, user_profiles.c.timezone_changed_at)
-            .select_from(joined)
-            .where(and_(of_task, zone.in_(list(zones))))
+            .select_from(_USERS_WITH_PROFILES)
+            .where(task_users.c.task_name == task_name, zone.in_(list(zones)))
             .order_by(task_users.c.position)
         )
         async with self._reads.connect() as conn:
