@@ -190,7 +190,6 @@ async def open_services(
             scheduler=scheduler,
             background=BackgroundService(
                 registry=registry,
-                profiles=profiles,
                 runs=runs,
                 coordinator=coordinator,
                 scheduler=scheduler,

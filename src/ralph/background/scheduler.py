@@ -57,7 +57,6 @@ class IdlePass:
     due: dict[str, datetime]
     held: list[tuple[str, datetime]]
     watermark: datetime
-    cooldown: timedelta = timedelta(0)
     restarted: list[tuple[str, datetime]] = field(default_factory=list[tuple[str, datetime]])
     ended: list[str] = field(default_factory=list[str])
 
@@ -190,18 +189,18 @@ class Scheduler:
         """Fire one task: (runs created, when it is next due)."""
         trigger = stored.definition.trigger
         if isinstance(trigger, CronTrigger):
-            zones = await self._zones(stored.definition, trigger)
+            zones = sorted(await self.zone_counts(stored.definition, trigger))
             run_ids = await self._fire_cron(stored, trigger, zones, now)
             return run_ids, next_instant(trigger.schedule, zones, now)
         run_id = await self._fire_idle(stored, trigger, now)
         return [run_id] if run_id else [], await self.next_idle_check(stored, trigger, now)
 
-    async def _zones(self, task: TaskDefinition, trigger: CronTrigger) -> list[str]:
-        """The timezones the task's schedule is read in: its own, or its users'."""
+    async def zone_counts(self, task: TaskDefinition, trigger: CronTrigger) -> dict[str, int]:
+        """The timezones the task's schedule is read in (its own, or its users'), each with
+        how many of the task's users it fires for."""
         if not trigger.per_user:
-            return [trigger.timezone]
-        counts = await self._profiles.zone_counts(task.name, trigger.fallback_timezone)
-        return sorted(counts)
+            return {trigger.timezone: len(task.user_ids)}
+        return await self._profiles.zone_counts(task.name, trigger.fallback_timezone)
 
     async def _fire_cron(
         self, stored: StoredTask, trigger: CronTrigger, zones: list[str], now: datetime
@@ -283,24 +282,27 @@ class Scheduler:
                 continue
             due[c.user_id] = c.last_message_at
         new_watermark = idle_cutoff if watermark is None else max(watermark, idle_cutoff)
-        found = IdlePass(due, held, new_watermark, cooldown)
+        found = IdlePass(due, held, new_watermark)
         if trigger.max_wait_minutes is not None:
-            await self._max_waits(task_name, trigger.max_wait_minutes, idle_cutoff, now, found)
+            await self._max_waits(task_name, trigger, trigger.max_wait_minutes, now, found)
         return found
 
     async def _max_waits(
-        self, task_name: str, max_wait: int, idle_cutoff: datetime, now: datetime, found: IdlePass
+        self, task_name: str, trigger: IdleTrigger, max_wait: int, now: datetime, found: IdlePass
     ) -> None:
         """Add to `found` the users whose episode started `max_wait` minutes ago or more,
         idle or not (first recording the start of every episode that is not idle yet)."""
-        await self._store.note_episode_starts(task_name, idle_cutoff)
+        await self._store.note_episode_starts(
+            task_name, now - timedelta(minutes=trigger.idle_minutes)
+        )
         wait = timedelta(minutes=max_wait)
+        cooldown = timedelta(minutes=trigger.cooldown_minutes)
         for user in await self._store.waited_too_long(task_name, now - wait):
             if not user.in_task or not user.armed or user.last_message_at is None:
                 found.ended.append(user.user_id)  # fired meanwhile, or left the task
-            elif user.last_run_at is not None and user.last_run_at > now - found.cooldown:
+            elif user.last_run_at is not None and user.last_run_at > now - cooldown:
                 # held back by the cooldown: due when it ends
-                found.restarted.append((user.user_id, user.last_run_at + found.cooldown - wait))
+                found.restarted.append((user.user_id, user.last_run_at + cooldown - wait))
             else:
                 found.due.setdefault(user.user_id, user.last_message_at)
 

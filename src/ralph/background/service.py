@@ -25,7 +25,6 @@ from ralph.background.scheduler import Scheduler
 from ralph.background.slots import next_instant, upcoming_instants
 from ralph.clock import Clock
 from ralph.errors import InvalidInput
-from ralph.users.store import ProfileStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,14 +75,12 @@ class BackgroundService:
         *,
         registry: TaskRegistry,
         runs: RunStore,
-        profiles: ProfileStore,
         coordinator: RunCoordinator,
         scheduler: Scheduler,
         clock: Clock,
     ) -> None:
         self._registry = registry
         self._runs = runs
-        self._profiles = profiles
         self._coordinator = coordinator
         self._scheduler = scheduler
         self._clock = clock
@@ -204,9 +201,7 @@ class BackgroundService:
         now = self._clock.now()
         if isinstance(trigger, CronTrigger):
             after = max(now, stored.schedule_from)
-            zones = {trigger.timezone: len(task.user_ids)}
-            if trigger.per_user:
-                zones = await self._profiles.zone_counts(name, trigger.fallback_timezone)
+            zones = await self._scheduler.zone_counts(task, trigger)
             fires = [
                 Fire(at, zone, zones[zone])
                 for at, zone in upcoming_instants(trigger.schedule, sorted(zones), after, limit)
@@ -229,9 +224,7 @@ class BackgroundService:
             upcoming = None
             if isinstance(trigger, CronTrigger):
                 after = max(now, stored.schedule_from)
-                zones = [trigger.timezone]
-                if trigger.per_user:
-                    zones = list(await self._profiles.zone_counts(name, trigger.fallback_timezone))
+                zones = await self._scheduler.zone_counts(stored.definition, trigger)
                 upcoming = next_instant(trigger.schedule, zones, after)
                 if upcoming is None:
                     error = never_fires_reason(trigger.schedule, now)

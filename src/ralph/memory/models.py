@@ -81,7 +81,8 @@ class Proposal:
     created_at: datetime
     decided_at: datetime | None
     # who decided: "api" (a person through the API or the CLI), "system:auto" (a task whose
-    # approval is auto), "system:supersede" (replaced by a newer one, or by an approval)
+    # approval is auto), "system:supersede" (replaced by a newer one, or by an approval),
+    # "system:expire" (pending longer than RALPH_PROPOSAL_TTL_DAYS)
     decided_by: str | None = None
     superseded_by: str | None = None  # the proposal that replaced this one
 

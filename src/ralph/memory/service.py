@@ -327,15 +327,12 @@ class MemoryService:
         decisions: list[BulkDecision] = []
         for proposal_id in ids:
             try:
-                if approve:
-                    stored = await self.approve(proposal_id, comment)
-                else:
-                    stored = await self.reject(proposal_id, comment)
+                stored = await self._decide(proposal_id, approve, comment, "api")
             except NotFound as exc:
                 decisions.append(BulkDecision(proposal_id, False, None, error=str(exc)))
             except Conflict as exc:
-                current = await self.store.get_proposal(proposal_id)
-                status = current.status if current else None
+                # every refusal of a decision names the status the proposal is left in
+                status = ProposalStatus(str(exc.details["status"]))
                 decisions.append(BulkDecision(proposal_id, False, status, error=str(exc)))
             else:
                 decisions.append(
