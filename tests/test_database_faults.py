@@ -18,6 +18,8 @@ import pytest
 from httpx import AsyncClient
 from sqlalchemy.engine import make_url
 
+from ralph.background.models import TaskDefinition, TriggerType, UserStatus
+from ralph.background.run_store import UserStart
 from ralph.config import Settings
 from ralph.db import migrate
 from ralph.db.engine import create_engine
@@ -26,6 +28,7 @@ from ralph.testing.tcp_proxy import TcpProxy
 from tests.helpers import (
     create_mariadb_database,
     drop_mariadb_database,
+    harness_for,
     serving,
     using_model_server,
 )
@@ -129,6 +132,53 @@ async def test_mariadb_goes_away_mid_run_and_comes_back(
                 proxy.restore()
                 await eventually(lambda: _status(client, "/health", 200), 30)
                 await all_done_once(client)
+    finally:
+        await drop_mariadb_database(url)
+
+
+async def test_database_lost_right_after_a_claim_leaves_no_user_running(
+    settings: Settings, model_server: ModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection is cut the moment a user's claim commits, for 1 s: the unit still ends
+    with the user's result recorded (interrupted, for a rerun), and raises nothing. Before, the
+    run's mode was read after the claim, outside the unit's error handling: the unit raised,
+    and the user stayed `running` (a run finished with `running=1`)."""
+    if not settings.effective_database_url.startswith("mysql"):
+        pytest.skip("the MariaDB case")
+    url = await create_mariadb_database()
+    engine = create_engine(url)
+    await migrate.upgrade(engine)
+    await engine.dispose()
+    target = make_url(url)
+    try:
+        with TcpProxy(target.host or "127.0.0.1", target.port or 3306) as proxy:
+            proxied = target.set(host="127.0.0.1", port=proxy.port)
+            proxied_url = proxied.render_as_string(hide_password=False)
+            configured = using_model_server(settings, model_server, database_url=proxied_url)
+            async with harness_for(configured) as harness:
+                services = harness.services
+                task = TaskDefinition.model_validate(
+                    {
+                        "name": "cut",
+                        "system_prompt": "review",
+                        "trigger": {"type": "cron", "schedule": "0 3 1 1 *"},
+                        "user_ids": ["a"],
+                    }
+                )
+                await services.registry.create(task)
+                run_id = await services.background.create_run(task, TriggerType.MANUAL)
+                claim = services.runs.start_user
+
+                async def claim_then_cut(*args: Any, **kwargs: Any) -> UserStart:
+                    start = await claim(*args, **kwargs)
+                    proxy.cut()
+                    asyncio.get_running_loop().call_later(1.0, proxy.restore)
+                    return start
+
+                monkeypatch.setattr(services.runs, "start_user", claim_then_cut)
+                await services.units.run_user(run_id, task, "a")
+                user = await services.runs.user(run_id, "a")
+                assert user.status in (UserStatus.INTERRUPTED, UserStatus.SUCCESS), user
     finally:
         await drop_mariadb_database(url)
 

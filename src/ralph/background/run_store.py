@@ -55,10 +55,18 @@ RERUN_PREFIX = "rerun:"
 @dataclass(frozen=True)
 class UserStart:
     """What `RunStore.start_user` did: `started`, or not, with the run holding the user's lock
-    when the user was skipped for it (None: the user was no longer pending)."""
+    when the user was skipped for it (None: the user was no longer pending), and whether the
+    run is a dry run (read with the claim: once a user is claimed, nothing may need the
+    database before the agent runs, or an outage there would leave the user running)."""
 
     started: bool
     held_by: str | None = None
+    dry_run: bool = False
+
+
+async def _dry_run(conn: AsyncConnection, run_id: str) -> bool:
+    query = select(task_runs.c.dry_run).where(task_runs.c.id == run_id)
+    return bool((await conn.execute(query)).scalar())
 
 
 def _run(row: RowMapping, counts: dict[str, int]) -> TaskRun:
@@ -346,12 +354,13 @@ class RunStore:
         unit = {"b_run": run_id, "b_user": user_id, "b_task": task_name, "b_now": now}
         async with self._engine.begin() as conn:
             if (await conn.execute(_CLAIM_USER, unit)).rowcount != 1:
-                claimed = retry and await self._claimed_at(conn, unit)
-                return UserStart(started=claimed)
+                if retry and await self._claimed_at(conn, unit):
+                    return UserStart(started=True, dry_run=await _dry_run(conn, run_id))
+                return UserStart(started=False)
             lock = {"task_name": task_name, "user_id": user_id, "run_id": run_id}
             taken = await conn.execute(self._take_lock, {**lock, "acquired_at": now})
             if taken.rowcount == 1:
-                return UserStart(started=True)
+                return UserStart(started=True, dry_run=await _dry_run(conn, run_id))
             holder = (await conn.execute(_LOCK_HOLDER, unit)).scalar()
             error = f"already running for this task in run {holder}"
             await conn.execute(_SKIP_USER, {**unit, "b_error": error})
@@ -548,9 +557,8 @@ class RunStore:
             return (await conn.execute(query)).scalar()
 
     async def is_dry_run(self, run_id: str) -> bool:
-        query = select(task_runs.c.dry_run).where(task_runs.c.id == run_id)
         async with self._reads.connect() as conn:
-            return bool((await conn.execute(query)).scalar())
+            return await _dry_run(conn, run_id)
 
     async def user_ids(self, run_id: str, status: UserStatus) -> list[str]:
         """The ids of the run's users in `status`, in the run's order."""

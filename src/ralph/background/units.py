@@ -130,7 +130,7 @@ class UnitRunner:
             user_id,
             author=f"agent:{task.name}",
             run_id=run_id,
-            dry_run=await self._runs.is_dry_run(run_id),
+            dry_run=start.dry_run,
             auto_approve=task.approval == "auto",
         )
         agent = asyncio.create_task(self._agent(task, context))
