@@ -52,11 +52,16 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
                     log.info("task_file_applied", task=change.name, action=change.action)
             if settings.scheduler_enabled:
                 services.scheduler.start()
+            if services.webhooks is not None:
+                services.webhooks.start()
             try:
                 yield
             finally:
                 await services.scheduler.stop()
                 await services.coordinator.shutdown(settings.shutdown_grace_seconds)
+                if services.webhooks is not None:
+                    # after the runs: their last events are in the outbox (sent next start)
+                    await services.webhooks.stop()
 
     app = FastAPI(
         title="Ralph",

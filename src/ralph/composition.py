@@ -36,6 +36,8 @@ from ralph.observability.service import MetricsService
 from ralph.observability.store import MetricsStore
 from ralph.users.service import UserService
 from ralph.users.store import ProfileStore
+from ralph.webhooks.sender import WebhookSender
+from ralph.webhooks.store import Outbox
 
 
 def _sweeps(settings: Settings, memory: MemoryService) -> list[Callable[[], Awaitable[object]]]:
@@ -59,6 +61,8 @@ class Services:
     conversations: ConversationService
     users: UserService
     metrics: MetricsService
+    # delivers webhook events (a server with RALPH_WEBHOOK_URL set; started by the app)
+    webhooks: WebhookSender | None
     models: ModelFactory
     chat: ChatService
     registry: TaskRegistry
@@ -109,10 +113,14 @@ async def open_services(
         if apply_migrations:
             await migrate.upgrade(engine)
         clock = clock or SystemClock()
-        memory_store = MemoryStore(engine, read_engine)
+        outbox = Outbox(
+            enabled=settings.webhook_url is not None,
+            console_url=f"{settings.public_url or ''}/console",
+        )
+        memory_store = MemoryStore(engine, read_engine, outbox)
         memory = MemoryService(memory_store, clock, settings.memory_max_body_bytes)
         conversations = ConversationService(ConversationStore(engine, read_engine), clock)
-        runs = RunStore(engine, read_engine)
+        runs = RunStore(engine, read_engine, outbox)
         kit = AgentKit(memory, conversations, models, settings.data_dir, settings.allow_shell_tools)
         units = UnitRunner(
             runs=runs,
@@ -165,6 +173,18 @@ async def open_services(
             sweeps=_sweeps(settings, memory),
         )
         metrics = MetricsService(MetricsStore(read_engine or engine), clock)
+        webhooks: WebhookSender | None = None
+        if role == "server" and settings.webhook_url is not None:
+            secret = settings.webhook_secret
+            webhooks = WebhookSender(
+                engine,
+                clock,
+                settings.webhook_url,
+                secret=secret.get_secret_value() if secret else None,
+                retry_base_seconds=settings.webhook_retry_seconds,
+                poll_seconds=settings.webhook_poll_seconds,
+            )
+            outbox.on_added(webhooks.wake)
         conversations.on_activity(scheduler.note_activity)
         users.on_change(scheduler.wake)
         yield Services(
@@ -176,6 +196,7 @@ async def open_services(
             conversations=conversations,
             users=users,
             metrics=metrics,
+            webhooks=webhooks,
             models=models,
             chat=ChatService(
                 kit,

@@ -71,6 +71,16 @@ class Settings(BaseSettings):
     metrics_public: bool = False
     # pending proposals older than this end `expired` (None: they wait for a person forever)
     proposal_ttl_days: float | None = Field(default=None, gt=0, le=3650)
+    # Webhooks: events POSTed here (run.finished, proposals.pending, proposal.decided)
+    webhook_url: str | None = None
+    # signs each body: X-Ralph-Signature: sha256=<hex HMAC-SHA256>
+    webhook_secret: SecretStr | None = None
+    # the first retry's wait; each next one doubles, up to 10 minutes
+    webhook_retry_seconds: float = Field(default=2.0, gt=0, le=600)
+    # how often a server looks for events other processes recorded (the CLI, other replicas)
+    webhook_poll_seconds: float = Field(default=5.0, gt=0)
+    # where people reach this server (links in webhooks); None: links are relative paths
+    public_url: str | None = None
 
     # Background
     scheduler_enabled: bool = True
@@ -102,6 +112,15 @@ class Settings(BaseSettings):
         if isinstance(value, SecretStr) and not value.get_secret_value().strip():
             return None
         return value
+
+    @field_validator("webhook_url", "public_url")
+    @classmethod
+    def _check_http_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// URL (got {value!r})")
+        return value.rstrip("/")
 
     @field_validator("database_url")
     @classmethod

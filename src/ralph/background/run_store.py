@@ -28,8 +28,9 @@ from ralph.background.models import (
     user_sources,
 )
 from ralph.db.engine import insert_ignore, insert_rows
-from ralph.db.tables import task_run_users, task_runs, task_user_locks
+from ralph.db.tables import proposals, task_run_users, task_runs, task_user_locks
 from ralph.errors import Conflict, NotFound
+from ralph.webhooks.store import PROPOSALS_PENDING, RUN_FINISHED, Outbox
 
 CHUNK = 1000
 # a (run, user) row as created: pending, nothing counted yet
@@ -154,11 +155,14 @@ def _check_transition(source: UserStatus, target: UserStatus) -> None:
 class RunStore:
     """Runs and their per-user rows: one row per (run, user), never a JSON blob."""
 
-    def __init__(self, engine: AsyncEngine, reads: AsyncEngine | None = None) -> None:
+    def __init__(
+        self, engine: AsyncEngine, reads: AsyncEngine | None = None, outbox: Outbox | None = None
+    ) -> None:
         self._engine = engine
         # transactions that only read (SQLite: see ralph.db.engine.create_read_engine)
         self._reads = reads or engine
         self._take_lock = insert_ignore(engine, task_user_locks)
+        self._outbox = outbox or Outbox(enabled=False)
 
     async def create(
         self,
@@ -463,21 +467,62 @@ class RunStore:
         ).where(task_run_users.c.run_id == run_id)
         async with self._engine.begin() as conn:
             input_tokens, output_tokens, total_tokens, cost = (await conn.execute(tokens)).one()
-            await conn.execute(
+            totals = {
+                "input_tokens": int(input_tokens),
+                "output_tokens": int(output_tokens),
+                "total_tokens": int(total_tokens),
+                "cost_usd": None if cost is None else float(cost),
+            }
+            finished = await conn.execute(
                 update(task_runs)
                 .where(task_runs.c.id == run_id, task_runs.c.status == RunStatus.RUNNING.value)
                 .values(
-                    status=status.value,
-                    completed_at=now,
-                    heartbeat_at=now,
-                    error=error,
-                    input_tokens=int(input_tokens),
-                    output_tokens=int(output_tokens),
-                    total_tokens=int(total_tokens),
-                    cost_usd=None if cost is None else float(cost),
+                    status=status.value, completed_at=now, heartbeat_at=now, error=error, **totals
                 )
             )
+            if finished.rowcount == 1:
+                await self._run_finished_events(conn, run, status, totals, error, now)
+        self._outbox.added()
         return await self.get(run_id)
+
+    async def _run_finished_events(
+        self,
+        conn: AsyncConnection,
+        run: TaskRun,
+        status: RunStatus,
+        totals: dict[str, Any],
+        error: str | None,
+        now: datetime,
+    ) -> None:
+        """`run.finished`, and `proposals.pending` if the run left proposals for review."""
+        if not self._outbox.enabled:
+            return
+        finished = {
+            "run_id": run.id,
+            "task": run.task_name,
+            "trigger": run.trigger_type.value,
+            "status": status.value,
+            "dry_run": run.dry_run,
+            "rerun_of": run.rerun_of,
+            "counts": run.counts,
+            "tokens": totals,
+            "error": error,
+            "started_at": run.started_at,
+            "completed_at": now,
+        }
+        await self._outbox.add(conn, RUN_FINISHED, finished, now)
+        waiting = select(func.count()).where(
+            proposals.c.run_id == run.id, proposals.c.status == "pending"
+        )
+        pending = int((await conn.execute(waiting)).scalar() or 0)
+        if pending:
+            review = {
+                "run_id": run.id,
+                "task": run.task_name,
+                "pending": pending,
+                "console_url": self._outbox.console_link(run.id),
+            }
+            await self._outbox.add(conn, PROPOSALS_PENDING, review, now)
 
     async def request_cancel(self, run_id: str) -> TaskRun:
         run = await self.get(run_id)

@@ -271,3 +271,20 @@ scheduler_replicas = Table(
     Column("heartbeat_at", UTCDateTime(), nullable=False),
     Column("last_tick_at", UTCDateTime(), nullable=True),
 )
+
+# Webhook events, written in the transaction of the change they report (a transactional
+# outbox) and delivered by the server's sender, at least once, each under its id.
+webhook_outbox = Table(
+    "webhook_outbox",
+    metadata,
+    Column("id", String(UUID), primary_key=True),
+    Column("event_type", String(64), nullable=False),
+    Column("body", LongText(), nullable=False),  # the exact JSON that is signed and sent
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("status", String(16), nullable=False),  # pending | delivered | failed
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", UTCDateTime(), nullable=False),
+    Column("delivered_at", UTCDateTime(), nullable=True),
+    Column("last_error", Text(), nullable=True),
+    Index(None, "status", "next_attempt_at"),
+)

@@ -20,6 +20,7 @@ from ralph.memory.models import (
     ProposalKind,
     ProposalStatus,
 )
+from ralph.webhooks.store import PROPOSAL_DECIDED, Outbox
 
 # Computes the new (title, body) from the current block, or raises Conflict.
 EditFn = Callable[[Block | None], tuple[str, str]]
@@ -79,11 +80,14 @@ class MemoryStore:
     and sees the winner's change.
     """
 
-    def __init__(self, engine: AsyncEngine, reads: AsyncEngine | None = None) -> None:
+    def __init__(
+        self, engine: AsyncEngine, reads: AsyncEngine | None = None, outbox: Outbox | None = None
+    ) -> None:
         self._engine = engine
         # transactions that only read (SQLite: see ralph.db.engine.create_read_engine)
         self._reads = reads or engine
         self._lock_rows = not is_sqlite(engine)
+        self._outbox = outbox or Outbox(enabled=False)
 
     # --- blocks ---------------------------------------------------------------------------
 
@@ -435,6 +439,7 @@ class MemoryStore:
                 return stored, None
 
         stored, conflict = await retrying(attempt)
+        self._outbox.added()
         if conflict is not None:
             raise Conflict(str(conflict), status=stored.status.value, proposal_id=stored.id)
         return stored
@@ -449,6 +454,7 @@ class MemoryStore:
         applied_version: int | None,
         by: str,
     ) -> Proposal:
+        """Decide the proposal, and record `proposal.decided` for webhooks, in `conn`."""
         await conn.execute(
             update(proposals)
             .where(proposals.c.id == proposal.id)
@@ -466,4 +472,17 @@ class MemoryStore:
             .mappings()
             .one()
         )
-        return _proposal(row)
+        decided = _proposal(row)
+        event = {
+            "proposal_id": decided.id,
+            "user_id": decided.user_id,
+            "label": decided.label,
+            "status": decided.status.value,
+            "decided_by": by,
+            "comment": comment,
+            "author": decided.author,
+            "run_id": decided.run_id,
+            "applied_version": applied_version,
+        }
+        await self._outbox.add(conn, PROPOSAL_DECIDED, event, now)
+        return decided
