@@ -22,15 +22,16 @@ from ralph.api import (
 from ralph.api.deps import bearer_token
 from ralph.api.errors import ERROR_RESPONSES, install_error_handlers
 from ralph.api.middleware import (
+    AccessMiddleware,
     BodySizeLimitMiddleware,
     RequestIdMiddleware,
-    TokenMiddleware,
     UnicodeGuardMiddleware,
 )
 from ralph.background.taskfile import read_tasks_file
-from ralph.clock import Clock
+from ralph.clock import Clock, SystemClock
 from ralph.composition import open_services
 from ralph.config import Settings
+from ralph.console.routes import console_sessions, mount_console
 
 log = structlog.get_logger(__name__)
 
@@ -78,15 +79,20 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
     # the last added runs first: request id, token, size cap, then the body's text
     app.add_middleware(UnicodeGuardMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
-    if settings.api_token is not None:
-        public = {
-            "/health",
-            *(API_DOCS if settings.api_docs_public else ()),
-            *(["/metrics"] if settings.metrics_public else ()),
-        }
-        app.add_middleware(
-            TokenMiddleware, token=settings.api_token.get_secret_value(), public=public
-        )
+    public = {
+        "/health",
+        "/console/login",
+        *(API_DOCS if settings.api_docs_public else ()),
+        *(["/metrics"] if settings.metrics_public else ()),
+    }
+    sessions = console_sessions(settings, clock or SystemClock())
+    app.state.console_sessions = sessions
+    app.add_middleware(
+        AccessMiddleware,
+        sessions=sessions,
+        public=public,
+        public_prefixes=("/console/static/",),
+    )
     app.add_middleware(RequestIdMiddleware)
 
     app.include_router(health.router)
@@ -100,4 +106,5 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
         metrics.router,
     ):
         app.include_router(router, dependencies=[Depends(bearer_token)], responses=ERROR_RESPONSES)
+    mount_console(app, settings)
     return app

@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ModelProvider = Literal["dev", "openai", "openrouter"]
@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8200, ge=1, le=65535)
     api_token: SecretStr | None = None
+    # may read, approve and reject (the console's reviewers), nothing else
+    reviewer_token: SecretStr | None = None
     # with a token: whether /docs, /redoc and /openapi.json answer without it
     api_docs_public: bool = False
     max_request_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
@@ -103,7 +105,7 @@ class Settings(BaseSettings):
     # whose key has been gone for three times as long ("worker lost")
     worker_heartbeat_seconds: float = Field(default=10.0, gt=0)
 
-    @field_validator("api_token", mode="before")
+    @field_validator("api_token", "reviewer_token", mode="before")
     @classmethod
     def _blank_token_is_none(cls, value: object) -> object:
         # `RALPH_API_TOKEN=` (or spaces) in a deployment file must not open the API.
@@ -112,6 +114,14 @@ class Settings(BaseSettings):
         if isinstance(value, SecretStr) and not value.get_secret_value().strip():
             return None
         return value
+
+    @model_validator(mode="after")
+    def _reviewer_needs_api_token(self) -> Settings:
+        if self.reviewer_token is not None and self.api_token is None:
+            raise ValueError(
+                "RALPH_REVIEWER_TOKEN needs RALPH_API_TOKEN (without it the API is open to all)"
+            )
+        return self
 
     @field_validator("webhook_url", "public_url")
     @classmethod
@@ -165,6 +175,13 @@ def check_serve_settings(settings: Settings) -> None:
     """
     if is_loopback(settings.host):
         return
+    if settings.reviewer_token is not None and (
+        len(settings.reviewer_token.get_secret_value()) < MIN_PUBLIC_TOKEN_CHARS
+    ):
+        raise SettingsError(
+            f"RALPH_REVIEWER_TOKEN: must be at least {MIN_PUBLIC_TOKEN_CHARS} characters to "
+            f"listen on {settings.host}"
+        )
     if settings.api_token is None:
         raise SettingsError(
             f"RALPH_API_TOKEN: refusing to listen on {settings.host} without a token; "

@@ -9,10 +9,14 @@ import secrets
 import time
 import uuid
 from collections.abc import Collection
+from http.cookies import SimpleCookie
 from typing import Any, cast
+from urllib.parse import quote
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ralph.console.sessions import COOKIE, CSRF_HEADER, REVIEWER, Sessions, reviewer_may
 
 log = structlog.get_logger("ralph.http")
 
@@ -70,27 +74,110 @@ async def reply_error(
     await send({"type": "http.response.body", "body": body})
 
 
-class TokenMiddleware:
-    """Requires `Authorization: Bearer <token>` on every path but `public`, before the
-    request is routed or its body read: a request without the token learns nothing, not
-    even whether its body would have been valid."""
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
-    def __init__(self, app: ASGIApp, token: str, public: Collection[str]) -> None:
+
+def _cross_site(headers: dict[bytes, bytes]) -> bool:
+    """A browser's request from another site (its `Origin` names another host, or its
+    `Sec-Fetch-Site` says so). Scripts and curl send neither: they are not refused."""
+    if headers.get(b"sec-fetch-site") == b"cross-site":
+        return True
+    origin = headers.get(b"origin")
+    if origin is None:
+        return False
+    host = headers.get(b"host", b"")
+    return origin == b"null" or origin.split(b"://", 1)[-1] != host
+
+
+class AccessMiddleware:
+    """Who may do what, before a request is routed or its body read (a request without a
+    credential learns nothing, not even whether its body would have been valid).
+
+    - A state-changing request from another site (`Origin`) is refused (403), token or not.
+    - With a token configured, every path but `public` needs `Authorization: Bearer <token>`
+      or a console session cookie; a cookie's state-changing requests also need the session's
+      `X-Ralph-CSRF` header. The reviewer token (or its session) may read, approve and reject,
+      nothing else (403). Console pages without a credential redirect to its login.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        sessions: Sessions | None,
+        public: Collection[str],
+        public_prefixes: tuple[str, ...] = (),
+    ) -> None:
         self.app = app
-        self._expected = f"Bearer {token}".encode()
+        self._sessions = sessions
         self._public = frozenset(public)
+        self._public_prefixes = public_prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self._public:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        supplied = dict(scope["headers"]).get(b"authorization", b"")
-        if not secrets.compare_digest(supplied, self._expected):
+        method: str = scope["method"]
+        path: str = scope["path"]
+        headers = dict(scope["headers"])
+        if method not in _SAFE_METHODS and _cross_site(headers):
+            await reply_error(send, 403, "cross-site request refused")
+            return
+        sessions = self._sessions
+        if sessions is None or path in self._public or path.startswith(self._public_prefixes):
+            await self.app(scope, receive, send)
+            return
+        role, session = self._credential(sessions, headers)
+        if role is None:
+            if path.startswith("/console") and method == "GET":
+                query = scope.get("query_string", b"").decode(errors="replace")
+                back = f"{path}?{query}" if query else path
+                await _redirect(send, f"/console/login?next={quote(back, safe='/')}")
+                return
             await reply_error(
                 send, 401, "missing or wrong bearer token", [(b"www-authenticate", b"Bearer")]
             )
             return
+        if session is not None and method not in _SAFE_METHODS:
+            supplied = headers.get(CSRF_HEADER.lower().encode(), b"").decode(errors="replace")
+            if not secrets.compare_digest(supplied, sessions.csrf(session)):
+                await reply_error(send, 403, f"missing or wrong {CSRF_HEADER} header")
+                return
+        if role == REVIEWER and not reviewer_may(method, path):
+            await reply_error(
+                send, 403, "the reviewer token may only read, approve and reject proposals"
+            )
+            return
+        scope.setdefault("state", {})["role"] = role
         await self.app(scope, receive, send)
+
+    @staticmethod
+    def _credential(
+        sessions: Sessions, headers: dict[bytes, bytes]
+    ) -> tuple[str | None, str | None]:
+        """(the role, the session cookie if that is the credential)."""
+        authorization = headers.get(b"authorization")
+        if authorization is not None:
+            scheme, _, token = authorization.decode(errors="replace").partition(" ")
+            role = sessions.role_of_token(token) if scheme == "Bearer" else None
+            return role, None
+        cookie = SimpleCookie()
+        cookie.load(headers.get(b"cookie", b"").decode(errors="replace"))
+        morsel = cookie.get(COOKIE)
+        if morsel is None:
+            return None, None
+        role = sessions.role(morsel.value)
+        return role, morsel.value if role else None
+
+
+async def _redirect(send: Send, location: str) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 303,
+            "headers": [(b"location", location.encode()), (b"content-length", b"0")],
+        }
+    )
+    await send({"type": "http.response.body", "body": b""})
 
 
 # a JSON escape of a UTF-16 surrogate; only bodies that have one are parsed here

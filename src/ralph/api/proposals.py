@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 from pydantic import Field, model_validator
 
 from ralph.api.deps import ServicesDep
-from ralph.api.params import UserIdPath
+from ralph.api.params import LabelQuery, TaskQuery, UserIdPath, UserIdQuery
 from ralph.api.schema import response_model
 from ralph.memory.models import BulkDecision, Proposal, ProposalDraft, ProposalStatus
 from ralph.validation import Label, StrictInput
@@ -120,11 +120,16 @@ async def review_queue(
     services: ServicesDep,
     status: ProposalStatus | None = None,
     run_id: str | None = Query(default=None, max_length=36, description="Made by this run."),
+    user_id: UserIdQuery = None,
+    label: LabelQuery = None,
+    task: TaskQuery = None,
     limit: int = Query(default=100, ge=1, le=1000),
 ) -> list[Proposal]:
     """Every user's proposals, newest first: `?status=pending` is the review queue,
-    `?run_id=` what one background run proposed."""
-    return await services.memory.list_proposals(None, status=status, limit=limit, run_id=run_id)
+    `?run_id=` what one background run proposed; `user_id`, `label` and `task` narrow it."""
+    return await services.memory.list_proposals(
+        user_id, status=status, limit=limit, run_id=run_id, label=label, task=task
+    )
 
 
 @router.get("/proposals/{proposal_id}", response_model=ProposalOut)

@@ -101,7 +101,7 @@ def _rerun_of(slot_key: str | None) -> str | None:
     return slot_key.removeprefix(RERUN_PREFIX)
 
 
-def _user(row: RowMapping) -> UserResult:
+def _user(row: Mapping[str, Any]) -> UserResult:
     # UserResult's fields are task_run_users' columns
     values: dict[str, Any] = dict(row)
     values["status"] = UserStatus(row["status"])
@@ -566,6 +566,25 @@ class RunStore:
         query = query.order_by(task_run_users.c.position).offset(offset).limit(limit)
         async with self._reads.connect() as conn:
             return [_user(r) for r in (await conn.execute(query)).mappings().all()]
+
+    async def of_user(self, user_id: str, limit: int = 20) -> list[tuple[str, UserResult]]:
+        """(task, the user's result) in the user's most recent runs, newest first (an index
+        on (user, started) from migration 0005)."""
+        query = (
+            select(task_run_users, task_runs.c.task_name)
+            .select_from(task_run_users.join(task_runs, task_runs.c.id == task_run_users.c.run_id))
+            .where(task_run_users.c.user_id == user_id)
+            .order_by(task_run_users.c.started_at.desc())
+            .limit(limit)
+        )
+        async with self._reads.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        results: list[tuple[str, UserResult]] = []
+        for row in rows:
+            values = dict(row)
+            task_name = values.pop("task_name")
+            results.append((task_name, _user(values)))
+        return results
 
     async def rerun_depth(self, run_id: str, at_most: int) -> int:
         """How many reruns deep `run_id` is (0: an original run), counted up to `at_most`."""

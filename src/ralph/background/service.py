@@ -143,6 +143,10 @@ class BackgroundService:
         )
         return run, users
 
+    async def runs_of_user(self, user_id: str, limit: int = 20) -> list[tuple[str, UserResult]]:
+        """(task, result) of the user's most recent runs, newest first."""
+        return await self._runs.of_user(user_id, limit)
+
     async def run_user(self, run_id: str, user_id: str) -> UserResult:
         return await self._runs.user(run_id, user_id)
 

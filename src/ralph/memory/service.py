@@ -263,9 +263,30 @@ class MemoryService:
         status: ProposalStatus | None = None,
         limit: int = 100,
         run_id: str | None = None,
+        *,
+        label: str | None = None,
+        task: str | None = None,
     ) -> list[Proposal]:
-        """Newest first: one user's, or with `user_id` None everyone's (the review queue)."""
-        return await self.store.list_proposals(user_id, status=status, run_id=run_id, limit=limit)
+        """Newest first: one user's, or with `user_id` None everyone's (the review queue);
+        narrowed to one run, block label, or task (the proposals its agents wrote)."""
+        return await self.store.list_proposals(
+            user_id,
+            status=status,
+            run_id=run_id,
+            label=label,
+            author=None if task is None else f"agent:{task}",
+            limit=limit,
+        )
+
+    async def preview(self, proposal: Proposal) -> tuple[str, str | None, str | None]:
+        """(the block's current body, what approving would make it or None, why not): the
+        change a reviewer is asked to approve, against the text as it is now."""
+        current = await self.store.get_block(proposal.user_id, proposal.label)
+        body = current.body if current else ""
+        try:
+            return body, self._edit_for(proposal)(current)[1], None
+        except Conflict as conflict:
+            return body, None, str(conflict)
 
     async def approve(
         self, proposal_id: str, comment: str | None = None, *, by: str = "api"

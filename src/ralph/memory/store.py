@@ -315,16 +315,22 @@ class MemoryStore:
         *,
         status: ProposalStatus | None = None,
         run_id: str | None = None,
+        label: str | None = None,
+        author: str | None = None,
         limit: int = 100,
     ) -> list[Proposal]:
         """Newest first; `user_id` None lists every user's."""
         query = select(proposals)
-        if user_id is not None:
-            query = query.where(proposals.c.user_id == user_id)
+        for column, value in (
+            (proposals.c.user_id, user_id),
+            (proposals.c.run_id, run_id),
+            (proposals.c.label, label),
+            (proposals.c.author, author),
+        ):
+            if value is not None:
+                query = query.where(column == value)
         if status is not None:
             query = query.where(proposals.c.status == status.value)
-        if run_id is not None:
-            query = query.where(proposals.c.run_id == run_id)
         query = query.order_by(proposals.c.created_at.desc(), proposals.c.id).limit(limit)
         async with self._reads.connect() as conn:
             return [_proposal(r) for r in (await conn.execute(query)).mappings().all()]

@@ -1,0 +1,272 @@
+"""The console (`/console`): server-rendered pages (Jinja2) for the people who review and
+operate, refreshed in place by HTMX (vendored: the console works offline).
+
+Pages only read. Every action a page offers (approve, reject, bulk decisions, revert, enable,
+run now) is the documented API call, made by the page's script with the session cookie and
+its CSRF header: what a person does here, a script can do with the token.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import parse_qs, urlencode
+
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+from ralph import __version__
+from ralph.api.deps import ServicesDep
+from ralph.api.params import LabelQuery, TaskQuery, UserIdPath, UserIdQuery
+from ralph.background.models import CronTrigger
+from ralph.clock import Clock
+from ralph.composition import Services
+from ralph.config import Settings
+from ralph.console.diff import DiffLine, diff_lines
+from ralph.console.sessions import COOKIE, FULL, LIFETIME, Sessions
+from ralph.memory.models import Proposal, ProposalStatus
+
+HERE = Path(__file__).parent
+PAGE_SIZE = 50
+
+templates = Environment(
+    loader=FileSystemLoader(HERE / "templates"),
+    autoescape=select_autoescape(["html"]),
+    undefined=StrictUndefined,
+)
+router = APIRouter(include_in_schema=False)
+
+
+def console_sessions(settings: Settings, clock: Clock) -> Sessions | None:
+    """Sessions for the configured tokens; None without any (the console opens directly)."""
+    tokens: dict[str, str] = {}
+    if settings.api_token is not None:
+        tokens[FULL] = settings.api_token.get_secret_value()
+    if settings.reviewer_token is not None:
+        tokens["reviewer"] = settings.reviewer_token.get_secret_value()
+    return Sessions(tokens, clock.now) if tokens else None
+
+
+def mount_console(app: FastAPI, settings: Settings) -> None:
+    app.mount("/console/static", StaticFiles(directory=HERE / "static"), name="console-static")
+    app.include_router(router)
+    app.state.console_secure_cookie = (settings.public_url or "").startswith("https://")
+
+
+def _render(request: Request, template: str, **context: Any) -> HTMLResponse:
+    session = request.cookies.get(COOKIE)
+    sessions: Sessions | None = request.app.state.console_sessions
+    role = request.scope.get("state", {}).get("role", FULL)
+    csrf = sessions.csrf(session) if sessions is not None and session else ""
+    html = templates.get_template(template).render(
+        request=request,
+        role=role,
+        can_operate=role == FULL,
+        csrf=csrf,
+        logged_in=sessions is not None,
+        version=__version__,
+        **context,
+    )
+    return HTMLResponse(html)
+
+
+# --- review queue ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class QueueItem:
+    proposal: Proposal
+    lines: list[DiffLine]
+    conflict: str | None
+
+
+async def _queue(services: Services, filters: dict[str, str | None]) -> list[QueueItem]:
+    pending = await services.memory.list_proposals(
+        filters["user_id"],
+        status=ProposalStatus.PENDING,
+        limit=PAGE_SIZE,
+        run_id=filters["run_id"],
+        label=filters["label"],
+        task=filters["task"],
+    )
+    items: list[QueueItem] = []
+    for proposal in pending:
+        current, proposed, conflict = await services.memory.preview(proposal)
+        lines = diff_lines(current, proposed) if proposed is not None else []
+        items.append(QueueItem(proposal, lines, conflict))
+    return items
+
+
+RunIdQuery = Annotated[str | None, Query(max_length=36)]
+
+
+def _filters(
+    task: str | None, run_id: str | None, user_id: str | None, label: str | None
+) -> dict[str, str | None]:
+    return {"task": task, "run_id": run_id, "user_id": user_id, "label": label}
+
+
+@router.get("/console")
+async def queue_page(
+    request: Request,
+    services: ServicesDep,
+    task: TaskQuery = None,
+    run_id: RunIdQuery = None,
+    user_id: UserIdQuery = None,
+    label: LabelQuery = None,
+) -> HTMLResponse:
+    filters = _filters(task, run_id, user_id, label)
+    query = urlencode({k: v for k, v in filters.items() if v})
+    items = await _queue(services, filters)
+    return _render(request, "queue.html", items=items, filters=filters, query=query)
+
+
+@router.get("/console/queue")
+async def queue_items(
+    request: Request,
+    services: ServicesDep,
+    task: TaskQuery = None,
+    run_id: RunIdQuery = None,
+    user_id: UserIdQuery = None,
+    label: LabelQuery = None,
+) -> HTMLResponse:
+    """The queue's items alone: what the page polls to stay current without a reload."""
+    items = await _queue(services, _filters(task, run_id, user_id, label))
+    return _render(request, "_queue_items.html", items=items)
+
+
+# --- a user ------------------------------------------------------------------------------
+
+
+@router.get("/console/users/{user_id}")
+async def user_page(
+    request: Request,
+    services: ServicesDep,
+    user_id: UserIdPath,
+    label: LabelQuery = None,
+    a: Annotated[int | None, Query(ge=1)] = None,
+    b: Annotated[int | None, Query(ge=1)] = None,
+) -> HTMLResponse:
+    blocks = await services.memory.list_blocks(user_id)
+    histories = {
+        block.label: await services.memory.history(user_id, block.label) for block in blocks
+    }
+    compared: dict[str, Any] | None = None
+    if label is not None and a is not None and b is not None:
+        old = await services.memory.get_version(user_id, label, a)
+        new = await services.memory.get_version(user_id, label, b)
+        compared = {"label": label, "a": a, "b": b, "lines": diff_lines(old.body, new.body)}
+    proposals = await services.memory.list_proposals(user_id, limit=50)
+    runs = await services.background.runs_of_user(user_id)
+    return _render(
+        request,
+        "user.html",
+        user_id=user_id,
+        blocks=blocks,
+        histories=histories,
+        compared=compared,
+        proposals=proposals,
+        runs=runs,
+    )
+
+
+# --- runs ----------------------------------------------------------------------------------
+
+
+@router.get("/console/runs")
+async def runs_page(
+    request: Request, services: ServicesDep, task: TaskQuery = None
+) -> HTMLResponse:
+    names = (
+        [task] if task else [stored.definition.name for stored in await services.registry.list()]
+    )
+    runs = {name: await services.background.runs(name, None, 20) for name in names}
+    return _render(request, "runs.html", runs=runs, task=task)
+
+
+@router.get("/console/runs/{run_id}")
+async def run_page(request: Request, services: ServicesDep, run_id: str) -> HTMLResponse:
+    run, users = await services.background.run(run_id, users_limit=500)
+    made = await services.memory.list_proposals(None, run_id=run_id, limit=1000)
+    pending = sum(p.status is ProposalStatus.PENDING for p in made)
+    return _render(request, "run.html", run=run, users=users, proposals=len(made), pending=pending)
+
+
+@router.get("/console/runs/{run_id}/users/{user_id}")
+async def transcript_page(
+    request: Request, services: ServicesDep, run_id: str, user_id: UserIdPath
+) -> HTMLResponse:
+    result = await services.background.run_user(run_id, user_id)
+    transcript: list[Any] = json.loads(result.transcript) if result.transcript else []
+    return _render(request, "transcript.html", run_id=run_id, result=result, transcript=transcript)
+
+
+# --- tasks -----------------------------------------------------------------------------------
+
+
+@router.get("/console/tasks")
+async def tasks_page(request: Request, services: ServicesDep) -> HTMLResponse:
+    tasks: list[dict[str, Any]] = []
+    for stored in await services.registry.list():
+        task = stored.definition
+        upcoming = await services.background.upcoming(task.name, 3)
+        trigger = task.trigger
+        if isinstance(trigger, CronTrigger):
+            summary = f"cron {trigger.schedule} ({trigger.timezone})"
+        else:
+            summary = f"idle {trigger.idle_minutes} min"
+        tasks.append({"task": task, "trigger": summary, "upcoming": upcoming})
+    return _render(request, "tasks.html", tasks=tasks)
+
+
+# --- login -------------------------------------------------------------------------------------
+
+
+@router.get("/console/login")
+async def login_page(request: Request, next: str = "/console") -> Response:
+    if request.app.state.console_sessions is None:
+        return RedirectResponse("/console", status_code=303)
+    return _render(request, "login.html", next=_local(next), error=None)
+
+
+@router.post("/console/login")
+async def login(request: Request) -> Response:
+    """A form post of the token: answered with the session cookie, or the form again (401)."""
+    sessions: Sessions | None = request.app.state.console_sessions
+    if sessions is None:
+        return RedirectResponse("/console", status_code=303)
+    form = parse_qs((await request.body()).decode(errors="replace"))
+    token = form.get("token", [""])[0]
+    target = _local(form.get("next", ["/console"])[0])
+    role = sessions.role_of_token(token)
+    if role is None:
+        page = _render(request, "login.html", next=target, error="That token is not valid.")
+        page.status_code = 401
+        return page
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(
+        COOKIE,
+        sessions.issue(role),
+        max_age=int(LIFETIME.total_seconds()),
+        httponly=True,
+        samesite="strict",
+        secure=request.app.state.console_secure_cookie,
+        path="/",
+    )
+    return response
+
+
+@router.post("/console/logout")
+async def logout() -> Response:
+    response = RedirectResponse("/console/login", status_code=303)
+    response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
+    return response
+
+
+def _local(target: str) -> str:
+    """Only this console's own pages as a place to go after login (no open redirect)."""
+    return target if target.startswith("/console") and "//" not in target else "/console"
