@@ -27,6 +27,7 @@ from tests.helpers import LiveServer, harness_for, using_model_server
 API_TOKEN = "api-token-for-console-tests"
 REVIEWER_TOKEN = "reviewer-token-for-console"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+HAVE_CHROMIUM = Path(CHROMIUM).exists()
 REQUIRE_BROWSER = os.environ.get("RALPH_REQUIRE_BROWSER") == "1"
 SCREENSHOTS = Path(__file__).parent.parent / "docs" / "console"
 
@@ -46,7 +47,7 @@ def console_settings(tmp_path: Path, **extra: Any) -> Settings:
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
-    if not Path(CHROMIUM).exists():
+    if not HAVE_CHROMIUM:
         message = f"Chromium not found at {CHROMIUM} (apt-get install chromium)"
         if REQUIRE_BROWSER:
             pytest.fail(message)
@@ -248,7 +249,8 @@ async def test_who_may_do_what(tmp_path: Path) -> None:
         )
         assert login.status_code == 303
         cookie = login.headers["set-cookie"]
-        assert "HttpOnly" in cookie and "SameSite=strict" in cookie, cookie
+        assert "HttpOnly" in cookie, cookie
+        assert "SameSite=strict" in cookie, cookie
         session = login.cookies[COOKIE]
         client.cookies.set(COOKIE, session)
         page = await client.get("/console")
