@@ -101,7 +101,7 @@ def _rerun_of(slot_key: str | None) -> str | None:
     return slot_key.removeprefix(RERUN_PREFIX)
 
 
-def _user(row: Mapping[str, Any]) -> UserResult:
+def _user(row: RowMapping | dict[str, Any]) -> UserResult:
     # UserResult's fields are task_run_users' columns
     values: dict[str, Any] = dict(row)
     values["status"] = UserStatus(row["status"])
