@@ -10,7 +10,8 @@ from pydantic import SecretStr
 from ralph.background.models import CronTrigger, TaskDefinition
 from ralph.config import Settings
 from ralph.testing.clock import FakeClock
-from tests.helpers import AppHarness, harness_for
+from ralph.testing.model_server import Fail, ModelServer, in_order, scripted, text
+from tests.helpers import AppHarness, harness_for, using_model_server
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -69,3 +70,40 @@ async def test_metrics_need_the_token_unless_public(settings: Settings, clock: F
     async with harness_for(public, clock) as harness:
         assert (await harness.client.get("/metrics")).status_code == 200
         assert (await harness.client.get("/background/tasks")).status_code == 401
+
+
+async def test_agent_figures_come_back_from_the_agent_process(
+    settings: Settings, model_server: ModelServer
+) -> None:
+    """The agents run in the server's agent process (the default mode): their durations, the
+    model calls' latencies, 429s and retries still reach the server's /metrics."""
+    configured = using_model_server(
+        settings, model_server, worker_mode="subprocess", model_max_retries=1
+    )
+    model_server.responder = in_order(
+        Fail(429, "slow down", headers={"retry-after": "0"}), then=scripted(text("done"))
+    )
+    async with harness_for(configured) as harness:
+        client = harness.client
+        task = {
+            "name": "figures",
+            "system_prompt": "review",
+            "trigger": {"type": "cron", "schedule": "0 3 * * *"},
+            "user_ids": ["a"],
+        }
+        assert (await client.post("/background/tasks", json=task)).status_code == 201
+        before = samples((await client.get("/metrics")).text)
+        run = (await client.post("/background/tasks/figures/run?wait=true")).json()
+        assert run["status"] == "success", run
+        after = samples((await client.get("/metrics")).text)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted({"task": "figures", **labels}.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert grew("ralph_model_calls_total") == 2  # the 429, then the answer
+    assert grew("ralph_model_rate_limited_total") == 1
+    assert grew("ralph_model_retries_total") == 1
+    assert grew("ralph_model_call_seconds_count") == 2
+    assert grew("ralph_agent_run_seconds_count", status="success") == 1
+    assert grew("ralph_agent_run_seconds_sum", status="success") > 0

@@ -97,6 +97,11 @@ def worker() -> None:
         raise typer.Exit(2) from None
     os.environ.setdefault("AGNO_TELEMETRY", "false")
     configure_logging(settings.log_level, settings.log_json)
+    if settings.worker_metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        # this worker's agent figures (the database's figures are on the server's /metrics)
+        start_http_server(settings.worker_metrics_port, addr=settings.host)
     # the same event loop as `ralph serve` (uvicorn uses uvloop when it is installed)
     asyncio.set_event_loop(uvloop.new_event_loop())
     build_worker(settings).run()

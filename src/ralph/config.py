@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     metrics_public: bool = False
     # pending proposals older than this end `expired` (None: they wait for a person forever)
     proposal_ttl_days: float | None = Field(default=None, gt=0, le=3650)
+    # `ralph worker` serves its own /metrics (its agents' figures) on this port, at RALPH_HOST
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
     # Webhooks: events POSTed here (run.finished, proposals.pending, proposal.decided)
     webhook_url: str | None = None
     # signs each body: X-Ralph-Signature: sha256=<hex HMAC-SHA256>

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -16,6 +16,10 @@ class CallRecord:
     extend: Callable[[float], None] | None = None
     # USD, as the provider reports it (None: it reported no cost)
     cost_usd: float | None = None
+    # each HTTP request to the provider: how long it took to answer (seconds)
+    call_seconds: list[float] = field(default_factory=list[float])
+    rate_limited: int = 0  # replies with status 429
+    retries: int = 0  # requests beyond the first of each call
 
     def waited(self, seconds: float) -> None:
         self.wait_seconds += seconds

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -125,17 +126,24 @@ class DirectOpenAI(OpenAILike):
         content = json.dumps(body).encode()
         attempts = (self.max_retries or 0) + 1
         estimate = estimate_tokens(len(content), self.max_tokens)
+        record = current_call.get()
         for attempt in range(attempts):
             reply: Reply | None = None
             asked: float | None = None  # what the reply's Retry-After asks for
             if self.limiter is not None:
                 await self.limiter.acquire(estimate)
+            if record is not None and attempt:
+                record.retries += 1
+            started = time.perf_counter()
             try:
                 reply = await transport.post(url, content, headers, self.timeout or 600.0)
             except TransportError as exc:
                 if attempt + 1 == attempts:
                     raise self._error(str(exc)) from exc
             else:
+                if record is not None:
+                    record.call_seconds.append(time.perf_counter() - started)
+                    record.rate_limited += reply.status == 429
                 if reply.status < 400:
                     try:
                         data = json.loads(reply.body)

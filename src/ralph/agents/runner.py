@@ -98,6 +98,10 @@ class AgentOutcome:
     rate_limit_wait_seconds: float = 0.0
     tokens_estimated: bool = False
     cost_usd: float | None = None
+    # the provider's answers, for metrics: each request's seconds, 429s, retried requests
+    model_call_seconds: list[float] = field(default_factory=list[float])
+    rate_limited_responses: int = 0
+    model_retries: int = 0
 
     @property
     def ok(self) -> bool:
@@ -239,6 +243,9 @@ async def run_agent(
         current_call.reset(token)
     outcome.rate_limit_wait_seconds = record.wait_seconds
     outcome.cost_usd = record.cost_usd
+    outcome.model_call_seconds = record.call_seconds
+    outcome.rate_limited_responses = record.rate_limited
+    outcome.model_retries = record.retries
     outcome.turns_used = turns()
     if output is not None:
         if output.status == AgnoRunStatus.error:

@@ -11,6 +11,7 @@ import sys
 
 from ralph.composition import open_services
 from ralph.config import Settings
+from ralph.observability.events import UnitStats
 
 
 async def _serve(settings: Settings, out: int) -> None:
@@ -19,6 +20,9 @@ async def _serve(settings: Settings, out: int) -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     units: set[asyncio.Task[None]] = set()
     async with open_services(settings, apply_migrations=False, role="agents") as services:
+        # each unit's figures go back with its answer: the server observes them (/metrics)
+        stats: dict[tuple[str, str], UnitStats] = {}
+        services.units.on_unit = lambda run, user, figures: stats.__setitem__((run, user), figures)
 
         async def unit(run_id: str, user_id: str) -> None:
             tokens = 0
@@ -27,7 +31,11 @@ async def _serve(settings: Settings, out: int) -> None:
             except Exception:  # logged and recorded: the server still hears it is done
                 pass
             finally:
-                done = {"done": [run_id, user_id], "tokens": tokens}
+                done = {
+                    "done": [run_id, user_id],
+                    "tokens": tokens,
+                    "stats": stats.pop((run_id, user_id), None),
+                }
                 os.write(out, json.dumps(done).encode() + b"\n")
 
         while line := await reader.readline():

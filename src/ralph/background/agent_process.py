@@ -19,7 +19,7 @@ import asyncio
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from pydantic import SecretStr
@@ -29,6 +29,7 @@ from ralph.background.models import TaskDefinition
 from ralph.background.run_store import RunStore
 from ralph.clock import Clock
 from ralph.config import Settings
+from ralph.observability.events import UnitStats, observe_unit
 
 log = structlog.get_logger(__name__)
 
@@ -143,6 +144,9 @@ class AgentProcess:
                 log.warning("agent_process_noise", line=line[:200].decode(errors="replace"))
                 continue
             self._inflight.spent(run_id, tokens)
+            figures = answer.get("stats")
+            if isinstance(figures, dict):
+                observe_unit(cast("UnitStats", figures))
             self._resolve(run_id, user_id)
         code = await child.wait()
         lost = list(self._waiting.items())

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -19,6 +19,7 @@ from ralph.background.run_store import RunStore, UserStart
 from ralph.clock import Clock
 from ralph.conversations.models import Message
 from ralph.db.retry import is_unreachable, until_reachable
+from ralph.observability.events import UnitStats, observe_unit
 
 log = structlog.get_logger(__name__)
 
@@ -69,6 +70,11 @@ class UnitRunner:
         self._clock = clock
         self.inflight = inflight
         self._transcript_max_chars = transcript_max_chars
+        # where each unit's figures go: this process's metrics, or (in an agent process) the
+        # answer to the server
+        self.on_unit: Callable[[str, str, UnitStats], None] = lambda _r, _u, stats: observe_unit(
+            stats
+        )
         # task snapshots of the runs this process executes units of, the newest 1,000
         self._snapshots: dict[str, TaskDefinition] = {}
 
@@ -135,6 +141,7 @@ class UnitRunner:
         )
         agent = asyncio.create_task(self._agent(task, context))
         self.inflight.add(run_id, agent)
+        started = asyncio.get_running_loop().time()
         try:
             outcome = await agent
             status = UserStatus.SUCCESS if outcome.ok else UserStatus.FAILED
@@ -155,6 +162,18 @@ class UnitRunner:
                 outcome.error = f"interrupted: the database was unreachable ({outcome.error})"
         finally:
             self.inflight.discard(run_id, agent)
+        self.on_unit(
+            run_id,
+            user_id,
+            {
+                "task": task.name,
+                "status": status.value,
+                "seconds": asyncio.get_running_loop().time() - started,
+                "model_call_seconds": outcome.model_call_seconds,
+                "rate_limited": outcome.rate_limited_responses,
+                "retries": outcome.model_retries,
+            },
+        )
         result = {
             "status": status.value,
             "completed_at": self._clock.now(),

@@ -1,11 +1,60 @@
-"""Metrics of events this process observes, in prometheus_client's default registry."""
+"""Metrics of events this process observes, in prometheus_client's default registry.
+
+Agents may run in another process (the server's agent process, an ARQ worker): the unit's
+figures (`UnitStats`) travel back to the server with the unit's answer in the `subprocess`
+mode and are observed there; an ARQ worker observes them itself and serves them on
+`RALPH_WORKER_METRICS_PORT`.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Histogram
+from typing import TypedDict
+
+from prometheus_client import Counter, Histogram
 
 SCHEDULER_LAG = Histogram(
     "ralph_scheduler_lag_seconds",
     "A cron run's creation time minus its slot time, per run this process fired",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
 )
+AGENT_SECONDS = Histogram(
+    "ralph_agent_run_seconds",
+    "One user's agent in a background run, from start to result",
+    ["task", "status"],
+    buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
+)
+MODEL_CALL_SECONDS = Histogram(
+    "ralph_model_call_seconds",
+    "One HTTP request to the model provider, until its answer (each retry counts)",
+    ["task"],
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120),
+)
+MODEL_CALLS = Counter("ralph_model_calls", "Requests to the model provider", ["task"])
+MODEL_RATE_LIMITED = Counter(
+    "ralph_model_rate_limited", "Provider answers with status 429", ["task"]
+)
+MODEL_RETRIES = Counter(
+    "ralph_model_retries", "Requests to the provider beyond the first of a call", ["task"]
+)
+
+
+class UnitStats(TypedDict):
+    """What one (run, user) unit's agent did, for the metrics above."""
+
+    task: str
+    status: str
+    seconds: float
+    model_call_seconds: list[float]
+    rate_limited: int
+    retries: int
+
+
+def observe_unit(stats: UnitStats) -> None:
+    task = stats["task"]
+    AGENT_SECONDS.labels(task, stats["status"]).observe(stats["seconds"])
+    latency = MODEL_CALL_SECONDS.labels(task)
+    for seconds in stats["model_call_seconds"]:
+        latency.observe(seconds)
+    MODEL_CALLS.labels(task).inc(len(stats["model_call_seconds"]))
+    MODEL_RATE_LIMITED.labels(task).inc(stats["rate_limited"])
+    MODEL_RETRIES.labels(task).inc(stats["retries"])
