@@ -2,7 +2,10 @@
 
 Prints, median of 5 (server time: the request through the ASGI app in this process, no
 network), the review queue's first page (`GET /proposals?status=pending`, 100 newest) against
-the same page with an empty queue (baseline, same run); then one run's 1,000 proposals
+the same page with an empty queue (baseline, same run); the console's queue page
+(`GET /console`: 50 proposals, each diffed against its block's current text of 60 lines,
+rendered) against the API's page and the empty console (baselines, same run); then one run's
+1,000 proposals
 approved with `POST /proposals/approve {"run_id"}` against 1,000 `POST /proposals/{id}/approve`
 calls (baseline, same run, on another 1,000).
 
@@ -31,11 +34,13 @@ USERS = 100
 PROPOSALS = 1_000
 
 
-async def timed_page(client: AsyncClient) -> float:
+async def timed_page(client: AsyncClient, path: str = "/proposals") -> float:
+    """Median ms of 5 GETs of `path` (the API's queue page, or the console's)."""
+    params = {"status": "pending", "limit": 100} if path == "/proposals" else {}
     timings: list[float] = []
     for _ in range(5):
         started = time.perf_counter()
-        answer = await client.get("/proposals", params={"status": "pending", "limit": 100})
+        answer = await client.get(path, params=params)
         timings.append(time.perf_counter() - started)
         answer.raise_for_status()
     return statistics.median(timings) * 1000
@@ -58,6 +63,7 @@ async def main() -> None:
         ):
             memory = app.state.services.memory
             empty = await timed_page(client)
+            console_empty = await timed_page(client, "/console")
 
             async def propose(run_id: str) -> list[str]:
                 ids: list[str] = []
@@ -74,8 +80,17 @@ async def main() -> None:
                     ids.append((await memory.propose(draft))[0].id)
                 return ids
 
+            # the blocks the first page's proposals append to hold 60 lines each: the console
+            # diffs each proposal against that text (folding the unchanged lines)
+            text = "\n".join(f"line {n}: " + "words " * 12 for n in range(60))
+            last_label = f"note{(PROPOSALS - 1) // USERS}"
+            for user in range(USERS):
+                await memory.put_block(
+                    f"user{user}", last_label, title="Notes", body=text, author="bench"
+                )
             await propose("bulk")
             full = await timed_page(client)
+            console = await timed_page(client, "/console")
             started = time.perf_counter()
             answer = await client.post("/proposals/approve", json={"run_id": "bulk"})
             bulk = time.perf_counter() - started
@@ -87,6 +102,11 @@ async def main() -> None:
             single = time.perf_counter() - started
     print(f"review queue, first page of 100 ({PROPOSALS:,} pending across {USERS} users):")
     print(f"  {full:7.2f} ms   (empty queue, baseline: {empty:.2f} ms; x{full / empty:.1f})")
+    print("console review queue (/console), first page of 50 with diffs:")
+    print(
+        f"  {console:7.2f} ms   (API page above, baseline: x{console / full:.1f}; "
+        f"empty console: {console_empty:.2f} ms)"
+    )
     print(f"approve a run's {PROPOSALS:,} proposals ({decided:,} decided):")
     print(
         f"  bulk {bulk:6.2f} s   (1,000 single approvals, baseline: {single:.2f} s; "

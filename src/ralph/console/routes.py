@@ -94,8 +94,8 @@ async def _queue(services: Services, filters: dict[str, str | None]) -> list[Que
         task=filters["task"],
     )
     items: list[QueueItem] = []
-    for proposal in pending:
-        current, proposed, conflict = await services.memory.preview(proposal)
+    previews = await services.memory.previews(pending)
+    for proposal, (current, proposed, conflict) in zip(pending, previews, strict=True):
         lines = diff_lines(current, proposed) if proposed is not None else []
         items.append(QueueItem(proposal, lines, conflict))
     return items

@@ -278,15 +278,22 @@ class MemoryService:
             limit=limit,
         )
 
-    async def preview(self, proposal: Proposal) -> tuple[str, str | None, str | None]:
-        """(the block's current body, what approving would make it or None, why not): the
-        change a reviewer is asked to approve, against the text as it is now."""
-        current = await self.store.get_block(proposal.user_id, proposal.label)
-        body = current.body if current else ""
-        try:
-            return body, self._edit_for(proposal)(current)[1], None
-        except Conflict as conflict:
-            return body, None, str(conflict)
+    async def previews(
+        self, proposals: Sequence[Proposal]
+    ) -> list[tuple[str, str | None, str | None]]:
+        """For each proposal (the block's current body, what approving would make it or None,
+        why not): the change a reviewer is asked to approve, against the text as it is now.
+        The blocks are read at once."""
+        blocks = await self.store.get_blocks([(p.user_id, p.label) for p in proposals])
+        previews: list[tuple[str, str | None, str | None]] = []
+        for proposal in proposals:
+            current = blocks.get((proposal.user_id, proposal.label))
+            body = current.body if current else ""
+            try:
+                previews.append((body, self._edit_for(proposal)(current)[1], None))
+            except Conflict as conflict:
+                previews.append((body, None, str(conflict)))
+        return previews
 
     async def approve(
         self, proposal_id: str, comment: str | None = None, *, by: str = "api"

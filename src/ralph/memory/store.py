@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import RowMapping, bindparam, func, select, update
+from sqlalchemy import RowMapping, bindparam, func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ralph.db.engine import insert_ignore, is_sqlite
@@ -100,6 +101,20 @@ class MemoryStore:
         async with self._reads.connect() as conn:
             return await self._get_block(conn, user_id, label, lock=False)
 
+    async def get_blocks(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Block]:
+        """The blocks of these (user, label) pairs that exist, in one read."""
+        found: dict[tuple[str, str], Block] = {}
+        wanted = sorted(set(keys))
+        for start in range(0, len(wanted), 200):
+            chunk = wanted[start : start + 200]
+            query = select(memory_blocks).where(
+                tuple_(memory_blocks.c.user_id, memory_blocks.c.label).in_(chunk)
+            )
+            async with self._reads.connect() as conn:
+                for row in (await conn.execute(query)).mappings():
+                    found[(row["user_id"], row["label"])] = _block(row)
+        return found
+
     async def _get_block(
         self, conn: AsyncConnection, user_id: str, label: str, *, lock: bool
     ) -> Block | None:
@@ -162,7 +177,9 @@ class MemoryStore:
                 current_version=current_version,
             )
         title, body = edit(current)
-        version = await self._last_version(conn, user_id, label) + 1
+        # a block's row holds its newest version; only a new or deleted one needs the history
+        last = current.version if current else await self._last_version(conn, user_id, label)
+        version = last + 1
         await conn.execute(
             memory_block_versions.insert().values(
                 user_id=user_id,
@@ -473,12 +490,14 @@ class MemoryStore:
                 idempotency_key=None,  # decided: the same change may be proposed again
             )
         )
-        row = (
-            (await conn.execute(select(proposals).where(proposals.c.id == proposal.id)))
-            .mappings()
-            .one()
+        decided = replace(
+            proposal,
+            status=status,
+            comment=comment,
+            decided_at=now,
+            decided_by=by,
+            applied_version=applied_version,
         )
-        decided = _proposal(row)
         event = {
             "proposal_id": decided.id,
             "user_id": decided.user_id,
