@@ -1,6 +1,11 @@
 """Ralph: LLM agents that keep a memory of each user and work for them in the background."""
 
-from importlib.metadata import PackageNotFoundError, version
+from ralph.dolt_preload import preload_if_configured
+
+# before anything imports sqlite3 (RALPH_MEMORY_VERSIONING=dolt only)
+preload_if_configured()
+
+from importlib.metadata import PackageNotFoundError, version  # noqa: E402
 
 try:
     __version__ = version("ralph")

@@ -98,6 +98,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
     app.include_router(health.router)
     for router in (
         memory.router,
+        memory.log_router,
         proposals.router,
         conversations.router,
         chat.router,

@@ -29,15 +29,35 @@ def _settings(**overrides: object) -> Settings:
 
 
 def _register_subcommands() -> None:
-    from ralph.cli_client import proposals_app, runs_app, tasks_app, users_app
+    from ralph.cli_client import memory_app, proposals_app, runs_app, tasks_app, users_app
 
     app.add_typer(tasks_app, name="tasks")
     app.add_typer(runs_app, name="runs")
     app.add_typer(proposals_app, name="proposals")
     app.add_typer(users_app, name="users")
+    app.add_typer(memory_app, name="memory")
 
 
 _register_subcommands()
+
+
+def _check_dolt(settings: Settings) -> None:
+    """One clear line, before the server starts, when the database cannot version memory."""
+    from ralph.db.engine import create_engine
+    from ralph.memory.versioning import DoltUnavailable, DoltVersioning
+
+    async def check() -> None:
+        engine = create_engine(settings.effective_database_url)
+        try:
+            await DoltVersioning.check(engine)
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(check())
+    except DoltUnavailable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -67,6 +87,8 @@ def serve(
         except TaskFileError as exc:
             typer.echo(f"error: RALPH_TASKS_FILE: {exc}", err=True)
             raise typer.Exit(2) from None
+    if settings.memory_versioning == "dolt":
+        _check_dolt(settings)
     os.environ.setdefault("AGNO_TELEMETRY", "false")
     configure_logging(settings.log_level, settings.log_json)
     uvicorn.run(

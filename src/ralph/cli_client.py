@@ -418,3 +418,29 @@ def users_set(
                 raise typer.Exit(1) from None
         updated = _call(client, "PUT", f"/users/{user_id}", json=body)
     console.print_json(json.dumps(updated))
+
+
+memory_app = typer.Typer(help="Memory blocks (talks to a running server).")
+
+
+@memory_app.command("log")
+def memory_log(
+    user_id: str,
+    label: Annotated[str | None, typer.Argument(help="Only this block's commits.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
+    url: UrlOption = None,
+) -> None:
+    """The Dolt commits of a user's memory, newest first (RALPH_MEMORY_VERSIONING=dolt), as
+    `dolt log` prints them."""
+    params: dict[str, Any] = {"limit": limit}
+    if label is not None:
+        params["label"] = label
+    with _client(url) as client:
+        commits = _call(client, "GET", f"/users/{user_id}/memory/log", params=params)
+    for commit in commits:
+        console.print(f"[yellow]commit {commit['hash']}[/yellow]", highlight=False)
+        console.print(f"Author: {escape(commit['author'])} <{escape(commit['email'])}>")
+        console.print(f"Date:   {commit['date']}\n")
+        for line in commit["message"].splitlines():
+            console.print(f"    {escape(line)}", highlight=False)
+        console.print()

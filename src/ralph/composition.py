@@ -32,6 +32,7 @@ from ralph.db import migrate
 from ralph.db.engine import create_engine, create_probe_engine, create_read_engine
 from ralph.memory.service import MemoryService
 from ralph.memory.store import MemoryStore
+from ralph.memory.versioning import DoltVersioning
 from ralph.observability.service import MetricsService
 from ralph.observability.store import MetricsStore
 from ralph.users.service import UserService
@@ -117,7 +118,11 @@ async def open_services(
             enabled=settings.webhook_url is not None,
             console_url=f"{settings.public_url or ''}/console",
         )
-        memory_store = MemoryStore(engine, read_engine, outbox)
+        versioning: DoltVersioning | None = None
+        if settings.memory_versioning == "dolt":
+            versioning = DoltVersioning(engine.dialect.name)
+            await versioning.check(engine)
+        memory_store = MemoryStore(engine, read_engine, outbox, versioning)
         memory = MemoryService(memory_store, clock, settings.memory_max_body_bytes)
         conversations = ConversationService(ConversationStore(engine, read_engine), clock)
         runs = RunStore(engine, read_engine, outbox)

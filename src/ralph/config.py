@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     proposal_ttl_days: float | None = Field(default=None, gt=0, le=3650)
     # `ralph worker` serves its own /metrics (its agents' figures) on this port, at RALPH_HOST
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # "dolt": every change that lands in a memory block is also a Dolt commit (doltlite on
+    # SQLite, preloaded by `ralph` itself; or a Dolt sql-server as the MySQL database)
+    memory_versioning: Literal["none", "dolt"] = "none"
     # Webhooks: events POSTed here (run.finished, proposals.pending, proposal.decided)
     webhook_url: str | None = None
     # signs each body: X-Ralph-Signature: sha256=<hex HMAC-SHA256>

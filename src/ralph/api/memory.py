@@ -11,9 +11,12 @@ from ralph.api.deps import ServicesDep
 from ralph.api.params import LabelPath, UserIdPath
 from ralph.api.schema import response_model
 from ralph.memory.models import Block, BlockVersion
-from ralph.validation import MAX_INT32, StrictInput
+from ralph.memory.versioning import DoltCommit
+from ralph.validation import LABEL_PATTERN, MAX_INT32, StrictInput
 
 router = APIRouter(prefix="/users/{user_id}/blocks", tags=["memory"])
+# the Dolt log of a user's memory (RALPH_MEMORY_VERSIONING=dolt)
+log_router = APIRouter(prefix="/users/{user_id}/memory", tags=["memory"])
 
 
 BlockOut = response_model(Block, "BlockOut")
@@ -120,3 +123,18 @@ async def get_version(
     services: ServicesDep,
 ) -> BlockVersion:
     return await services.memory.get_version(user_id, label, version)
+
+
+CommitOut = response_model(DoltCommit, "DoltCommitOut")
+
+
+@log_router.get("/log", response_model=list[CommitOut])
+async def dolt_log(
+    user_id: UserIdPath,
+    services: ServicesDep,
+    label: Annotated[str | None, Query(pattern=LABEL_PATTERN)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+) -> list[DoltCommit]:
+    """The Dolt commits of the user's memory (one block's with `label`), newest first: one per
+    change that landed. 409 unless RALPH_MEMORY_VERSIONING=dolt."""
+    return await services.memory.dolt_log(user_id, label, limit)

@@ -30,6 +30,8 @@ class BlockVersion:
     author: str
     proposal_id: str | None
     created_at: datetime
+    # the Dolt commit that recorded this version (RALPH_MEMORY_VERSIONING=dolt)
+    dolt_commit: str | None = None
 
 
 class ProposalStatus(StrEnum):

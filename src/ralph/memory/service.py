@@ -7,6 +7,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import timedelta
 
 import structlog
@@ -24,6 +25,7 @@ from ralph.memory.models import (
     labels_in_order,
 )
 from ralph.memory.store import EditFn, MemoryStore
+from ralph.memory.versioning import DoltCommit
 
 log = structlog.get_logger(__name__)
 
@@ -96,8 +98,10 @@ class MemoryService:
         body: str,
         author: str,
         expected_version: int | None = None,
+        why: str = "put",
     ) -> Block:
-        """Create or replace a block; `expected_version` makes it conditional (409 on mismatch)."""
+        """Create or replace a block; `expected_version` makes it conditional (409 on mismatch).
+        `why`: what the change is, for its Dolt commit when versioning is on."""
         self._check_body(body)
 
         def edit(current: Block | None) -> tuple[str, str]:
@@ -112,6 +116,7 @@ class MemoryService:
             author=author,
             now=self._clock.now(),
             expected_version=expected_version,
+            why=why,
         )
 
     async def delete_block(
@@ -142,13 +147,21 @@ class MemoryService:
             body=earlier.body,
             author=author,
             expected_version=expected_version,
+            why=f"revert to v{version}:",
         )
 
     async def history(self, user_id: str, label: str) -> list[BlockVersion]:
         versions = await self.store.history(user_id, label)
         if not versions:
             raise NotFound(f"block '{label}' has no history for user '{user_id}'")
+        commits = await self.store.version_commits(user_id, label)
+        if commits:
+            versions = [replace(v, dolt_commit=commits.get(v.version)) for v in versions]
         return versions
+
+    async def dolt_log(self, user_id: str, label: str | None, limit: int) -> list[DoltCommit]:
+        """The Dolt commits of the user's memory, newest first (409 without versioning)."""
+        return await self.store.dolt_log(user_id, label, limit)
 
     async def get_version(self, user_id: str, label: str, version: int) -> BlockVersion:
         found = await self.store.get_version(user_id, label, version)

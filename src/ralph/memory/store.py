@@ -21,6 +21,7 @@ from ralph.memory.models import (
     ProposalKind,
     ProposalStatus,
 )
+from ralph.memory.versioning import DoltCommit, DoltVersioning
 from ralph.webhooks.store import PROPOSAL_DECIDED, Outbox
 
 # Computes the new (title, body) from the current block, or raises Conflict.
@@ -82,13 +83,19 @@ class MemoryStore:
     """
 
     def __init__(
-        self, engine: AsyncEngine, reads: AsyncEngine | None = None, outbox: Outbox | None = None
+        self,
+        engine: AsyncEngine,
+        reads: AsyncEngine | None = None,
+        outbox: Outbox | None = None,
+        versioning: DoltVersioning | None = None,
     ) -> None:
         self._engine = engine
         # transactions that only read (SQLite: see ralph.db.engine.create_read_engine)
         self._reads = reads or engine
         self._lock_rows = not is_sqlite(engine)
         self._outbox = outbox or Outbox(enabled=False)
+        # with Dolt versioning, each change's transaction ends with its Dolt commit
+        self.versioning = versioning
 
     # --- blocks ---------------------------------------------------------------------------
 
@@ -126,6 +133,24 @@ class MemoryStore:
         row = (await conn.execute(query)).mappings().first()
         return _block(row) if row else None
 
+    async def _version(self, conn: AsyncConnection, author: str, message: str) -> None:
+        """The change's Dolt commit, if versioning is on: the transaction's last statement."""
+        if self.versioning is not None:
+            await self.versioning.commit(conn, author=author, message=message)
+
+    async def version_commits(self, user_id: str, label: str) -> dict[int, str]:
+        """Each version's Dolt commit (empty without versioning)."""
+        if self.versioning is None:
+            return {}
+        async with self._reads.connect() as conn:
+            return await self.versioning.version_commits(conn, user_id, label)
+
+    async def dolt_log(self, user_id: str, label: str | None, limit: int) -> list[DoltCommit]:
+        if self.versioning is None:
+            raise Conflict("memory versioning is off: set RALPH_MEMORY_VERSIONING=dolt")
+        async with self._reads.connect() as conn:
+            return await self.versioning.log(conn, user_id, label, limit)
+
     async def _last_version(self, conn: AsyncConnection, user_id: str, label: str) -> int:
         query = select(func.max(memory_block_versions.c.version)).where(
             memory_block_versions.c.user_id == user_id, memory_block_versions.c.label == label
@@ -142,19 +167,22 @@ class MemoryStore:
         now: datetime,
         expected_version: int | None = None,
         proposal_id: str | None = None,
+        why: str = "put",
     ) -> Block:
         """Apply `edit` to the block's current content as a new version, atomically.
 
         `expected_version`: the version the caller last saw (0 = "must not exist"); a different
         current version raises Conflict with `current_version`. `edit` may raise Conflict too;
-        nothing is written then.
+        nothing is written then. `why` says what the change is, for a Dolt commit's message.
         """
 
         async def attempt() -> Block:
             async with self._engine.begin() as conn:
-                return await self._write(
+                block = await self._write(
                     conn, user_id, label, edit, author, now, expected_version, proposal_id
                 )
+                await self._version(conn, author, f"{why} {user_id}/{label} v{block.version}")
+                return block
 
         return await retrying(attempt)
 
@@ -252,6 +280,7 @@ class MemoryStore:
                         memory_blocks.c.user_id == user_id, memory_blocks.c.label == label
                     )
                 )
+                await self._version(conn, author, f"delete {user_id}/{label} v{version}")
                 return version
 
         return await retrying(attempt)
@@ -459,6 +488,13 @@ class MemoryStore:
                 stored = await self._set_status(
                     conn, proposal, ProposalStatus.APPROVED, comment, now, block.version, by
                 )
+                message = (
+                    f"approve proposal {proposal.id}: {proposal.kind.value} "
+                    f"{proposal.user_id}/{proposal.label} v{block.version}\n\n"
+                    f"reason: {proposal.reason}\napproved by: {by}"
+                    + (f"\ncomment: {comment}" if comment else "")
+                )
+                await self._version(conn, proposal.author, message)
                 return stored, None
 
         stored, conflict = await retrying(attempt)
