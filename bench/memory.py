@@ -1,76 +1,118 @@
-"""Peak memory of a large run: the executor must not hold one coroutine (or row) per user.
+"""The cost of a memory change with Dolt versioning (RALPH_MEMORY_VERSIONING=dolt, embedded
+doltlite) against the same change without it, measured in the same run.
 
-Creates a task and a run for N users (default 100,000), lets the sliding window process the
-first 2,000 users against the scripted model server (own process, no latency), cancels the
-rest, and prints the process's peak resident memory, next to the same for 1,000 users.
+Each configuration runs in a process of its own (doltlite must replace SQLite before
+`sqlite3` is imported): stock SQLite without versioning (baseline), doltlite without
+versioning (the engine alone), doltlite with a Dolt commit per change. In each: 300 block
+PUTs spread over 30 users, then 300 proposal approvals, through the services (no HTTP);
+prints the median ms per change.
 
-    uv run python bench/memory.py [users]
+    uv run python bench/memory.py
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
-import resource
+import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("AGNO_TELEMETRY", "false")
-sys.path.insert(0, str(Path(__file__).parent))
 
-from _server import model_server_process
-from ralph.background.models import CronTrigger, TaskDefinition, TriggerType
-from ralph.composition import open_services
-from ralph.config import Settings
-from ralph.logs import configure_logging
-
-PROCESSED = 2_000
+CHANGES = 300
+USERS = 30
 
 
-async def run(users: int, url: str, data_dir: Path) -> dict[str, int]:
+async def measure(data_dir: Path, versioning: str) -> dict[str, float]:
+    from ralph.composition import open_services
+    from ralph.config import Settings
+    from ralph.logs import configure_logging
+    from ralph.memory.models import ProposalDraft
+
+    configure_logging("warning", json=True)
     settings = Settings(
         data_dir=data_dir,
-        model_provider="openai",
-        model_base_url=url,
-        model_id="bench",
-        model_max_retries=0,
-        worker_mode="inprocess",  # the peak memory of a run with its agents in this process
+        worker_mode="inprocess",
+        scheduler_enabled=False,
+        memory_versioning=versioning,  # type: ignore[arg-type]
         _env_file=None,  # type: ignore[call-arg]
     )
     async with open_services(settings) as services:
-        task = TaskDefinition(
-            name="memory-bench",
-            system_prompt="bench",
-            tools=["list_memory_blocks"],
-            trigger=CronTrigger(schedule="0 3 * * *"),
-            user_ids=[f"user-{i:06d}" for i in range(users)],
-            batch_size=50,
+        memory = services.memory
+        puts: list[float] = []
+        for i in range(CHANGES):
+            started = time.perf_counter()
+            await memory.put_block(
+                f"user{i % USERS}", "notes", title="Notes", body=f"note {i}\n" * 20, author="api"
+            )
+            puts.append(time.perf_counter() - started)
+        ids: list[str] = []
+        for i in range(CHANGES):
+            draft = ProposalDraft(
+                user_id=f"user{i % USERS}",
+                label="goals",
+                reason="bench",
+                author="agent:bench",
+                append=f"goal {i}",
+                run_id="bench",  # one run: its edits of a block do not supersede each other
+            )
+            ids.append((await memory.propose(draft))[0].id)
+        approvals: list[float] = []
+        for proposal_id in ids:
+            started = time.perf_counter()
+            await memory.approve(proposal_id)
+            approvals.append(time.perf_counter() - started)
+    return {
+        "put_ms": statistics.median(puts) * 1000,
+        "approve_ms": statistics.median(approvals) * 1000,
+    }
+
+
+def child(configuration: str) -> dict[str, float]:
+    """Run one configuration in a fresh process; its figures as JSON on stdout."""
+    env = {**os.environ, "RALPH_MEMORY_VERSIONING": "none"}
+    env.pop("LD_PRELOAD", None)
+    env.pop("_DOLTLITE_BOOTSTRAPPED", None)
+    if configuration != "sqlite":
+        env["RALPH_MEMORY_VERSIONING"] = "dolt"  # the preload (ralph's package import)
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run(
+            [sys.executable, __file__, "--child", configuration, tmp],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         )
-        await services.registry.create(task)
-        run_id = await services.background.create_run(task, TriggerType.MANUAL)
-        job = services.coordinator.start(run_id)
-        while True:
-            await asyncio.sleep(0.5)
-            counts = await services.runs.counts(run_id)
-            if counts.get("success", 0) >= min(PROCESSED, users) or job.done():
-                break
-        if not job.done():
-            await services.coordinator.cancel(run_id)
-        final = await job
-        return final.counts
+    figures: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures
 
 
-def main(users: int) -> None:
-    configure_logging("warning", json=True)
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        model_server_process(0.0, 0.0, "tool:list_memory_blocks", "ok") as url,
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        # importing ralph (in `measure`) preloads doltlite if the environment asks for it
+        versioning = "dolt" if sys.argv[2] == "dolt" else "none"
+        print(json.dumps(asyncio.run(measure(Path(sys.argv[3]), versioning))))
+        return
+    stock = child("sqlite")
+    engine = child("doltlite")
+    dolt = child("dolt")
+    print(f"memory changes, median ms per change ({CHANGES} PUTs, {CHANGES} approvals):")
+    for name, figures in (
+        ("stock SQLite, no versioning (baseline)", stock),
+        ("doltlite, no versioning", engine),
+        ("doltlite, a Dolt commit per change", dolt),
     ):
-        counts = asyncio.run(run(users, url, Path(tmp)))
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"users={users:,} processed then cancelled: {counts}; peak RSS {peak_mb:.0f} MB")
+        put, approve = figures["put_ms"], figures["approve_ms"]
+        print(
+            f"  {name:42s} PUT {put:6.2f} ms (x{put / stock['put_ms']:.2f})"
+            f"   approve {approve:6.2f} ms (x{approve / stock['approve_ms']:.2f})"
+        )
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 100_000)
+    main()

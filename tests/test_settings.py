@@ -51,6 +51,7 @@ def test_dotenv_file_is_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
         ("RALPH_MODEL_PROVIDER", "skynet"),
         ("RALPH_MAX_REQUEST_BYTES", "5"),
         ("RALPH_WEBHOOK_URL", "ftp://hooks.example"),
+        ("RALPH_MEMORY_VERSIONING", "git"),
     ],
 )
 def test_invalid_value_names_the_variable(

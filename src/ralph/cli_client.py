@@ -438,9 +438,9 @@ def memory_log(
     with _client(url) as client:
         commits = _call(client, "GET", f"/users/{user_id}/memory/log", params=params)
     for commit in commits:
-        console.print(f"[yellow]commit {commit['hash']}[/yellow]", highlight=False)
-        console.print(f"Author: {escape(commit['author'])} <{escape(commit['email'])}>")
-        console.print(f"Date:   {commit['date']}\n")
+        typer.echo(f"commit {commit['hash']}")
+        typer.echo(f"Author: {commit['author']} <{commit['email']}>")
+        typer.echo(f"Date:   {commit['date']}\n")
         for line in commit["message"].splitlines():
-            console.print(f"    {escape(line)}", highlight=False)
-        console.print()
+            typer.echo(f"    {line}".rstrip())
+        typer.echo()

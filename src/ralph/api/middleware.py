@@ -9,7 +9,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Collection
-from http.cookies import SimpleCookie
+from http.cookies import CookieError, SimpleCookie
 from typing import Any, cast
 from urllib.parse import quote
 
@@ -161,7 +161,10 @@ class AccessMiddleware:
             role = sessions.role_of_token(token) if scheme == "Bearer" else None
             return role, None
         cookie = SimpleCookie()
-        cookie.load(headers.get(b"cookie", b"").decode(errors="replace"))
+        try:
+            cookie.load(headers.get(b"cookie", b"").decode(errors="replace"))
+        except CookieError:  # a malformed Cookie header is no credential
+            return None, None
         morsel = cookie.get(COOKIE)
         if morsel is None:
             return None, None

@@ -93,9 +93,10 @@ class DoltVersioning:
             params["label"] = label
         query = text(
             "SELECT l.commit_hash, l.committer, l.email, l.date, l.message FROM dolt_log l "
-            "JOIN (SELECT to_commit, MAX(to_version) AS version "
+            "JOIN (SELECT to_commit, MAX(to_created_at) AS at "
             f"FROM dolt_diff_memory_block_versions WHERE {where} GROUP BY to_commit) d "
-            "ON d.to_commit = l.commit_hash ORDER BY l.date DESC, d.version DESC LIMIT :limit"
+            # Ralph's time of the version (Dolt's dates are whole seconds)
+            "ON d.to_commit = l.commit_hash ORDER BY d.at DESC LIMIT :limit"
         )
         rows = await conn.execute(query, params)
         return [
