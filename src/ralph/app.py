@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 
@@ -29,7 +30,7 @@ from ralph.api.middleware import (
 )
 from ralph.background.taskfile import read_tasks_file
 from ralph.clock import Clock, SystemClock
-from ralph.composition import open_services
+from ralph.composition import Services, open_services
 from ralph.config import Settings
 from ralph.console.routes import console_sessions, mount_console
 
@@ -37,6 +38,18 @@ log = structlog.get_logger(__name__)
 
 # the interactive docs and the document they read
 API_DOCS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+
+
+async def _sync_messages(services: Services, settings: Settings) -> None:
+    """Send Honcho the messages kept while it was away, every RALPH_HONCHO_SYNC_SECONDS."""
+    while True:
+        try:
+            sent = await services.conversations.sync()
+            if sent:
+                log.info("honcho_synced", messages=sent)
+        except Exception:  # the database away: the next round tries again
+            log.exception("honcho_sync_failed")
+        await asyncio.sleep(settings.honcho_sync_seconds)
 
 
 def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
@@ -55,9 +68,14 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
                 services.scheduler.start()
             if services.webhooks is not None:
                 services.webhooks.start()
+            syncing: asyncio.Task[None] | None = None
+            if services.conversations.archived:
+                syncing = asyncio.create_task(_sync_messages(services, settings))
             try:
                 yield
             finally:
+                if syncing is not None:
+                    syncing.cancel()
                 await services.scheduler.stop()
                 await services.coordinator.shutdown(settings.shutdown_grace_seconds)
                 if services.webhooks is not None:

@@ -26,6 +26,7 @@ from ralph.background.units import UnitRunner
 from ralph.chat.service import ChatService
 from ralph.clock import Clock, SystemClock
 from ralph.config import Settings
+from ralph.conversations.honcho import HonchoArchive
 from ralph.conversations.service import ConversationService
 from ralph.conversations.store import ConversationStore
 from ralph.db import migrate
@@ -124,7 +125,17 @@ async def open_services(
             await versioning.check(engine)
         memory_store = MemoryStore(engine, read_engine, outbox, versioning)
         memory = MemoryService(memory_store, clock, settings.memory_max_body_bytes)
-        conversations = ConversationService(ConversationStore(engine, read_engine), clock)
+        archive: HonchoArchive | None = None
+        if settings.messages_backend == "honcho" and settings.honcho_url is not None:
+            key = settings.honcho_api_key
+            archive = HonchoArchive(
+                settings.honcho_url,
+                settings.honcho_workspace,
+                api_key=key.get_secret_value() if key else None,
+                timeout_seconds=settings.honcho_timeout_seconds,
+                assistant_peer=settings.honcho_assistant_peer,
+            )
+        conversations = ConversationService(ConversationStore(engine, read_engine), clock, archive)
         runs = RunStore(engine, read_engine, outbox)
         kit = AgentKit(memory, conversations, models, settings.data_dir, settings.allow_shell_tools)
         units = UnitRunner(

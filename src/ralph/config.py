@@ -78,6 +78,17 @@ class Settings(BaseSettings):
     # "dolt": every change that lands in a memory block is also a Dolt commit (doltlite on
     # SQLite, preloaded by `ralph` itself; or a Dolt sql-server as the MySQL database)
     memory_versioning: Literal["none", "dolt"] = "none"
+    # "honcho": messages live in Honcho (RALPH_HONCHO_URL); "ralph": in Ralph's own table
+    messages_backend: Literal["ralph", "honcho"] = "ralph"
+    honcho_url: str | None = None
+    honcho_workspace: str = Field(default="ralph", pattern=r"^[A-Za-z0-9_-]{1,100}$")
+    honcho_api_key: SecretStr | None = None
+    # a Honcho call slower than this counts as Honcho being unavailable
+    honcho_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    # the peer that speaks for Ralph's assistant in every user's session
+    honcho_assistant_peer: str = Field(default="ralph_assistant", pattern=r"^[A-Za-z0-9_-]{1,100}$")
+    # how often a server sends Honcho the messages it kept while Honcho was away
+    honcho_sync_seconds: float = Field(default=15.0, gt=0)
     # Webhooks: events POSTed here (run.finished, proposals.pending, proposal.decided)
     webhook_url: str | None = None
     # signs each body: X-Ralph-Signature: sha256=<hex HMAC-SHA256>
@@ -128,7 +139,13 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("webhook_url", "public_url")
+    @model_validator(mode="after")
+    def _honcho_needs_its_url(self) -> Settings:
+        if self.messages_backend == "honcho" and self.honcho_url is None:
+            raise ValueError("RALPH_MESSAGES_BACKEND=honcho needs RALPH_HONCHO_URL")
+        return self
+
+    @field_validator("webhook_url", "public_url", "honcho_url")
     @classmethod
     def _check_http_url(cls, value: str | None) -> str | None:
         if value is None or not value.strip():

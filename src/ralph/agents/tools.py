@@ -20,6 +20,7 @@ from agno.tools.file import FileTools
 from agno.tools.function import Function
 from agno.tools.shell import ShellTools
 
+from ralph.conversations.honcho import HistoryUnavailable
 from ralph.conversations.service import ConversationService
 from ralph.errors import Conflict, InvalidInput, RalphError
 from ralph.memory.models import ProposalDraft, ProposalStatus
@@ -322,7 +323,10 @@ def _query_messages(ctx: ToolContext) -> Callable[..., Any]:
             limit: how many messages at most (1-100).
         """
         limit = max(1, min(int(limit), 100))
-        found = await ctx.conversations.messages(ctx.user_id, limit=limit, text=query or None)
+        try:
+            found = await ctx.conversations.messages(ctx.user_id, limit=limit, text=query or None)
+        except HistoryUnavailable as exc:  # the agent goes on without it
+            return f"error: conversation history is unavailable ({exc})"
         return json.dumps(
             [
                 {"role": m.role.value, "content": m.content, "at": m.created_at.isoformat()}

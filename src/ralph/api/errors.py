@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from ralph.conversations.honcho import HistoryUnavailable
 from ralph.errors import Conflict, InvalidInput, NotFound
 
 log = structlog.get_logger(__name__)
@@ -85,6 +86,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Conflict)
     async def _conflict(_: Request, exc: Conflict) -> JSONResponse:
         return JSONResponse(status_code=409, content={"detail": str(exc), **exc.details})
+
+    @app.exception_handler(HistoryUnavailable)
+    async def _history(_: Request, exc: HistoryUnavailable) -> JSONResponse:
+        detail = f"conversation history is unavailable ({exc})"
+        return JSONResponse(status_code=503, content={"detail": detail})
 
     @app.exception_handler(InvalidInput)
     async def _invalid(_: Request, exc: InvalidInput) -> JSONResponse:

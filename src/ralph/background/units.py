@@ -17,6 +17,7 @@ from ralph.background.inflight import InFlight
 from ralph.background.models import TaskDefinition, UserStatus
 from ralph.background.run_store import RunStore, UserStart
 from ralph.clock import Clock
+from ralph.conversations.honcho import HistoryUnavailable
 from ralph.conversations.models import Message
 from ralph.db.retry import is_unreachable, until_reachable
 from ralph.observability.events import UnitStats, observe_unit
@@ -216,10 +217,14 @@ class UnitRunner:
         if task.episode_messages:
             user_id = context.user_id
             since = await self._runs.last_started(task.name, user_id, run_id)
-            episode = await self._kit.conversations.since(
-                user_id, since, self._clock.now(), task.episode_messages
-            )
-            prompt = with_episode(prompt, episode)
+            try:
+                episode = await self._kit.conversations.since(
+                    user_id, since, self._clock.now(), task.episode_messages
+                )
+                prompt = with_episode(prompt, episode)
+            except HistoryUnavailable as exc:  # the agent works without it, and is told so
+                log.warning("episode_unavailable", run_id=run_id, user_id=user_id, error=str(exc))
+                prompt += f"\n\nThe user's recent messages are unavailable ({exc})."
         return await run_agent(
             budget=budget,
             model=self._kit.model(),

@@ -74,8 +74,17 @@ class ChatService:
         stored_answer = await self._conversations.add_message(
             user_id, Role.ASSISTANT, answer, self._clock.now()
         )
-        yield {
+        done: dict[str, Any] = {
             "type": "done",
             "user_message_id": stored_user.id,
             "assistant_message_id": stored_answer.id,
         }
+        if self._conversations.archived:
+            kept = stored_user.honcho_id is None or stored_answer.honcho_id is None
+            done["stored_in_honcho"] = not kept
+            if kept:
+                done["warning"] = (
+                    "the messages could not be stored in Honcho: Ralph keeps them and sends "
+                    "them when Honcho is back"
+                )
+        yield done

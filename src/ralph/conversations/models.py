@@ -20,3 +20,6 @@ class Message:
     role: Role
     content: str
     created_at: datetime
+    # with RALPH_MESSAGES_BACKEND=honcho: the message's id in Honcho (None: it is kept in
+    # Ralph's table until Honcho takes it; `id` is then Ralph's, else 0)
+    honcho_id: str | None = None

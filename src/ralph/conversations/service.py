@@ -2,23 +2,45 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timedelta
 
+import structlog
+
 from ralph.clock import Clock
+from ralph.conversations.honcho import HistoryUnavailable, HonchoArchive
 from ralph.conversations.models import Message, Role
 from ralph.conversations.store import ConversationStore
 from ralph.errors import InvalidInput
+
+log = structlog.get_logger(__name__)
 
 # how far ahead of the server's clock a reported activity time may be (clock skew)
 MAX_ACTIVITY_AHEAD = timedelta(minutes=5)
 
 
 class ConversationService:
-    def __init__(self, store: ConversationStore, clock: Clock) -> None:
+    """Messages and activity. With a Honcho archive (`RALPH_MESSAGES_BACKEND=honcho`) messages
+    live in Honcho: each is written to Ralph's table first (with the user's activity, in one
+    transaction), sent to Honcho, and deleted here once Honcho has it. If Honcho is down it
+    stays here, is still read (newest, after Honcho's), and `sync` sends it when Honcho is
+    back: nothing is lost and the order is kept. Activity is always Ralph's."""
+
+    def __init__(
+        self, store: ConversationStore, clock: Clock, archive: HonchoArchive | None = None
+    ) -> None:
         self._store = store
         self._clock = clock
         self._listeners: list[Callable[[datetime], None]] = []
+        self._archive = archive
+        self._sending = asyncio.Lock()  # one sender at a time keeps each user's order
+
+    @property
+    def archived(self) -> bool:
+        """Whether messages go to Honcho."""
+        return self._archive is not None
 
     def on_activity(self, listener: Callable[[datetime], None]) -> None:
         """Call `listener(at)` after each activity recorded through this service (wakes a
@@ -37,12 +59,58 @@ class ConversationService:
         message = await self._store.add_message(user_id, role, content, at or self._clock.now())
         if role is Role.USER:
             self._active(message.created_at)
+        if self._archive is not None:
+            sent = await self._send(user_id)
+            if message.id in sent:
+                return replace(message, id=0, honcho_id=sent[message.id])
         return message
+
+    async def _send(self, user_id: str | None, batch: int = 100) -> dict[int, str]:
+        """Send what waits in Ralph's table (one user's, or everyone's) to Honcho, oldest
+        first, deleting what Honcho took: Ralph's id -> Honcho's. Stops at a failure."""
+        assert self._archive is not None
+        sent: dict[int, str] = {}
+        async with self._sending:
+            while waiting := await self._store.oldest(batch, user_id):
+                by_user: dict[str, list[Message]] = {}
+                for message in waiting:
+                    by_user.setdefault(message.user_id, []).append(message)
+                for user, messages in by_user.items():
+                    try:
+                        ids = await self._archive.add(
+                            user, [(m.role, m.content, m.created_at) for m in messages]
+                        )
+                    except HistoryUnavailable as exc:
+                        log.warning("honcho_unavailable", user_id=user, error=str(exc))
+                        return sent
+                    await self._store.delete_messages([m.id for m in messages])
+                    sent.update(zip((m.id for m in messages), ids, strict=True))
+                if len(waiting) < batch:
+                    break
+        return sent
+
+    async def sync(self) -> int:
+        """Send every message still kept here to Honcho; how many went (0 without Honcho)."""
+        if self._archive is None:
+            return 0
+        return len(await self._send(None))
 
     async def messages(
         self, user_id: str, *, limit: int = 50, before: int | None = None, text: str | None = None
     ) -> list[Message]:
-        """Newest first: those containing `text`, or a page of messages older than `before`."""
+        """Newest first: those containing `text`, or a page of messages older than `before`.
+        With Honcho: HistoryUnavailable when it cannot answer."""
+        if self._archive is not None:
+            if before is not None:
+                raise InvalidInput("before: paging by id is not available with Honcho")
+            # what Honcho has not taken yet is newer than all it has
+            waiting = await self._store.oldest(limit, user_id)
+            if text is not None:
+                found = await self._archive.search(user_id, text, limit)
+                waiting = [m for m in waiting if text.lower() in m.content.lower()]
+            else:
+                found = await self._archive.recent(user_id, limit)
+            return (list(reversed(waiting)) + found)[:limit]
         if text is not None:
             return await self._store.search_messages(user_id, text, limit=limit)
         return await self._store.list_messages(user_id, limit=limit, before=before)
@@ -51,7 +119,15 @@ class ConversationService:
         self, user_id: str, since: datetime | None, until: datetime, limit: int
     ) -> list[Message]:
         """The newest `limit` messages after `since` (all, if None) up to `until`, oldest
-        first: what happened since a task last ran for the user."""
+        first: what happened since a task last ran for the user. With Honcho: from its
+        newest `limit` (HistoryUnavailable when it cannot answer)."""
+        if self._archive is not None:
+            recent = await self.messages(user_id, limit=limit)
+            return [
+                m
+                for m in reversed(recent)
+                if m.created_at <= until and (since is None or m.created_at > since)
+            ]
         return await self._store.messages_since(user_id, since, until, limit)
 
     async def record_activity(self, user_id: str, at: datetime | None = None) -> datetime | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -98,6 +99,24 @@ class ConversationStore:
         async with self._reads.connect() as conn:
             rows = (await conn.execute(query)).all()
         return [_message(r) for r in rows]
+
+    async def oldest(self, limit: int, user_id: str | None = None) -> list[Message]:
+        """The oldest `limit` messages (of one user, or of all): with the Honcho backend, the
+        messages waiting to be sent there."""
+        query = select(messages)
+        if user_id is not None:
+            query = query.where(messages.c.user_id == user_id)
+        query = query.order_by(messages.c.id).limit(limit)
+        async with self._reads.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_message(r) for r in rows]
+
+    async def delete_messages(self, ids: Sequence[int]) -> None:
+        """Forget messages (Honcho has taken them)."""
+        if not ids:
+            return
+        async with self._engine.begin() as conn:
+            await conn.execute(messages.delete().where(messages.c.id.in_(list(ids))))
 
     async def record_activity(self, user_id: str, at: datetime) -> None:
         async with self._engine.begin() as conn:
