@@ -151,7 +151,7 @@ async def test_honcho_down_keeps_messages_and_agents_go_on(down: AppHarness) -> 
 
     # an agent asking for the history gets a clear tool error, and the run still succeeds
     assert (await client.post("/background/tasks", json=TASK)).status_code == 201
-    down.server.responder = scripted(call("query_messages", query="marathon"), text("done"))
+    down.server.responder = scripted(call("query_honcho", query="marathon"), text("done"))
     run = (await client.post("/background/tasks/reader/run?wait=true")).json()
     assert run["status"] == "success", run
     user = (await client.get(f"/background/runs/{run['id']}/users/u1")).json()
@@ -218,7 +218,7 @@ async def test_against_a_real_honcho(
         # an agent's query_honcho finds a message by a word in it
         task = {**TASK, "user_ids": ["ada.l"]}
         assert (await client.post("/background/tasks", json=task)).status_code == 201
-        model_server.responder = scripted(call("query_messages", query="marathon"), text("ok"))
+        model_server.responder = scripted(call("query_honcho", query="marathon"), text("ok"))
         run = (await client.post("/background/tasks/reader/run?wait=true")).json()
         assert run["status"] == "success", run
         result = (await client.get(f"/background/runs/{run['id']}/users/ada.l")).json()

@@ -314,7 +314,10 @@ def _memory_tools(ctx: ToolContext) -> dict[str, Callable[..., Any]]:
     }
 
 
-def _query_messages(ctx: ToolContext) -> Callable[..., Any]:
+def _query_messages(ctx: ToolContext, name: str = "query_messages") -> Callable[..., Any]:
+    """The message search tool, named as the task asked for it (`query_honcho`, the original
+    plan's name, is the same tool)."""
+
     async def query_messages(query: str = "", limit: int = 20) -> str:
         """This user's recent messages, newest first; with `query`, only those containing it.
 
@@ -334,6 +337,7 @@ def _query_messages(ctx: ToolContext) -> Callable[..., Any]:
             ]
         )
 
+    query_messages.__name__ = name
     return query_messages
 
 
@@ -445,7 +449,7 @@ def build_tools(names: Sequence[str], ctx: ToolContext) -> list[Any]:
         if canonical in memory:
             tools.append(_bound(memory[canonical]))
         elif canonical == "query_messages":
-            tools.append(_bound(_query_messages(ctx)))
+            tools.append(_bound(_query_messages(ctx, name)))
         elif canonical == "file_tools":
             tools.append(WorkspaceFileTools(base_dir=workspace_dir(ctx.data_dir, ctx.user_id)))
         elif canonical == "shell_tools":
