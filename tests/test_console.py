@@ -270,6 +270,7 @@ async def test_who_may_do_what(tmp_path: Path) -> None:
             f"/proposals/{proposal}/approve", json={}, headers={"X-Ralph-CSRF": csrf}
         )
         assert approved.status_code == 200, approved.text
+        assert approved.json()["decided_by"] == "reviewer"  # not "api": who decided is kept
         # the reviewer's session may not run tasks either
         task = await client.post("/background/tasks/x/run", headers={"X-Ralph-CSRF": csrf})
         assert task.status_code == 403
@@ -281,3 +282,18 @@ async def test_who_may_do_what(tmp_path: Path) -> None:
     async with harness_for(open_settings) as harness:
         assert (await harness.client.get("/console")).status_code == 200
         assert (await harness.client.get("/console/login")).status_code == 303
+
+
+async def test_the_public_origin_is_not_another_site(tmp_path: Path) -> None:
+    """Behind a proxy that rewrites Host, the page's Origin is RALPH_PUBLIC_URL's: accepted;
+    any other site still is not."""
+    settings = console_settings(tmp_path, public_url="https://ralph.example")
+    async with harness_for(settings) as harness:
+        client = harness.client
+        full = {"Authorization": f"Bearer {API_TOKEN}"}
+        body = {"title": "t", "body": "b"}
+        ours = {**full, "Origin": "https://ralph.example", "Sec-Fetch-Site": "same-origin"}
+        assert (await client.put("/users/u1/blocks/a", json=body, headers=ours)).status_code == 200
+        theirs = {**full, "Origin": "https://ralph.example.evil.test"}
+        refused = await client.put("/users/u1/blocks/a", json=body, headers=theirs)
+        assert refused.status_code == 403

@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 from sqlalchemy import select
 
@@ -161,6 +162,14 @@ async def test_every_event_arrives_once_through_an_outage_and_a_restart(
             return {row.status for row in await outbox_rows(second)} == {"delivered"}
 
         await until(all_delivered)
+        exposition = (await second.client.get("/metrics")).text
+        events = {
+            sample.labels["status"]: sample.value
+            for family in text_string_to_metric_families(exposition)
+            if family.name == "ralph_webhook_events"
+            for sample in family.samples
+        }
+        assert events == {"pending": 0, "delivered": 3, "failed": 0}
         # a rolled back change records nothing: an auto approval that conflicts stays pending
         rewrite = ProposalDraft(user_id="u1", label="notes", reason="r", author="x", body="b")
         conflicting, _ = await second.services.memory.propose(rewrite)

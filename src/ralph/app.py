@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
 
 import structlog
 from fastapi import Depends, FastAPI
@@ -50,6 +51,12 @@ async def _sync_messages(services: Services, settings: Settings) -> None:
         except Exception:  # the database away: the next round tries again
             log.exception("honcho_sync_failed")
         await asyncio.sleep(settings.honcho_sync_seconds)
+
+
+def _origin(url: str) -> str:
+    """The origin (scheme://host[:port]) of a URL, as a browser sends it in `Origin`."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
@@ -110,6 +117,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
         sessions=sessions,
         public=public,
         public_prefixes=("/console/static/",),
+        own_origins=[_origin(settings.public_url)] if settings.public_url else [],
     )
     app.add_middleware(RequestIdMiddleware)
 

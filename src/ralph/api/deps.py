@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ralph.composition import Services
+from ralph.console.sessions import REVIEWER
 
 _bearer = HTTPBearer(auto_error=False, description="RALPH_API_TOKEN, when one is set")
 
@@ -25,3 +26,13 @@ def bearer_token(
 ) -> None:
     """Declares the bearer token in the OpenAPI document; `TokenMiddleware` checks it, before
     routing, so that no route can be reached without it."""
+
+
+def decider(request: Request) -> str:
+    """Who a decision is recorded as made by (`decided_by`): "reviewer" for the reviewer token
+    (or its console session), "api" for the API token or an open API."""
+    role = request.scope.get("state", {}).get("role")
+    return "reviewer" if role == REVIEWER else "api"
+
+
+DeciderDep = Annotated[str, Depends(decider)]

@@ -77,12 +77,15 @@ async def reply_error(
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-def _cross_site(headers: dict[bytes, bytes]) -> bool:
-    """A browser's request from another site (its `Origin` names another host, or its
-    `Sec-Fetch-Site` says so). Scripts and curl send neither: they are not refused."""
+def _cross_site(headers: dict[bytes, bytes], own: frozenset[bytes]) -> bool:
+    """A browser's request from another site (its `Origin` is neither this server's host nor
+    one of `own`, the origins people reach it at; or its `Sec-Fetch-Site` says so). Scripts
+    and curl send neither: they are not refused."""
+    origin = headers.get(b"origin")
+    if origin is not None and origin in own:
+        return False
     if headers.get(b"sec-fetch-site") == b"cross-site":
         return True
-    origin = headers.get(b"origin")
     if origin is None:
         return False
     host = headers.get(b"host", b"")
@@ -93,7 +96,8 @@ class AccessMiddleware:
     """Who may do what, before a request is routed or its body read (a request without a
     credential learns nothing, not even whether its body would have been valid).
 
-    - A state-changing request from another site (`Origin`) is refused (403), token or not.
+    - A state-changing request from another site (`Origin`: not this server's host, nor
+      `own_origins`) is refused (403), token or not.
     - With a token configured, every path but `public` needs `Authorization: Bearer <token>`
       or a console session cookie; a cookie's state-changing requests also need the session's
       `X-Ralph-CSRF` header. The reviewer token (or its session) may read, approve and reject,
@@ -106,11 +110,14 @@ class AccessMiddleware:
         sessions: Sessions | None,
         public: Collection[str],
         public_prefixes: tuple[str, ...] = (),
+        own_origins: Collection[str] = (),
     ) -> None:
         self.app = app
         self._sessions = sessions
         self._public = frozenset(public)
         self._public_prefixes = public_prefixes
+        # where people reach this server through a proxy that rewrites Host (RALPH_PUBLIC_URL)
+        self._own = frozenset(origin.encode() for origin in own_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -119,7 +126,7 @@ class AccessMiddleware:
         method: str = scope["method"]
         path: str = scope["path"]
         headers = dict(scope["headers"])
-        if method not in _SAFE_METHODS and _cross_site(headers):
+        if method not in _SAFE_METHODS and _cross_site(headers, self._own):
             await reply_error(send, 403, "cross-site request refused")
             return
         sessions = self._sessions

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from pydantic import Field, model_validator
 
-from ralph.api.deps import ServicesDep
+from ralph.api.deps import DeciderDep, ServicesDep
 from ralph.api.params import LabelQuery, TaskQuery, UserIdPath, UserIdQuery
 from ralph.api.schema import response_model
 from ralph.memory.models import BulkDecision, Proposal, ProposalDraft, ProposalStatus
@@ -72,24 +72,32 @@ BulkOut = response_model(
 )
 
 
-async def _bulk(payload: BulkIn, services: ServicesDep, *, approve: bool) -> list[BulkDecision]:
+async def _bulk(
+    payload: BulkIn, services: ServicesDep, by: str, *, approve: bool
+) -> list[BulkDecision]:
     return await services.memory.decide_many(
-        approve=approve, ids=payload.ids or (), run_id=payload.run_id, comment=payload.comment
+        approve=approve,
+        ids=payload.ids or (),
+        run_id=payload.run_id,
+        comment=payload.comment,
+        by=by,
     )
 
 
 @router.post("/proposals/approve", response_model=list[BulkOut])
-async def approve_many(payload: BulkIn, services: ServicesDep) -> list[BulkDecision]:
+async def approve_many(
+    payload: BulkIn, services: ServicesDep, by: DeciderDep
+) -> list[BulkDecision]:
     """Approve many: `{"ids": [...]}` or `{"run_id": ...}` (everything pending it proposed).
     Each is decided on its own and has its result; a conflict on one does not stop the
     others (200 whatever the outcomes: read each `decided`)."""
-    return await _bulk(payload, services, approve=True)
+    return await _bulk(payload, services, by, approve=True)
 
 
 @router.post("/proposals/reject", response_model=list[BulkOut])
-async def reject_many(payload: BulkIn, services: ServicesDep) -> list[BulkDecision]:
+async def reject_many(payload: BulkIn, services: ServicesDep, by: DeciderDep) -> list[BulkDecision]:
     """Reject many, as `POST /proposals/approve` selects them."""
-    return await _bulk(payload, services, approve=False)
+    return await _bulk(payload, services, by, approve=False)
 
 
 @router.post("/users/{user_id}/proposals", response_model=ProposalOut, status_code=201)
@@ -139,16 +147,16 @@ async def get_proposal(proposal_id: str, services: ServicesDep) -> Proposal:
 
 @router.post("/proposals/{proposal_id}/approve", response_model=ProposalOut)
 async def approve(
-    proposal_id: str, services: ServicesDep, decision: Decision | None = None
+    proposal_id: str, services: ServicesDep, by: DeciderDep, decision: Decision | None = None
 ) -> Proposal:
     """Apply the change as a new block version. 409 if decided already or if it conflicts."""
     comment = decision.comment if decision else None
-    return await services.memory.approve(proposal_id, comment)
+    return await services.memory.approve(proposal_id, comment, by=by)
 
 
 @router.post("/proposals/{proposal_id}/reject", response_model=ProposalOut)
 async def reject(
-    proposal_id: str, services: ServicesDep, decision: Decision | None = None
+    proposal_id: str, services: ServicesDep, by: DeciderDep, decision: Decision | None = None
 ) -> Proposal:
     comment = decision.comment if decision else None
-    return await services.memory.reject(proposal_id, comment)
+    return await services.memory.reject(proposal_id, comment, by=by)

@@ -359,16 +359,17 @@ class MemoryService:
         ids: Sequence[str] = (),
         run_id: str | None = None,
         comment: str | None = None,
+        by: str = "api",
     ) -> list[BulkDecision]:
         """Approve or reject each of `ids`, or every pending proposal `run_id` made, each on
         its own (one that conflicts or was decided already does not stop the others), in
-        order (a run's oldest first, as an agent made them)."""
+        order (a run's oldest first, as an agent made them); decided `by`."""
         if run_id is not None:
             ids = await self.store.pending_ids_of_run(run_id)
         decisions: list[BulkDecision] = []
         for proposal_id in ids:
             try:
-                stored = await self._decide(proposal_id, approve, comment, "api")
+                stored = await self._decide(proposal_id, approve, comment, by)
             except NotFound as exc:
                 decisions.append(BulkDecision(proposal_id, False, None, error=str(exc)))
             except Conflict as exc:

@@ -67,7 +67,15 @@ class MetricsService:
         for replica, last_tick in await self._store.replicas(now - timedelta(minutes=10)):
             if last_tick is not None:
                 ticks.add_metric([replica], (now - last_tick).total_seconds())
-        return [runs, users, tokens, pending, proposals, ticks]
+        webhooks = GaugeMetricFamily(
+            "ralph_webhook_events",
+            "Webhook events in the outbox by status (delivered ones are kept 7 days)",
+            labels=["status"],
+        )
+        by_state = dict(await self._store.webhook_events())
+        for state in ("pending", "delivered", "failed"):
+            webhooks.add_metric([state], by_state.get(state, 0))
+        return [runs, users, tokens, pending, proposals, ticks, webhooks]
 
     async def render(self) -> bytes:
         """The database's figures, then this process's event metrics."""

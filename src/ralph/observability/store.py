@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ralph.db.tables import proposals, scheduler_replicas, task_run_users, task_runs
+from ralph.db.tables import proposals, scheduler_replicas, task_run_users, task_runs, webhook_outbox
 
 
 class MetricsStore:
@@ -47,6 +47,12 @@ class MetricsStore:
     async def proposals(self) -> list[tuple[str, int]]:
         """(status, proposals)."""
         query = select(proposals.c.status, func.count()).group_by(proposals.c.status)
+        async with self._reads.connect() as conn:
+            return [(s, int(n)) for s, n in (await conn.execute(query)).all()]
+
+    async def webhook_events(self) -> list[tuple[str, int]]:
+        """(status, webhook events in the outbox): pending, delivered (kept 7 days), failed."""
+        query = select(webhook_outbox.c.status, func.count()).group_by(webhook_outbox.c.status)
         async with self._reads.connect() as conn:
             return [(s, int(n)) for s, n in (await conn.execute(query)).all()]
 
