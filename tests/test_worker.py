@@ -9,9 +9,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
+import httpx
 import pytest
 import redis.asyncio as redis_asyncio
 from arq.worker import Worker
+from prometheus_client.parser import text_string_to_metric_families
 
 from ralph.app import create_app
 from ralph.background.models import (
@@ -27,7 +29,7 @@ from ralph.composition import Services
 from ralph.config import Settings
 from ralph.testing.clock import FakeClock
 from ralph.testing.model_server import Delay, ModelServer, call, in_order, scripted, text
-from ralph.testing.processes import start_worker_process
+from ralph.testing.processes import free_port, start_worker_process
 from tests.helpers import AppHarness, execute_task, harness_for, using_model_server
 
 REDIS_URL = os.environ.get("RALPH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -308,6 +310,39 @@ async def test_recovery_leaves_a_unit_to_its_live_worker(
         third = await services.background.create_run(task, TriggerType.MANUAL)
         assert (await services.runs.start_user(third, task.name, "a", clock.now())).started
     assert model_server.calls == 2
+
+
+async def test_a_worker_process_serves_its_agents_metrics(
+    settings: Settings, model_server: ModelServer, clock: FakeClock
+) -> None:
+    """`ralph worker` with RALPH_WORKER_METRICS_PORT: the agents it ran are counted there."""
+    await require_redis()
+    port = free_port()
+    settings = arq_settings(settings, model_server, worker_metrics_port=port)
+    model_server.responder = scripted(text("done"))
+    app = create_app(settings, clock=clock)
+    async with app.router.lifespan_context(app):  # migrates the database before the worker
+        worker = await start_worker_process(settings)
+        try:
+            services: Services = app.state.services
+            task = TaskDefinition.model_validate(task_body(["a", "b"], tools=[]))
+            await services.registry.create(task)
+            run = await execute_task(services, task)
+            assert run.counts == {"success": 2}
+            async with httpx.AsyncClient() as client:
+                exposition = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+        finally:
+            worker.terminate()
+            await worker.wait()
+            await delete_queue_keys(settings.queue_name)
+    found = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }
+    success = (("status", "success"), ("task", task.name))
+    assert found[("ralph_agent_run_seconds_count", success)] == 2
+    assert found[("ralph_model_calls_total", (("task", task.name),))] == 2
 
 
 async def test_kill_9_of_a_worker_process_fails_its_unit(

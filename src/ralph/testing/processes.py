@@ -71,6 +71,7 @@ def worker_environment(settings: Settings) -> dict[str, str]:
         "RALPH_MODEL_REQUESTS_PER_MINUTE": settings.model_requests_per_minute,
         "RALPH_MODEL_TOKENS_PER_MINUTE": settings.model_tokens_per_minute,
         "RALPH_MODEL_MAX_OUTPUT_TOKENS": settings.model_max_output_tokens,
+        "RALPH_WORKER_METRICS_PORT": settings.worker_metrics_port,
     }
     env.update({name: str(value) for name, value in optional.items() if value is not None})
     return env
