@@ -109,9 +109,10 @@ def fault_settings(base: Settings, server: ModelServer, database_url: str) -> Se
     )
 
 
-async def test_mariadb_goes_away_mid_run_and_comes_back(
-    settings: Settings, model_server: ModelServer
-) -> None:
+@asynccontextmanager
+async def mariadb_behind_a_proxy(settings: Settings) -> AsyncGenerator[tuple[TcpProxy, str]]:
+    """A migrated MariaDB database of its own, reached through a TCP proxy the test can cut:
+    (the proxy, the database URL through it). Skips the test on SQLite."""
     if not settings.effective_database_url.startswith("mysql"):
         pytest.skip("the MariaDB case")
     url = await create_mariadb_database()
@@ -122,18 +123,26 @@ async def test_mariadb_goes_away_mid_run_and_comes_back(
     try:
         with TcpProxy(target.host or "127.0.0.1", target.port or 3306) as proxy:
             proxied = target.set(host="127.0.0.1", port=proxy.port)
-            proxied_url = proxied.render_as_string(hide_password=False)
-            async with serve(fault_settings(settings, model_server, proxied_url)) as client:
-                await start_run_and_wait_for_successes(client, 3)
-                proxy.cut()
-                assert (await client.get("/health")).status_code == 503
-                await asyncio.sleep(2.0)
-                assert (await client.get("/health")).status_code == 503
-                proxy.restore()
-                await eventually(lambda: _status(client, "/health", 200), 30)
-                await all_done_once(client)
+            yield proxy, proxied.render_as_string(hide_password=False)
     finally:
         await drop_mariadb_database(url)
+
+
+async def test_mariadb_goes_away_mid_run_and_comes_back(
+    settings: Settings, model_server: ModelServer
+) -> None:
+    async with (
+        mariadb_behind_a_proxy(settings) as (proxy, proxied_url),
+        serve(fault_settings(settings, model_server, proxied_url)) as client,
+    ):
+        await start_run_and_wait_for_successes(client, 3)
+        proxy.cut()
+        assert (await client.get("/health")).status_code == 503
+        await asyncio.sleep(2.0)
+        assert (await client.get("/health")).status_code == 503
+        proxy.restore()
+        await eventually(lambda: _status(client, "/health", 200), 30)
+        await all_done_once(client)
 
 
 async def test_database_lost_right_after_a_claim_leaves_no_user_running(
@@ -143,44 +152,32 @@ async def test_database_lost_right_after_a_claim_leaves_no_user_running(
     with the user's result recorded (interrupted, for a rerun), and raises nothing. Before, the
     run's mode was read after the claim, outside the unit's error handling: the unit raised,
     and the user stayed `running` (a run finished with `running=1`)."""
-    if not settings.effective_database_url.startswith("mysql"):
-        pytest.skip("the MariaDB case")
-    url = await create_mariadb_database()
-    engine = create_engine(url)
-    await migrate.upgrade(engine)
-    await engine.dispose()
-    target = make_url(url)
-    try:
-        with TcpProxy(target.host or "127.0.0.1", target.port or 3306) as proxy:
-            proxied = target.set(host="127.0.0.1", port=proxy.port)
-            proxied_url = proxied.render_as_string(hide_password=False)
-            configured = using_model_server(settings, model_server, database_url=proxied_url)
-            async with harness_for(configured) as harness:
-                services = harness.services
-                task = TaskDefinition.model_validate(
-                    {
-                        "name": "cut",
-                        "system_prompt": "review",
-                        "trigger": {"type": "cron", "schedule": "0 3 1 1 *"},
-                        "user_ids": ["a"],
-                    }
-                )
-                await services.registry.create(task)
-                run_id = await services.background.create_run(task, TriggerType.MANUAL)
-                claim = services.runs.start_user
+    async with mariadb_behind_a_proxy(settings) as (proxy, proxied_url):
+        configured = using_model_server(settings, model_server, database_url=proxied_url)
+        async with harness_for(configured) as harness:
+            services = harness.services
+            task = TaskDefinition.model_validate(
+                {
+                    "name": "cut",
+                    "system_prompt": "review",
+                    "trigger": {"type": "cron", "schedule": "0 3 1 1 *"},
+                    "user_ids": ["a"],
+                }
+            )
+            await services.registry.create(task)
+            run_id = await services.background.create_run(task, TriggerType.MANUAL)
+            claim = services.runs.start_user
 
-                async def claim_then_cut(*args: Any, **kwargs: Any) -> UserStart:
-                    start = await claim(*args, **kwargs)
-                    proxy.cut()
-                    asyncio.get_running_loop().call_later(1.0, proxy.restore)
-                    return start
+            async def claim_then_cut(*args: Any, **kwargs: Any) -> UserStart:
+                start = await claim(*args, **kwargs)
+                proxy.cut()
+                asyncio.get_running_loop().call_later(1.0, proxy.restore)
+                return start
 
-                monkeypatch.setattr(services.runs, "start_user", claim_then_cut)
-                await services.units.run_user(run_id, task, "a")
-                user = await services.runs.user(run_id, "a")
-                assert user.status in (UserStatus.INTERRUPTED, UserStatus.SUCCESS), user
-    finally:
-        await drop_mariadb_database(url)
+            monkeypatch.setattr(services.runs, "start_user", claim_then_cut)
+            await services.units.run_user(run_id, task, "a")
+            user = await services.runs.user(run_id, "a")
+            assert user.status in (UserStatus.INTERRUPTED, UserStatus.SUCCESS), user
 
 
 async def test_sqlite_locked_by_another_process_mid_run(

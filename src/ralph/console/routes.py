@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs, urlencode
 
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
@@ -104,22 +104,23 @@ async def _queue(services: Services, filters: dict[str, str | None]) -> list[Que
 RunIdQuery = Annotated[str | None, Query(max_length=36)]
 
 
-def _filters(
-    task: str | None, run_id: str | None, user_id: str | None, label: str | None
-) -> dict[str, str | None]:
-    return {"task": task, "run_id": run_id, "user_id": user_id, "label": label}
-
-
-@router.get("/console")
-async def queue_page(
-    request: Request,
-    services: ServicesDep,
+def _queue_filters(
     task: TaskQuery = None,
     run_id: RunIdQuery = None,
     user_id: UserIdQuery = None,
     label: LabelQuery = None,
+) -> dict[str, str | None]:
+    """The queue's filters, as the page and its refreshes take them from the query."""
+    return {"task": task, "run_id": run_id, "user_id": user_id, "label": label}
+
+
+QueueFilters = Annotated[dict[str, str | None], Depends(_queue_filters)]
+
+
+@router.get("/console")
+async def queue_page(
+    request: Request, services: ServicesDep, filters: QueueFilters
 ) -> HTMLResponse:
-    filters = _filters(task, run_id, user_id, label)
     query = urlencode({k: v for k, v in filters.items() if v})
     items = await _queue(services, filters)
     return _render(request, "queue.html", items=items, filters=filters, query=query)
@@ -127,15 +128,10 @@ async def queue_page(
 
 @router.get("/console/queue")
 async def queue_items(
-    request: Request,
-    services: ServicesDep,
-    task: TaskQuery = None,
-    run_id: RunIdQuery = None,
-    user_id: UserIdQuery = None,
-    label: LabelQuery = None,
+    request: Request, services: ServicesDep, filters: QueueFilters
 ) -> HTMLResponse:
     """The queue's items alone: what the page polls to stay current without a reload."""
-    items = await _queue(services, _filters(task, run_id, user_id, label))
+    items = await _queue(services, filters)
     return _render(request, "_queue_items.html", items=items)
 
 
