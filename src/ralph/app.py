@@ -11,6 +11,7 @@ import structlog
 from fastapi import Depends, FastAPI
 
 from ralph import __version__
+from ralph.aio import cancel_and_wait
 from ralph.api import (
     background,
     chat,
@@ -81,8 +82,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
             try:
                 yield
             finally:
-                if syncing is not None:
-                    syncing.cancel()
+                await cancel_and_wait(syncing)
                 await services.scheduler.stop()
                 await services.coordinator.shutdown(settings.shutdown_grace_seconds)
                 if services.webhooks is not None:

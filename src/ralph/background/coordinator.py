@@ -5,7 +5,6 @@ wherever the units execute (this process, its agent process or ARQ workers: a `D
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import uuid
@@ -14,6 +13,7 @@ from datetime import datetime
 
 import structlog
 
+from ralph.aio import cancel_and_wait
 from ralph.background.dispatch import Dispatch
 from ralph.background.inflight import InFlight
 from ralph.background.models import (
@@ -161,9 +161,7 @@ class RunCoordinator:
             log.exception("run_failed", run_id=run_id)
             error = f"{type(exc).__name__}: {exc}"
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            await cancel_and_wait(heartbeat)
             self._inflight.forget(run_id)
         # the end of a run must not be lost to a database outage: wait for it to come back
         run = await until_reachable(lambda: self._runs.get(run_id), what="run")

@@ -8,7 +8,6 @@ row. A replica that loses a claim does nothing, so any number of replicas can ti
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -16,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from ralph.aio import cancel_and_wait
 from ralph.background.coordinator import RunCoordinator
 from ralph.background.models import (
     CronTrigger,
@@ -450,8 +450,5 @@ class Scheduler:
         self._loop_task = asyncio.create_task(self.run_forever(), name="ralph-scheduler")
 
     async def stop(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-            self._loop_task = None
+        await cancel_and_wait(self._loop_task)
+        self._loop_task = None

@@ -11,7 +11,6 @@ under the same id: deduplicate on `X-Ralph-Event-Id`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 from datetime import datetime, timedelta
@@ -21,6 +20,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ralph import __version__
+from ralph.aio import cancel_and_wait
 from ralph.clock import Clock, sleep_until_or
 from ralph.webhooks.store import OutboxStore
 
@@ -76,10 +76,7 @@ class WebhookSender:
         self._task = asyncio.create_task(self._loop(), name="webhook-sender")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         await self._client.aclose()
 
     async def _loop(self) -> None:
