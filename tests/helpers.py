@@ -193,3 +193,15 @@ async def execute_task(
     """Create a run of `task` and execute it to the end in this event loop."""
     run_id = await services.background.create_run(task, trigger, user_ids)
     return await services.coordinator.execute(run_id)
+
+
+def notes_task(**overrides: Any) -> dict[str, Any]:
+    """A nightly task whose agents may edit memory (the body for `POST /background/tasks`)."""
+    body: dict[str, Any] = {
+        "name": "nightly",
+        "system_prompt": "keep notes",
+        "tools": ["edit_memory_block"],
+        "trigger": {"type": "cron", "schedule": "0 3 * * *"},
+        "user_ids": ["u1"],
+    }
+    return body | overrides

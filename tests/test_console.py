@@ -22,7 +22,7 @@ from pydantic import SecretStr
 from ralph.config import Settings
 from ralph.console.sessions import COOKIE
 from ralph.testing.model_server import ModelServer, call, scripted, text
-from tests.helpers import LiveServer, harness_for, using_model_server
+from tests.helpers import LiveServer, harness_for, notes_task, using_model_server
 
 API_TOKEN = "api-token-for-console-tests"
 REVIEWER_TOKEN = "reviewer-token-for-console"
@@ -101,13 +101,7 @@ async def log_in(page: Page, live: LiveServer, token: str, path: str = "/console
     await page.click("button[type=submit]")
 
 
-NIGHTLY = {
-    "name": "nightly",
-    "system_prompt": "keep notes",
-    "tools": ["edit_memory_block"],
-    "trigger": {"type": "cron", "schedule": "0 3 * * *"},
-    "user_ids": ["u1"],
-}
+NIGHTLY = notes_task()
 
 
 async def test_a_reviewer_approves_from_the_keyboard_and_the_queue_updates_itself(

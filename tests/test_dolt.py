@@ -18,6 +18,7 @@ import pytest
 
 from ralph.testing.model_server import ModelServer, call, scripted, text
 from ralph.testing.processes import free_port, start_server_process
+from tests.helpers import notes_task
 
 pytestmark = pytest.mark.slow
 
@@ -59,14 +60,7 @@ def test_every_change_is_one_dolt_commit(
     server: str, model_server: ModelServer, tmp_path: Path
 ) -> None:
     api = httpx.Client(base_url=server, timeout=60)
-    task = {
-        "name": "nightly",
-        "system_prompt": "keep notes",
-        "tools": ["edit_memory_block"],
-        "trigger": {"type": "cron", "schedule": "0 3 * * *"},
-        "user_ids": ["u1"],
-    }
-    assert api.post("/background/tasks", json=task).status_code == 201
+    assert api.post("/background/tasks", json=notes_task()).status_code == 201
     model_server.responder = scripted(
         call("edit_memory_block", label="notes", append="likes maths", reason="said so"),
         text("done"),

@@ -23,7 +23,7 @@ from ralph.testing.clock import FakeClock
 from ralph.testing.model_server import ModelServer, call, scripted, text
 from ralph.testing.webhook_receiver import WebhookReceiver
 from ralph.webhooks.sender import backoff_seconds
-from tests.helpers import AppHarness, harness_for, using_model_server
+from tests.helpers import AppHarness, harness_for, notes_task, using_model_server
 
 SECRET = "webhook-secret"
 
@@ -63,14 +63,7 @@ async def test_a_run_and_a_decision_arrive_signed(
     settings = using_model_server(hooked(settings, receiver), model_server)
     async with harness_for(settings, clock, server=model_server) as harness:
         client = harness.client
-        task = {
-            "name": "nightly",
-            "system_prompt": "keep notes",
-            "tools": ["edit_memory_block"],
-            "trigger": {"type": "cron", "schedule": "0 3 * * *"},
-            "user_ids": ["u1"],
-        }
-        assert (await client.post("/background/tasks", json=task)).status_code == 201
+        assert (await client.post("/background/tasks", json=notes_task())).status_code == 201
         model_server.responder = scripted(
             call("edit_memory_block", label="notes", append="likes maths", reason="said so"),
             text("done"),

@@ -8,7 +8,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ralph.composition import Services
-from ralph.console.sessions import REVIEWER
+from ralph.console.sessions import FULL, REVIEWER
 
 _bearer = HTTPBearer(auto_error=False, description="RALPH_API_TOKEN, when one is set")
 
@@ -28,11 +28,17 @@ def bearer_token(
     routing, so that no route can be reached without it."""
 
 
+def request_role(request: Request) -> str:
+    """What the request's credential may do (`AccessMiddleware` put it there): FULL or
+    REVIEWER; FULL without a token configured."""
+    role: str = request.scope.get("state", {}).get("role", FULL)
+    return role
+
+
 def decider(request: Request) -> str:
     """Who a decision is recorded as made by (`decided_by`): "reviewer" for the reviewer token
     (or its console session), "api" for the API token or an open API."""
-    role = request.scope.get("state", {}).get("role")
-    return "reviewer" if role == REVIEWER else "api"
+    return "reviewer" if request_role(request) == REVIEWER else "api"
 
 
 DeciderDep = Annotated[str, Depends(decider)]

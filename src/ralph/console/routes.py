@@ -20,14 +20,14 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from ralph import __version__
-from ralph.api.deps import ServicesDep
+from ralph.api.deps import ServicesDep, request_role
 from ralph.api.params import LabelQuery, TaskQuery, UserIdPath, UserIdQuery
 from ralph.background.models import CronTrigger
 from ralph.clock import Clock
 from ralph.composition import Services
 from ralph.config import Settings
 from ralph.console.diff import DiffLine, diff_lines
-from ralph.console.sessions import COOKIE, FULL, LIFETIME, Sessions
+from ralph.console.sessions import COOKIE, FULL, LIFETIME, REVIEWER, Sessions
 from ralph.memory.models import Proposal, ProposalStatus
 
 HERE = Path(__file__).parent
@@ -47,7 +47,7 @@ def console_sessions(settings: Settings, clock: Clock) -> Sessions | None:
     if settings.api_token is not None:
         tokens[FULL] = settings.api_token.get_secret_value()
     if settings.reviewer_token is not None:
-        tokens["reviewer"] = settings.reviewer_token.get_secret_value()
+        tokens[REVIEWER] = settings.reviewer_token.get_secret_value()
     return Sessions(tokens, clock.now) if tokens else None
 
 
@@ -60,7 +60,7 @@ def mount_console(app: FastAPI, settings: Settings) -> None:
 def _render(request: Request, template: str, **context: Any) -> HTMLResponse:
     session = request.cookies.get(COOKIE)
     sessions: Sessions | None = request.app.state.console_sessions
-    role = request.scope.get("state", {}).get("role", FULL)
+    role = request_role(request)
     csrf = sessions.csrf(session) if sessions is not None and session else ""
     html = templates.get_template(template).render(
         request=request,
