@@ -31,6 +31,7 @@ SIGNATURE_HEADER = "X-Ralph-Signature"
 GIVE_UP_AFTER = timedelta(days=3)
 # delivered events are deleted after this long
 KEEP_DELIVERED = timedelta(days=7)
+FORGET_EVERY = timedelta(hours=1)
 MAX_BACKOFF_SECONDS = 600.0
 BATCH = 100
 
@@ -63,6 +64,7 @@ class WebhookSender:
         self._secret = secret
         self._retry_base = retry_base_seconds
         self._poll = poll_seconds
+        self._forgot_at: datetime | None = None  # when delivered events were last deleted
         # a claim outlives the slowest post: nobody else posts the event meanwhile
         self._lease = timedelta(seconds=timeout_seconds * 3)
         self._client = httpx.AsyncClient(timeout=timeout_seconds)
@@ -116,7 +118,10 @@ class WebhookSender:
             retry_at = done + timedelta(seconds=backoff_seconds(attempt, self._retry_base))
             give_up = done - event.created_at >= GIVE_UP_AFTER
             await self._store.failed(event.id, attempt, error, retry_at, give_up)
-        await self._store.forget_delivered(now - KEEP_DELIVERED)
+        # a write, so not every pass: delivered events are kept 7 days, give or take an hour
+        if self._forgot_at is None or now - self._forgot_at >= FORGET_EVERY:
+            await self._store.forget_delivered(now - KEEP_DELIVERED)
+            self._forgot_at = now
         return delivered
 
     async def _post(self, event_id: str, event_type: str, body: str, attempt: int) -> str | None:
