@@ -49,15 +49,17 @@ class FirstAttemptRejected:
         return call("list_memory_blocks") if turn_of(request) == 0 else text("done")
 
 
-def starts_per_second(starts: list[float]) -> int:
-    """The most calls that started within any one second."""
+def most_starts_within(starts: list[float], seconds: float) -> int:
+    """The most calls that started within any `seconds`."""
     ordered = sorted(starts)
-    return max(sum(1 for t in ordered if s <= t < s + 1.0) for s in ordered)
+    return max(sum(1 for t in ordered if s <= t < s + seconds) for s in ordered)
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["in-process", "redis"])
 async def test_the_limit_is_smooth(shared: bool) -> None:
-    """1,200 a minute is 20 a second: 60 calls take about 3 s, never 21 in one second."""
+    """1,200 a minute is 20 a second: 60 calls take about 3 s, never 21 in one second, and
+    spread within the second (5 a quarter second; a loop that lags may bunch a few: at most
+    half a second's worth), not released together when a window opens."""
     if shared:
         await require_redis()
     limiter = ModelRateLimiter(
@@ -73,7 +75,8 @@ async def test_the_limit_is_smooth(shared: bool) -> None:
         starts.append(time.monotonic() - began)
 
     await asyncio.gather(*(one() for _ in range(60)))
-    assert starts_per_second(starts) <= 20
+    assert most_starts_within(starts, 1.0) <= 20
+    assert most_starts_within(starts, 0.25) <= 10
     assert 2.0 <= max(starts) < 4.0
 
 

@@ -6,6 +6,12 @@ window of `ceil(rpm / 60)` requests keeps calls smooth (providers enforce a per-
 over shorter periods too), and a per-minute window keeps the minute's total. Tokens have a
 per-minute window, charged with an estimate before the call and corrected after it.
 
+Within the second, a process spaces its calls about `60 / rpm` seconds apart (each caller
+reserves the next start): a window that opens releases one call, not a second's worth at once (which
+a provider takes one after another, so that the last of them fall into its next window).
+Several processes sharing the limit through Redis are each spaced so; the windows keep
+their sum.
+
 A 429 slows everyone, not just the caller that got it: every caller in the process waits out
 the provider's Retry-After (or a second), and the configured rate is halved, then recovers by a
 tenth every 10 s without a 429 (additive increase, multiplicative decrease).
@@ -25,9 +31,9 @@ from ralph.agents.calls import current_call
 
 _RECOVER_EVERY = 10.0  # seconds without a 429 before the rate grows back by a tenth
 _MIN_SCALE = 0.1
-# waited past each window's reset: calls a whole window apart must not be counted in one
-# window by the provider, whose clock and network are some ms off ours, and which takes a
-# second's calls (released together) one after another, tens of ms apart (20 ms drew 429s);
+# waited past each window's reset, and a second's spaced calls fit into the second plus it:
+# calls a whole window apart must not be counted in one window by the provider, whose clock
+# and network are some ms off ours (20 ms drew 429s when a second's calls left together);
 # between processes (Redis) the time from taking a slot to sending is less even
 _MARGIN = 0.05
 _SHARED_MARGIN = 0.1
@@ -74,6 +80,7 @@ class ModelRateLimiter:
         self._scale = 1.0
         self._changed_at = time.monotonic()
         self._paused_until = 0.0
+        self._next_start = 0.0  # the earliest start not reserved yet (monotonic)
 
     @property
     def configured(self) -> bool:
@@ -89,8 +96,12 @@ class ModelRateLimiter:
         Each wait is added to the caller's `current_call`, whose deadline moves by as much
         before the wait begins (so a wait for the limit never runs into a timeout)."""
         waited = 0.0
+        paced = False
         while True:
             pause = self._paused_until - time.monotonic()
+            if pause <= 0 and not paced:
+                paced = True
+                pause = self._reserve_start()
             if pause <= 0:
                 pause = await self._take(tokens)
                 if pause <= 0:
@@ -120,6 +131,21 @@ class ModelRateLimiter:
         while self._scale < 1.0 and now - self._changed_at >= _RECOVER_EVERY:
             self._scale = min(1.0, self._scale + 0.1)
             self._changed_at += _RECOVER_EVERY
+
+    def _reserve_start(self) -> float:
+        """Reserve the next start, one spacing after the one reserved before it; return how
+        long until it (0: now). The spacing fits a second's calls into the second plus the
+        margin (the 21st of 20 a second starts after the first has left the provider's
+        window), and a minute's into the minute."""
+        if self._rpm is None:
+            return 0.0
+        self._recover()
+        rate = self._rpm * self._scale
+        spacing = max((1.0 + self._margin) / max(1, math.ceil(rate / 60)), 60.0 / rate)
+        now = time.monotonic()
+        start = max(now, self._next_start)
+        self._next_start = start + spacing
+        return start - now
 
     def _tokens_per_minute(self) -> int:
         assert self._tpm is not None
