@@ -678,6 +678,29 @@ async def test_max_wait_fires_a_user_who_never_goes_idle(
     assert (due[0], due[9], due[11], due[20]) == (at(5), at(10), at(16), at(21))
 
 
+async def test_max_wait_counts_from_the_first_message_heard(
+    harness: AppHarness, clock: FakeClock
+) -> None:
+    """`idle_minutes` 1, `max_wait_minutes` 2, a message every 20 s from 0 s, ticks every 30 s
+    from 25 s (and at each planned wake): the episode started with the message at 0 s, which
+    this server heard, so it fires at 2:00, not at 2:20 (120 s after the last message the
+    tick at 25 s read)."""
+    services = harness.services
+    start = datetime(2026, 6, 1, 9, tzinfo=UTC)
+    await clock.set(start - timedelta(seconds=5))
+    trigger = IdleTrigger(idle_minutes=1, cooldown_minutes=0, max_wait_minutes=2)
+    await services.registry.create(definition(name="digest", trigger=trigger, user_ids=["ann"]))
+    wake = (await services.scheduler.tick()).next_wake
+    for second in range(0, 181):
+        await clock.set(start + timedelta(seconds=second))
+        if second % 20 == 0:
+            await services.conversations.record_activity("ann", clock.now())
+        if second % 30 == 25 or clock.now() >= wake:
+            wake = (await services.scheduler.tick()).next_wake
+            await services.coordinator.drain()
+    assert await idle_runs(services, "digest") == [(start + timedelta(minutes=2), ["ann"])]
+
+
 async def test_max_wait_must_cover_idle_minutes(harness: AppHarness) -> None:
     body = {
         "name": "impatient",

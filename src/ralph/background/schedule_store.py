@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -143,10 +143,29 @@ class ScheduleStore:
             rows = [*(await conn.execute(window)).all(), *(await conn.execute(deferred)).all()]
         return [IdleCandidate(*row) for row in rows], watermark
 
-    async def note_episode_starts(self, task_name: str, idle_cutoff: datetime) -> None:
+    async def note_episode_starts(
+        self, task_name: str, idle_cutoff: datetime, heard: Mapping[str, datetime]
+    ) -> None:
         """Record when each episode of the task's users that is not idle yet (a message after
-        `idle_cutoff`, none fired for it) started, if not recorded: their last message, as
-        this pass sees it (an index range on `last_message_at`: the active users only)."""
+        `idle_cutoff`, none fired for it) started, if not recorded: the user's first activity
+        `heard` of since the last pass, when it belongs to that episode, or else their last
+        message, as this pass sees it (an index range on `last_message_at`: the active users
+        only)."""
+        users = list(heard)
+        first_heard = [
+            select(
+                user_activity.c.user_id,
+                user_activity.c.last_message_at,
+                idle_state.c.episode_message_at,
+            )
+            .select_from(_task_activity(task_name))
+            .where(
+                user_activity.c.user_id.in_(users[start : start + 1000]),
+                user_activity.c.last_message_at > idle_cutoff,
+                _ARMED,
+            )
+            for start in range(0, len(users), 1000)
+        ]
         source = (
             select(
                 literal(task_name, String()),
@@ -160,6 +179,17 @@ class ScheduleStore:
             ["task_name", "user_id", "since"], source
         )
         async with self._engine.begin() as conn:
+            for query in first_heard:
+                # in the episode: after its previous one and within its activity (a time
+                # older than the idle cutoff may have been followed by an idle gap)
+                starts = [
+                    {"task_name": task_name, "user_id": user_id, "since": heard[user_id]}
+                    for user_id, last, previous in (await conn.execute(query)).all()
+                    if idle_cutoff < heard[user_id] <= last
+                    and (previous is None or heard[user_id] > previous)
+                ]
+                if starts:
+                    await conn.execute(insert_ignore(self._engine, idle_pending), starts)
             await conn.execute(statement)
 
     async def waited_too_long(self, task_name: str, started_before: datetime) -> list[WaitingUser]:

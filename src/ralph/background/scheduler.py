@@ -8,7 +8,7 @@ row. A replica that loses a claim does nothing, so any number of replicas can ti
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -104,6 +104,11 @@ class Scheduler:
         # what `note_activity` compares with: the loop's planned wake, the shortest idle time
         self._next_wake: datetime | None = None
         self._min_idle: timedelta | None = None
+        # with a max-wait idle task: each user's first activity heard of since the last tick
+        # (an episode that starts then is recorded from it, not from the last message the
+        # next tick sees, up to an idle check later)
+        self._max_wait = False
+        self._first_activity: dict[str, datetime] = {}
         # the last tick's failures: task name -> error, and recovery's
         self.errors: dict[str, str] = {}
         self.recovery_error: str | None = None
@@ -128,6 +133,8 @@ class Scheduler:
             t.definition.trigger for t in tasks if isinstance(t.definition.trigger, IdleTrigger)
         ]
         self._min_idle = min((timedelta(minutes=t.idle_minutes) for t in idle), default=None)
+        self._max_wait = any(t.max_wait_minutes is not None for t in idle)
+        heard, self._first_activity = self._first_activity, {}
         self.errors = {
             k: v for k, v in self.errors.items() if k in {t.definition.name for t in tasks}
         }
@@ -148,7 +155,7 @@ class Scheduler:
         for stored in tasks:
             name = stored.definition.name
             try:
-                run_ids, task_wake = await self._fire(stored, now)
+                run_ids, task_wake = await self._fire(stored, now, heard)
             except Exception as exc:
                 log.exception("scheduler_task_failed", task=name)
                 self.errors[name] = _describe(exc)
@@ -185,14 +192,17 @@ class Scheduler:
         self.last_tick = now
         return TickReport(started, recovered, wake)
 
-    async def _fire(self, stored: StoredTask, now: datetime) -> tuple[list[str], datetime | None]:
-        """Fire one task: (runs created, when it is next due)."""
+    async def _fire(
+        self, stored: StoredTask, now: datetime, heard: Mapping[str, datetime]
+    ) -> tuple[list[str], datetime | None]:
+        """Fire one task (`heard`: users' first activity heard of since the last tick): (runs
+        created, when it is next due)."""
         trigger = stored.definition.trigger
         if isinstance(trigger, CronTrigger):
             zones = sorted(await self.zone_counts(stored.definition, trigger))
             run_ids = await self._fire_cron(stored, trigger, zones, now)
             return run_ids, next_instant(trigger.schedule, zones, now)
-        run_id = await self._fire_idle(stored, trigger, now)
+        run_id = await self._fire_idle(stored, trigger, now, heard)
         return [run_id] if run_id else [], await self.next_idle_check(stored, trigger, now)
 
     async def zone_counts(self, task: TaskDefinition, trigger: CronTrigger) -> dict[str, int]:
@@ -260,12 +270,19 @@ class Scheduler:
                     )
         return [u for u, _, _ in users], skipped
 
-    async def due_idle_users(self, task_name: str, trigger: IdleTrigger, now: datetime) -> IdlePass:
+    async def due_idle_users(
+        self,
+        task_name: str,
+        trigger: IdleTrigger,
+        now: datetime,
+        heard: Mapping[str, datetime] | None = None,
+    ) -> IdlePass:
         """The task's users whose idle episode is due now, and those held back by the cooldown.
 
         Due: in the task's list, idle for `idle_minutes`, a message since the task last ran
         for them, and past the cooldown since that run; or, with `max_wait_minutes`, still
-        active but with an episode that started that long ago.
+        active but with an episode that started that long ago (`heard`: users' first
+        activity this process heard of since its last tick, which may start an episode).
         """
         idle_cutoff = now - timedelta(minutes=trigger.idle_minutes)
         cooldown = timedelta(minutes=trigger.cooldown_minutes)
@@ -284,18 +301,24 @@ class Scheduler:
         new_watermark = idle_cutoff if watermark is None else max(watermark, idle_cutoff)
         found = IdlePass(due, held, new_watermark)
         if trigger.max_wait_minutes is not None:
-            await self._max_waits(task_name, trigger, trigger.max_wait_minutes, now, found)
+            await self._max_waits(task_name, trigger, now, heard or {}, found)
         return found
 
     async def _max_waits(
-        self, task_name: str, trigger: IdleTrigger, max_wait: int, now: datetime, found: IdlePass
+        self,
+        task_name: str,
+        trigger: IdleTrigger,
+        now: datetime,
+        heard: Mapping[str, datetime],
+        found: IdlePass,
     ) -> None:
-        """Add to `found` the users whose episode started `max_wait` minutes ago or more,
+        """Add to `found` the users whose episode started `max_wait_minutes` ago or more,
         idle or not (first recording the start of every episode that is not idle yet)."""
+        assert trigger.max_wait_minutes is not None
         await self._store.note_episode_starts(
-            task_name, now - timedelta(minutes=trigger.idle_minutes)
+            task_name, now - timedelta(minutes=trigger.idle_minutes), heard
         )
-        wait = timedelta(minutes=max_wait)
+        wait = timedelta(minutes=trigger.max_wait_minutes)
         cooldown = timedelta(minutes=trigger.cooldown_minutes)
         for user in await self._store.waited_too_long(task_name, now - wait):
             if not user.in_task or not user.armed or user.last_message_at is None:
@@ -307,11 +330,15 @@ class Scheduler:
                 found.due.setdefault(user.user_id, user.last_message_at)
 
     async def _fire_idle(
-        self, stored: StoredTask, trigger: IdleTrigger, now: datetime
+        self,
+        stored: StoredTask,
+        trigger: IdleTrigger,
+        now: datetime,
+        heard: Mapping[str, datetime],
     ) -> str | None:
         task = stored.definition
         cooldown_cutoff = now - timedelta(minutes=trigger.cooldown_minutes)
-        found = await self.due_idle_users(task.name, trigger, now)
+        found = await self.due_idle_users(task.name, trigger, now, heard)
         run_id, claimed = await self._store.fire_idle(
             task, list(found.due.items()), now, cooldown_cutoff
         )
@@ -357,9 +384,14 @@ class Scheduler:
                 due.append(started + timedelta(minutes=trigger.max_wait_minutes))
         return min(due, default=None)
 
-    def note_activity(self, at: datetime) -> None:
+    def note_activity(self, user_id: str, at: datetime) -> None:
         """A user was active `at` (recorded through this process): if that makes an idle
-        episode due before the loop's next wake, wake it to plan again."""
+        episode due before the loop's next wake, wake it to plan again; with a max-wait task,
+        keep the time for the next tick (it may start an episode)."""
+        if self._max_wait:
+            first = self._first_activity.get(user_id)
+            if first is None or at < first:
+                self._first_activity[user_id] = at
         if self._min_idle is None or self._next_wake is None:
             return
         if at + self._min_idle < self._next_wake:

@@ -33,7 +33,7 @@ class ConversationService:
     ) -> None:
         self._store = store
         self._clock = clock
-        self._listeners: list[Callable[[datetime], None]] = []
+        self._listeners: list[Callable[[str, datetime], None]] = []
         self._archive = archive
         self._sending = asyncio.Lock()  # one sender at a time keeps each user's order
 
@@ -42,14 +42,15 @@ class ConversationService:
         """Whether messages go to Honcho."""
         return self._archive is not None
 
-    def on_activity(self, listener: Callable[[datetime], None]) -> None:
-        """Call `listener(at)` after each activity recorded through this service (wakes a
-        scheduler whose next idle episode it brings forward)."""
+    def on_activity(self, listener: Callable[[str, datetime], None]) -> None:
+        """Call `listener(user_id, at)` after each activity recorded through this service
+        (wakes a scheduler whose next idle episode it brings forward, and tells it when an
+        episode started)."""
         self._listeners.append(listener)
 
-    def _active(self, at: datetime) -> None:
+    def _active(self, user_id: str, at: datetime) -> None:
         for listener in self._listeners:
-            listener(at)
+            listener(user_id, at)
 
     async def add_message(
         self, user_id: str, role: Role, content: str, at: datetime | None = None
@@ -58,7 +59,7 @@ class ConversationService:
         user's activity."""
         message = await self._store.add_message(user_id, role, content, at or self._clock.now())
         if role is Role.USER:
-            self._active(message.created_at)
+            self._active(user_id, message.created_at)
         if self._archive is not None:
             sent = await self._send(user_id)
             if message.id in sent:
@@ -141,7 +142,7 @@ class ConversationService:
                 f"at: {at.isoformat()} is in the future (server time {now.isoformat()})"
             )
         await self._store.record_activity(user_id, at)
-        self._active(at)
+        self._active(user_id, at)
         return await self._store.last_activity(user_id)
 
     async def last_activity(self, user_id: str) -> datetime | None:
