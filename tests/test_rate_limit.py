@@ -80,6 +80,18 @@ async def test_the_limit_is_smooth(shared: bool) -> None:
     assert 2.0 <= max(starts) < 4.0
 
 
+async def test_a_foreground_call_does_not_queue_behind_background_calls() -> None:
+    """60 a minute: five background calls reserve the next five seconds; a chat call made
+    just after them waits only for the second's window, not behind them."""
+    limiter = ModelRateLimiter(requests_per_minute=60)
+    background = [asyncio.create_task(limiter.acquire()) for _ in range(5)]
+    await asyncio.sleep(0.1)
+    chat = await limiter.acquire(foreground=True)
+    waits = await asyncio.gather(*background)
+    assert chat < 1.5
+    assert max(waits) > 3.5
+
+
 def sqlite_settings(tmp_path: Path, server: ModelServer | str, **extra: Any) -> Settings:
     """Settings on a SQLite file for the scripted `server` (or the model server at a URL)."""
     # the limiter and the calls in the test's process, unless the test says otherwise

@@ -115,8 +115,9 @@ class DirectOpenAI(OpenAILike):
         return self._parse_provider_response(completion, response_format=response_format)
 
     async def ainvoke_stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[ModelResponse]:  # type: ignore[override]
-        """The SDK's streaming call (chat), after the rate limit."""
-        await self._wait_for_limit()
+        """The SDK's streaming call (chat), after the rate limit (ahead of background calls
+        waiting for their turn)."""
+        await self._wait_for_limit(foreground=True)
         async for chunk in super().ainvoke_stream(*args, **kwargs):
             yield chunk
 
@@ -169,10 +170,10 @@ class DirectOpenAI(OpenAILike):
             await asyncio.sleep(_backoff(attempt) if asked is None else asked)
         raise AssertionError("unreachable")
 
-    async def _wait_for_limit(self) -> None:
+    async def _wait_for_limit(self, *, foreground: bool = False) -> None:
         """Before a call through the SDK, whose request size Ralph does not see."""
         if self.limiter is not None:
-            await self.limiter.acquire(estimate_tokens(0, self.max_tokens))
+            await self.limiter.acquire(estimate_tokens(0, self.max_tokens), foreground=foreground)
 
     async def _charge(self, data: Any, estimate: int) -> None:
         """Count the tokens a reply used beyond the estimate against the token limit, and

@@ -81,6 +81,7 @@ class ModelRateLimiter:
         self._changed_at = time.monotonic()
         self._paused_until = 0.0
         self._next_start = 0.0  # the earliest start not reserved yet (monotonic)
+        self._foreground = 0  # foreground calls waiting
 
     @property
     def configured(self) -> bool:
@@ -91,24 +92,32 @@ class ModelRateLimiter:
         """The share of the configured rate in force (1.0 unless 429s lowered it)."""
         return self._scale
 
-    async def acquire(self, tokens: int = 0) -> float:
+    async def acquire(self, tokens: int = 0, *, foreground: bool = False) -> float:
         """Wait until one call of about `tokens` tokens may start; return the seconds waited.
         Each wait is added to the caller's `current_call`, whose deadline moves by as much
-        before the wait begins (so a wait for the limit never runs into a timeout)."""
+        before the wait begins (so a wait for the limit never runs into a timeout).
+
+        A `foreground` call (a person waits for it: chat) reserves no start and goes first:
+        while one waits, a background call whose turn comes takes the next turn after the
+        ones reserved."""
         waited = 0.0
-        paced = False
-        while True:
-            pause = self._paused_until - time.monotonic()
-            if pause <= 0 and not paced:
-                paced = True
-                pause = self._reserve_start()
-            if pause <= 0:
-                pause = await self._take(tokens)
+        paced = foreground
+        self._foreground += foreground
+        try:
+            while True:
+                pause = self._paused_until - time.monotonic()
+                if pause <= 0 and (not paced or (self._foreground and not foreground)):
+                    paced = True
+                    pause = self._reserve_start()
                 if pause <= 0:
-                    return waited
-            _extend_deadline(pause)
-            await asyncio.sleep(pause)
-            waited += pause
+                    pause = await self._take(tokens)
+                    if pause <= 0:
+                        return waited
+                _extend_deadline(pause)
+                await asyncio.sleep(pause)
+                waited += pause
+        finally:
+            self._foreground -= foreground
 
     async def charge(self, tokens: int) -> None:
         """Count `tokens` more against the minute's token window (a reply used more than was
