@@ -14,6 +14,7 @@ from ralph.config import Settings
 from ralph.testing.clock import FakeClock
 from ralph.testing.model_server import Fail, ModelServer, call, scripted, text
 from tests.helpers import using_model_server
+from tests.test_metrics import samples
 
 
 @pytest.fixture
@@ -100,3 +101,24 @@ async def test_chat_answer_stops_at_the_turn_limit(
     assert events[-1]["detail"].startswith("stopped after 3 model calls")
     assert model_server.calls == 3
     assert (await chat_client.get("/users/u3/messages")).json() == []
+
+
+async def test_chat_turns_and_their_model_calls_reach_the_metrics(
+    chat_client: AsyncClient, model_server: ModelServer
+) -> None:
+    def figures(text: str) -> tuple[float, float, float]:
+        found = samples(text)
+        return (
+            found.get(("ralph_chat_turn_seconds_count", (("status", "success"),)), 0.0),
+            found.get(("ralph_chat_turn_seconds_count", (("status", "error"),)), 0.0),
+            found.get(("ralph_model_calls_total", (("task", "chat"),)), 0.0),
+        )
+
+    before = figures((await chat_client.get("/metrics")).text)
+    model_server.responder = scripted(call("list_memory_blocks"), text("Hello!"))
+    assert (await _events(chat_client, "u1", "hi"))[-1]["type"] == "done"
+    model_server.responder = scripted(Fail(400, "bad request"))
+    assert (await _events(chat_client, "u1", "hi"))[-1]["type"] == "error"
+    after = figures((await chat_client.get("/metrics")).text)
+    # one answered turn of two model requests, one failed turn of one
+    assert tuple(a - b for a, b in zip(after, before, strict=True)) == (1, 1, 3)

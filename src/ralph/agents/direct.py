@@ -16,7 +16,8 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -57,6 +58,19 @@ def _backoff(attempt: int) -> float:
     return min(8.0, 0.5 * 2**attempt) * (0.75 + random.random() / 4)
 
 
+@contextmanager
+def _timed_request() -> Generator[None]:
+    """Add a request through the SDK (its retries unseen: one request) to the caller's
+    record, with the time until its answer (to the last chunk of a stream) or its failure."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        record = current_call.get()
+        if record is not None:
+            record.call_seconds.append(time.perf_counter() - started)
+
+
 @dataclass
 class DirectOpenAI(OpenAILike):
     """`OpenAILike` whose non-streaming calls skip the SDK's request transform and post on
@@ -89,15 +103,16 @@ class DirectOpenAI(OpenAILike):
         transport = self.transport
         if response_format is not None or _SDK_ONLY_PARAMS & params.keys() or transport is None:
             await self._wait_for_limit()
-            return await super().ainvoke(
-                messages,
-                assistant_message,
-                response_format=response_format,
-                tools=tools,
-                tool_choice=tool_choice,
-                run_response=run_response,
-                compress_tool_results=compress_tool_results,
-            )
+            with _timed_request():
+                return await super().ainvoke(
+                    messages,
+                    assistant_message,
+                    response_format=response_format,
+                    tools=tools,
+                    tool_choice=tool_choice,
+                    run_response=run_response,
+                    compress_tool_results=compress_tool_results,
+                )
         body = {
             "model": self.id,
             "messages": self._format_all_messages(messages, compress_tool_results),
@@ -118,8 +133,9 @@ class DirectOpenAI(OpenAILike):
         """The SDK's streaming call (chat), after the rate limit (ahead of background calls
         waiting for their turn)."""
         await self._wait_for_limit(foreground=True)
-        async for chunk in super().ainvoke_stream(*args, **kwargs):
-            yield chunk
+        with _timed_request():
+            async for chunk in super().ainvoke_stream(*args, **kwargs):
+                yield chunk
 
     async def _post(self, transport: Transport, body: dict[str, Any]) -> Any:
         url = f"{str(self.base_url).rstrip('/')}/chat/completions"

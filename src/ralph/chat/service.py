@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
 from agno.run.agent import RunContentEvent, RunErrorEvent
 
+from ralph.agents.calls import CallRecord, current_call
 from ralph.agents.kit import AgentKit
 from ralph.agents.runner import TurnLimitReached, build_agent
 from ralph.clock import Clock
 from ralph.conversations.models import Role
+from ralph.observability.events import CHAT, observe_chat, observe_model_calls
 
 log = structlog.get_logger(__name__)
 
@@ -38,8 +41,10 @@ class ChatService:
     async def stream(self, user_id: str, message: str) -> AsyncIterator[dict[str, Any]]:
         """Events: `{"type": "token", "content"}`..., then `done` (with the stored message ids)
         or `error`. The user's message, the answer and the user's activity are stored when the
-        answer is complete; a failed turn stores nothing."""
+        answer is complete; a failed turn stores nothing. Its time and its model calls go to
+        the metrics (`ralph_chat_turn_seconds`, the model figures with task `chat`)."""
         received_at = self._clock.now()
+        began = time.perf_counter()
         instructions = await self._kit.instructions(CHAT_INSTRUCTIONS, user_id)
         model = self._kit.model()
         context = self._kit.context(user_id, author="agent:chat")
@@ -48,6 +53,8 @@ class ChatService:
         )
         parts: list[str] = []
         error: str | None = None
+        record = CallRecord()
+        token = current_call.set(record)
         try:
             async with asyncio.timeout(self._timeout):
                 async for event in agent.arun(  # pyright: ignore[reportUnknownMemberType]
@@ -63,6 +70,10 @@ class ChatService:
             error = f"no complete answer within {self._timeout:g} s"
         except TurnLimitReached as exc:
             error = str(exc)
+        finally:
+            current_call.reset(token)
+            observe_model_calls(CHAT, record.call_seconds, record.rate_limited, record.retries)
+            observe_chat(time.perf_counter() - began, error is not None)
         if error is not None:
             log.warning("chat_failed", user_id=user_id, error=error)
             yield {"type": "error", "detail": error}

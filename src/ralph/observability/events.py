@@ -36,6 +36,13 @@ MODEL_RATE_LIMITED = Counter(
 MODEL_RETRIES = Counter(
     "ralph_model_retries", "Requests to the provider beyond the first of a call", ["task"]
 )
+CHAT_TURN_SECONDS = Histogram(
+    "ralph_chat_turn_seconds",
+    "One chat message, from its arrival to the answer's last token (or the error)",
+    ["status"],
+    buckets=(0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
+)
+CHAT = "chat"  # the task label of chat's model calls
 
 
 class UnitStats(TypedDict):
@@ -52,9 +59,20 @@ class UnitStats(TypedDict):
 def observe_unit(stats: UnitStats) -> None:
     task = stats["task"]
     AGENT_SECONDS.labels(task, stats["status"]).observe(stats["seconds"])
+    observe_model_calls(task, stats["model_call_seconds"], stats["rate_limited"], stats["retries"])
+
+
+def observe_model_calls(
+    task: str, call_seconds: list[float], rate_limited: int, retries: int
+) -> None:
+    """An agent's requests to the provider (`task`: the background task's name, or `chat`)."""
     latency = MODEL_CALL_SECONDS.labels(task)
-    for seconds in stats["model_call_seconds"]:
+    for seconds in call_seconds:
         latency.observe(seconds)
-    MODEL_CALLS.labels(task).inc(len(stats["model_call_seconds"]))
-    MODEL_RATE_LIMITED.labels(task).inc(stats["rate_limited"])
-    MODEL_RETRIES.labels(task).inc(stats["retries"])
+    MODEL_CALLS.labels(task).inc(len(call_seconds))
+    MODEL_RATE_LIMITED.labels(task).inc(rate_limited)
+    MODEL_RETRIES.labels(task).inc(retries)
+
+
+def observe_chat(seconds: float, failed: bool) -> None:
+    CHAT_TURN_SECONDS.labels("error" if failed else "success").observe(seconds)
