@@ -167,6 +167,40 @@ async def test_a_configured_limit_keeps_the_provider_from_429(tmp_path: Path) ->
     assert sum(waits) / len(waits) > 1.0
 
 
+async def test_chat_and_the_agent_process_share_the_servers_limit(tmp_path: Path) -> None:
+    """The default mode runs agents in a child process: its calls and the server's chat wait
+    on one limit. The provider allows 1 request a second, 60 a minute are configured: a run
+    of 4 users (8 calls) and 3 chat messages during it draw no 429 (each process with a limit
+    of its own would send up to 2 a second), and the agents' waits reach their results."""
+    steps = ("tool:list_memory_blocks", "done")
+    with model_server_process(0.0, 0.0, *steps, per_second=1) as provider_url:
+        settings = sqlite_settings(
+            tmp_path, provider_url, model_requests_per_minute=60, worker_mode="subprocess"
+        )
+        async with serving(settings) as client:
+
+            async def chat() -> list[str]:
+                await asyncio.sleep(1.0)
+                answers: list[str] = []
+                for i in range(3):
+                    reply = await client.post(
+                        "/chat/stream", json={"user_id": "chatty", "message": f"hi {i}"}
+                    )
+                    answers.append(reply.text)
+                return answers
+
+            run, answers = await asyncio.gather(
+                run_task(client, 4, 4, 60, ["list_memory_blocks"]), chat()
+            )
+            assert run["counts"] == {"success": 4}
+            assert all('"type": "done"' in a or '"type":"done"' in a for a in answers), answers
+            waits = [u["rate_limit_wait_seconds"] for u in await _all_users(client, run["id"])]
+        stats = server_stats(provider_url)
+    assert stats["failures"] == {}  # no 429
+    assert stats["calls"] == 4 * 2 + 3 * 2
+    assert sum(waits) > 3.0  # 8 calls at one a second, 4 agents at once
+
+
 async def test_waiting_for_the_limit_is_not_part_of_the_timeout(
     tmp_path: Path, model_server: ModelServer
 ) -> None:

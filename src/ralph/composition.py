@@ -161,7 +161,7 @@ async def open_services(
             dispatch, inflight = arq, InFlight()
         elif role == "server" and settings.worker_mode == "subprocess":
             inflight = InFlight()
-            child = AgentProcess(settings, runs, clock, inflight)
+            child = AgentProcess(settings, runs, clock, inflight, models.limiter)
             stack.push_async_callback(child.aclose)
             await child.start()
             dispatch = child

@@ -30,7 +30,7 @@ from openai.types.chat import ChatCompletion
 from pydantic import ValidationError
 
 from ralph.agents.calls import current_call
-from ralph.agents.ratelimit import ModelRateLimiter, estimate_tokens
+from ralph.agents.ratelimit import RateLimit, estimate_tokens
 from ralph.agents.transport import Reply, Transport, TransportError
 
 _RETRY_STATUSES = {408, 409, 429}
@@ -80,7 +80,7 @@ class DirectOpenAI(OpenAILike):
     # a Retry-After longer than this ends the call ("rate limited") instead of waiting
     max_retry_after: float = 60.0
     # every request waits for it; a 429 slows it down for everyone sharing it
-    limiter: ModelRateLimiter | None = field(default=None, repr=False)
+    limiter: RateLimit | None = field(default=None, repr=False)
     # ask for the provider's usage accounting (OpenRouter: each call's cost in `usage.cost`)
     usage_accounting: bool = False
 

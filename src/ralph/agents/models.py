@@ -12,7 +12,7 @@ from agno.models.base import Model
 
 from ralph.agents.dev_model import DEV_MODEL_ID, dev_http_client
 from ralph.agents.direct import DirectOpenAI, DirectOpenRouter
-from ralph.agents.ratelimit import ModelRateLimiter
+from ralph.agents.ratelimit import ModelRateLimiter, RateLimit
 from ralph.agents.transport import AiohttpTransport, HttpxTransport, Transport
 from ralph.config import Settings, SettingsError
 
@@ -47,9 +47,12 @@ class ModelFactory:
     by Agno.
     """
 
-    def __init__(self, settings: Settings, *, shared_limit: bool = False) -> None:
+    def __init__(
+        self, settings: Settings, *, shared_limit: bool = False, limit: RateLimit | None = None
+    ) -> None:
         """`shared_limit`: the rate limit is kept in Redis (`RALPH_REDIS_URL`, per queue), for
-        every server and worker of the worker mode; otherwise it is this process's."""
+        every server and worker of the worker mode; otherwise it is this process's, or
+        `limit` (an agent process's: its server's)."""
         check_model_settings(settings)
         self.provider = settings.model_provider or "dev"
         self._settings = settings
@@ -59,7 +62,7 @@ class ModelFactory:
         self._transport: Transport | None = None
         self._make: Callable[[], Model]
         api_key = settings.model_api_key.get_secret_value() if settings.model_api_key else None
-        self.limiter = ModelRateLimiter(
+        self.limiter: RateLimit = limit or ModelRateLimiter(
             requests_per_minute=settings.model_requests_per_minute,
             tokens_per_minute=settings.model_tokens_per_minute,
             redis_url=settings.redis_url if shared_limit else None,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from typing import Protocol
 
 from limits import RateLimitItem, RateLimitItemPerMinute, RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
@@ -37,6 +38,17 @@ _MIN_SCALE = 0.1
 # between processes (Redis) the time from taking a slot to sending is less even
 _MARGIN = 0.05
 _SHARED_MARGIN = 0.1
+
+
+class RateLimit(Protocol):
+    """What a model call waits on: `ModelRateLimiter`, or the agent process's stand-in for
+    its server's (`ralph.background.agent_limit`)."""
+
+    async def acquire(self, tokens: int = 0, *, foreground: bool = False) -> float: ...
+
+    async def charge(self, tokens: int) -> None: ...
+
+    def slow_down(self, retry_after: float | None) -> None: ...
 
 
 def estimate_tokens(request_bytes: int, max_output_tokens: int | None) -> int:

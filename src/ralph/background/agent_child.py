@@ -8,7 +8,10 @@ import json
 import os
 import signal
 import sys
+from typing import Any
 
+from ralph.agents.models import ModelFactory
+from ralph.background.agent_limit import RemoteRateLimit
 from ralph.composition import open_services
 from ralph.config import Settings
 from ralph.observability.events import UnitStats
@@ -19,7 +22,16 @@ async def _serve(settings: Settings, out: int) -> None:
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     units: set[asyncio.Task[None]] = set()
-    async with open_services(settings, apply_migrations=False, role="agents") as services:
+
+    def send(message: dict[str, Any]) -> None:
+        os.write(out, json.dumps(message).encode() + b"\n")
+
+    # the server's rate limit, asked over the pipe
+    limit = RemoteRateLimit(send)
+    models = ModelFactory(settings, limit=limit)
+    async with open_services(
+        settings, apply_migrations=False, role="agents", models=models
+    ) as services:
         # each unit's figures go back with its answer: the server observes them (/metrics)
         stats: dict[tuple[str, str], UnitStats] = {}
         services.units.on_unit = lambda run, user, figures: stats.__setitem__((run, user), figures)
@@ -31,15 +43,18 @@ async def _serve(settings: Settings, out: int) -> None:
             except Exception:  # logged and recorded: the server still hears it is done
                 pass
             finally:
-                done = {
-                    "done": [run_id, user_id],
-                    "tokens": tokens,
-                    "stats": stats.pop((run_id, user_id), None),
-                }
-                os.write(out, json.dumps(done).encode() + b"\n")
+                send(
+                    {
+                        "done": [run_id, user_id],
+                        "tokens": tokens,
+                        "stats": stats.pop((run_id, user_id), None),
+                    }
+                )
 
         while line := await reader.readline():
             message = json.loads(line)
+            if limit.answer(message):
+                continue
             if "run" in message:
                 job = asyncio.create_task(unit(message["run"], message["user"]))
                 units.add(job)

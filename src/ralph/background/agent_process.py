@@ -6,7 +6,9 @@ The server starts the child as it starts (`python -m ralph.background.agent_chil
 again on the next unit if the child died. They speak in JSON lines: the server writes
 `{"run": RUN, "user": USER}`, `{"cancel": RUN}` and `{"stop": true}` to the child's stdin;
 the child answers `{"done": [RUN, USER], "tokens": N}` on stdout once the unit's result is
-recorded (the tokens count against the run's budget in the server's window).
+recorded (the tokens count against the run's budget in the server's window). The child's
+model calls wait on the server's rate limit, asked over the same pipe
+(`ralph.background.agent_limit`).
 Everything else a unit needs is in the database. A child that reads the end of its input
 without `stop` (its server is gone) exits at once, leaving its runs to crash recovery, as if
 it had died with the server. A child that dies while units are in flight has them failed
@@ -24,6 +26,8 @@ from typing import Any, cast
 import structlog
 from pydantic import SecretStr
 
+from ralph.agents.ratelimit import RateLimit
+from ralph.background.agent_limit import LimitServer
 from ralph.background.inflight import InFlight
 from ralph.background.models import TaskDefinition
 from ralph.background.run_store import RunStore
@@ -48,10 +52,15 @@ class AgentProcess:
     """The server's side: a coordinator's dispatch that hands each unit to the child."""
 
     def __init__(
-        self, settings: Settings, runs: RunStore, clock: Clock, inflight: InFlight
+        self,
+        settings: Settings,
+        runs: RunStore,
+        clock: Clock,
+        inflight: InFlight,
+        limit: RateLimit,
     ) -> None:
         """`inflight`: the coordinator's, to count the tokens of each finished unit against
-        its run's budget."""
+        its run's budget; `limit`: the server's rate limit, which the child's calls share."""
         self._settings = settings
         self._runs = runs
         self._clock = clock
@@ -60,6 +69,7 @@ class AgentProcess:
         self._reader: asyncio.Task[None] | None = None
         self._starting = asyncio.Lock()
         self._waiting: dict[tuple[str, str], tuple[asyncio.Future[None], str]] = {}
+        self._limit = LimitServer(limit)
 
     async def __call__(self, run_id: str, task: TaskDefinition, user_id: str) -> None:
         child = await self._ensure_child()
@@ -95,6 +105,7 @@ class AgentProcess:
                 await child.wait()
         if self._reader is not None:
             await self._reader
+        await self._limit.aclose()
 
     async def aclose(self) -> None:
         await self.stop()
@@ -137,6 +148,8 @@ class AgentProcess:
         while line := await child.stdout.readline():
             try:
                 answer = json.loads(line)
+                if self._limit.handle(answer, lambda message: self._send(child, message)):
+                    continue
                 run_id, user_id = answer["done"]
                 tokens = int(answer["tokens"])
             except (ValueError, KeyError, TypeError):
