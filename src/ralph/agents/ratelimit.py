@@ -7,10 +7,10 @@ over shorter periods too), and a per-minute window keeps the minute's total. Tok
 per-minute window, charged with an estimate before the call and corrected after it.
 
 Within the second, a process spaces its calls about `60 / rpm` seconds apart (each caller
-reserves the next start): a window that opens releases one call, not a second's worth at once (which
-a provider takes one after another, so that the last of them fall into its next window).
-Several processes sharing the limit through Redis are each spaced so; the windows keep
-their sum.
+reserves the next start): a window that opens releases one call, not a second's worth at
+once (which a provider takes one after another, so that the last of them fall into its next
+window). Several processes sharing the limit through Redis are each spaced so; the windows
+keep their sum. A chat call (`foreground`) goes ahead of the background calls waiting.
 
 A 429 slows everyone, not just the caller that got it: every caller in the process waits out
 the provider's Retry-After (or a second), and the configured rate is halved, then recovers by a
