@@ -278,6 +278,48 @@ async def test_who_may_do_what(tmp_path: Path) -> None:
         assert (await harness.client.get("/console/login")).status_code == 303
 
 
+async def test_named_reviewers_are_recorded_by_name(tmp_path: Path) -> None:
+    """RALPH_REVIEWERS: each reviewer's token (or console session) has the reviewer's rights,
+    and their decisions name them."""
+    settings = console_settings(
+        tmp_path,
+        reviewers={
+            "alice": SecretStr("alices-token-123456"),
+            "bob": SecretStr("bobs-token-654321"),
+        },
+    )
+    async with harness_for(settings) as harness:
+        client = harness.client
+        full = {"Authorization": f"Bearer {API_TOKEN}"}
+        made = [
+            (await client.post("/users/u1/proposals", json=_append(t), headers=full)).json()["id"]
+            for t in ("x", "y")
+        ]
+        alice = {"Authorization": "Bearer alices-token-123456"}
+        approved = await client.post(f"/proposals/{made[0]}/approve", json={}, headers=alice)
+        assert approved.json()["decided_by"] == "reviewer:alice", approved.text
+        denied = await client.put(
+            "/users/u1/blocks/notes", json={"title": "t", "body": "b"}, headers=alice
+        )
+        assert denied.status_code == 403
+
+        login = await client.post(
+            "/console/login",
+            content="token=bobs-token-654321&next=/console",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        client.cookies.set(COOKIE, login.cookies[COOKIE])
+        page = (await client.get("/console")).text
+        assert "reviewer:bob" in page
+        csrf = page.split('name="ralph-csrf" content="', 1)[1].split('"', 1)[0]
+        rejected = await client.post(
+            f"/proposals/{made[1]}/reject", json={}, headers={"X-Ralph-CSRF": csrf}
+        )
+        assert rejected.json()["decided_by"] == "reviewer:bob", rejected.text
+        task = await client.post("/background/tasks/x/run", headers={"X-Ralph-CSRF": csrf})
+        assert task.status_code == 403
+
+
 async def test_the_public_origin_is_not_another_site(tmp_path: Path) -> None:
     """Behind a proxy that rewrites Host, the page's Origin is RALPH_PUBLIC_URL's: accepted;
     any other site still is not."""

@@ -115,3 +115,33 @@ def test_short_token_is_fine_on_loopback(monkeypatch: pytest.MonkeyPatch) -> Non
     check_serve_settings(load_settings(host="0.0.0.0", api_token="x" * 16))
     with pytest.raises(SettingsError, match="at least 16"):
         check_serve_settings(load_settings(host="0.0.0.0"))
+
+
+def test_named_reviewers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RALPH_API_TOKEN", "the-operators-token")
+    monkeypatch.setenv("RALPH_REVIEWERS", " alice:alices-token-123456 , bob_2:bobs-token-1234567,")
+    reviewers = load_settings().reviewers
+    assert {n: t.get_secret_value() for n, t in reviewers.items()} == {
+        "alice": "alices-token-123456",
+        "bob_2": "bobs-token-1234567",
+    }
+    assert "alices-token" not in repr(load_settings())
+    with pytest.raises(SettingsError, match="bob's token must be at least 16"):
+        check_serve_settings(load_settings(host="0.0.0.0", reviewers="bob:short"))
+    refused = [
+        ("alice", "RALPH_REVIEWERS: .*entry 1: expected name:token"),
+        ("alice:tok-a,b@d:tok-b", "entry 2: expected name:token"),
+        ("alice:tok-a,alice:tok-b", "reviewer 'alice' is named twice"),
+        ("alice:the-operators-token", "need tokens of their own"),
+        ("alice:same-token,bob:same-token", "need tokens of their own"),
+    ]
+    for value, words in refused:
+        monkeypatch.setenv("RALPH_REVIEWERS", value)
+        with pytest.raises(SettingsError, match=words) as caught:
+            load_settings()
+        for secret in ("tok-", "same-token", "operators-token"):
+            assert secret not in str(caught.value)  # a token is never repeated
+    monkeypatch.delenv("RALPH_API_TOKEN")
+    monkeypatch.setenv("RALPH_REVIEWERS", "alice:alices-token-123456")
+    with pytest.raises(SettingsError, match="RALPH_REVIEWERS needs RALPH_API_TOKEN"):
+        load_settings()

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ModelProvider = Literal["dev", "openai", "openrouter"]
 ENV_PREFIX = "RALPH_"
 
 
 WorkerMode = Literal["subprocess", "inprocess", "arq"]
+
+
+_REVIEWER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class Settings(BaseSettings):
@@ -39,6 +43,11 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = None
     # may read, approve and reject (the console's reviewers), nothing else
     reviewer_token: SecretStr | None = None
+    # reviewers by name, "name:token,name:token": each may what the reviewer token may, and
+    # their decisions are recorded as made by `reviewer:<name>`
+    reviewers: Annotated[dict[str, SecretStr], NoDecode] = Field(
+        default_factory=dict[str, SecretStr]
+    )
     # with a token: whether /docs, /redoc and /openapi.json answer without it
     api_docs_public: bool = False
     max_request_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
@@ -131,11 +140,43 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("reviewers", mode="before")
+    @classmethod
+    def _named_reviewers(cls, value: object) -> object:
+        """ "name:token,name:token" (a token is never repeated in an error)."""
+        if not isinstance(value, str):
+            return value
+        named: dict[str, str] = {}
+        for number, item in enumerate((i.strip() for i in value.split(",")), start=1):
+            if not item:
+                continue
+            name, colon, token = (part.strip() for part in item.partition(":"))
+            if not colon or not token or not _REVIEWER_NAME.fullmatch(name):
+                raise ValueError(
+                    f"entry {number}: expected name:token, the name of 1-64 letters, digits, "
+                    "'_' or '-'"
+                )
+            if name in named:
+                raise ValueError(f"reviewer '{name}' is named twice")
+            named[name] = token
+        return named
+
     @model_validator(mode="after")
     def _reviewer_needs_api_token(self) -> Settings:
-        if self.reviewer_token is not None and self.api_token is None:
+        for name, given in (
+            ("RALPH_REVIEWER_TOKEN", self.reviewer_token is not None),
+            ("RALPH_REVIEWERS", bool(self.reviewers)),
+        ):
+            if given and self.api_token is None:
+                raise ValueError(
+                    f"{name} needs RALPH_API_TOKEN (without it the API is open to all)"
+                )
+        tokens = [t.get_secret_value() for t in (self.api_token, self.reviewer_token) if t]
+        tokens += [t.get_secret_value() for t in self.reviewers.values()]
+        if len(set(tokens)) < len(tokens):
             raise ValueError(
-                "RALPH_REVIEWER_TOKEN needs RALPH_API_TOKEN (without it the API is open to all)"
+                "RALPH_API_TOKEN, RALPH_REVIEWER_TOKEN and each of RALPH_REVIEWERS need tokens "
+                "of their own (one token would be two people)"
             )
         return self
 
@@ -204,6 +245,12 @@ def check_serve_settings(settings: Settings) -> None:
             f"RALPH_REVIEWER_TOKEN: must be at least {MIN_PUBLIC_TOKEN_CHARS} characters to "
             f"listen on {settings.host}"
         )
+    for name, token in settings.reviewers.items():
+        if len(token.get_secret_value()) < MIN_PUBLIC_TOKEN_CHARS:
+            raise SettingsError(
+                f"RALPH_REVIEWERS: {name}'s token must be at least {MIN_PUBLIC_TOKEN_CHARS} "
+                f"characters to listen on {settings.host}"
+            )
     if settings.api_token is None:
         raise SettingsError(
             f"RALPH_API_TOKEN: refusing to listen on {settings.host} without a token; "

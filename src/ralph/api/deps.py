@@ -8,7 +8,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ralph.composition import Services
-from ralph.console.sessions import FULL, REVIEWER
+from ralph.console.sessions import FULL, is_reviewer
 
 _bearer = HTTPBearer(auto_error=False, description="RALPH_API_TOKEN, when one is set")
 
@@ -29,16 +29,18 @@ def bearer_token(
 
 
 def request_role(request: Request) -> str:
-    """What the request's credential may do (`AccessMiddleware` put it there): FULL or
-    REVIEWER; FULL without a token configured."""
+    """What the request's credential may do (`AccessMiddleware` put it there): FULL, REVIEWER
+    or a named reviewer's `reviewer:<name>`; FULL without a token configured."""
     role: str = request.scope.get("state", {}).get("role", FULL)
     return role
 
 
 def decider(request: Request) -> str:
-    """Who a decision is recorded as made by (`decided_by`): "reviewer" for the reviewer token
-    (or its console session), "api" for the API token or an open API."""
-    return "reviewer" if request_role(request) == REVIEWER else "api"
+    """Who a decision is recorded as made by (`decided_by`): "reviewer" for the reviewer token,
+    "reviewer:<name>" for a named reviewer's (or their console sessions), "api" for the API
+    token or an open API."""
+    role = request_role(request)
+    return role if is_reviewer(role) else "api"
 
 
 DeciderDep = Annotated[str, Depends(decider)]

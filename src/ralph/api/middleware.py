@@ -16,7 +16,7 @@ from urllib.parse import quote
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ralph.console.sessions import COOKIE, CSRF_HEADER, REVIEWER, Sessions, reviewer_may
+from ralph.console.sessions import COOKIE, CSRF_HEADER, Sessions, is_reviewer, reviewer_may
 
 log = structlog.get_logger("ralph.http")
 
@@ -100,7 +100,7 @@ class AccessMiddleware:
       `own_origins`) is refused (403), token or not.
     - With a token configured, every path but `public` needs `Authorization: Bearer <token>`
       or a console session cookie; a cookie's state-changing requests also need the session's
-      `X-Ralph-CSRF` header. The reviewer token (or its session) may read, approve and reject,
+      `X-Ralph-CSRF` header. A reviewer's token (or its session) may read, approve and reject,
       nothing else (403). Console pages without a credential redirect to its login.
     """
 
@@ -149,7 +149,7 @@ class AccessMiddleware:
             if not secrets.compare_digest(supplied, sessions.csrf(session)):
                 await reply_error(send, 403, f"missing or wrong {CSRF_HEADER} header")
                 return
-        if role == REVIEWER and not reviewer_may(method, path):
+        if is_reviewer(role) and not reviewer_may(method, path):
             await reply_error(
                 send, 403, "the reviewer token may only read, approve and reject proposals"
             )

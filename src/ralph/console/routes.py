@@ -27,7 +27,7 @@ from ralph.clock import Clock
 from ralph.composition import Services
 from ralph.config import Settings
 from ralph.console.diff import DiffLine, diff_lines
-from ralph.console.sessions import COOKIE, FULL, LIFETIME, REVIEWER, Sessions
+from ralph.console.sessions import COOKIE, FULL, LIFETIME, REVIEWER, Sessions, named_reviewer
 from ralph.memory.models import Proposal, ProposalStatus
 
 HERE = Path(__file__).parent
@@ -48,6 +48,8 @@ def console_sessions(settings: Settings, clock: Clock) -> Sessions | None:
         tokens[FULL] = settings.api_token.get_secret_value()
     if settings.reviewer_token is not None:
         tokens[REVIEWER] = settings.reviewer_token.get_secret_value()
+    for name, token in settings.reviewers.items():
+        tokens[named_reviewer(name)] = token.get_secret_value()
     return Sessions(tokens, clock.now) if tokens else None
 
 

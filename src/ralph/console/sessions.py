@@ -1,6 +1,6 @@
 """Console sessions: a signed cookie that stands for a token, and its CSRF token.
 
-A person logs in once with the API token or the reviewer token; the console then keeps
+A person logs in once with the API token or a reviewer's token; the console then keeps
 `ralph_session` = "<role>.<issued>.<signature>", an HMAC-SHA256 under a key derived from that
 role's token (so changing the token ends its sessions), HttpOnly and SameSite=Strict. A
 request that changes something with that cookie must also carry `X-Ralph-CSRF`, an HMAC of
@@ -19,10 +19,20 @@ COOKIE = "ralph_session"
 CSRF_HEADER = "X-Ralph-CSRF"
 FULL = "full"  # the API token: everything
 REVIEWER = "reviewer"  # RALPH_REVIEWER_TOKEN: read, approve, reject
+# RALPH_REVIEWERS: "reviewer:<name>", each the reviewer's rights under a name of their own
 LIFETIME = timedelta(hours=12)
 
 # what the reviewer token may do besides reading
 _REVIEWER_WRITES = re.compile(r"^/proposals/(?:[^/]+/)?(?:approve|reject)$|^/console/logout$")
+
+
+def named_reviewer(name: str) -> str:
+    return f"{REVIEWER}:{name}"
+
+
+def is_reviewer(role: str) -> bool:
+    """The shared reviewer token's role, or a named reviewer's."""
+    return role == REVIEWER or role.startswith(f"{REVIEWER}:")
 
 
 def reviewer_may(method: str, path: str) -> bool:
