@@ -92,7 +92,10 @@ class ModelRateLimiter:
         self._scale = 1.0
         self._changed_at = time.monotonic()
         self._paused_until = 0.0
-        self._next_start = 0.0  # the earliest start not reserved yet (monotonic)
+        # starts reserved by callers still waiting for them, and the last start taken
+        # (monotonic): the next start is one spacing after the latest of them
+        self._reserved: list[float] = []
+        self._last_start = -math.inf
         self._foreground = 0  # foreground calls waiting
 
     @property
@@ -114,21 +117,30 @@ class ModelRateLimiter:
         ones reserved."""
         waited = 0.0
         paced = foreground
+        reserved: float | None = None  # this caller's start, while it waits for it
         self._foreground += foreground
         try:
             while True:
                 pause = self._paused_until - time.monotonic()
                 if pause <= 0 and (not paced or (self._foreground and not foreground)):
                     paced = True
-                    pause = self._reserve_start()
+                    if reserved is not None:
+                        self._reserved.remove(reserved)
+                    reserved, pause = self._reserve_start()
                 if pause <= 0:
                     pause = await self._take(tokens)
                     if pause <= 0:
+                        if reserved is not None:
+                            self._last_start = max(self._last_start, reserved)
                         return waited
                 _extend_deadline(pause)
                 await asyncio.sleep(pause)
                 waited += pause
         finally:
+            # a caller cancelled while it waits gives its start back (a run cancelled with
+            # its agents queued leaves no turns for nobody)
+            if reserved is not None:
+                self._reserved.remove(reserved)
             self._foreground -= foreground
 
     async def charge(self, tokens: int) -> None:
@@ -153,20 +165,21 @@ class ModelRateLimiter:
             self._scale = min(1.0, self._scale + 0.1)
             self._changed_at += _RECOVER_EVERY
 
-    def _reserve_start(self) -> float:
-        """Reserve the next start, one spacing after the one reserved before it; return how
-        long until it (0: now). The spacing fits a second's calls into the second plus the
-        margin (the 21st of 20 a second starts after the first has left the provider's
-        window), and a minute's into the minute."""
+    def _reserve_start(self) -> tuple[float | None, float]:
+        """Reserve the next start, one spacing after the latest reserved or taken; return it
+        (None: no rate, nothing reserved) and how long until it (0: now). The spacing fits a
+        second's calls into the second plus the margin (the 21st of 20 a second starts after
+        the first has left the provider's window), and a minute's into the minute."""
         if self._rpm is None:
-            return 0.0
+            return None, 0.0
         self._recover()
         rate = self._rpm * self._scale
         spacing = max((1.0 + self._margin) / max(1, math.ceil(rate / 60)), 60.0 / rate)
         now = time.monotonic()
-        start = max(now, self._next_start)
-        self._next_start = start + spacing
-        return start - now
+        latest = max(self._reserved, default=self._last_start)
+        start = max(now, self._last_start + spacing, latest + spacing)
+        self._reserved.append(start)
+        return start, start - now
 
     def _tokens_per_minute(self) -> int:
         assert self._tpm is not None

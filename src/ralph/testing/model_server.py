@@ -17,6 +17,7 @@ import asyncio
 import inspect
 import json
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +112,7 @@ class ModelServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self.failures: dict[int, int] = {}  # errors answered, by status
+        self.arrivals: list[float] = []  # each request's arrival (time.monotonic())
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         app = Starlette(
@@ -173,6 +175,7 @@ class ModelServer:
                 "max_in_flight": self.max_in_flight,
                 "connections": len(self.clients),
                 "failures": {str(k): v for k, v in self.failures.items()},
+                "arrivals": self.arrivals,
             }
         )
 
@@ -180,6 +183,7 @@ class ModelServer:
         self._loop = asyncio.get_running_loop()
         body = await request.json()
         with self._lock:
+            self.arrivals.append(time.monotonic())
             self.requests.append(body)
             if request.client is not None:
                 self.clients.add((request.client.host, request.client.port))
@@ -240,7 +244,6 @@ def _main() -> None:
     call gets the n-th step; `tool:NAME` asks for that tool, anything else is answered text."""
     import argparse
     import random
-    import time
 
     parser = argparse.ArgumentParser(description=_main.__doc__)
     parser.add_argument("--port", type=int, default=0)
