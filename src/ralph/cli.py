@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from ralph import __version__
+from ralph.aio import freeze_startup_heap
 from ralph.config import Settings, SettingsError, check_serve_settings, load_settings
 
 app = typer.Typer(
@@ -91,8 +92,10 @@ def serve(
         _check_dolt(settings)
     os.environ.setdefault("AGNO_TELEMETRY", "false")
     configure_logging(settings.log_level, settings.log_json)
+    application = create_app(settings)
+    freeze_startup_heap()
     uvicorn.run(
-        create_app(settings),
+        application,
         host=settings.host,
         port=settings.port,
         log_config=None,
@@ -126,7 +129,9 @@ def worker() -> None:
         start_http_server(settings.worker_metrics_port, addr=settings.host)
     # the same event loop as `ralph serve` (uvicorn uses uvloop when it is installed)
     asyncio.set_event_loop(uvloop.new_event_loop())
-    build_worker(settings).run()
+    arq_worker = build_worker(settings)
+    freeze_startup_heap()
+    arq_worker.run()
 
 
 @app.command()

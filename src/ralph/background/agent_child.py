@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from ralph.agents.models import ModelFactory
+from ralph.aio import freeze_startup_heap
 from ralph.background.agent_limit import RemoteRateLimit
 from ralph.composition import open_services
 from ralph.config import Settings
@@ -93,6 +94,7 @@ def main() -> None:
     out = os.dup(1)
     os.dup2(2, 1)
     configure_logging(settings.log_level, settings.log_json)
+    freeze_startup_heap()
     uvloop.run(_serve(settings, out))
 
 
