@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 from httpx import AsyncClient
@@ -23,7 +22,7 @@ from ralph.testing.model_server import (
     scripted,
     text,
 )
-from tests.helpers import serving, using_model_server
+from tests.helpers import notes_task, serving, using_model_server
 
 # With RALPH_MODEL_MAX_RETRIES=1 a failing call is sent twice, and Agno tries the whole call
 # once more: at most 4 requests for one model call.
@@ -134,14 +133,9 @@ async def client(settings: Settings, model_server: ModelServer) -> AsyncIterator
 async def test_a_model_fault_ends_cleanly(
     client: AsyncClient, model_server: ModelServer, fault: Fault
 ) -> None:
-    task: dict[str, Any] = {
-        "name": "faulty",
-        "system_prompt": "review",
-        "tools": ["read_memory_block"],
-        "trigger": {"type": "cron", "schedule": "0 3 * * *"},
-        "user_ids": ["u1"],
-        "timeout_seconds": 30,
-    }
+    task = notes_task(
+        name="faulty", system_prompt="review", tools=["read_memory_block"], timeout_seconds=30
+    )
     assert (await client.post("/background/tasks", json=task)).status_code == 201
     model_server.responder = fault.responder()
     run = (await client.post("/background/tasks/faulty/run?wait=true")).json()
