@@ -143,7 +143,7 @@ class Settings(BaseSettings):
     @field_validator("reviewers", mode="before")
     @classmethod
     def _named_reviewers(cls, value: object) -> object:
-        """ "name:token,name:token" (a token is never repeated in an error)."""
+        """Read RALPH_REVIEWERS' "name:token,name:token" (an error never repeats a token)."""
         if not isinstance(value, str):
             return value
         named: dict[str, str] = {}

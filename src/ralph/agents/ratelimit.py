@@ -137,8 +137,8 @@ class ModelRateLimiter:
                 await asyncio.sleep(pause)
                 waited += pause
         finally:
-            # a caller cancelled while it waits gives its start back (a run cancelled with
-            # its agents queued leaves no turns for nobody)
+            # done, or cancelled while it waits: its start is no longer reserved (a run
+            # cancelled with its agents queued does not hold back the calls after them)
             if reserved is not None:
                 self._reserved.remove(reserved)
             self._foreground -= foreground
