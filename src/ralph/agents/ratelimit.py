@@ -176,8 +176,7 @@ class ModelRateLimiter:
         rate = self._rpm * self._scale
         spacing = max((1.0 + self._margin) / max(1, math.ceil(rate / 60)), 60.0 / rate)
         now = time.monotonic()
-        latest = max(self._reserved, default=self._last_start)
-        start = max(now, self._last_start + spacing, latest + spacing)
+        start = max(now, max([self._last_start, *self._reserved]) + spacing)
         self._reserved.append(start)
         return start, start - now
 

@@ -145,10 +145,14 @@ class AgentProcess:
 
     async def _read(self, child: asyncio.subprocess.Process) -> None:
         assert child.stdout is not None
+
+        def reply(message: dict[str, Any]) -> None:  # to this child's rate-limit asks
+            self._send(child, message)
+
         while line := await child.stdout.readline():
             try:
                 answer = json.loads(line)
-                if self._limit.handle(answer, lambda message: self._send(child, message)):
+                if self._limit.handle(answer, reply):
                     continue
                 run_id, user_id = answer["done"]
                 tokens = int(answer["tokens"])
