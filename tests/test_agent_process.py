@@ -7,6 +7,7 @@ import os
 import signal
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -132,3 +133,39 @@ async def test_a_killed_agent_process_fails_its_units_and_is_replaced(
         failed = [u for u in users if u.status.value == "failed"]
         assert all(u.error is not None and "agent process exited" in u.error for u in failed)
         assert agent_process(services).pid not in (None, first)
+
+
+async def test_named_reviewers_reach_the_agent_process(
+    settings: Settings, model_server: ModelServer
+) -> None:
+    """Secrets nested in a setting (each named reviewer's token) reach the child whole: masked,
+    two reviewers had one token ('**********') and the child refused to start."""
+    model_server.responder = scripted(text("done"))
+    reviewers = "alice:alice-token-0123456789,bob:bob-token-0123456789abc"
+    configured = Settings.model_validate(
+        {"api_token": "apitoken-0123456789abcdef", "reviewers": reviewers}
+    )
+    secured = subprocess_settings(
+        settings,
+        model_server,
+        api_token=configured.api_token,
+        reviewers=configured.reviewers,
+    )
+    async with harness_for(secured) as harness:
+        await harness.services.registry.create(task(["a"], tools=[]))
+        run = await execute_task(harness.services, task(["a"], tools=[]))
+        assert run.status is RunStatus.SUCCESS, run
+
+
+async def test_the_working_directory_is_not_on_the_agent_process_path(
+    settings: Settings, model_server: ModelServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A module in the directory the server runs from is not imported by the child in place
+    of a library of the same name (`limits.py` broke every run)."""
+    (tmp_path / "limits.py").write_text("raise SystemExit('the wrong limits')\n")
+    monkeypatch.chdir(tmp_path)
+    model_server.responder = scripted(text("done"))
+    async with harness_for(subprocess_settings(settings, model_server)) as harness:
+        await harness.services.registry.create(task(["a"], tools=[]))
+        run = await execute_task(harness.services, task(["a"], tools=[]))
+        assert run.status is RunStatus.SUCCESS, run

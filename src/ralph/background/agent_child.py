@@ -1,24 +1,46 @@
 """The agent process itself (`python -m ralph.background.agent_child`), started by a server
-in the `subprocess` worker mode: see `ralph.background.agent_process` for the protocol."""
+in the `subprocess` worker mode: see `ralph.background.agent_process` for the protocol.
+
+It lives no longer than its server: on Linux the kernel kills it when the server dies
+(`PR_SET_PDEATHSIG`), even while it is still importing or opening its database; elsewhere it
+notices when its stdin ends. Its imports are made once that is arranged (this module's own
+top-level imports are the standard library's)."""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ralph.agents.models import ModelFactory
-from ralph.aio import freeze_startup_heap
-from ralph.background.agent_limit import RemoteRateLimit
-from ralph.composition import open_services
-from ralph.config import Settings
-from ralph.observability.events import UnitStats
+if TYPE_CHECKING:
+    from ralph.config import Settings
+
+# the environment variable that tells the child its server's process id
+PARENT_PID_VARIABLE = "RALPH_AGENT_PROCESS_PARENT"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Have the kernel kill this process when its server dies (Linux), and leave now if the
+    server is already gone (it died before the request was made)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    expected = os.environ.get(PARENT_PID_VARIABLE)
+    if expected is not None and os.getppid() != int(expected):
+        os._exit(1)
 
 
 async def _serve(settings: Settings, out: int) -> None:
+    from ralph.agents.models import ModelFactory
+    from ralph.background.agent_limit import RemoteRateLimit
+    from ralph.composition import open_services
+    from ralph.observability.events import UnitStats
+
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -73,8 +95,12 @@ async def _serve(settings: Settings, out: int) -> None:
 
 
 def main() -> None:
+    _die_with_parent()
+
     import uvloop
 
+    from ralph.aio import freeze_startup_heap
+    from ralph.config import Settings
     from ralph.logs import configure_logging
 
     # Ctrl-C in a terminal, or a service manager's SIGTERM to every process of the server,

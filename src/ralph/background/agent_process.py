@@ -25,11 +25,13 @@ from typing import Any, cast
 
 import structlog
 from pydantic import SecretStr
+from pydantic_core import to_jsonable_python
 
 from ralph.agents.ratelimit import RateLimit
+from ralph.background.agent_child import PARENT_PID_VARIABLE
 from ralph.background.agent_limit import LimitServer
 from ralph.background.inflight import InFlight
-from ralph.background.models import TaskDefinition
+from ralph.background.models import TaskDefinition, UserStatus
 from ralph.background.run_store import RunStore
 from ralph.clock import Clock
 from ralph.config import Settings
@@ -38,14 +40,21 @@ from ralph.observability.events import UnitStats, observe_unit
 log = structlog.get_logger(__name__)
 
 
+def _revealed(value: object) -> object:
+    """`value` with every secret in it, however deep (the reviewers' tokens), in the clear."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, dict):
+        return {key: _revealed(item) for key, item in cast("dict[str, object]", value).items()}
+    if isinstance(value, list | tuple):
+        return [_revealed(item) for item in cast("list[object]", value)]
+    return value
+
+
 def _settings_line(settings: Settings) -> bytes:
     """`settings` as one JSON line, secrets included (it goes down a pipe to the child)."""
-    values = settings.model_dump(mode="json")
-    for name in Settings.model_fields:
-        value = getattr(settings, name)
-        if isinstance(value, SecretStr):
-            values[name] = value.get_secret_value()
-    return json.dumps(values).encode() + b"\n"
+    values = _revealed(settings.model_dump())
+    return json.dumps(to_jsonable_python(values)).encode() + b"\n"
 
 
 class AgentProcess:
@@ -70,6 +79,7 @@ class AgentProcess:
         self._starting = asyncio.Lock()
         self._waiting: dict[tuple[str, str], tuple[asyncio.Future[None], str]] = {}
         self._limit = LimitServer(limit)
+        self._stopping = False
 
     async def __call__(self, run_id: str, task: TaskDefinition, user_id: str) -> None:
         child = await self._ensure_child()
@@ -93,6 +103,7 @@ class AgentProcess:
     async def stop(self) -> None:
         """Ask the child to stop its agents (their users end `interrupted`) and to exit once
         it has recorded them."""
+        self._stopping = True
         child = self._child
         if child is None:
             return
@@ -123,11 +134,18 @@ class AgentProcess:
                     await self._reader  # the old child's units are settled first
                 self._child = await asyncio.create_subprocess_exec(
                     sys.executable,
+                    # -P: the server's working directory is not on the child's import path
+                    # (a `limits.py` there would shadow the library of that name)
+                    "-P",
                     "-m",
                     "ralph.background.agent_child",
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
-                    env={**os.environ, "AGNO_TELEMETRY": "false"},
+                    env={
+                        **os.environ,
+                        "AGNO_TELEMETRY": "false",
+                        PARENT_PID_VARIABLE: str(os.getpid()),
+                    },
                     # signals to the server's process group (Ctrl-C) are the server's to handle
                     start_new_session=True,
                 )
@@ -169,9 +187,17 @@ class AgentProcess:
         lost = list(self._waiting.items())
         if lost:
             log.error("agent_process_exited", pid=child.pid, code=code, units=len(lost))
+        # units the child had not finished when it was stopped are interrupted (re-run), not
+        # failed
+        status = UserStatus.INTERRUPTED if self._stopping else UserStatus.FAILED
         for (run_id, user_id), (_, task_name) in lost:
             await self._runs.fail_unfinished_user(
-                run_id, task_name, user_id, self._clock.now(), f"agent process exited ({code})"
+                run_id,
+                task_name,
+                user_id,
+                self._clock.now(),
+                f"agent process exited ({code})",
+                status,
             )
             self._resolve(run_id, user_id)
 

@@ -18,9 +18,14 @@ class InFlight:
         self._agents: dict[str, set[asyncio.Task[AgentOutcome]]] = {}
         self._cancelled: set[str] = set()
         self._tokens: dict[str, RunTokens] = {}
+        self._stopping = False
 
     def add(self, run_id: str, agent: asyncio.Task[AgentOutcome]) -> None:
         self._agents.setdefault(run_id, set()).add(agent)
+        if self._stopping:
+            # a unit that starts after the stop (delivered before it, read after it) is
+            # interrupted at once, not run to its end while the process waits for it
+            agent.cancel()
 
     def discard(self, run_id: str, agent: asyncio.Task[AgentOutcome]) -> None:
         agents = self._agents.get(run_id)
@@ -43,7 +48,9 @@ class InFlight:
         return run_id in self._cancelled
 
     def stop_all(self) -> None:
-        """Shutdown: every agent here stops; its user ends `interrupted` (not cancelled)."""
+        """Shutdown: every agent here stops, and every agent added from now on; its user ends
+        `interrupted` (not cancelled)."""
+        self._stopping = True
         for agents in self._agents.values():
             for agent in agents:
                 agent.cancel()

@@ -403,14 +403,21 @@ class RunStore:
         return result.rowcount == 1
 
     async def fail_unfinished_user(
-        self, run_id: str, task_name: str, user_id: str, now: datetime, error: str
+        self,
+        run_id: str,
+        task_name: str,
+        user_id: str,
+        now: datetime,
+        error: str,
+        status: UserStatus = UserStatus.FAILED,
     ) -> None:
-        """Mark the user failed if it is still pending or running, and release its lock."""
+        """End the user in `status` (failed, or interrupted when its process was stopped) if
+        it is still pending or running, and release its lock."""
         unit = {"b_run": run_id, "b_user": user_id, "b_task": task_name}
         async with self._engine.begin() as conn:
             await conn.execute(
-                _UPDATE_USER.where(task_run_users.c.status.in_(user_sources(UserStatus.FAILED))),
-                {**unit, "status": UserStatus.FAILED.value, "completed_at": now, "error": error},
+                _UPDATE_USER.where(task_run_users.c.status.in_(user_sources(status))),
+                {**unit, "status": status.value, "completed_at": now, "error": error},
             )
             await conn.execute(_RELEASE_LOCK, unit)
 
