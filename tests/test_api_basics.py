@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,16 @@ async def test_health_reports_database_and_schema(client: AsyncClient) -> None:
     assert body["database"] == "ok"
     assert body["schema_version"] == migrate.head_revision()
     assert response.headers["x-request-id"]
+
+
+async def test_health_logs_no_migration_lines(
+    client: AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A load balancer asks every few seconds: two Alembic lines each time filled the log."""
+    caplog.set_level(logging.INFO)
+    for _ in range(3):
+        assert (await client.get("/health")).status_code == 200
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("alembic")] == []
 
 
 async def test_health_is_503_when_the_schema_is_behind(harness: AppHarness) -> None:

@@ -558,3 +558,63 @@ async def test_a_dry_run_previews_proposals_and_changes_nothing(
     assert "I finished unit 2" in _prompt(bg.server.requests[0])
     pending = (await client.get("/proposals?status=pending")).json()
     assert [(p["run_id"], p["status"]) for p in pending] == [(real.json()["id"], "pending")]
+
+
+async def test_an_auto_approved_edit_is_not_applied_again_by_the_rerun(
+    settings: Settings, model_server: ModelServer, clock: FakeClock
+) -> None:
+    """`approval: auto`: the first call's append is applied at once, the second call is cut
+    by a shutdown; the rerun's agent proposes the same append: the block holds it once (it
+    held it twice)."""
+    settings = using_model_server(settings, model_server, shutdown_grace_seconds=0.2)
+    note = call("edit_memory_block", label="progress", append="unit 3 finished", reason="r")
+    model_server.responder = scripted(note, Delay(30.0, text("never")))
+    body = task_body(user_ids=["a", "b"], tools=["edit_memory_block"], approval="auto")
+    app = create_app(settings, clock=clock)
+    async with app.router.lifespan_context(app):
+        services: Services = app.state.services
+        for user in ("a", "b"):
+            await services.memory.put_block(
+                user, "progress", title=None, body="day 1", author="api"
+            )
+        await services.registry.create(TaskDefinition.model_validate(body))
+        task = (await services.registry.get("test-progress-tracker")).definition
+        run_id = await services.background.create_run(task, TriggerType.MANUAL)
+        services.coordinator.start(run_id)
+        await model_server.wait_for_in_flight(2)
+    async with app.router.lifespan_context(app):
+        services = app.state.services
+        assert (await services.runs.get(run_id)).counts == {"interrupted": 2}
+        model_server.responder = scripted(note, text("done"))
+        await clock.advance(settings.run_lease_seconds + 1)
+        [rerun_id] = (await services.scheduler.tick()).recovered
+        await services.coordinator.drain()
+        assert (await services.runs.get(rerun_id)).counts == {"success": 2}
+        for user in ("a", "b"):
+            block = await services.memory.get_block(user, "progress")
+            assert block.body.count("unit 3 finished") == 1, block.body
+
+
+async def test_deleting_a_task_mid_run_cancels_the_run(
+    settings: Settings, model_server: ModelServer
+) -> None:
+    """Its users end `cancelled` (20 of 20 went on and made proposals), and a task created
+    again under the name lists none of the old task's runs."""
+    settings = using_model_server(settings, model_server)
+    model_server.responder = scripted(Delay(30.0, text("never")))
+    users = [f"u{i}" for i in range(20)]
+    async with harness_for(settings) as harness:
+        client = harness.client
+        body = task_body(user_ids=users, batch_size=2, tools=[])
+        assert (await client.post("/background/tasks", json=body)).status_code == 201
+        run_id = (await client.post("/background/tasks/test-progress-tracker/run")).json()["run_id"]
+        await model_server.wait_for_in_flight(2)
+        assert (await client.delete("/background/tasks/test-progress-tracker")).status_code == 200
+        run = await harness.services.coordinator.wait(run_id, 10)
+        assert run is not None
+        assert run.status is RunStatus.CANCELLED
+        assert run.counts == {"cancelled": 20}
+        assert (await client.post("/background/tasks", json=body)).status_code == 201
+        runs = await client.get("/background/tasks/test-progress-tracker/runs")
+        assert runs.json() == []
+        assert (await client.get(f"/background/runs/{run_id}")).status_code == 200

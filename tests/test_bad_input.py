@@ -12,7 +12,7 @@ from httpx import AsyncClient
 from pydantic import SecretStr
 
 from ralph.config import Settings
-from tests.helpers import serving
+from tests.helpers import notes_task, serving
 
 LONE = "a\ud800"
 TOKEN = "a-token-of-24-characters"
@@ -150,3 +150,59 @@ async def test_every_documented_error_has_the_shape_sent(client: AsyncClient) ->
     assert isinstance(body["detail"], str)
     assert {"loc", "msg", "type"} <= set(body["errors"][0])
     assert set(schemas["ErrorOut"]["required"]) == {"detail"}
+
+
+@pytest.mark.parametrize("depth", [1_000, 10_000, 100_000])
+async def test_deeply_nested_json_is_a_4xx(client: AsyncClient, depth: int) -> None:
+    """Arrays nested deeper than Python's recursion limit, around a lone surrogate or not:
+    a 4xx with the JSON error shape (the surrogate's guard raised RecursionError: a 500)."""
+    for inner in ('"\\ud800"', '"x"'):
+        body = "[" * depth + inner + "]" * depth
+        answer = await client.post(
+            "/users/u1/messages", content=body, headers={"content-type": "application/json"}
+        )
+        assert 400 <= answer.status_code < 500, answer.text
+        assert isinstance(answer.json()["detail"], str)
+
+
+async def test_request_bodies_refuse_unknown_keys(client: AsyncClient) -> None:
+    """A webhook event posted to a run endpoint is not a run request (a webhook pointed at it
+    started a run per event, each sending another event): 422, and no run."""
+    created = await client.post("/background/tasks", json=notes_task(name="loop"))
+    assert created.status_code == 201, created.text
+    event: dict[str, Any] = {
+        "id": "e1",
+        "type": "run.finished",
+        "created_at": "2026-01-01T00:00:00Z",
+        "data": {},
+    }
+    answer = await client.post("/background/tasks/loop/run", json=event)
+    assert answer.status_code == 422, answer.text
+    assert "id" in answer.json()["detail"]
+    assert (await client.get("/background/tasks/loop/runs")).json() == []
+    answer = await client.put("/users/u/blocks/notes", json={"body": "x", "colour": "red"})
+    assert answer.status_code == 422, answer.text
+
+
+async def test_nul_characters_are_refused_in_every_body(client: AsyncClient) -> None:
+    """NUL is stored by some databases, cut by others, and shown as nothing: one rule, 422
+    (text that merely spells a backslash and u0000 is fine)."""
+    for method, url, body in [
+        ("POST", "/users/u/messages", {"content": "a\u0000b"}),
+        ("PUT", "/users/u/blocks/notes", {"body": "x", "title": "a\u0000"}),
+        ("POST", "/users/u/proposals", {"label": "notes", "reason": "r", "append": "\u0000"}),
+    ]:
+        answer = await client.request(method, url, json=body)
+        assert answer.status_code == 422, answer.text
+        assert "NUL" in answer.json()["detail"]
+    spelled = await client.post("/users/u/messages", json={"content": "a \\u0000 b"})
+    assert spelled.status_code == 201, spelled.text
+
+
+async def test_route_words_and_chat_are_not_task_names(client: AsyncClient) -> None:
+    """`apply` is a route beside the tasks' own (a task of that name answered GET, PUT and
+    DELETE under it); `chat` is the chat agent's author (its proposals would be superseded)."""
+    for name in ("apply", "chat"):
+        answer = await client.post("/background/tasks", json=notes_task(name=name))
+        assert answer.status_code == 422, answer.text
+        assert "reserved" in answer.json()["detail"]

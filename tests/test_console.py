@@ -333,3 +333,51 @@ async def test_the_public_origin_is_not_another_site(tmp_path: Path) -> None:
         theirs = {**full, "Origin": "https://ralph.example.evil.test"}
         refused = await client.put("/users/u1/blocks/a", json=body, headers=theirs)
         assert refused.status_code == 403
+
+
+async def test_wrong_tokens_are_slowed_down_per_client(tmp_path: Path) -> None:
+    """Ten wrong tokens in a minute, then 429 with Retry-After, even for the right token (a
+    client tried 386 a second at the login and 1,093 as bearer tokens); the login form too."""
+    async with harness_for(console_settings(tmp_path)) as harness:
+        client = harness.client
+        for _ in range(10):
+            wrong = await client.get("/proposals", headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code == 401
+        refused = await client.get("/proposals", headers={"Authorization": f"Bearer {API_TOKEN}"})
+        assert refused.status_code == 429, refused.text
+        assert 1 <= int(refused.headers["retry-after"]) <= 60
+        login = await client.post(
+            "/console/login",
+            content=f"token={API_TOKEN}&next=/console",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert login.status_code == 429
+        assert "Too many wrong tokens" in login.text
+
+
+async def test_an_https_origin_is_another_site_of_an_http_server(tmp_path: Path) -> None:
+    """The scheme is part of an origin: https://host:port is not this http://host:port."""
+    async with harness_for(console_settings(tmp_path)) as harness:
+        client = harness.client
+        full = {"Authorization": f"Bearer {API_TOKEN}"}
+        body = {"title": "t", "body": "b"}
+        for origin, status in (("https://ralph.test", 403), ("http://ralph.test", 200)):
+            answer = await client.put(
+                "/users/u1/blocks/a", json=body, headers={**full, "Origin": origin}
+            )
+            assert answer.status_code == status, (origin, answer.text)
+
+
+async def test_direction_controls_are_shown_in_the_console(tmp_path: Path) -> None:
+    """U+202E in a proposal's text reversed what a reviewer saw; it is shown as a mark."""
+    async with harness_for(console_settings(tmp_path)) as harness:
+        client = harness.client
+        full = {"Authorization": f"Bearer {API_TOKEN}"}
+        made = await client.post(
+            "/users/u1/proposals", json=_append("pay \u202eevil"), headers=full
+        )
+        assert made.status_code == 201, made.text
+        page = await client.get("/console", headers=full)
+        assert page.status_code == 200
+        assert "\u202e" not in page.text
+        assert "[U+202E]" in page.text

@@ -21,3 +21,7 @@ class Conflict(RalphError):
 
 class InvalidInput(RalphError, ValueError):
     """The request is well-formed but not acceptable."""
+
+
+class AlreadyInBlock(InvalidInput):
+    """A proposed change that would leave the block as it is (its text is already there)."""

@@ -62,15 +62,32 @@ UserId = Annotated[
     str, StringConstraints(pattern=USER_ID_PATTERN), AfterValidator(_no_parent_reference)
 ]
 Label = Annotated[str, StringConstraints(pattern=LABEL_PATTERN)]
-TaskName = Annotated[str, StringConstraints(pattern=TASK_NAME_PATTERN)]
+# words that are not task names: `apply` is a route beside the tasks' own
+# (`/background/tasks/apply`), `chat` names the chat agent's proposals' author (`agent:chat`)
+RESERVED_TASK_NAMES = frozenset({"apply", "chat"})
+
+
+def _not_reserved(value: str) -> str:
+    if value in RESERVED_TASK_NAMES:
+        raise ValueError(
+            f"{value!r} is reserved (not a task name: {', '.join(sorted(RESERVED_TASK_NAMES))})"
+        )
+    return value
+
+
+TaskName = Annotated[
+    str, StringConstraints(pattern=TASK_NAME_PATTERN), AfterValidator(_not_reserved)
+]
 
 
 class StrictInput(BaseModel):
     """A request body: JSON types are taken as they are (`false` is not a version, `"5"` not
-    a number), so a client's mistake is a 422, not a guess. Enum and time fields, which JSON
-    carries as strings, say `strict=False` (times as `JsonTime`)."""
+    a number) and unknown keys are refused (a webhook's event posted to the run endpoint
+    started a run per event, in a loop), so a client's mistake is a 422, not a guess. Enum
+    and time fields, which JSON carries as strings, say `strict=False` (times as
+    `JsonTime`)."""
 
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 def _time_as_text(value: object) -> object:

@@ -42,6 +42,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         409: "Conflicts with the current state",
         413: "Request body too large",
         422: "Invalid request",
+        429: "Too many wrong tokens from this client (see Retry-After)",
     }.items()
 }
 

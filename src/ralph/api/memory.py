@@ -11,6 +11,7 @@ from ralph.api.deps import ServicesDep
 from ralph.api.params import LabelPath, UserIdPath
 from ralph.api.schema import response_model
 from ralph.memory.models import Block, BlockVersion
+from ralph.memory.service import MAX_TITLE_CHARS
 from ralph.memory.versioning import DoltCommit
 from ralph.validation import LABEL_PATTERN, MAX_INT32, StrictInput
 
@@ -27,7 +28,7 @@ VersionOut = response_model(BlockVersion, "VersionOut", exclude=frozenset({"user
 
 
 class BlockIn(StrictInput):
-    title: str | None = Field(default=None, max_length=255)
+    title: str | None = Field(default=None, max_length=MAX_TITLE_CHARS)
     body: str
     expected_version: int | None = Field(
         default=None,

@@ -4,6 +4,7 @@ that no database can store."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 import time
@@ -77,7 +78,7 @@ async def reply_error(
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-def _cross_site(headers: dict[bytes, bytes], own: frozenset[bytes]) -> bool:
+def _cross_site(headers: dict[bytes, bytes], own: frozenset[bytes], scheme: str) -> bool:
     """A browser's request from another site (its `Origin` is neither this server's host nor
     one of `own`, the origins people reach it at; or its `Sec-Fetch-Site` says so). Scripts
     and curl send neither: they are not refused."""
@@ -89,7 +90,8 @@ def _cross_site(headers: dict[bytes, bytes], own: frozenset[bytes]) -> bool:
     if origin is None:
         return False
     host = headers.get(b"host", b"")
-    return origin == b"null" or origin.split(b"://", 1)[-1] != host
+    # the scheme counts: https://host:port is another origin than this http://host:port
+    return origin == b"null" or origin != scheme.encode() + b"://" + host
 
 
 class AccessMiddleware:
@@ -126,14 +128,24 @@ class AccessMiddleware:
         method: str = scope["method"]
         path: str = scope["path"]
         headers = dict(scope["headers"])
-        if method not in _SAFE_METHODS and _cross_site(headers, self._own):
+        if method not in _SAFE_METHODS and _cross_site(headers, self._own, scope["scheme"]):
             await reply_error(send, 403, "cross-site request refused")
             return
         sessions = self._sessions
         if sessions is None or path in self._public or path.startswith(self._public_prefixes):
             await self.app(scope, receive, send)
             return
+        client = _client_of(scope)
+        wait = sessions.failures.wait_seconds(client)
+        if wait is not None and _has_credential(headers):
+            retry = str(math.ceil(wait)).encode()
+            await reply_error(
+                send, 429, "too many wrong tokens from this client", [(b"retry-after", retry)]
+            )
+            return
         role, session = self._credential(sessions, headers)
+        if role is None and _has_credential(headers):
+            sessions.failures.failed(client)
         if role is None:
             if path.startswith("/console") and method == "GET":
                 query = scope.get("query_string", b"").decode(errors="replace")
@@ -179,6 +191,16 @@ class AccessMiddleware:
         return role, morsel.value if role else None
 
 
+def _client_of(scope: Scope) -> str:
+    """The client's address (a proxy's own, unless uvicorn trusts its forwarded headers)."""
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def _has_credential(headers: dict[bytes, bytes]) -> bool:
+    return b"authorization" in headers or COOKIE.encode() in headers.get(b"cookie", b"")
+
+
 async def _redirect(send: Send, location: str) -> None:
     await send(
         {
@@ -193,17 +215,25 @@ async def _redirect(send: Send, location: str) -> None:
 # a JSON escape of a UTF-16 surrogate; only bodies that have one are parsed here
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_NUL = re.compile("\x00")
+# NUL reaches JSON only escaped (a raw control character is not JSON)
+_NUL_ESCAPE = re.compile(rb"\\u0000")
 
 
-def _has_lone_surrogate(value: Any) -> bool:
-    if isinstance(value, str):
-        return _LONE_SURROGATE.search(value) is not None
-    if isinstance(value, dict):
-        items = cast("dict[str, Any]", value)  # JSON object keys are strings
-        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in items.items())
-    if isinstance(value, list):
-        elements = cast("list[Any]", value)
-        return any(_has_lone_surrogate(v) for v in elements)
+def _has_text(value: Any, pattern: re.Pattern[str]) -> bool:
+    # a walk with a stack of its own: a body may nest deeper than Python's recursion limit
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if pattern.search(item) is not None:
+                return True
+        elif isinstance(item, dict):
+            items = cast("dict[str, Any]", item)  # JSON object keys are strings
+            stack.extend(items.keys())
+            stack.extend(items.values())
+        elif isinstance(item, list):
+            stack.extend(cast("list[Any]", item))
     return False
 
 
@@ -229,6 +259,9 @@ class UnicodeGuardMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        if _NUL_ESCAPE.search(body) and _decodes_to_nul(body):
+            await reply_error(send, 422, "body: NUL characters (\\u0000) are not allowed in text")
+            return
         if _SURROGATE_ESCAPE.search(body) and _decodes_to_lone_surrogate(body):
             await reply_error(
                 send,
@@ -241,10 +274,19 @@ class UnicodeGuardMiddleware:
 
 
 def _decodes_to_lone_surrogate(body: bytes) -> bool:
+    return _decodes_to(body, _LONE_SURROGATE)
+
+
+def _decodes_to_nul(body: bytes) -> bool:
+    return _decodes_to(body, _NUL)
+
+
+def _decodes_to(body: bytes, pattern: re.Pattern[str]) -> bool:
+    """Whether a string of the JSON `body` (a key or a value) holds `pattern`."""
     try:
-        return _has_lone_surrogate(json.loads(body))
-    except ValueError:
-        return False  # not JSON: the app answers that
+        return _has_text(json.loads(body), pattern)
+    except (ValueError, RecursionError):
+        return False  # not JSON, or nested too deep to read: the app answers that
 
 
 def _replay(first: Message, receive: Receive) -> Receive:

@@ -11,6 +11,7 @@ from ralph.api.deps import DeciderDep, ServicesDep
 from ralph.api.params import LabelQuery, TaskQuery, UserIdPath, UserIdQuery
 from ralph.api.schema import response_model
 from ralph.memory.models import BulkDecision, Proposal, ProposalDraft, ProposalStatus
+from ralph.memory.service import MAX_REASON_CHARS, MAX_TITLE_CHARS
 from ralph.validation import Label, StrictInput
 
 router = APIRouter(tags=["proposals"])
@@ -21,9 +22,9 @@ ProposalOut = response_model(Proposal, "ProposalOut")
 
 class ProposalIn(StrictInput):
     label: Label
-    reason: str = Field(min_length=1, max_length=4000)
+    reason: str = Field(min_length=1, max_length=MAX_REASON_CHARS)
     body: str | None = Field(default=None, description="The whole new body.")
-    title: str | None = Field(default=None, max_length=255)
+    title: str | None = Field(default=None, max_length=MAX_TITLE_CHARS)
     old_text: str | None = Field(default=None, description="Exact passage to replace.")
     new_text: str | None = Field(default=None, description="What replaces it.")
     append: str | None = Field(

@@ -553,9 +553,16 @@ class RunStore:
         return _run(row, await self.counts(run_id))
 
     async def list(
-        self, task_name: str, *, status: RunStatus | None = None, limit: int = 50
+        self,
+        task_name: str,
+        *,
+        status: RunStatus | None = None,
+        limit: int = 50,
+        created_since: datetime | None = None,
     ) -> list[TaskRun]:
         query = select(task_runs).where(task_runs.c.task_name == task_name)
+        if created_since is not None:
+            query = query.where(task_runs.c.created_at >= created_since)
         if status is not None:
             query = query.where(task_runs.c.status == status.value)
         query = query.order_by(task_runs.c.created_at.desc(), task_runs.c.id).limit(limit)

@@ -3,6 +3,7 @@ read runs and their users, cancel, the scheduler's view of what fires next."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -24,7 +25,7 @@ from ralph.background.run_store import RunStore
 from ralph.background.scheduler import Scheduler
 from ralph.background.slots import next_instant, upcoming_instants
 from ralph.clock import Clock
-from ralph.errors import InvalidInput
+from ralph.errors import Conflict, InvalidInput
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +127,21 @@ class BackgroundService:
         return run_id, finished
 
     async def runs(self, name: str, status: RunStatus | None, limit: int) -> list[TaskRun]:
-        return await self._runs.list(name, status=status, limit=limit)
+        """The task's runs, newest first: those of this task, not of an earlier task of the
+        same name that was deleted (they stay readable by id)."""
+        stored = await self._registry.get(name)
+        return await self._runs.list(
+            name, status=status, limit=limit, created_since=stored.created_at
+        )
+
+    async def delete(self, name: str) -> None:
+        """Delete the task and cancel its runs still pending or running (their users end
+        `cancelled`); its runs stay readable by id."""
+        await self._registry.delete(name)
+        for status in (RunStatus.PENDING, RunStatus.RUNNING):
+            for run in await self._runs.list(name, status=status, limit=10_000):
+                with contextlib.suppress(Conflict):  # it finished meanwhile
+                    await self._coordinator.cancel(run.id)
 
     async def run(
         self,
@@ -187,7 +202,7 @@ class BackgroundService:
             for name in sorted(set(stored) - set(names)):
                 changes.append(TaskChange(name, "deleted"))
                 if not dry_run:
-                    await self._registry.delete(name)
+                    await self.delete(name)
         return changes
 
     async def definitions(self, names: Sequence[str]) -> list[TaskDefinition]:

@@ -9,6 +9,8 @@ its CSRF header: what a person does here, a script can do with the token.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,6 +20,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup
 
 from ralph import __version__
 from ralph.api.deps import ServicesDep, request_role
@@ -33,10 +36,25 @@ from ralph.memory.models import Proposal, ProposalStatus
 HERE = Path(__file__).parent
 PAGE_SIZE = 50
 
+# characters that reorder the text around them (U+202E shows "evil" as "live"): a reviewer
+# sees each as a visible mark instead, in whatever the console shows
+_BIDI_CONTROLS = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _visible(value: object) -> object:
+    """Every printed value, with direction controls shown as [U+XXXX] (Markup stays Markup:
+    the mark holds nothing HTML would read)."""
+    if isinstance(value, str) and _BIDI_CONTROLS.search(value):
+        marked = _BIDI_CONTROLS.sub(lambda m: f"[U+{ord(m.group()):04X}]", value)
+        return Markup(marked) if isinstance(value, Markup) else marked
+    return value
+
+
 templates = Environment(
     loader=FileSystemLoader(HERE / "templates"),
     autoescape=select_autoescape(["html"]),
     undefined=StrictUndefined,
+    finalize=_visible,
 )
 router = APIRouter(include_in_schema=False)
 
@@ -50,7 +68,7 @@ def console_sessions(settings: Settings, clock: Clock) -> Sessions | None:
         tokens[REVIEWER] = settings.reviewer_token.get_secret_value()
     for name, token in settings.reviewers.items():
         tokens[named_reviewer(name)] = token.get_secret_value()
-    return Sessions(tokens, clock.now) if tokens else None
+    return Sessions(tokens, clock.now, settings.auth_failures_per_minute) if tokens else None
 
 
 def mount_console(app: FastAPI, settings: Settings) -> None:
@@ -240,8 +258,17 @@ async def login(request: Request) -> Response:
     form = parse_qs((await request.body()).decode(errors="replace"))
     token = form.get("token", [""])[0]
     target = _local(form.get("next", ["/console"])[0])
+    client = request.client.host if request.client else "unknown"
+    wait = sessions.failures.wait_seconds(client)
+    if wait is not None:
+        error = f"Too many wrong tokens: try again in {math.ceil(wait)} s."
+        page = _render(request, "login.html", next=target, error=error)
+        page.status_code = 429
+        page.headers["Retry-After"] = str(math.ceil(wait))
+        return page
     role = sessions.role_of_token(token)
     if role is None:
+        sessions.failures.failed(client)
         page = _render(request, "login.html", next=target, error="That token is not valid.")
         page.status_code = 401
         return page

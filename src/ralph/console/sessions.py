@@ -12,8 +12,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
+
+from limits import RateLimitItemPerMinute
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
 
 COOKIE = "ralph_session"
 CSRF_HEADER = "X-Ralph-CSRF"
@@ -40,14 +45,22 @@ def reviewer_may(method: str, path: str) -> bool:
 
 
 class Sessions:
-    def __init__(self, tokens: dict[str, str], now: Callable[[], datetime]) -> None:
-        """`tokens`: role -> token, for the roles configured."""
+    def __init__(
+        self,
+        tokens: dict[str, str],
+        now: Callable[[], datetime],
+        failures_per_minute: int = 10,
+    ) -> None:
+        """`tokens`: role -> token, for the roles configured; `failures_per_minute`: wrong
+        tokens a client may send in a minute (0: any number)."""
         self._tokens = tokens
         self._keys = {
             role: hashlib.sha256(b"ralph-console-session:" + token.encode()).digest()
             for role, token in tokens.items()
         }
         self._now = now
+        # wrong tokens (bearer, session cookies, the login form) by client
+        self.failures = FailedAttempts(failures_per_minute)
 
     def role_of_token(self, supplied: str) -> str | None:
         for role, token in self._tokens.items():
@@ -76,3 +89,26 @@ class Sessions:
 
     def _sign(self, role: str, payload: str) -> str:
         return hmac.new(self._keys[role], payload.encode(), hashlib.sha256).hexdigest()
+
+
+class FailedAttempts:
+    """Wrong tokens by client (address): past `per_minute` in a moving minute, the client is
+    refused before its token is even compared, until the oldest of those failures is a
+    minute old. Slows guessing (a client tried 386 tokens a second) without locking out the
+    right token's owner for long. Per process: each replica counts its own."""
+
+    def __init__(self, per_minute: int = 10) -> None:
+        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        self._item = RateLimitItemPerMinute(max(per_minute, 1))
+        self._off = per_minute == 0
+
+    def wait_seconds(self, client: str) -> float | None:
+        """How long `client` must wait before its next try, or None if it may try now."""
+        if self._off or self._limiter.test(self._item, client):
+            return None
+        reset, _ = self._limiter.get_window_stats(self._item, client)
+        return max(1.0, reset - time.time())
+
+    def failed(self, client: str) -> None:
+        if not self._off:
+            self._limiter.hit(self._item, client)

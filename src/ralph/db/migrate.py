@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from functools import cache
 from pathlib import Path
 
@@ -43,7 +44,14 @@ async def current_revision(engine: AsyncEngine) -> str | None:
     """The revision the database is at, or None for an empty database."""
 
     def _current(connection: Connection) -> str | None:
-        return MigrationContext.configure(connection).get_current_revision()
+        # a context logs two lines as it is made: not for every /health
+        quiet = logging.getLogger("alembic.runtime.migration")
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)
+        try:
+            return MigrationContext.configure(connection).get_current_revision()
+        finally:
+            quiet.setLevel(level)
 
     async with engine.connect() as connection:
         return await connection.run_sync(_current)

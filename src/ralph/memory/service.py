@@ -13,7 +13,7 @@ from datetime import timedelta
 import structlog
 
 from ralph.clock import Clock
-from ralph.errors import Conflict, InvalidInput, NotFound
+from ralph.errors import AlreadyInBlock, Conflict, InvalidInput, NotFound
 from ralph.memory.models import (
     Block,
     BlockVersion,
@@ -28,6 +28,22 @@ from ralph.memory.store import EditFn, MemoryStore
 from ralph.memory.versioning import DoltCommit
 
 log = structlog.get_logger(__name__)
+
+# the same limits on every path (API, agents' tools, extraction) and every database: MariaDB
+# would otherwise cut a longer title or reason where SQLite keeps it whole
+MAX_TITLE_CHARS = 255
+MAX_REASON_CHARS = 4000
+
+
+def check_text(name: str, value: str | None, max_chars: int | None = None) -> None:
+    """InvalidInput for a NUL character (stored, then shown as nothing) or text longer than
+    `max_chars` characters."""
+    if value is None:
+        return
+    if "\x00" in value:
+        raise InvalidInput(f"{name}: NUL characters (\\u0000) are not allowed")
+    if max_chars is not None and len(value) > max_chars:
+        raise InvalidInput(f"{name} is {len(value)} characters; the limit is {max_chars}")
 
 
 def unified_diff(label: str, before: str, after: str) -> str:
@@ -63,6 +79,20 @@ def _after(draft: ProposalDraft, before: str) -> str:
     if draft.append is not None:
         return appended(before, draft.append)
     return _replace_once(before, draft.old_text or "", draft.new_text or "", draft.label)
+
+
+def _lines(text: str) -> set[str]:
+    return {line.strip() for line in text.splitlines() if line.strip()}
+
+
+def _changes_nothing(draft: ProposalDraft, current: Block | None, after: str) -> bool:
+    """Whether `draft` would leave the block as it is: the same text (and title), or an
+    append whose every line is a line of the block already."""
+    if current is None:
+        return False
+    if draft.kind is ProposalKind.APPEND:
+        return _lines(draft.append or "") <= _lines(current.body)
+    return after == current.body and draft.title in (None, current.title)
 
 
 class MemoryService:
@@ -103,6 +133,8 @@ class MemoryService:
         """Create or replace a block; `expected_version` makes it conditional (409 on mismatch).
         `why`: what the change is, for its Dolt commit when versioning is on."""
         self._check_body(body)
+        check_text("title", title, MAX_TITLE_CHARS)
+        check_text("body", body)
 
         def edit(current: Block | None) -> tuple[str, str]:
             if title is not None:
@@ -202,6 +234,10 @@ class MemoryService:
         """
         if not draft.reason.strip():
             raise InvalidInput("a proposal needs a reason")
+        check_text("reason", draft.reason, MAX_REASON_CHARS)
+        check_text("title", draft.title, MAX_TITLE_CHARS)
+        for name in ("body", "old_text", "new_text", "append"):
+            check_text(name, getattr(draft, name))
         given = [
             draft.body is not None,
             draft.old_text is not None or draft.new_text is not None,
@@ -224,6 +260,10 @@ class MemoryService:
         except Conflict as exc:
             raise InvalidInput(str(exc)) from None
         self._check_body(after)
+        if _changes_nothing(draft, current, after):
+            # an agent's next attempt (a rerun after a shutdown) proposing again what its
+            # auto-approved first attempt applied, or a note the block already holds
+            raise AlreadyInBlock(f"block '{draft.label}' already says this: nothing to change")
 
         # The same author proposing the same change to a block that already has it pending
         # gets that proposal back (the key is cleared once the proposal is decided); a

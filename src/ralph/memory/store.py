@@ -8,9 +8,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import RowMapping, bindparam, func, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ralph.db.engine import insert_ignore, is_sqlite
+from ralph.db.engine import is_sqlite
 from ralph.db.retry import retrying
 from ralph.db.tables import memory_block_versions, memory_blocks, proposals
 from ralph.errors import Conflict, NotFound
@@ -322,8 +323,17 @@ class MemoryStore:
 
         async def attempt() -> tuple[Proposal, bool]:
             async with self._engine.begin() as conn:
-                insert = insert_ignore(self._engine, proposals).values(**values)
-                created = (await conn.execute(insert)).rowcount == 1
+                # a plain INSERT: a duplicate key is the only error expected here, and MySQL's
+                # INSERT IGNORE would also turn a data error (a value too long) into a warning
+                key = values.get("idempotency_key")
+                try:
+                    async with conn.begin_nested():
+                        await conn.execute(proposals.insert().values(**values))
+                    created = True
+                except IntegrityError:
+                    if key is None:
+                        raise
+                    created = False
                 from_task = str(values["author"]).startswith("agent:")
                 if created and from_task and values["status"] == ProposalStatus.PENDING.value:
                     await conn.execute(
@@ -334,7 +344,6 @@ class MemoryStore:
                             proposals.c.run_id.is_distinct_from(values["run_id"]),
                         )
                     )
-                key = values.get("idempotency_key")
                 if created or key is None:
                     where = proposals.c.id == values["id"]
                 else:
