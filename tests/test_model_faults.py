@@ -101,7 +101,7 @@ FAULTS = [
         "success",
         "done",
         2,
-        tool_says="does not exist",
+        tool_says="there is no tool 'launch_rockets'; the tools are: read_memory_block",
     ),
     Fault(
         "tool arguments that are not JSON",

@@ -69,8 +69,11 @@ def serve(
     """Run the HTTP API with its scheduler; applies pending migrations first."""
     import uvicorn
 
+    from ralph.agents.local import local_model
     from ralph.agents.models import check_model_settings
+    from ralph.api.connections import bounded_protocol
     from ralph.app import create_app
+    from ralph.config import max_connections
     from ralph.logs import configure_logging
 
     settings = _settings(host=host, port=port)
@@ -92,16 +95,18 @@ def serve(
         _check_dolt(settings)
     os.environ.setdefault("AGNO_TELEMETRY", "false")
     configure_logging(settings.log_level, settings.log_json)
-    application = create_app(settings)
-    freeze_startup_heap()
-    uvicorn.run(
-        application,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
-    )
+    with local_model(settings) as settings:
+        application = create_app(settings)
+        freeze_startup_heap()
+        uvicorn.run(
+            application,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
+            http=bounded_protocol(settings.http_header_timeout_seconds, max_connections(settings)),
+        )
 
 
 @app.command()
@@ -110,6 +115,7 @@ def worker() -> None:
     RALPH_WORKER_MODE=arq (same database, Redis at RALPH_REDIS_URL)."""
     import uvloop
 
+    from ralph.agents.local import local_model
     from ralph.agents.models import check_model_settings
     from ralph.background.worker import build_worker
     from ralph.logs import configure_logging
@@ -127,11 +133,12 @@ def worker() -> None:
 
         # this worker's agent figures (the database's figures are on the server's /metrics)
         start_http_server(settings.worker_metrics_port, addr=settings.host)
-    # the same event loop as `ralph serve` (uvicorn uses uvloop when it is installed)
-    asyncio.set_event_loop(uvloop.new_event_loop())
-    arq_worker = build_worker(settings)
-    freeze_startup_heap()
-    arq_worker.run()
+    with local_model(settings) as settings:
+        # the same event loop as `ralph serve` (uvicorn uses uvloop when it is installed)
+        asyncio.set_event_loop(uvloop.new_event_loop())
+        arq_worker = build_worker(settings)
+        freeze_startup_heap()
+        arq_worker.run()
 
 
 @app.command()
@@ -158,6 +165,52 @@ def migrate(
 
     current = asyncio.run(_run())
     typer.echo(f"database at revision {current or 'base (empty)'}")
+
+
+@app.command(name="eval")
+def evaluate(
+    scenario: Annotated[
+        str, typer.Argument(help="A scenario file (TOML), e.g. evals/learners.toml.")
+    ],
+    mode: Annotated[
+        str | None, typer.Option(help="Run the task in this mode: agent or extract.")
+    ] = None,
+    baseline: Annotated[
+        bool, typer.Option("--baseline", help="Also run a bare Agno agent with one tool.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON, not tables.")] = False,
+) -> None:
+    """Run a task over a scenario's users against the configured model, in a throwaway
+    database, and score the proposals against the facts their messages hold."""
+    from pathlib import Path
+
+    from ralph import evaluation
+    from ralph.agents.local import local_model
+    from ralph.agents.models import check_model_settings
+    from ralph.logs import configure_logging
+
+    if mode not in (None, "agent", "extract"):
+        typer.echo("error: --mode is agent or extract", err=True)
+        raise typer.Exit(2)
+    settings = _settings()
+    try:
+        check_model_settings(settings)
+        loaded = evaluation.read_scenario(Path(scenario), mode)
+    except (SettingsError, evaluation.ScenarioError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    os.environ.setdefault("AGNO_TELEMETRY", "false")
+    configure_logging("warning", settings.log_json)
+    with local_model(settings) as settings:
+        results = {loaded.task.mode: asyncio.run(evaluation.evaluate(loaded, settings))}
+        if baseline:
+            results["baseline"] = asyncio.run(evaluation.evaluate_baseline(loaded, settings))
+    if as_json:
+        typer.echo(evaluation.as_json(results))
+        return
+    typer.echo(f"model: {settings.model_provider or 'dev'} {settings.model_id or ''}".rstrip())
+    for label, scores in results.items():
+        typer.echo(evaluation.report(label, scores))
 
 
 @app.command()

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-ModelProvider = Literal["dev", "openai", "openrouter"]
+ModelProvider = Literal["dev", "openai", "openrouter", "local"]
 ENV_PREFIX = "RALPH_"
 
 
@@ -70,6 +70,16 @@ class Settings(BaseSettings):
     model_tokens_per_minute: int | None = Field(default=None, ge=1)
     # sent as `max_tokens` with every call
     model_max_output_tokens: int | None = Field(default=None, ge=1)
+    # sent as `temperature` with every call; None: the provider's default
+    model_temperature: float | None = Field(default=None, ge=0, le=2)
+    # the `local` provider: a GGUF file served by llama.cpp's server in a child process
+    model_path: Path | None = None
+    # a Jinja chat template that replaces the GGUF's own (see README: local models)
+    model_chat_template: Path | None = None
+    model_threads: int | None = Field(default=None, ge=1, le=1024)  # None: every core
+    model_context_size: int = Field(default=8192, ge=512, le=1_048_576)
+    # requests the local server decodes at once (each gets context_size / parallel tokens)
+    model_parallel: int = Field(default=2, ge=1, le=64)
 
     # Agents
     allow_shell_tools: bool = False
@@ -108,6 +118,15 @@ class Settings(BaseSettings):
     webhook_poll_seconds: float = Field(default=5.0, gt=0)
     # where people reach this server (links in webhooks); None: links are relative paths
     public_url: str | None = None
+    # a connection whose request headers have not all arrived this long after it opened (or
+    # after its last response) is closed: a client sending half a request holds nothing long
+    http_header_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    # connections open at once; more are closed as they come. None: the process's file
+    # descriptor limit less 128 (the database, the agent process, logs), at most 10,000
+    http_max_connections: int | None = Field(default=None, ge=1, le=1_000_000)
+    # wrong tokens one client may send in a moving minute before it is refused (429) until
+    # the oldest is a minute old; 0: no limit
+    auth_failures_per_minute: int = Field(default=10, ge=0, le=100_000)
 
     # Background
     scheduler_enabled: bool = True
@@ -278,3 +297,15 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise SettingsError(describe_validation_error(exc)) from None
+
+
+def max_connections(settings: Settings) -> int:
+    """`settings.http_max_connections`, or one that the process's descriptors allow."""
+    if settings.http_max_connections is not None:
+        return settings.http_max_connections
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 10_000
+    return max(16, min(10_000, soft - 128))

@@ -8,7 +8,7 @@ given in a fixed order (list blocks, then propose a short "last reviewed" note),
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -29,6 +29,9 @@ REVIEW_LABEL = "last_reviewed"
 
 def dev_reply(request: dict[str, Any]) -> Reply:
     """The dev model's answer to one chat-completions request."""
+    schema = _edits_schema(request)
+    if schema is not None:
+        return _extracted(schema)
     tools = tool_names(request)
     turn = turn_of(request)
     if turn == 0 and "list_memory_blocks" in tools:
@@ -67,6 +70,29 @@ def dev_reply(request: dict[str, Any]) -> Reply:
             "Configure RALPH_MODEL_PROVIDER for real answers."
         )
     )
+
+
+def _edits_schema(request: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON schema an `extract` call asks for, if this is one."""
+    wanted: Any = request.get("response_format")
+    if not isinstance(wanted, dict):
+        return None
+    schema: Any = cast("dict[str, Any]", wanted).get("json_schema", {}).get("schema")
+    return cast("dict[str, Any]", schema) if isinstance(schema, dict) else None
+
+
+def _extracted(schema: dict[str, Any]) -> Reply:
+    """The extract mode's answer: a review note appended to the first label it may use."""
+    label_spec: Any = schema["properties"]["edits"]["items"]["properties"]["label"]
+    labels = cast("list[str]", label_spec.get("enum") or [REVIEW_LABEL])
+    edit = {
+        "label": labels[0] if labels else REVIEW_LABEL,
+        "action": "append",
+        "old_text": "",
+        "text": "Reviewed by the dev model.",
+        "reason": "dev model: routine review note",
+    }
+    return Reply(content=json.dumps({"edits": [edit]}))
 
 
 async def _handle(request: httpx.Request) -> httpx.Response:

@@ -6,8 +6,8 @@ The OpenAI SDK walks every request through a typed transform before sending it; 
 agents in flight that walk is the largest single CPU cost of a model call. Agno already builds
 the request in wire form, so `DirectOpenAI` posts it as is on a shared transport (see
 `ralph.agents.transport`), validates the reply into the SDK's `ChatCompletion` type, and hands
-it to Agno's own parser. Streaming, structured outputs and provider-specific request options
-still go through the SDK (on `http_client`).
+it to Agno's own parser. Streaming, structured outputs given as pydantic classes and
+provider-specific request options still go through the SDK (on `http_client`).
 """
 
 from __future__ import annotations
@@ -101,7 +101,10 @@ class DirectOpenAI(OpenAILike):
             run_response=run_response,
         )
         transport = self.transport
-        if response_format is not None or _SDK_ONLY_PARAMS & params.keys() or transport is None:
+        # a response_format given as a JSON schema (a dict) is sent as it is; a pydantic
+        # class is the SDK's to turn into one
+        sdk_format = response_format is not None and not isinstance(response_format, dict)
+        if sdk_format or _SDK_ONLY_PARAMS & params.keys() or transport is None:
             await self._wait_for_limit()
             with _timed_request():
                 return await super().ainvoke(

@@ -1,4 +1,5 @@
-"""Build Agno models from settings: `openrouter`, `openai` (any compatible server) or `dev`."""
+"""Build Agno models from settings: `openrouter`, `openai` (any compatible server), `local` (a
+GGUF served by llama.cpp's server, started by `ralph.agents.local`) or `dev`."""
 
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ DEFAULT_OPENROUTER_MODEL = "openai/gpt-4o-mini"
 def check_model_settings(settings: Settings) -> None:
     """Raise SettingsError (naming the variable) if the chosen provider lacks what it needs."""
     provider = settings.model_provider or "dev"
+    if provider == "local" and not settings.model_base_url:
+        from ralph.agents.local import check_local_settings
+
+        check_local_settings(settings)
     if provider == "openai":
         if not settings.model_base_url:
             raise SettingsError("RALPH_MODEL_BASE_URL: required when RALPH_MODEL_PROVIDER=openai")
@@ -78,6 +83,11 @@ class ModelFactory:
                 if settings.model_max_output_tokens is not None
                 else {}
             ),
+            **(
+                {"temperature": settings.model_temperature}
+                if settings.model_temperature is not None
+                else {}
+            ),
             # A reply the client cannot parse is not retried by it; Agno then tries once more
             # after a second. (A status error has used up the client's retries by then, so it
             # gets one last round too: bounded at 2 x (RALPH_MODEL_MAX_RETRIES + 1) requests.)
@@ -99,9 +109,11 @@ class ModelFactory:
             return
         self._http = httpx.AsyncClient(timeout=settings.model_timeout_seconds)
         self._transport = transport = AiohttpTransport(settings.model_max_connections)
-        if self.provider == "openai":
+        if self.provider in ("openai", "local"):
+            # `local`: the URL of the server `ralph.agents.local.local_model` started
+            if settings.model_base_url is None:
+                raise SettingsError("the local model's server is not running (no base URL)")
             assert settings.model_id
-            assert settings.model_base_url
             self.model_id = settings.model_id
             base_url = settings.model_base_url
             self._make = lambda: DirectOpenAI(

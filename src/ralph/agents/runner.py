@@ -12,8 +12,10 @@ from agno.agent import Agent
 from agno.models.base import Model
 from agno.run.agent import RunOutput
 from agno.run.base import RunStatus as AgnoRunStatus
+from agno.tools.function import Function
 
 from ralph.agents.calls import CallRecord, current_call
+from ralph.agents.textcalls import calls_in_text, looks_like_a_call
 from ralph.agents.tools import ToolContext, build_tools
 
 
@@ -108,17 +110,65 @@ class AgentOutcome:
         return self.error is None
 
 
+# Agno's answer to a call of a tool the agent does not have
+_AGNO_NO_SUCH_TOOL = "Error: The requested tool does not exist or is not available."
+# the id prefix of a call recovered from the model's text (the transcript shows it)
+TEXT_CALL_PREFIX = "from_text_"
+
+
+def _recover_text_calls(response: Any, serial: int) -> int:
+    """Turn a reply whose whole text is tool calls written as JSON into those calls (Agno
+    then runs them like any other). Returns how many it recovered."""
+    if getattr(response, "tool_calls", None):
+        return 0
+    content = getattr(response, "content", None)
+    calls = calls_in_text(content) if isinstance(content, str) else []
+    if not calls:
+        return 0
+    response.tool_calls = [
+        {
+            "id": f"{TEXT_CALL_PREFIX}{serial + index}",
+            "type": "function",
+            "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
+        }
+        for index, call in enumerate(calls)
+    ]
+    response.content = None
+    return len(calls)
+
+
+def _name_the_tools(messages: Sequence[Any], offered: Sequence[str]) -> None:
+    """Agno's answer to a call of a tool the agent does not have, rewritten to name the call
+    and the tools there are (a model told only "does not exist" tries the same again)."""
+    names: dict[str, str] = {}
+    for message in messages:
+        for call in cast("list[dict[str, Any]]", getattr(message, "tool_calls", None) or []):
+            function = cast("dict[str, Any]", call.get("function") or {})
+            names[str(call.get("id"))] = str(function.get("name", ""))
+        if getattr(message, "role", None) == "tool" and message.content == _AGNO_NO_SUCH_TOOL:
+            called = names.get(str(message.tool_call_id), "?")
+            message.content = (
+                f"error: there is no tool {called!r}; the tools are: {', '.join(offered)}"
+            )
+
+
 def limit_model_calls(
-    model: Model, max_turns: int, budget: TokenBudget | None = None
+    model: Model,
+    max_turns: int,
+    budget: TokenBudget | None = None,
+    tool_names: Sequence[str] = (),
 ) -> Callable[[], int]:
     """Make `model` refuse a call once `max_turns` calls have completed, or once `budget` is
-    spent (counting each call's tokens into it); return a reader of the count.
+    spent (counting each call's tokens into it); return a reader of the count. With
+    `tool_names` (the tools the agent has), a reply that is a tool call written as text is
+    made that call, and a call of a tool it does not have is answered with the ones it has.
 
     A turn is one completed model call (an attempt that failed and was retried is not a turn).
     Agno's `tool_call_limit` caps tool executions only, so a model that keeps asking for tools
     would otherwise be called forever.
     """
     calls = 0
+    recovered = 0
     # Agno's signatures are partly untyped; these wrappers pass everything through.
     ainvoke: Callable[..., Any] = model.ainvoke  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
     ainvoke_stream: Callable[..., Any] = model.ainvoke_stream  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
@@ -128,14 +178,19 @@ def limit_model_calls(
             raise TurnLimitReached(f"stopped after {max_turns} model calls (max_turns)")
 
     async def limited_ainvoke(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
+        nonlocal calls, recovered
         check()
         if budget is not None:
             budget.check()
+        if tool_names:
+            sent: Any = kwargs.get("messages", args[0] if args else [])
+            _name_the_tools(cast("list[Any]", sent), tool_names)
         result = await ainvoke(*args, **kwargs)
         calls += 1
         if budget is not None:
             budget.spend(*_tokens_of(args, kwargs, result))
+        if tool_names:
+            recovered += _recover_text_calls(result, recovered)
         return result
 
     async def limited_ainvoke_stream(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
@@ -150,6 +205,16 @@ def limit_model_calls(
     return lambda: calls
 
 
+def _names_of(tool: Any) -> list[str]:
+    """The function names a tool (an Agno Function or Toolkit) offers the model."""
+    if isinstance(tool, Function):
+        return [tool.name]
+    functions = cast("dict[str, Any]", getattr(tool, "functions", None) or {})
+    return list(functions) or [
+        str(getattr(t, "__name__", t)) for t in cast("list[Any]", getattr(tool, "tools", []))
+    ]
+
+
 def build_agent(
     model: Model,
     tools: Sequence[str],
@@ -162,10 +227,12 @@ def build_agent(
 ) -> tuple[Agent, Callable[[], int]]:
     """The Agno agent of one user (background or chat): `tools` bound to `context`, at most
     `max_turns` model calls within `budget`. Returns it with a counter of the calls made."""
-    turns = limit_model_calls(model, max_turns, budget)
+    bound = build_tools(tools, context)
+    offered = [name for tool in bound for name in _names_of(tool)]
+    turns = limit_model_calls(model, max_turns, budget, offered)
     agent = Agent(
         model=model,
-        tools=build_tools(tools, context),
+        tools=bound,
         instructions=instructions,
         telemetry=False,
         markdown=markdown,
@@ -173,8 +240,41 @@ def build_agent(
     return agent, turns
 
 
+def _cut(text: str, budget: int) -> tuple[str, bool]:
+    """`text` within `budget` characters, and whether it was cut."""
+    return text[: max(budget, 0)], len(text) > budget
+
+
+def _capped_tool_calls(
+    calls: list[dict[str, Any]], budget: int
+) -> tuple[list[dict[str, Any]], int, bool]:
+    """A message's tool calls with their arguments (the model's text, any size) cut to share
+    `budget` characters: (calls, characters used, whether any was cut)."""
+    capped: list[dict[str, Any]] = []
+    used = 0
+    cut_any = False
+    for call in calls:
+        function = cast("dict[str, Any]", call.get("function") or {})
+        name = str(function.get("name", ""))[:200]
+        raw = function.get("arguments", "")
+        arguments = raw if isinstance(raw, str) else json.dumps(raw, default=str)
+        arguments, cut = _cut(arguments, budget - used - len(name))
+        cut_any = cut_any or cut
+        used += len(name) + len(arguments)
+        entry: dict[str, Any] = {
+            "id": str(call.get("id", ""))[:200],
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }
+        if cut:
+            entry["truncated"] = True
+        capped.append(entry)
+    return capped, used, cut_any
+
+
 def _transcript(output: RunOutput | None, max_chars: int) -> list[dict[str, Any]]:
-    """Messages with tool calls and results, cut to about `max_chars` characters in total."""
+    """Messages with tool calls and results, cut to about `max_chars` characters in total:
+    the model's text, its tool calls' arguments and the tools' results all count."""
     if output is None or not output.messages:
         return []
     entries: list[dict[str, Any]] = []
@@ -186,19 +286,41 @@ def _transcript(output: RunOutput | None, max_chars: int) -> list[dict[str, Any]
         content = message.content
         if content is not None:
             text = content if isinstance(content, str) else json.dumps(content, default=str)
-            entry["content"] = text[: max(budget, 0)]
-            if len(text) > budget:
+            entry["content"], cut = _cut(text, budget)
+            if cut:
                 entry["truncated"] = True
             budget -= len(text)
         if message.tool_calls:
-            entry["tool_calls"] = message.tool_calls
+            calls, used, cut = _capped_tool_calls(message.tool_calls, budget)
+            entry["tool_calls"] = calls
+            if cut:
+                entry["truncated"] = True
+            budget -= used + (1 if cut else 0)
         if message.tool_name:
-            entry["tool_name"] = message.tool_name
+            entry["tool_name"] = message.tool_name[:200]
         entries.append(entry)
         if budget <= 0:
             entries.append({"role": "note", "content": "transcript truncated"})
             break
     return entries
+
+
+def cap_transcript(entries: list[dict[str, Any]], max_chars: int) -> list[dict[str, Any]]:
+    """`entries` up to about `max_chars` characters of JSON in all: the entry that crosses
+    the cap keeps the start of its `content`, and a note ends the transcript."""
+    kept: list[dict[str, Any]] = []
+    budget = max_chars
+    for entry in entries:
+        size = len(json.dumps(entry, default=str))
+        if size > budget:
+            content = entry.get("content")
+            if isinstance(content, str) and budget > 0:
+                kept.append({**entry, "content": content[:budget], "truncated": True})
+            kept.append({"role": "note", "content": "transcript truncated"})
+            break
+        kept.append(entry)
+        budget -= size
+    return kept
 
 
 async def run_agent(
@@ -252,6 +374,11 @@ async def run_agent(
             outcome.error = str(output.content or "agent run failed")
         else:
             outcome.final_text = output.content if isinstance(output.content, str) else None
+            if looks_like_a_call(outcome.final_text):
+                outcome.error = (
+                    "the model's last reply is a tool call written as text that could not be "
+                    "run (not JSON of one call of a tool it has), not an answer"
+                )
         if outcome.error and "max_turns" in outcome.error:
             outcome.stopped_by = "max_turns"
         if outcome.error and outcome.error.startswith("budget exceeded"):

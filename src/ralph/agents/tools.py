@@ -22,7 +22,7 @@ from agno.tools.shell import ShellTools
 
 from ralph.conversations.honcho import HistoryUnavailable
 from ralph.conversations.service import ConversationService
-from ralph.errors import Conflict, InvalidInput, RalphError
+from ralph.errors import AlreadyInBlock, Conflict, InvalidInput, RalphError
 from ralph.memory.models import ProposalDraft, ProposalStatus
 from ralph.memory.service import MemoryService
 from ralph.validation import LABEL_PATTERN, check_user_id
@@ -44,8 +44,16 @@ TOOL_NAMES: tuple[str, ...] = (
 )
 
 
-def check_tool_names(names: Sequence[str], *, allow_shell: bool) -> None:
-    """Raise InvalidInput naming the unknown (or disallowed) tools and the valid ones."""
+def check_tool_names(names: Sequence[str], *, allow_shell: bool, mode: str = "agent") -> None:
+    """Raise InvalidInput naming the unknown (or disallowed) tools and the valid ones; in the
+    `extract` mode, which offers no tools, any but the memory ones."""
+    if mode == "extract":
+        other = [n for n in names if n not in MEMORY_TOOLS]
+        if other:
+            raise InvalidInput(
+                f"mode 'extract' makes one structured call and offers no tools: remove "
+                f"{', '.join(map(repr, other))} (or use mode 'agent')"
+            )
     unknown = [n for n in names if n not in TOOL_NAMES]
     if unknown:
         raise InvalidInput(
@@ -111,6 +119,9 @@ class ToolContext:
     # a task whose approval is auto: proposals are approved at once (by system:auto)
     auto_approve: bool = False
     proposal_ids: list[str] = field(default_factory=list[str])
+    # each tool call's answer by (tool, arguments), this agent run's: a repeated call gets it
+    # again instead of doing the work twice
+    answers: dict[str, str] = field(default_factory=dict[str, str])
 
 
 def _error(exc: Exception | str) -> str:
@@ -128,6 +139,69 @@ def _label(value: str) -> str | None:
     """The label a model meant ("Student " -> "student"), or None if it cannot be one."""
     label = value.strip().lower()
     return label if re.fullmatch(LABEL_PATTERN, label) else None
+
+
+async def propose_change(
+    ctx: ToolContext,
+    label: str,
+    reason: str,
+    *,
+    body: str | None = None,
+    old_text: str | None = None,
+    new_text: str | None = None,
+    append: str | None = None,
+    title: str | None = None,
+) -> str:
+    """Propose a change of one of `ctx`'s user's blocks, as an agent's tools (and the extract
+    mode) do: the answer for the model, JSON with the proposal id and status (`unchanged`
+    when the block already says it), or `error: ...` with what to send instead. Auto-approves
+    for a task with `approval: auto`."""
+    clean = _label(label)
+    if clean is None:
+        return _error(
+            f"label {label!r} is not a label: use lowercase letters, digits, _ and -, "
+            'e.g. "progress"'
+        )
+    try:
+        proposal, _ = await ctx.memory.propose(
+            ProposalDraft(
+                user_id=ctx.user_id,
+                label=clean,
+                reason=reason.strip() or f"(no reason given by {ctx.author})",
+                author=ctx.author,
+                body=body,
+                title=title,
+                old_text=old_text,
+                new_text=new_text,
+                append=append,
+                run_id=ctx.run_id,
+                preview=ctx.dry_run,
+            )
+        )
+    except AlreadyInBlock as exc:
+        return json.dumps({"status": "unchanged", "note": str(exc)})
+    except RalphError as exc:
+        hint = (
+            " Read the block with read_memory_block and copy old_text exactly as it is "
+            "there (once), or send body with the whole new text."
+            if old_text is not None
+            else f" {_EDIT_EXAMPLE}"
+        )
+        return _error(f"{exc}.{hint}")
+    if proposal.id not in ctx.proposal_ids:
+        ctx.proposal_ids.append(proposal.id)
+    if ctx.auto_approve and proposal.status is ProposalStatus.PENDING:
+        try:
+            proposal = await ctx.memory.auto_approve(proposal.id)
+        except Conflict as exc:
+            return json.dumps(
+                {
+                    "proposal_id": proposal.id,
+                    "status": proposal.status.value,
+                    "note": f"not applied, left for a person to review: {exc}",
+                }
+            )
+    return json.dumps({"proposal_id": proposal.id, "status": proposal.status.value})
 
 
 def _memory_tools(ctx: ToolContext) -> dict[str, Callable[..., Any]]:
@@ -160,60 +234,7 @@ def _memory_tools(ctx: ToolContext) -> dict[str, Callable[..., Any]]:
             }
         )
 
-    async def propose(
-        label: str,
-        reason: str,
-        *,
-        body: str | None = None,
-        old_text: str | None = None,
-        new_text: str | None = None,
-        append: str | None = None,
-        title: str | None = None,
-    ) -> str:
-        clean = _label(label)
-        if clean is None:
-            return _error(
-                f"label {label!r} is not a label: use lowercase letters, digits, _ and -, "
-                'e.g. "progress"'
-            )
-        try:
-            proposal, _ = await ctx.memory.propose(
-                ProposalDraft(
-                    user_id=ctx.user_id,
-                    label=clean,
-                    reason=reason.strip() or f"(no reason given by {ctx.author})",
-                    author=ctx.author,
-                    body=body,
-                    title=title,
-                    old_text=old_text,
-                    new_text=new_text,
-                    append=append,
-                    run_id=ctx.run_id,
-                    preview=ctx.dry_run,
-                )
-            )
-        except RalphError as exc:
-            hint = (
-                " Read the block with read_memory_block and copy old_text exactly as it is "
-                "there (once), or send body with the whole new text."
-                if old_text is not None
-                else f" {_EDIT_EXAMPLE}"
-            )
-            return _error(f"{exc}.{hint}")
-        if proposal.id not in ctx.proposal_ids:
-            ctx.proposal_ids.append(proposal.id)
-        if ctx.auto_approve and proposal.status is ProposalStatus.PENDING:
-            try:
-                proposal = await ctx.memory.auto_approve(proposal.id)
-            except Conflict as exc:
-                return json.dumps(
-                    {
-                        "proposal_id": proposal.id,
-                        "status": proposal.status.value,
-                        "note": f"not applied, left for a person to review: {exc}",
-                    }
-                )
-        return json.dumps({"proposal_id": proposal.id, "status": proposal.status.value})
+    propose = functools.partial(propose_change, ctx)
 
     async def edit_memory_block(
         label: str,
@@ -319,10 +340,11 @@ def _query_messages(ctx: ToolContext, name: str = "query_messages") -> Callable[
     plan's name, is the same tool)."""
 
     async def query_messages(query: str = "", limit: int = 20) -> str:
-        """This user's recent messages, newest first; with `query`, only those containing it.
+        """Search this user's messages by words, or list the latest ones (newest first).
 
         Args:
-            query: text to search for (case-insensitive); empty for the latest messages.
+            query: words to look for, e.g. "exam date"; messages with more of them come
+                first. Empty for the latest messages.
             limit: how many messages at most (1-100).
         """
         limit = max(1, min(int(limit), 100))
@@ -403,8 +425,17 @@ def normalize_arguments(arguments: dict[str, Any], parameters: dict[str, Any]) -
     return meant
 
 
-def _bound(tool: Callable[..., Any]) -> Function:
-    """`tool` as an Agno Function whose schema is shared, not derived again for this user."""
+_EDITS = frozenset(MEMORY_TOOLS) - {"list_memory_blocks", "read_memory_block"}
+ALREADY_CALLED = (
+    "(You already called {name} with these arguments; this is its earlier answer. Do not call "
+    "it again: use the answer, or do the next thing.)"
+)
+
+
+def _bound(tool: Callable[..., Any], answers: dict[str, str]) -> Function:
+    """`tool` as an Agno Function whose schema is shared, not derived again for this user.
+    `answers`: the agent run's earlier answers, by call (an edit forgets them: what the tools
+    read may have changed)."""
     schema = _SCHEMAS.get(tool.__name__)
     if schema is None:
         derive: Callable[[Callable[..., Any]], Function] = Function.from_callable  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
@@ -420,10 +451,17 @@ def _bound(tool: Callable[..., Any]) -> Function:
         if missing:
             names = ", ".join(missing)
             return _error(f"missing {names}: {schema.name} needs {', '.join(required)}")
+        key = f"{schema.name}:{json.dumps(meant, sort_keys=True, default=str)}"
+        earlier = answers.get(key)
+        if earlier is not None:
+            return f"{earlier}\n{ALREADY_CALLED.format(name=schema.name)}"
         try:
             result: str = await tool(**meant)
         except (TypeError, ValueError) as exc:
             return _error(exc)
+        if schema.name in _EDITS:
+            answers.clear()
+        answers[key] = result
         return result
 
     return Function(
@@ -447,9 +485,9 @@ def build_tools(names: Sequence[str], ctx: ToolContext) -> list[Any]:
             continue
         seen.add(canonical)
         if canonical in memory:
-            tools.append(_bound(memory[canonical]))
+            tools.append(_bound(memory[canonical], ctx.answers))
         elif canonical == "query_messages":
-            tools.append(_bound(_query_messages(ctx, name)))
+            tools.append(_bound(_query_messages(ctx, name), ctx.answers))
         elif canonical == "file_tools":
             tools.append(WorkspaceFileTools(base_dir=workspace_dir(ctx.data_dir, ctx.user_id)))
         elif canonical == "shell_tools":

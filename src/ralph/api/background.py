@@ -65,6 +65,10 @@ _USER_NOTES = {
     "tokens_estimated": "The provider reported no usage: tokens estimated from the text",
     "cost_usd": "As the provider reported it (OpenRouter)",
     "jitter_seconds": "A cron run's start delay for this user after the slot (task jitter)",
+    "stopped_by": (
+        "What stopped the agent before it finished: max_turns, timeout or budget. A `success` "
+        "with it made proposals, then ran out; a `failed` with it did nothing first."
+    ),
 }
 UserResultOut = response_model(
     UserResult,
@@ -147,8 +151,8 @@ async def replace_task(name: TaskNamePath, task: TaskDefinition, services: Servi
 
 @router.delete("/tasks/{name}")
 async def delete_task(name: TaskNamePath, services: ServicesDep) -> dict[str, bool]:
-    """Delete the task; its runs stay readable."""
-    await services.registry.delete(name)
+    """Delete the task; its runs still going are cancelled; all stay readable by id."""
+    await services.background.delete(name)
     return {"deleted": True}
 
 

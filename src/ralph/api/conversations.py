@@ -56,7 +56,12 @@ async def list_messages(
     before: int | None = Query(
         default=None, ge=1, le=MAX_INT64, description="Only messages older than this id."
     ),
-    q: str | None = Query(default=None, min_length=1, max_length=200, description="Text search"),
+    q: str | None = Query(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="Search by words: messages with any of them, more first, then newest",
+    ),
 ) -> list[Message]:
     """Newest first; page with `before=<smallest id seen>`."""
     return await services.conversations.messages(user_id, limit=limit, before=before, text=q)

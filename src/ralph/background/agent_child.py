@@ -3,36 +3,22 @@ in the `subprocess` worker mode: see `ralph.background.agent_process` for the pr
 
 It lives no longer than its server: on Linux the kernel kills it when the server dies
 (`PR_SET_PDEATHSIG`), even while it is still importing or opening its database; elsewhere it
-notices when its stdin ends. Its imports are made once that is arranged (this module's own
-top-level imports are the standard library's)."""
+notices when its stdin ends. Its imports are made once that is arranged (at the top of this
+module: only the standard library and `ralph.lifetime`)."""
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import os
 import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
+from ralph.lifetime import die_with_parent
+
 if TYPE_CHECKING:
     from ralph.config import Settings
-
-# the environment variable that tells the child its server's process id
-PARENT_PID_VARIABLE = "RALPH_AGENT_PROCESS_PARENT"
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Have the kernel kill this process when its server dies (Linux), and leave now if the
-    server is already gone (it died before the request was made)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    expected = os.environ.get(PARENT_PID_VARIABLE)
-    if expected is not None and os.getppid() != int(expected):
-        os._exit(1)
 
 
 async def _serve(settings: Settings, out: int) -> None:
@@ -95,7 +81,9 @@ async def _serve(settings: Settings, out: int) -> None:
 
 
 def main() -> None:
-    _die_with_parent()
+    # its server's process id is its one argument
+    if len(sys.argv) > 1:
+        die_with_parent(int(sys.argv[1]))
 
     import uvloop
 

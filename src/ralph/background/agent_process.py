@@ -28,7 +28,6 @@ from pydantic import SecretStr
 from pydantic_core import to_jsonable_python
 
 from ralph.agents.ratelimit import RateLimit
-from ralph.background.agent_child import PARENT_PID_VARIABLE
 from ralph.background.agent_limit import LimitServer
 from ralph.background.inflight import InFlight
 from ralph.background.models import TaskDefinition, UserStatus
@@ -139,13 +138,10 @@ class AgentProcess:
                     "-P",
                     "-m",
                     "ralph.background.agent_child",
+                    str(os.getpid()),  # the child dies with this process
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
-                    env={
-                        **os.environ,
-                        "AGNO_TELEMETRY": "false",
-                        PARENT_PID_VARIABLE: str(os.getpid()),
-                    },
+                    env={**os.environ, "AGNO_TELEMETRY": "false"},
                     # signals to the server's process group (Ctrl-C) are the server's to handle
                     start_new_session=True,
                 )

@@ -178,6 +178,21 @@ class TaskDefinition(StrictInput):
             "tasks a team trusts. A dry run's proposals are previews either way."
         ),
     )
+    mode: Literal["agent", "extract"] = Field(
+        default="agent",
+        description=(
+            "agent: a multi-turn agent with the task's tools. extract: one structured model "
+            "call per user returns the edits to the task's memory blocks as JSON (no tools; "
+            "for small models, and about a twentieth of the tokens)."
+        ),
+    )
+    new_blocks: bool = Field(
+        default=False,
+        description=(
+            "extract: the model may propose blocks the task does not list. Otherwise it may "
+            "edit only `memory_blocks` (or, when none are listed, the user's existing blocks)."
+        ),
+    )
     enabled: bool = True
 
     def for_trigger(self, trigger: TriggerType) -> TaskDefinition:
@@ -383,3 +398,6 @@ class UserResult:
     tokens_estimated: bool = False
     cost_usd: float | None = None
     jitter_seconds: float = 0.0
+    # what stopped the agent before it finished (max_turns, timeout, budget); a `success`
+    # with one made its proposals, then ran out
+    stopped_by: str | None = None

@@ -58,7 +58,7 @@ class TaskRegistry:
     def check(self, task: TaskDefinition) -> None:
         """InvalidInput if the task cannot be stored here (a tool this server does not
         offer)."""
-        check_tool_names(task.tools, allow_shell=self._allow_shell)
+        check_tool_names(task.tools, allow_shell=self._allow_shell, mode=task.mode)
 
     async def create(self, task: TaskDefinition) -> StoredTask:
         self.check(task)

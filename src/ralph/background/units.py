@@ -10,9 +10,10 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
+from ralph.agents.extract import extract_edits
 from ralph.agents.kit import AgentKit
-from ralph.agents.runner import AgentOutcome, TokenBudget, run_agent
-from ralph.agents.tools import ToolContext
+from ralph.agents.runner import AgentOutcome, TokenBudget, cap_transcript, run_agent
+from ralph.agents.tools import MEMORY_TOOLS, ToolContext, propose_change
 from ralph.background.inflight import InFlight
 from ralph.background.models import TaskDefinition, UserStatus
 from ralph.background.run_store import RunStore, UserStart
@@ -24,18 +25,47 @@ from ralph.observability.events import UnitStats, observe_unit
 
 log = structlog.get_logger(__name__)
 
-BACKGROUND_PROMPT = (
-    "Execute your background task now. Review the user's context and take appropriate action."
+MAX_ERROR_CHARS = 4000
+
+EXTRACT_PROMPT = (
+    "Find what is new in this user's messages below that belongs in their memory blocks, and "
+    "answer with the edits."
 )
+_EDIT_TOOLS = frozenset(MEMORY_TOOLS) - {"list_memory_blocks", "read_memory_block"}
+
+
+def agent_prompt(labels: Sequence[str], tools: Sequence[str], episode: bool) -> str:
+    """The agent's input before the user's messages: what it already has (a small model
+    otherwise reads and searches for it again) and how to finish."""
+    parts = ["Do your background task for this user now."]
+    if labels:
+        named = ", ".join(labels)
+        parts.append(
+            f"Their memory blocks ({named}) are in your instructions above: you have them "
+            "already, do not read them again."
+        )
+    if episode:
+        parts.append(
+            "Their messages since this task last ran for them are below: you have them "
+            "already, do not search for them."
+        )
+    if _EDIT_TOOLS & set(tools):
+        labelled = f" to one of: {', '.join(labels)}" if labels else ""
+        parts.append(
+            f"Propose each change{labelled} with a tool call. When you are done, answer with "
+            "one line saying what you did."
+        )
+    return " ".join(parts)
 
 
 # the episode's messages in an agent's input stop at this many characters (the newest kept)
 EPISODE_MAX_CHARS = 20_000
 
 
-def with_episode(prompt: str, messages: Sequence[Message]) -> str:
+def with_episode(prompt: str, messages: Sequence[Message], empty: str = "") -> str:
     """`prompt` followed by the user's messages since the task last ran for them, oldest
-    first; the newest are kept when they exceed `EPISODE_MAX_CHARS` in all."""
+    first; the newest are kept when they exceed `EPISODE_MAX_CHARS` in all. Without any,
+    `prompt` followed by `empty`."""
     kept: list[str] = []
     total = 0
     for message in reversed(messages):
@@ -46,9 +76,21 @@ def with_episode(prompt: str, messages: Sequence[Message]) -> str:
         kept.append(line)
         total += len(line)
     if not kept:
-        return prompt
+        return f"{prompt}\n\n{empty}" if empty else prompt
     header = f"The user's messages since this task last ran for them ({len(kept)}, oldest first):"
     return "\n".join([prompt, "", header, *reversed(kept)])
+
+
+def unit_status(outcome: AgentOutcome, *, proposals: int) -> UserStatus:
+    """A finished agent's user status: `success` when it finished, or when it was stopped by
+    `max_turns` or its timeout after making proposals (what it did is kept and reviewed);
+    `budget_exceeded` when the budget stopped it; `failed` otherwise (an error, or stopped
+    with nothing done)."""
+    if outcome.stopped_by == "budget":
+        return UserStatus.BUDGET_EXCEEDED
+    if outcome.ok or (outcome.stopped_by in ("max_turns", "timeout") and proposals > 0):
+        return UserStatus.SUCCESS
+    return UserStatus.FAILED
 
 
 class UnitRunner:
@@ -145,9 +187,7 @@ class UnitRunner:
         started = asyncio.get_running_loop().time()
         try:
             outcome = await agent
-            status = UserStatus.SUCCESS if outcome.ok else UserStatus.FAILED
-            if outcome.stopped_by == "budget":
-                status = UserStatus.BUDGET_EXCEEDED
+            status = unit_status(outcome, proposals=len(context.proposal_ids))
         except asyncio.CancelledError:
             if not agent.cancelled():
                 raise  # this bookkeeping task itself was cancelled: not ours to swallow
@@ -173,6 +213,7 @@ class UnitRunner:
                 "model_call_seconds": outcome.model_call_seconds,
                 "rate_limited": outcome.rate_limited_responses,
                 "retries": outcome.model_retries,
+                "stopped_by": outcome.stopped_by,
             },
         )
         result = {
@@ -186,11 +227,17 @@ class UnitRunner:
             "input_tokens": outcome.input_tokens,
             "output_tokens": outcome.output_tokens,
             "total_tokens": outcome.total_tokens,
-            "error": outcome.error,
+            # a provider's or a model's error text may be any size: keep its start
+            "error": (
+                outcome.error[:MAX_ERROR_CHARS]
+                if outcome.error and status is not UserStatus.SUCCESS
+                else None
+            ),
             "transcript": json.dumps(outcome.transcript, default=str),
             "rate_limit_wait_seconds": round(outcome.rate_limit_wait_seconds, 3),
             "tokens_estimated": outcome.tokens_estimated,
             "cost_usd": outcome.cost_usd,
+            "stopped_by": outcome.stopped_by,
         }
         recorded = await until_reachable(
             lambda: self._runs.finish_user(run_id, task.name, user_id, result),
@@ -204,35 +251,83 @@ class UnitRunner:
 
     async def _agent(self, task: TaskDefinition, context: ToolContext) -> AgentOutcome:
         run_id = context.run_id or ""
-        instructions = await self._kit.instructions(
-            task.system_prompt, context.user_id, task.memory_blocks
-        )
+        user_id = context.user_id
+        labels = list(task.memory_blocks) or [
+            block.label for block in await self._kit.memory.list_blocks(user_id)
+        ]
+        instructions = await self._kit.instructions(task.system_prompt, user_id, labels)
         budget = TokenBudget(
             per_user=task.budget.max_tokens_per_user if task.budget else None,
             run=await self.inflight.run_tokens(
                 run_id, task, lambda: self._runs.tokens_used(run_id)
             ),
         )
-        prompt = BACKGROUND_PROMPT
+        episode: list[Message] = []
+        unavailable = ""
         if task.episode_messages:
-            user_id = context.user_id
             since = await self._runs.last_started(task.name, user_id, run_id)
             try:
                 episode = await self._kit.conversations.since(
                     user_id, since, self._clock.now(), task.episode_messages
                 )
-                prompt = with_episode(prompt, episode)
             except HistoryUnavailable as exc:  # the agent works without it, and is told so
                 log.warning("episode_unavailable", run_id=run_id, user_id=user_id, error=str(exc))
-                prompt += f"\n\nThe user's recent messages are unavailable ({exc})."
+                unavailable = f"\n\nThe user's recent messages are unavailable ({exc})."
+        if task.mode == "extract":
+            prompt = with_episode(EXTRACT_PROMPT, episode, empty="There are no new messages.")
+            return await self._extract(
+                task, context, instructions, prompt + unavailable, labels, budget
+            )
+        prompt = with_episode(agent_prompt(labels, task.tools, bool(episode)), episode)
         return await run_agent(
             budget=budget,
             model=self._kit.model(),
             tools=task.tools,
             context=context,
             instructions=instructions,
-            prompt=prompt,
+            prompt=prompt + unavailable,
             max_turns=task.max_turns,
             timeout_seconds=task.timeout_seconds,
             transcript_max_chars=self._transcript_max_chars,
         )
+
+    async def _extract(
+        self,
+        task: TaskDefinition,
+        context: ToolContext,
+        instructions: str,
+        prompt: str,
+        labels: list[str],
+        budget: TokenBudget,
+    ) -> AgentOutcome:
+        """The `extract` mode: one structured call, then each edit proposed through the same
+        path as the tools' (rules, dedupe, superseding, auto-approval, dry runs)."""
+        if not labels and not task.new_blocks:
+            return AgentOutcome(
+                error="nothing to edit: the task lists no memory_blocks, the user has no "
+                "blocks, and new_blocks is false"
+            )
+        extraction = await extract_edits(
+            model=self._kit.model(),
+            instructions=instructions,
+            prompt=prompt,
+            labels=labels,
+            new_blocks=task.new_blocks,
+            timeout_seconds=task.timeout_seconds,
+            budget=budget,
+        )
+        outcome = extraction.outcome
+        for number, edit in enumerate(extraction.edits, start=1):
+            if not task.new_blocks and edit.label.strip().lower() not in labels:
+                answer = (
+                    f"error: label {edit.label!r} is not one of this task's blocks "
+                    f"({', '.join(labels)}); the task does not allow new blocks"
+                )
+            else:
+                outcome.tool_calls += 1
+                answer = await propose_change(context, edit.label, edit.reason, **edit.change())
+            outcome.transcript.append(
+                {"role": "edit", "number": number, "edit": edit.model_dump(), "result": answer}
+            )
+        outcome.transcript = cap_transcript(outcome.transcript, self._transcript_max_chars)
+        return outcome

@@ -12,6 +12,7 @@ import structlog
 from ralph.clock import Clock
 from ralph.conversations.honcho import HistoryUnavailable, HonchoArchive
 from ralph.conversations.models import Message, Role
+from ralph.conversations.search import query_words, ranked
 from ralph.conversations.store import ConversationStore
 from ralph.errors import InvalidInput
 
@@ -99,7 +100,8 @@ class ConversationService:
     async def messages(
         self, user_id: str, *, limit: int = 50, before: int | None = None, text: str | None = None
     ) -> list[Message]:
-        """Newest first: those containing `text`, or a page of messages older than `before`.
+        """Newest first: those matching `text` by words (more of them first), or a page of
+        messages older than `before`.
         With Honcho: HistoryUnavailable when it cannot answer."""
         if self._archive is not None:
             if before is not None:
@@ -108,7 +110,7 @@ class ConversationService:
             waiting = await self._store.oldest(limit, user_id)
             if text is not None:
                 found = await self._archive.search(user_id, text, limit)
-                waiting = [m for m in waiting if text.lower() in m.content.lower()]
+                waiting = ranked(waiting, query_words(text) or [text.lower()], limit)
             else:
                 found = await self._archive.recent(user_id, limit)
             return (list(reversed(waiting)) + found)[:limit]

@@ -6,16 +6,21 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, func, select
+from sqlalchemy import Row, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ralph.conversations.models import Message, Role
+from ralph.conversations.search import query_words, ranked
 from ralph.db.engine import is_sqlite, upsert
 from ralph.db.tables import messages, user_activity
 
 
 def _message(row: Row[Any]) -> Message:
     return Message(row.id, row.user_id, Role(row.role), row.content, row.created_at)
+
+
+# the newest matching messages a search ranks (a user's history may be long)
+SEARCH_CANDIDATES = 1000
 
 
 def _escape_like(text: str) -> str:
@@ -85,20 +90,24 @@ class ConversationStore:
         return [_message(r) for r in reversed(rows)]
 
     async def search_messages(self, user_id: str, text: str, *, limit: int = 20) -> list[Message]:
-        """Messages containing `text` (case-insensitive), newest first."""
-        pattern = f"%{_escape_like(text.lower())}%"
+        """The user's messages containing any word of `text` (case-insensitive), those with
+        more of its words first, then the newest (`ralph.conversations.search`); `text`
+        without a word that can find anything ("the", "?") is matched as it is. Ranks the
+        newest `SEARCH_CANDIDATES` matches."""
+        words = query_words(text) or [text.lower()]
+        matches = [
+            func.lower(messages.c.content).like(f"%{_escape_like(word)}%", escape="\\")
+            for word in words
+        ]
         query = (
             select(messages)
-            .where(
-                messages.c.user_id == user_id,
-                func.lower(messages.c.content).like(pattern, escape="\\"),
-            )
+            .where(messages.c.user_id == user_id, or_(*matches))
             .order_by(messages.c.id.desc())
-            .limit(limit)
+            .limit(SEARCH_CANDIDATES)
         )
         async with self._reads.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return [_message(r) for r in rows]
+        return ranked([_message(r) for r in rows], words, limit)
 
     async def oldest(self, limit: int, user_id: str | None = None) -> list[Message]:
         """The oldest `limit` messages (of one user, or of all): with the Honcho backend, the

@@ -42,6 +42,12 @@ CHAT_TURN_SECONDS = Histogram(
     ["status"],
     buckets=(0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
 )
+UNITS_STOPPED = Counter(
+    "ralph_units_stopped",
+    "Users whose agent was stopped before it finished, by what stopped it and by status (a "
+    "success had made proposals first)",
+    ["task", "stopped_by", "status"],
+)
 CHAT = "chat"  # the task label of chat's model calls
 
 
@@ -54,11 +60,15 @@ class UnitStats(TypedDict):
     model_call_seconds: list[float]
     rate_limited: int
     retries: int
+    stopped_by: str | None
 
 
 def observe_unit(stats: UnitStats) -> None:
     task = stats["task"]
     AGENT_SECONDS.labels(task, stats["status"]).observe(stats["seconds"])
+    stopped_by = stats.get("stopped_by")
+    if stopped_by:
+        UNITS_STOPPED.labels(task, stopped_by, stats["status"]).inc()
     observe_model_calls(task, stats["model_call_seconds"], stats["rate_limited"], stats["retries"])
 
 

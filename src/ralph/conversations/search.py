@@ -1,0 +1,41 @@
+"""Message search by words: what a model (or a person) asks for is rarely a passage as it was
+written ("cat Miso" for "I have a cat named Miso"). Each word of the query may match; messages
+matching more of them come first, then the newest."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from ralph.conversations.models import Message
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+# words that match nearly every message: they neither find nor rank anything
+_STOP_WORDS = (
+    "a an and are as at be but by did do does for from had has have he her him his i if in "
+    "is it its me my no not of on or our she so that the their them they this to was we "
+    "were what when where which who why will with you your user users message messages"
+)
+_STOP = frozenset(_STOP_WORDS.split())
+
+
+def query_words(query: str) -> list[str]:
+    """The query's words that can find something, lowercased, each once, in order."""
+    found: list[str] = []
+    for word in _WORD.findall(query.lower()):
+        if word not in _STOP and word not in found:
+            found.append(word)
+    return found
+
+
+def ranked(messages: Sequence[Message], words: Sequence[str], limit: int) -> list[Message]:
+    """`messages` that contain at least one of `words` (case-insensitive), those containing
+    more of them first, then the newest; at most `limit`."""
+    scored: list[tuple[int, int, Message]] = []
+    for message in messages:
+        text = message.content.lower()
+        hits = sum(1 for word in words if word in text)
+        if hits:
+            scored.append((hits, message.id, message))
+    scored.sort(key=lambda item: (item[0], item[1]), reverse=True)
+    return [message for _, _, message in scored[:limit]]
