@@ -36,20 +36,32 @@ from ralph.agents.runner import (
 MAX_EDITS = 10
 
 INSTRUCTIONS = """\
-# How to answer
+# Answer
+The next message holds the user's messages since you last saw them. Answer with JSON only:
+"new_facts" false and no edits when they hold nothing worth remembering about the user next
+week (greetings, thanks, questions, small talk, what the block says); else true, with an
+edit per new fact: "label": {labels}; "action": "append" (a new line), "replace" (of
+"old_text", copied from the block, when a fact changed) or "rewrite" (the whole block);
+"text": the fact, short; "reason": the message it comes from."""
 
-Answer with one JSON object and nothing else: {{"edits": [...]}}. Each edit changes one
-memory block:
-- "label": the block to change: {labels}
-- "action": "append" adds "text" as a new line at the end of the block; "replace" puts "text"
-  in place of "old_text", a passage copied exactly from the block; "rewrite" makes "text" the
-  block's whole new content
-- "old_text": for "replace", the exact passage to replace; otherwise ""
-- "text": the new text: one short fact in the third person, e.g. "Has a maths exam on 12 May."
-- "reason": why, in a few words, for the person who reviews the edit
 
-Only what is new: nothing the block already says. When nothing new is worth keeping, answer
-{{"edits": []}}."""
+def examples(label: str) -> list[tuple[str, str]]:
+    """Exchanges shown before the user's (a small model follows examples more than rules):
+    small talk has no facts; each fact is an edit of its own, in other words than the user's."""
+    fact = (
+        '{{"label": "{label}", "action": "append", "old_text": "", "text": "{text}", '
+        '"reason": "{reason}"}}'
+    )
+    dog = fact.format(label=label, text="Has a dog.", reason="I adopted a dog")
+    meat = fact.format(label=label, text="Is vegetarian.", reason="I stopped eating meat")
+    return [
+        ("- thanks, that helped!\n- see you tomorrow", '{"new_facts": false, "edits": []}'),
+        (
+            "- hi again\n- I adopted a dog\n- I stopped eating meat",
+            f'{{"new_facts": true, "edits": [{dog}, {meat}]}}',
+        ),
+    ]
+
 
 AGAIN = (
     "Your reply is not valid: {error}. Answer again with only the JSON object "
@@ -78,11 +90,15 @@ class ExtractedEdit(BaseModel):
 
 class ExtractReply(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    # false: nothing worth keeping (edits, if any, are not taken); absent: as if true
+    new_facts: bool = True
     edits: list[ExtractedEdit] = Field(max_length=MAX_EDITS)
 
 
 def reply_schema(labels: Sequence[str], new_blocks: bool) -> dict[str, Any]:
-    """The JSON schema of a reply; the labels an `enum` unless new blocks are allowed."""
+    """The JSON schema of a reply; the labels an `enum` unless new blocks are allowed. A
+    reply says first whether there is anything new, and holds edits only if so: a small
+    model asked for edits alone writes some for "thanks, see you tomorrow"."""
     label: dict[str, Any] = {"type": "string"}
     if not new_blocks:
         label["enum"] = list(labels)
@@ -98,12 +114,18 @@ def reply_schema(labels: Sequence[str], new_blocks: bool) -> dict[str, Any]:
         "required": ["label", "action", "old_text", "text", "reason"],
         "additionalProperties": False,
     }
-    return {
-        "type": "object",
-        "properties": {"edits": {"type": "array", "items": edit, "maxItems": MAX_EDITS}},
-        "required": ["edits"],
-        "additionalProperties": False,
-    }
+
+    def reply(new_facts: bool) -> dict[str, Any]:
+        edits: dict[str, Any] = {"type": "array", "items": edit}
+        edits.update({"minItems": 1, "maxItems": MAX_EDITS} if new_facts else {"maxItems": 0})
+        return {
+            "type": "object",
+            "properties": {"new_facts": {"const": new_facts}, "edits": edits},
+            "required": ["new_facts", "edits"],
+            "additionalProperties": False,
+        }
+
+    return {"anyOf": [reply(False), reply(True)]}
 
 
 def response_format(labels: Sequence[str], new_blocks: bool) -> dict[str, Any]:
@@ -189,6 +211,11 @@ async def extract_edits(
     turns = limit_model_calls(model, 2, budget)
     messages = [
         Message(role="system", content=f"{instructions}\n\n{instructions_for(labels, new_blocks)}"),
+        *(
+            Message(role=role, content=content)
+            for said, answered in examples(labels[0] if labels else "notes")
+            for role, content in (("user", said), ("assistant", answered))
+        ),
         Message(role="user", content=prompt),
     ]
     transcript: list[dict[str, Any]] = [{"role": "user", "content": prompt}]
@@ -212,7 +239,8 @@ async def extract_edits(
                 content = response.content if isinstance(response.content, str) else None
                 transcript.append({"role": "assistant", "content": content or ""})
                 try:
-                    extraction.edits = parse_reply(content).edits
+                    reply = parse_reply(content)
+                    extraction.edits = reply.edits if reply.new_facts else []
                     outcome.final_text = content
                     break
                 except ValueError as exc:

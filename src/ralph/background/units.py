@@ -19,7 +19,7 @@ from ralph.background.models import TaskDefinition, UserStatus
 from ralph.background.run_store import RunStore, UserStart
 from ralph.clock import Clock
 from ralph.conversations.honcho import HistoryUnavailable
-from ralph.conversations.models import Message
+from ralph.conversations.models import Message, Role
 from ralph.db.retry import is_unreachable, until_reachable
 from ralph.observability.events import UnitStats, observe_unit
 
@@ -27,10 +27,6 @@ log = structlog.get_logger(__name__)
 
 MAX_ERROR_CHARS = 4000
 
-EXTRACT_PROMPT = (
-    "Find what is new in this user's messages below that belongs in their memory blocks, and "
-    "answer with the edits."
-)
 _EDIT_TOOLS = frozenset(MEMORY_TOOLS) - {"list_memory_blocks", "read_memory_block"}
 
 
@@ -62,10 +58,27 @@ def agent_prompt(labels: Sequence[str], tools: Sequence[str], episode: bool) -> 
 EPISODE_MAX_CHARS = 20_000
 
 
-def with_episode(prompt: str, messages: Sequence[Message], empty: str = "") -> str:
+def compact_episode(messages: Sequence[Message]) -> str:
+    """The user's messages as short lines, oldest first (the extract mode: a small model's
+    tokens go to what was said, not to timestamps); the newest are kept past
+    `EPISODE_MAX_CHARS`."""
+    if not messages:
+        return "(no new messages)"
+    kept: list[str] = []
+    total = 0
+    for message in reversed(messages):
+        who = "" if message.role is Role.USER else f"({message.role.value}) "
+        line = f"- {who}{message.content}"[:EPISODE_MAX_CHARS]
+        if kept and total + len(line) > EPISODE_MAX_CHARS:
+            break
+        kept.append(line)
+        total += len(line)
+    return "\n".join(reversed(kept))
+
+
+def with_episode(prompt: str, messages: Sequence[Message]) -> str:
     """`prompt` followed by the user's messages since the task last ran for them, oldest
-    first; the newest are kept when they exceed `EPISODE_MAX_CHARS` in all. Without any,
-    `prompt` followed by `empty`."""
+    first; the newest are kept when they exceed `EPISODE_MAX_CHARS` in all."""
     kept: list[str] = []
     total = 0
     for message in reversed(messages):
@@ -76,7 +89,7 @@ def with_episode(prompt: str, messages: Sequence[Message], empty: str = "") -> s
         kept.append(line)
         total += len(line)
     if not kept:
-        return f"{prompt}\n\n{empty}" if empty else prompt
+        return prompt
     header = f"The user's messages since this task last ran for them ({len(kept)}, oldest first):"
     return "\n".join([prompt, "", header, *reversed(kept)])
 
@@ -274,7 +287,7 @@ class UnitRunner:
                 log.warning("episode_unavailable", run_id=run_id, user_id=user_id, error=str(exc))
                 unavailable = f"\n\nThe user's recent messages are unavailable ({exc})."
         if task.mode == "extract":
-            prompt = with_episode(EXTRACT_PROMPT, episode, empty="There are no new messages.")
+            prompt = compact_episode(episode)
             return await self._extract(
                 task, context, instructions, prompt + unavailable, labels, budget
             )
