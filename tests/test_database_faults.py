@@ -17,12 +17,14 @@ from typing import Any
 import pytest
 from httpx import AsyncClient
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from ralph.background.models import TaskDefinition, TriggerType, UserStatus
 from ralph.background.run_store import UserStart
 from ralph.config import Settings
 from ralph.db import migrate
 from ralph.db.engine import create_engine
+from ralph.db.retry import until_reachable
 from ralph.testing.model_server import Delay, ModelServer, scripted, text
 from ralph.testing.tcp_proxy import TcpProxy
 from tests.helpers import (
@@ -239,3 +241,25 @@ async def test_sqlite_reads_answer_while_another_process_writes(settings: Settin
             await asyncio.to_thread(other.execute, "ROLLBACK")
             other.close()
         assert (await write).json()["body"] == "x"
+
+
+async def test_a_write_past_the_packet_size_is_not_an_outage(mariadb_schema_url: str) -> None:
+    """MariaDB drops the connection of a statement past max_allowed_packet (2013, as when it
+    goes away): the write that waits out outages gives up after three such losses in a row, in
+    seconds, instead of retrying it for 10 minutes with the user left `running`."""
+    engine = create_engine(mariadb_schema_url)
+    huge = "x" * (17 * 1024 * 1024)  # past the default 16 MB
+
+    async def write() -> None:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("SELECT CHAR_LENGTH(%s)", (huge,))
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        with pytest.raises(OperationalError) as raised:
+            await until_reachable(write, what="a huge write", give_up_after=60)
+        assert "2013" in str(raised.value)
+        assert loop.time() - started < 10
+    finally:
+        await engine.dispose()

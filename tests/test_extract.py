@@ -11,7 +11,7 @@ import pytest
 from httpx import AsyncClient
 
 from ralph.config import Settings
-from ralph.testing.model_server import ModelServer, scripted, text
+from ralph.testing.model_server import ModelServer, in_order, scripted, text
 from tests.helpers import notes_task, serving, using_model_server
 
 
@@ -76,12 +76,15 @@ async def test_a_structured_reply_becomes_proposals(
     [request] = model_server.requests
     assert "tools" not in request
     schema = request["response_format"]["json_schema"]["schema"]
-    assert schema["properties"]["edits"]["items"]["properties"]["label"]["enum"] == [
+    [nothing, something] = schema["anyOf"]
+    assert nothing["properties"]["edits"]["maxItems"] == 0
+    assert something["properties"]["edits"]["items"]["properties"]["label"]["enum"] == [
         "notes",
         "goals",
     ]
-    prompt = request["messages"][-1]["content"]
-    assert "my exam is on 12 May" in prompt
+    assert request["messages"][-1]["content"] == (
+        "- my exam is on 12 May\n- I started learning Spanish"
+    )
     assert "likes chess" in request["messages"][0]["content"]
 
 
@@ -107,13 +110,25 @@ async def test_new_blocks_when_the_task_allows_them(
     await run_extract(client, new_blocks=True)
     assert await proposals(client) == [("languages", "body", "Spanish")]
     schema = model_server.requests[0]["response_format"]["json_schema"]["schema"]
-    assert "enum" not in schema["properties"]["edits"]["items"]["properties"]["label"]
+    something = schema["anyOf"][1]
+    assert "enum" not in something["properties"]["edits"]["items"]["properties"]["label"]
+
+
+async def test_no_new_facts_means_no_edits(client: AsyncClient, model_server: ModelServer) -> None:
+    """A reply that says there is nothing new is taken at its word, whatever edits it holds
+    (a provider that does not enforce the schema may send both)."""
+    reply = {"new_facts": False, "edits": [edit("notes", "append", "see you")]}
+    model_server.responder = scripted(text(json.dumps(reply)))
+    user = await run_extract(client)
+    assert (user["status"], user["proposals_created"]) == ("success", 0)
+    assert await proposals(client) == []
 
 
 async def test_an_invalid_reply_is_asked_again_once(
     client: AsyncClient, model_server: ModelServer
 ) -> None:
-    model_server.responder = scripted(
+    # in order: the examples before the user's messages are assistant turns too
+    model_server.responder = in_order(
         text("Sure! The user has an exam."), text(edits(edit("notes", "append", "exam")))
     )
     user = await run_extract(client)

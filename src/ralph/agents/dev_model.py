@@ -83,7 +83,9 @@ def _edits_schema(request: dict[str, Any]) -> dict[str, Any] | None:
 
 def _extracted(schema: dict[str, Any]) -> Reply:
     """The extract mode's answer: a review note appended to the first label it may use."""
-    label_spec: Any = schema["properties"]["edits"]["items"]["properties"]["label"]
+    # the shape with edits (a reply says first whether it has any)
+    shape: Any = schema["anyOf"][-1] if "anyOf" in schema else schema
+    label_spec: Any = shape["properties"]["edits"]["items"]["properties"]["label"]
     labels = cast("list[str]", label_spec.get("enum") or [REVIEW_LABEL])
     edit = {
         "label": labels[0] if labels else REVIEW_LABEL,
@@ -92,7 +94,7 @@ def _extracted(schema: dict[str, Any]) -> Reply:
         "text": "Reviewed by the dev model.",
         "reason": "dev model: routine review note",
     }
-    return Reply(content=json.dumps({"edits": [edit]}))
+    return Reply(content=json.dumps({"new_facts": True, "edits": [edit]}))
 
 
 async def _handle(request: httpx.Request) -> httpx.Response:

@@ -48,10 +48,37 @@ async def retrying(operation: Callable[[], Awaitable[T]], attempts: int = 5) -> 
 UNREACHABLE = (OperationalError, InterfaceError, OSError)
 
 
+# MySQL/MariaDB errors of a statement that can never succeed, however long one waits: 1153
+# packet too large, 1406 data too long, 1366 incorrect string value, 1264 out of range, 1292
+# incorrect value, 1048 column cannot be null. SQLite: a string or blob too big.
+_PERMANENT_CODES = {1153, 1406, 1366, 1264, 1292, 1048}
+
+
+# MySQL/MariaDB 2013: the connection was lost during a query; that many in a row (each on a
+# new connection) is the statement's doing, not an outage
+_LOST_IN_QUERY = 2013
+_LOST_IN_QUERY_LIMIT = 3
+
+
+def _code(error: BaseException) -> object:
+    args = getattr(getattr(error, "orig", None), "args", ())
+    return args[0] if args else None
+
+
+def is_permanent(error: BaseException) -> bool:
+    """Whether `error` refuses the statement itself (too large, invalid data): retrying it
+    is no use, and the database is not gone."""
+    return _code(error) in _PERMANENT_CODES or "too big" in str(error)
+
+
 def is_unreachable(error: BaseException) -> bool:
     """Whether `error` says the database could not be reached (or answered as if gone), as
     opposed to refusing what was asked."""
-    return isinstance(error, UNREACHABLE) and not isinstance(error, IntegrityError)
+    return (
+        isinstance(error, UNREACHABLE)
+        and not isinstance(error, IntegrityError)
+        and not is_permanent(error)
+    )
 
 
 async def until_reachable(
@@ -60,15 +87,26 @@ async def until_reachable(
     """Run `operation` (one whole transaction, safe to repeat) until the database answers:
     a lost or refused connection is retried with back-off (0.2 s doubling to 5 s) for up to
     `give_up_after` seconds, then raised. For the writes that must not be lost to an outage
-    (a user's result, a run's end); other errors are raised at once."""
+    (a user's result, a run's end). Other errors are raised at once, and so is a statement
+    that can never succeed (refused as too large or invalid, or losing its connection three
+    times in a row, each time on a connection that was made)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + give_up_after
     delay = 0.2
+    lost_in_query = 0
     while True:
         try:
             return await operation()
         except UNREACHABLE as error:
-            if loop.time() + delay > deadline:
+            # MariaDB drops the connection of a statement past max_allowed_packet: the
+            # connection was made each time, the statement killed it; an outage soon fails
+            # to connect instead
+            lost_in_query = lost_in_query + 1 if _code(error) == _LOST_IN_QUERY else 0
+            if (
+                loop.time() + delay > deadline
+                or not is_unreachable(error)
+                or lost_in_query >= _LOST_IN_QUERY_LIMIT
+            ):
                 raise
             log.warning("database_unreachable", what=what, error=str(error)[:200], retry_in=delay)
             await asyncio.sleep(delay)

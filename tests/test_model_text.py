@@ -1,0 +1,120 @@
+"""Pure rules over what models write: tool calls found in text, replies that look like calls,
+a unit's status from its agent's outcome, message search's words and ranking."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from ralph.agents.extract import parse_reply
+from ralph.agents.runner import AgentOutcome
+from ralph.agents.textcalls import TextCall, calls_in_text, looks_like_a_call
+from ralph.background.models import UserStatus
+from ralph.background.units import unit_status
+from ralph.conversations.models import Message, Role
+from ralph.conversations.search import query_words, ranked
+
+READ = TextCall("read_memory_block", {"label": "notes"})
+
+
+@pytest.mark.parametrize(
+    ("content", "calls"),
+    [
+        ('{"name": "read_memory_block", "arguments": {"label": "notes"}}', [READ]),
+        ('```json\n{"name": "read_memory_block", "arguments": {"label": "notes"}}\n```', [READ]),
+        (
+            '<tool_call>\n{"name": "read_memory_block", "arguments": {"label": "notes"}}'
+            "\n</tool_call>",
+            [READ],
+        ),
+        ('{"name": "read_memory_block", "parameters": {"label": "notes"}}', [READ]),
+        ('{"name": "read_memory_block", "arguments": "{\\"label\\": \\"notes\\"}"}', [READ]),
+        ('{"function": {"name": "read_memory_block", "arguments": {"label": "notes"}}}', [READ]),
+        ('[{"name": "a", "arguments": {}}, {"name": "b"}]', [TextCall("a", {}), TextCall("b", {})]),
+        (
+            '{"name": "a", "arguments": {}}\n{"name": "b", "arguments": {"x": 1}}',
+            [TextCall("a", {}), TextCall("b", {"x": 1})],
+        ),
+        # not calls: prose around one, JSON that is an answer, a broken call
+        ('Sure: {"name": "read_memory_block", "arguments": {}}', []),
+        ('{"name": "Ann", "age": 3}', []),
+        ('{"name": "a", "arguments": [1]}', []),
+        ('{"name": "a", "arguments": {', []),
+        ("Done: I added the exam date.", []),
+        ("", []),
+    ],
+)
+def test_calls_in_text(content: str, calls: list[TextCall]) -> None:
+    assert calls_in_text(content) == calls
+
+
+@pytest.mark.parametrize(
+    ("content", "looks"),
+    [
+        ('I will call {"name": "read_memory_block", "arguments": {"label": "x"}}', True),
+        ("<tool_call>read it</tool_call>", True),
+        ('The user is called {"name": "Ann"}.', False),
+        ("Added two notes.", False),
+        (None, False),
+    ],
+)
+def test_looks_like_a_call(content: str | None, looks: bool) -> None:
+    assert looks_like_a_call(content) is looks
+
+
+@pytest.mark.parametrize(
+    ("error", "stopped_by", "proposals", "status"),
+    [
+        (None, None, 0, UserStatus.SUCCESS),
+        (None, None, 2, UserStatus.SUCCESS),
+        ("stopped after 6 model calls (max_turns)", "max_turns", 1, UserStatus.SUCCESS),
+        ("stopped after 6 model calls (max_turns)", "max_turns", 0, UserStatus.FAILED),
+        ("timed out after 300 s", "timeout", 3, UserStatus.SUCCESS),
+        ("timed out after 300 s", "timeout", 0, UserStatus.FAILED),
+        ("budget exceeded: ...", "budget", 2, UserStatus.BUDGET_EXCEEDED),
+        ("ModelProviderError: 500", None, 2, UserStatus.FAILED),
+    ],
+)
+def test_unit_status(
+    error: str | None, stopped_by: str | None, proposals: int, status: UserStatus
+) -> None:
+    outcome = AgentOutcome(error=error, stopped_by=stopped_by)
+    assert unit_status(outcome, proposals=proposals) is status
+
+
+def test_search_words_and_ranking() -> None:
+    assert query_words("What is the cat's name? Miso the cat") == ["cat", "s", "name", "miso"]
+    at = datetime(2026, 12, 6, tzinfo=UTC)
+    said = [
+        Message(1, "u", Role.USER, "I have a cat named Miso", at),
+        Message(2, "u", Role.USER, "my cat is grey", at),
+        Message(3, "u", Role.USER, "exams next week", at),
+        Message(4, "u", Role.USER, "the cat sleeps", at),
+    ]
+    found = ranked(said, ["miso", "cat"], limit=10)
+    assert [m.id for m in found] == [1, 4, 2]  # both words, then newest first
+    assert [m.id for m in ranked(said, ["miso", "cat"], limit=2)] == [1, 4]
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("", "it is empty"),
+        ("Sure! Here are the facts.", "it is not JSON"),
+        ('{"facts": []}', "edits: Field required"),
+        ('{"edits": [{"label": "notes", "action": "delete", "text": "x"}]}', "edits.0.action"),
+    ],
+)
+def test_invalid_extract_replies_say_what_is_wrong(content: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        parse_reply(content)
+
+
+def test_extract_replies_as_models_write_them() -> None:
+    edit = '{"label": "notes", "action": "append", "text": "x"}'
+    fenced = f'```json\n{{"new_facts": true, "edits": [{edit}]}}\n```'
+    assert [e.text for e in parse_reply(fenced).edits] == ["x"]
+    bare = '[{"label": "notes", "action": "append", "text": "y", "reason": "r"}]'
+    assert [e.text for e in parse_reply(bare).edits] == ["y"]
+    assert parse_reply('{"new_facts": false, "edits": []}').new_facts is False
