@@ -381,3 +381,24 @@ async def test_direction_controls_are_shown_in_the_console(tmp_path: Path) -> No
         assert page.status_code == 200
         assert "\u202e" not in page.text
         assert "[U+202E]" in page.text
+
+
+async def test_logging_out_revokes_the_session(tmp_path: Path) -> None:
+    """A copy of the cookie kept after logging out no longer works (it did for 12 hours)."""
+    async with harness_for(console_settings(tmp_path)) as harness:
+        client = harness.client
+        login = await client.post(
+            "/console/login",
+            content=f"token={REVIEWER_TOKEN}&next=/console",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        session = login.cookies[COOKIE]
+        client.cookies.set(COOKIE, session)
+        page = await client.get("/console")
+        assert page.status_code == 200
+        csrf = page.text.split('name="ralph-csrf" content="', 1)[1].split('"', 1)[0]
+        out = await client.post("/console/logout", headers={"X-Ralph-CSRF": csrf})
+        assert out.status_code == 303
+        client.cookies.set(COOKIE, session)  # the copy
+        assert (await client.get("/proposals")).status_code == 401
+        assert (await client.get("/console")).status_code == 303  # to the login

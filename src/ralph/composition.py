@@ -26,6 +26,7 @@ from ralph.background.units import UnitRunner
 from ralph.chat.service import ChatService
 from ralph.clock import Clock, SystemClock
 from ralph.config import Settings
+from ralph.console.session_store import RevokedSessions
 from ralph.conversations.honcho import HonchoArchive
 from ralph.conversations.service import ConversationService
 from ralph.conversations.store import ConversationStore
@@ -74,6 +75,8 @@ class Services:
     coordinator: RunCoordinator
     scheduler: Scheduler
     background: BackgroundService
+    # console sessions ended by logging out
+    revoked_sessions: RevokedSessions
 
     async def schema_status(self) -> tuple[str, str | None, str]:
         """(database: "ok" or why not, its schema revision, the revision this code needs),
@@ -232,6 +235,7 @@ async def open_services(
                 scheduler=scheduler,
                 clock=clock,
             ),
+            revoked_sessions=RevokedSessions(engine),
         )
     finally:
         await stack.aclose()

@@ -17,7 +17,14 @@ from urllib.parse import quote
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ralph.console.sessions import COOKIE, CSRF_HEADER, Sessions, is_reviewer, reviewer_may
+from ralph.console.sessions import (
+    COOKIE,
+    CSRF_HEADER,
+    Sessions,
+    is_reviewer,
+    reviewer_may,
+    signature_of,
+)
 
 log = structlog.get_logger("ralph.http")
 
@@ -144,6 +151,8 @@ class AccessMiddleware:
             )
             return
         role, session = self._credential(sessions, headers)
+        if session is not None and await _revoked(scope, session):
+            role, session = None, None  # logged out: a copy of its cookie is no credential
         if role is None and _has_credential(headers):
             sessions.failures.failed(client)
         if role is None:
@@ -189,6 +198,13 @@ class AccessMiddleware:
             return None, None
         role = sessions.role(morsel.value)
         return role, morsel.value if role else None
+
+
+async def _revoked(scope: Scope, session: str) -> bool:
+    services: Any = getattr(scope["app"].state, "services", None)
+    return services is not None and await services.revoked_sessions.is_revoked(
+        signature_of(session)
+    )
 
 
 def _client_of(scope: Scope) -> str:

@@ -30,7 +30,15 @@ from ralph.clock import Clock
 from ralph.composition import Services
 from ralph.config import Settings
 from ralph.console.diff import DiffLine, diff_lines
-from ralph.console.sessions import COOKIE, FULL, LIFETIME, REVIEWER, Sessions, named_reviewer
+from ralph.console.sessions import (
+    COOKIE,
+    FULL,
+    LIFETIME,
+    REVIEWER,
+    Sessions,
+    named_reviewer,
+    signature_of,
+)
 from ralph.memory.models import Proposal, ProposalStatus
 
 HERE = Path(__file__).parent
@@ -286,7 +294,14 @@ async def login(request: Request) -> Response:
 
 
 @router.post("/console/logout")
-async def logout() -> Response:
+async def logout(request: Request) -> Response:
+    """End the session: its cookie is deleted, and revoked (a copy of it no longer works)."""
+    sessions: Sessions | None = request.app.state.console_sessions
+    session = request.cookies.get(COOKIE)
+    expires = sessions.expires_at(session) if sessions and session else None
+    if session and expires is not None:
+        services: Services = request.app.state.services
+        await services.revoked_sessions.revoke(signature_of(session), expires, services.clock.now())
     response = RedirectResponse("/console/login", status_code=303)
     response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
     return response

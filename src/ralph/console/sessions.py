@@ -14,7 +14,7 @@ import hmac
 import re
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from limits import RateLimitItemPerMinute
 from limits.storage import MemoryStorage
@@ -83,6 +83,13 @@ class Sessions:
         age = self._now().timestamp() - int(issued)
         return role if 0 <= age < LIFETIME.total_seconds() else None
 
+    def expires_at(self, session: str) -> datetime | None:
+        """When a genuine session cookie expires (None for anything else)."""
+        if self.role(session) is None:
+            return None
+        issued = int(session.split(".")[1])
+        return datetime.fromtimestamp(issued, UTC) + LIFETIME
+
     def csrf(self, session: str) -> str:
         role = session.partition(".")[0]
         return self._sign(role, f"csrf.{session}") if role in self._keys else ""
@@ -112,3 +119,8 @@ class FailedAttempts:
     def failed(self, client: str) -> None:
         if not self._off:
             self._limiter.hit(self._item, client)
+
+
+def signature_of(session: str) -> str:
+    """The part of a session cookie that names it (a revocation records it)."""
+    return session.rpartition(".")[2]

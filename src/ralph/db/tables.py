@@ -290,3 +290,13 @@ webhook_outbox = Table(
     Column("last_error", Text(), nullable=True),
     Index(None, "status", "next_attempt_at"),
 )
+
+# Console sessions ended by logging out, until they would have expired anyway: a session is a
+# signed cookie, valid by itself; its signature here makes it invalid.
+revoked_sessions = Table(
+    "revoked_sessions",
+    metadata,
+    Column("signature", String(64), primary_key=True),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Index(None, "expires_at"),
+)
