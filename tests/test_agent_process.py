@@ -3,6 +3,7 @@ real clock. The model is the scripted server; the database a SQLite file or Mari
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import AsyncGenerator
@@ -169,3 +170,20 @@ async def test_the_working_directory_is_not_on_the_agent_process_path(
         await harness.services.registry.create(task(["a"], tools=[]))
         run = await execute_task(harness.services, task(["a"], tools=[]))
         assert run.status is RunStatus.SUCCESS, run
+
+
+async def test_extract_mode_in_the_agent_process(
+    settings: Settings, model_server: ModelServer
+) -> None:
+    """The extract mode runs wherever units run: here in the agent process."""
+    edit = {"label": "notes", "action": "append", "old_text": "", "text": "Has an exam."}
+    reply = {"new_facts": True, "edits": [{**edit, "reason": "r"}]}
+    model_server.responder = scripted(text(json.dumps(reply)))
+    async with harness_for(subprocess_settings(settings, model_server)) as harness:
+        services = harness.services
+        definition = task(["a"], tools=[], mode="extract", memory_blocks=["notes"])
+        await services.registry.create(definition)
+        run = await execute_task(services, definition)
+        assert run.counts == {"success": 1}, run
+        [proposal] = await services.memory.list_proposals("a")
+        assert proposal.new_text == "Has an exam."
