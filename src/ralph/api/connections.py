@@ -11,6 +11,7 @@ connections than one Python process should.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -56,6 +57,20 @@ def bounded_protocol(header_timeout_seconds: float, max_connections: int) -> typ
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             super().connection_lost(exc)
+
+        def send_400_response(self, msg: str) -> None:
+            """A request the HTTP parser refuses (a malformed request line or header, a
+            request line too long: 10,000 query parameters) gets the API's JSON error shape,
+            not uvicorn's plain text."""
+            body = json.dumps({"detail": f"the request could not be read: {msg}"}).encode()
+            head = [
+                b"HTTP/1.1 400 Bad Request",
+                b"content-type: application/json",
+                b"content-length: " + str(len(body)).encode(),
+                b"connection: close",
+            ]
+            self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+            self.transport.close()
 
         def _arm(self) -> None:
             if self._header_timer is None:
