@@ -103,7 +103,7 @@ async def test_proposals_then_max_turns_is_a_success_stopped_by_max_turns(
         "max_turns",
         1,
     )
-    assert user["error"] is None
+    assert (user["error"], user["reason"]) == (None, "max_turns")
     metrics = (await client.get("/metrics")).text
     assert 'ralph_units_stopped_total{status="success",stopped_by="max_turns",task="loop"}' in (
         metrics
@@ -115,7 +115,11 @@ async def test_max_turns_with_nothing_done_is_failed(
 ) -> None:
     model_server.responder = scripted(call("read_memory_block", label="notes"))
     user = await run_for(client, max_turns=2)
-    assert (user["status"], user["stopped_by"]) == ("failed", "max_turns")
+    assert (user["status"], user["stopped_by"], user["reason"]) == (
+        "failed",
+        "max_turns",
+        "max_turns",
+    )
 
 
 async def test_a_reply_that_is_an_unmade_tool_call_is_not_a_success(
@@ -125,7 +129,7 @@ async def test_a_reply_that_is_an_unmade_tool_call_is_not_a_success(
     said = 'I will now call {"name": "read_memory_block", "arguments": {"label": "notes"}}'
     model_server.responder = scripted(text(said))
     user = await run_for(client)
-    assert user["status"] == "failed", user
+    assert (user["status"], user["reason"]) == ("failed", "invalid_reply"), user
     assert "tool call written as text" in user["error"]
 
 

@@ -69,6 +69,7 @@ async def test_a_structured_reply_becomes_proposals(
     )
     user = await run_extract(client)
     assert (user["status"], user["turns_used"], user["proposals_created"]) == ("success", 1, 2)
+    assert user["reason"] == "finished"
     assert await proposals(client) == [
         ("goals", "replace", "pass the Spanish exam"),
         ("notes", "append", "Has an exam on 12 May."),
@@ -143,7 +144,7 @@ async def test_a_second_invalid_reply_fails_the_user(
 ) -> None:
     model_server.responder = scripted(text('{"facts": ["exam"]}'))
     user = await run_extract(client)
-    assert (user["status"], user["turns_used"]) == ("failed", 2)
+    assert (user["status"], user["turns_used"], user["reason"]) == ("failed", 2, "invalid_reply")
     assert user["error"].startswith("invalid reply: edits: Field required")
     assert await proposals(client) == []
 

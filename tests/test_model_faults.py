@@ -38,6 +38,7 @@ class Fault:
     says: str  # in the user's error (failed) or the agent's final text (success)
     requests: int
     tool_says: str | None = None  # in the tool result the model was sent back
+    reason: str = "finished"  # why the unit ended, as recorded
 
 
 NO_CHOICES = '{"id": "x", "object": "chat.completion", "created": 1, "model": "m"}'
@@ -62,6 +63,7 @@ FAULTS = [
         "failed",
         "rate limited: provider asked to wait 86400 s",
         2,
+        reason="rate_limited",
     ),
     Fault(
         "429 on every request",
@@ -69,6 +71,7 @@ FAULTS = [
         "failed",
         "rate limited: slow down",
         4,
+        reason="rate_limited",
     ),
     Fault(
         "500 on every request",
@@ -76,6 +79,7 @@ FAULTS = [
         "failed",
         "kaput",
         4,
+        reason="provider_error",
     ),
     Fault(
         "a hang past the model timeout, then fine",
@@ -90,10 +94,23 @@ FAULTS = [
         "failed",
         f"no reply within {MODEL_TIMEOUT} s",
         4,
+        reason="provider_error",
     ),
-    Fault("a body that is not JSON", lambda: scripted(Garbage()), "failed", "malformed reply", 2),
     Fault(
-        "a body without choices", lambda: scripted(Garbage(NO_CHOICES)), "failed", "malformed", 2
+        "a body that is not JSON",
+        lambda: scripted(Garbage()),
+        "failed",
+        "malformed reply",
+        2,
+        reason="invalid_reply",
+    ),
+    Fault(
+        "a body without choices",
+        lambda: scripted(Garbage(NO_CHOICES)),
+        "failed",
+        "malformed",
+        2,
+        reason="invalid_reply",
     ),
     Fault(
         "an unknown tool",
@@ -142,7 +159,7 @@ async def test_a_model_fault_ends_cleanly(
     assert run["status"] == ("success" if fault.status == "success" else "failed")
     assert run["counts"] == {fault.status: 1}  # nothing left pending or running
     user = (await client.get(f"/background/runs/{run['id']}/users/u1")).json()
-    assert user["status"] == fault.status
+    assert (user["status"], user["reason"]) == (fault.status, fault.reason)
     if fault.status == "failed":
         assert fault.says in user["error"]
     else:

@@ -7,13 +7,14 @@ from datetime import UTC, datetime
 
 import pytest
 
+from ralph.agents.calls import CallRecord
 from ralph.agents.extract import parse_reply
 from ralph.agents.runner import AgentOutcome
 from ralph.agents.textcalls import TextCall, calls_in_text, looks_like_a_call
-from ralph.background.models import UserStatus
-from ralph.background.units import unit_status
+from ralph.background.models import UserStatus, unit_status
 from ralph.conversations.models import Message, Role
 from ralph.conversations.search import query_words, ranked
+from ralph.reasons import EndReason
 
 READ = TextCall("read_memory_block", {"label": "notes"})
 
@@ -64,23 +65,47 @@ def test_looks_like_a_call(content: str | None, looks: bool) -> None:
 
 
 @pytest.mark.parametrize(
-    ("error", "stopped_by", "proposals", "status"),
+    ("reason", "proposals", "status"),
     [
-        (None, None, 0, UserStatus.SUCCESS),
-        (None, None, 2, UserStatus.SUCCESS),
-        ("stopped after 6 model calls (max_turns)", "max_turns", 1, UserStatus.SUCCESS),
-        ("stopped after 6 model calls (max_turns)", "max_turns", 0, UserStatus.FAILED),
-        ("timed out after 300 s", "timeout", 3, UserStatus.SUCCESS),
-        ("timed out after 300 s", "timeout", 0, UserStatus.FAILED),
-        ("budget exceeded: ...", "budget", 2, UserStatus.BUDGET_EXCEEDED),
-        ("ModelProviderError: 500", None, 2, UserStatus.FAILED),
+        (EndReason.FINISHED, 0, UserStatus.SUCCESS),
+        (EndReason.FINISHED, 2, UserStatus.SUCCESS),
+        (EndReason.MAX_TURNS, 1, UserStatus.SUCCESS),
+        (EndReason.MAX_TURNS, 0, UserStatus.FAILED),
+        (EndReason.TIMEOUT, 3, UserStatus.SUCCESS),
+        (EndReason.TIMEOUT, 0, UserStatus.FAILED),
+        (EndReason.BUDGET_EXCEEDED, 2, UserStatus.BUDGET_EXCEEDED),
+        (EndReason.PROVIDER_ERROR, 2, UserStatus.FAILED),
+        (EndReason.RATE_LIMITED, 0, UserStatus.FAILED),
+        (EndReason.INVALID_REPLY, 0, UserStatus.FAILED),
+        (EndReason.WORKER_LOST, 0, UserStatus.FAILED),
+        (EndReason.INTERNAL, 1, UserStatus.FAILED),
+        (EndReason.CANCELLED, 1, UserStatus.CANCELLED),
+        (EndReason.INTERRUPTED, 0, UserStatus.INTERRUPTED),
     ],
 )
-def test_unit_status(
-    error: str | None, stopped_by: str | None, proposals: int, status: UserStatus
+def test_unit_status(reason: EndReason, proposals: int, status: UserStatus) -> None:
+    assert unit_status(reason, proposals=proposals) is status
+
+
+@pytest.mark.parametrize(
+    ("stopped_by", "error", "failure", "invalid", "reason"),
+    [
+        (None, None, None, False, EndReason.FINISHED),
+        ("max_turns", "stopped after 6 model calls", None, False, EndReason.MAX_TURNS),
+        ("timeout", "timed out", None, False, EndReason.TIMEOUT),
+        ("budget", "budget exceeded", None, False, EndReason.BUDGET_EXCEEDED),
+        (None, "rate limited: 429", "rate_limited", False, EndReason.RATE_LIMITED),
+        (None, "HTTP 500", "provider_error", False, EndReason.PROVIDER_ERROR),
+        (None, "the last reply is a call", None, True, EndReason.INVALID_REPLY),
+        (None, "KeyError: 'x'", None, False, EndReason.INTERNAL),
+    ],
+)
+def test_an_agents_end_reason(
+    stopped_by: str | None, error: str | None, failure: str | None, invalid: bool, reason: EndReason
 ) -> None:
     outcome = AgentOutcome(error=error, stopped_by=stopped_by)
-    assert unit_status(outcome, proposals=proposals) is status
+    outcome.conclude(CallRecord(failure=failure), invalid=invalid)
+    assert outcome.reason is reason
 
 
 def test_search_words_and_ranking() -> None:

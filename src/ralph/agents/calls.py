@@ -20,6 +20,8 @@ class CallRecord:
     call_seconds: list[float] = field(default_factory=list[float])
     rate_limited: int = 0  # replies with status 429
     retries: int = 0  # requests beyond the first of each call
+    # what kind of failure the provider's last failed call was (an EndReason's value)
+    failure: str | None = None
 
     def waited(self, seconds: float) -> None:
         self.wait_seconds += seconds

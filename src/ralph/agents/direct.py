@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from ralph.agents.calls import current_call
 from ralph.agents.ratelimit import RateLimit, estimate_tokens
 from ralph.agents.transport import Reply, Transport, TransportError
+from ralph.reasons import EndReason
 
 _RETRY_STATUSES = {408, 409, 429}
 _SDK_ONLY_PARAMS = {"extra_headers", "extra_query", "extra_body", "timeout"}
@@ -228,6 +229,14 @@ class DirectOpenAI(OpenAILike):
         return str(error)
 
     def _error(self, message: str, status: int | None = None) -> ModelProviderError:
+        record = current_call.get()
+        if record is not None:
+            if status == 429 or message.startswith("rate limited"):
+                record.failure = EndReason.RATE_LIMITED.value
+            elif message.startswith("malformed reply"):
+                record.failure = EndReason.INVALID_REPLY.value
+            else:
+                record.failure = EndReason.PROVIDER_ERROR.value
         return ModelProviderError(
             message=message,
             status_code=status if status is not None else 502,

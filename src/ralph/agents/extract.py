@@ -220,6 +220,7 @@ async def extract_edits(
     ]
     transcript: list[dict[str, Any]] = [{"role": "user", "content": prompt}]
     extraction = Extraction(outcome)
+    invalid = False
     record = CallRecord()
     token = current_call.set(record)
     try:
@@ -246,6 +247,7 @@ async def extract_edits(
                 except ValueError as exc:
                     if attempt == 1:
                         outcome.error = f"invalid reply: {exc}"
+                        invalid = True
                         break
                     again = AGAIN.format(error=exc)
                     transcript.append({"role": "user", "content": again})
@@ -276,4 +278,5 @@ async def extract_edits(
         outcome.total_tokens = budget.used
         outcome.tokens_estimated = budget.estimated
     outcome.transcript = transcript
+    outcome.conclude(record, invalid=invalid)
     return extraction

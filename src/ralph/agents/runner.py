@@ -17,6 +17,7 @@ from agno.tools.function import Function
 from ralph.agents.calls import CallRecord, current_call
 from ralph.agents.textcalls import calls_in_text, looks_like_a_call
 from ralph.agents.tools import ToolContext, build_tools
+from ralph.reasons import EndReason
 
 
 class TurnLimitReached(Exception):
@@ -104,10 +105,31 @@ class AgentOutcome:
     model_call_seconds: list[float] = field(default_factory=list[float])
     rate_limited_responses: int = 0
     model_retries: int = 0
+    # why it ended (set by the runner; a unit's result records it)
+    reason: EndReason = EndReason.FINISHED
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    def conclude(self, record: CallRecord, *, invalid: bool = False) -> None:
+        """Set `reason` from how the run ended: what stopped it, the provider's last failure
+        (`record`), or `invalid` (a reply that could not be used)."""
+        stopped = {
+            "max_turns": EndReason.MAX_TURNS,
+            "timeout": EndReason.TIMEOUT,
+            "budget": EndReason.BUDGET_EXCEEDED,
+        }
+        if self.stopped_by in stopped:
+            self.reason = stopped[self.stopped_by]
+        elif self.error is None:
+            self.reason = EndReason.FINISHED
+        elif invalid:
+            self.reason = EndReason.INVALID_REPLY
+        elif record.failure is not None:
+            self.reason = EndReason(record.failure)
+        else:
+            self.reason = EndReason.INTERNAL
 
 
 # Agno's answer to a call of a tool the agent does not have
@@ -340,6 +362,7 @@ async def run_agent(
     """
     outcome = AgentOutcome()
     budget = budget or TokenBudget()
+    unmade_call = False
     agent, turns = build_agent(model, tools, context, instructions, max_turns, budget)
     output: RunOutput | None = None
     # time spent waiting for the shared rate limit moves the deadline: it is not the agent's
@@ -374,7 +397,8 @@ async def run_agent(
             outcome.error = str(output.content or "agent run failed")
         else:
             outcome.final_text = output.content if isinstance(output.content, str) else None
-            if looks_like_a_call(outcome.final_text):
+            unmade_call = looks_like_a_call(outcome.final_text)
+            if unmade_call:
                 outcome.error = (
                     "the model's last reply is a tool call written as text that could not be "
                     "run (not JSON of one call of a tool it has), not an answer"
@@ -395,4 +419,5 @@ async def run_agent(
         # no usage from the provider (or the run stopped before Agno summed it)
         outcome.total_tokens = budget.used
         outcome.tokens_estimated = budget.estimated
+    outcome.conclude(record, invalid=unmade_call)
     return outcome

@@ -69,6 +69,10 @@ _USER_NOTES = {
         "What stopped the agent before it finished: max_turns, timeout or budget. A `success` "
         "with it made proposals, then ran out; a `failed` with it did nothing first."
     ),
+    "reason": (
+        "Why the unit ended: finished, rate_limited, timeout, provider_error, invalid_reply, "
+        "budget_exceeded, max_turns, cancelled, worker_lost, interrupted or internal"
+    ),
 }
 UserResultOut = response_model(
     UserResult,

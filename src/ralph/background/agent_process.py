@@ -30,11 +30,12 @@ from pydantic_core import to_jsonable_python
 from ralph.agents.ratelimit import RateLimit
 from ralph.background.agent_limit import LimitServer
 from ralph.background.inflight import InFlight
-from ralph.background.models import TaskDefinition, UserStatus
+from ralph.background.models import TaskDefinition
 from ralph.background.run_store import RunStore
 from ralph.clock import Clock
 from ralph.config import Settings
 from ralph.observability.events import UnitStats, observe_unit
+from ralph.reasons import EndReason
 
 log = structlog.get_logger(__name__)
 
@@ -185,7 +186,7 @@ class AgentProcess:
             log.error("agent_process_exited", pid=child.pid, code=code, units=len(lost))
         # units the child had not finished when it was stopped are interrupted (re-run), not
         # failed
-        status = UserStatus.INTERRUPTED if self._stopping else UserStatus.FAILED
+        reason = EndReason.INTERRUPTED if self._stopping else EndReason.WORKER_LOST
         for (run_id, user_id), (_, task_name) in lost:
             await self._runs.fail_unfinished_user(
                 run_id,
@@ -193,7 +194,7 @@ class AgentProcess:
                 user_id,
                 self._clock.now(),
                 f"agent process exited ({code})",
-                status,
+                reason,
             )
             self._resolve(run_id, user_id)
 

@@ -12,6 +12,7 @@ from croniter import croniter
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ralph.background.cron import never_fires_reason
+from ralph.reasons import EndReason
 from ralph.validation import (
     Label,
     StrictInput,
@@ -302,6 +303,32 @@ USER_TRANSITIONS: dict[UserStatus, frozenset[UserStatus]] = {
 }
 
 
+def unit_status(reason: EndReason, *, proposals: int) -> UserStatus:
+    """The status a unit ends in, from why it ended: `success` when it finished, or when
+    `max_turns` or its timeout stopped it after it made proposals (what it did is kept for
+    review); `budget_exceeded`, `cancelled`, `interrupted` (a shutdown, a crash) as named;
+    `failed` otherwise (an error, a lost worker, or stopped with nothing done)."""
+    if reason is EndReason.FINISHED:
+        return UserStatus.SUCCESS
+    if reason in (EndReason.MAX_TURNS, EndReason.TIMEOUT) and proposals > 0:
+        return UserStatus.SUCCESS
+    named = {
+        EndReason.BUDGET_EXCEEDED: UserStatus.BUDGET_EXCEEDED,
+        EndReason.CANCELLED: UserStatus.CANCELLED,
+        EndReason.INTERRUPTED: UserStatus.INTERRUPTED,
+    }
+    return named.get(reason, UserStatus.FAILED)
+
+
+# the reason recorded with a status set without one (users ended together: a cancel, a
+# shutdown, a spent budget)
+REASON_OF_STATUS = {
+    UserStatus.CANCELLED: EndReason.CANCELLED,
+    UserStatus.INTERRUPTED: EndReason.INTERRUPTED,
+    UserStatus.BUDGET_EXCEEDED: EndReason.BUDGET_EXCEEDED,
+}
+
+
 def user_sources(target: UserStatus) -> list[str]:
     """The statuses a user may move to `target` from, as stored values."""
     return [source.value for source, targets in USER_TRANSITIONS.items() if target in targets]
@@ -401,3 +428,5 @@ class UserResult:
     # what stopped the agent before it finished (max_turns, timeout, budget); a `success`
     # with one made its proposals, then ran out
     stopped_by: str | None = None
+    # why the unit ended (an EndReason's value; None: not ended, or ended before reasons)
+    reason: str | None = None

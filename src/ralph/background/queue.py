@@ -26,6 +26,7 @@ from ralph.background.models import TaskDefinition, UserStatus
 from ralph.background.run_store import RunStore
 from ralph.clock import Clock
 from ralph.config import Settings
+from ralph.reasons import EndReason
 
 log = structlog.get_logger(__name__)
 
@@ -82,7 +83,12 @@ class ArqDispatcher:
             await asyncio.wait_for(done, timeout=task.timeout_seconds + 300)
         except TimeoutError:
             await self._runs.fail_unfinished_user(
-                run_id, task.name, user_id, self._clock.now(), "no worker finished this user"
+                run_id,
+                task.name,
+                user_id,
+                self._clock.now(),
+                "no worker finished this user",
+                EndReason.WORKER_LOST,
             )
         finally:
             waiting.pop(user_id, None)
@@ -155,6 +161,7 @@ class ArqDispatcher:
                 user_id,
                 self._clock.now(),
                 f"worker lost: no heartbeat for {3 * self._heartbeat:g} s",
+                EndReason.WORKER_LOST,
             )
             self._resolve(run_id, user_id)
 

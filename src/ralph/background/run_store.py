@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ralph.background.models import (
     FINISHED_RUN,
+    REASON_OF_STATUS,
     USER_TRANSITIONS,
     CronTrigger,
     RunStatus,
@@ -25,11 +26,13 @@ from ralph.background.models import (
     UserStatus,
     final_run_status,
     jitter_offset,
+    unit_status,
     user_sources,
 )
 from ralph.db.engine import insert_ignore, insert_rows
 from ralph.db.tables import proposals, task_run_users, task_runs, task_user_locks
 from ralph.errors import Conflict, NotFound
+from ralph.reasons import EndReason
 from ralph.webhooks.store import PROPOSALS_PENDING, RUN_FINISHED, Outbox
 
 CHUNK = 1000
@@ -409,15 +412,17 @@ class RunStore:
         user_id: str,
         now: datetime,
         error: str,
-        status: UserStatus = UserStatus.FAILED,
+        reason: EndReason,
     ) -> None:
-        """End the user in `status` (failed, or interrupted when its process was stopped) if
+        """End the user for `reason` (failed, or interrupted when its process was stopped) if
         it is still pending or running, and release its lock."""
+        status = unit_status(reason, proposals=0)
         unit = {"b_run": run_id, "b_user": user_id, "b_task": task_name}
+        values = {"status": status.value, "completed_at": now, "error": error}
         async with self._engine.begin() as conn:
             await conn.execute(
                 _UPDATE_USER.where(task_run_users.c.status.in_(user_sources(status))),
-                {**unit, "status": status.value, "completed_at": now, "error": error},
+                {**unit, **values, "reason": reason.value},
             )
             await conn.execute(_RELEASE_LOCK, unit)
 
@@ -432,7 +437,9 @@ class RunStore:
                     task_run_users.c.run_id == run_id,
                     task_run_users.c.status == UserStatus.PENDING.value,
                 )
-                .values(status=status.value, completed_at=now)
+                .values(
+                    status=status.value, completed_at=now, reason=REASON_OF_STATUS[status].value
+                )
             )
         return result.rowcount
 
@@ -790,7 +797,11 @@ class RunStore:
             await conn.execute(
                 update(task_run_users)
                 .where(unfinished)
-                .values(status=UserStatus.INTERRUPTED.value, completed_at=now)
+                .values(
+                    status=UserStatus.INTERRUPTED.value,
+                    completed_at=now,
+                    reason=EndReason.INTERRUPTED.value,
+                )
             )
             if dead:
                 await conn.execute(

@@ -32,6 +32,7 @@ from ralph.background.schedule_store import ScheduleStore
 from ralph.background.slots import DueSlot, due_instants, next_instant, ran_this_local_day
 from ralph.clock import Clock, sleep_until_or
 from ralph.observability.events import SCHEDULER_LAG
+from ralph.reasons import EndReason
 from ralph.users.store import ProfileStore
 
 log = structlog.get_logger(__name__)
@@ -451,7 +452,12 @@ class Scheduler:
                 if user_id not in alive:
                     log.warning("worker_lost", run_id=run_id, user_id=user_id)
                     await self._runs.fail_unfinished_user(
-                        run_id, task_name, user_id, now, "worker lost after the server stopped"
+                        run_id,
+                        task_name,
+                        user_id,
+                        now,
+                        "worker lost after the server stopped",
+                        EndReason.WORKER_LOST,
                     )
         return still_alive
 

@@ -15,13 +15,14 @@ from ralph.agents.kit import AgentKit
 from ralph.agents.runner import AgentOutcome, TokenBudget, cap_transcript, run_agent
 from ralph.agents.tools import MEMORY_TOOLS, ToolContext, propose_change
 from ralph.background.inflight import InFlight
-from ralph.background.models import TaskDefinition, UserStatus
+from ralph.background.models import TaskDefinition, UserStatus, unit_status
 from ralph.background.run_store import RunStore, UserStart
 from ralph.clock import Clock
 from ralph.conversations.honcho import HistoryUnavailable
 from ralph.conversations.models import Message, Role
 from ralph.db.retry import is_unreachable, until_reachable
 from ralph.observability.events import UnitStats, observe_unit
+from ralph.reasons import EndReason
 
 log = structlog.get_logger(__name__)
 
@@ -94,18 +95,6 @@ def with_episode(prompt: str, messages: Sequence[Message]) -> str:
     return "\n".join([prompt, "", header, *reversed(kept)])
 
 
-def unit_status(outcome: AgentOutcome, *, proposals: int) -> UserStatus:
-    """A finished agent's user status: `success` when it finished, or when it was stopped by
-    `max_turns` or its timeout after making proposals (what it did is kept and reviewed);
-    `budget_exceeded` when the budget stopped it; `failed` otherwise (an error, or stopped
-    with nothing done)."""
-    if outcome.stopped_by == "budget":
-        return UserStatus.BUDGET_EXCEEDED
-    if outcome.ok or (outcome.stopped_by in ("max_turns", "timeout") and proposals > 0):
-        return UserStatus.SUCCESS
-    return UserStatus.FAILED
-
-
 class UnitRunner:
     """Runs the task's agent for one user of a run and records the result.
 
@@ -161,7 +150,7 @@ class UnitRunner:
             if task is not None:
                 error = f"{where} error: {exc!r}"
                 await self._runs.fail_unfinished_user(
-                    run_id, task.name, user_id, self._clock.now(), error
+                    run_id, task.name, user_id, self._clock.now(), error, EndReason.INTERNAL
                 )
             raise
 
@@ -200,18 +189,21 @@ class UnitRunner:
         started = asyncio.get_running_loop().time()
         try:
             outcome = await agent
-            status = unit_status(outcome, proposals=len(context.proposal_ids))
+            status = unit_status(outcome.reason, proposals=len(context.proposal_ids))
         except asyncio.CancelledError:
             if not agent.cancelled():
                 raise  # this bookkeeping task itself was cancelled: not ours to swallow
             cancelled = self.inflight.is_cancelled(run_id)
-            status = UserStatus.CANCELLED if cancelled else UserStatus.INTERRUPTED
+            outcome.reason = EndReason.CANCELLED if cancelled else EndReason.INTERRUPTED
+            status = unit_status(outcome.reason, proposals=0)
             outcome.error = "cancelled" if cancelled else "interrupted by shutdown"
         except Exception as exc:
             log.exception("user_run_error", run_id=run_id, user_id=user_id)
             outcome.error = f"{type(exc).__name__}: {exc}"
+            outcome.reason = EndReason.INTERNAL
             if is_unreachable(exc):
                 # not the user's fault: re-run them (within the rerun limit) once it is back
+                outcome.reason = EndReason.INTERRUPTED
                 status = UserStatus.INTERRUPTED
                 outcome.error = f"interrupted: the database was unreachable ({outcome.error})"
         finally:
@@ -227,6 +219,7 @@ class UnitRunner:
                 "rate_limited": outcome.rate_limited_responses,
                 "retries": outcome.model_retries,
                 "stopped_by": outcome.stopped_by,
+                "reason": outcome.reason.value,
             },
         )
         result = {
@@ -251,6 +244,7 @@ class UnitRunner:
             "tokens_estimated": outcome.tokens_estimated,
             "cost_usd": outcome.cost_usd,
             "stopped_by": outcome.stopped_by,
+            "reason": outcome.reason.value,
         }
         recorded = await until_reachable(
             lambda: self._runs.finish_user(run_id, task.name, user_id, result),

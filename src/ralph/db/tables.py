@@ -216,6 +216,8 @@ task_run_users = Table(
     Column("jitter_seconds", Float, nullable=False, server_default="0"),
     # what stopped the agent before it finished: max_turns, timeout, budget (None: it did)
     Column("stopped_by", String(16), nullable=True),
+    # why the unit ended (ralph.reasons.EndReason); None before it ended
+    Column("reason", String(16), nullable=True),
     Index(None, "run_id", "status", "position"),
     Index(None, "run_id", "position"),
     Index(None, "user_id", "started_at"),  # when a task last ran for a user

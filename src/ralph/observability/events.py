@@ -42,6 +42,11 @@ CHAT_TURN_SECONDS = Histogram(
     ["status"],
     buckets=(0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
 )
+UNITS_ENDED = Counter(
+    "ralph_units_ended",
+    "Users of background runs whose unit ended here, by status and why (reason)",
+    ["task", "status", "reason"],
+)
 UNITS_STOPPED = Counter(
     "ralph_units_stopped",
     "Users whose agent was stopped before it finished, by what stopped it and by status (a "
@@ -61,11 +66,13 @@ class UnitStats(TypedDict):
     rate_limited: int
     retries: int
     stopped_by: str | None
+    reason: str
 
 
 def observe_unit(stats: UnitStats) -> None:
     task = stats["task"]
     AGENT_SECONDS.labels(task, stats["status"]).observe(stats["seconds"])
+    UNITS_ENDED.labels(task, stats["status"], stats.get("reason", "")).inc()
     stopped_by = stats.get("stopped_by")
     if stopped_by:
         UNITS_STOPPED.labels(task, stopped_by, stats["status"]).inc()

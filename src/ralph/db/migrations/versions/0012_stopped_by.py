@@ -1,4 +1,5 @@
-"""per user: what stopped the agent before it finished (max_turns, timeout, budget)
+"""per user: what stopped the agent before it finished (max_turns, timeout, budget), and why
+the unit ended (its reason)
 
 Revision ID: 0012
 Revises: 0011
@@ -19,8 +20,10 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("task_run_users") as batch:
         batch.add_column(sa.Column("stopped_by", sa.String(16), nullable=True))
+        batch.add_column(sa.Column("reason", sa.String(16), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("task_run_users") as batch:
+        batch.drop_column("reason")
         batch.drop_column("stopped_by")
