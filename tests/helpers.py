@@ -205,3 +205,17 @@ def notes_task(**overrides: Any) -> dict[str, Any]:
         "user_ids": ["u1"],
     }
     return body | overrides
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30.0) -> Any:
+    """Poll `condition` (real time: for tests of real processes) until it is truthy; its
+    value, or AssertionError after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +19,9 @@ import pytest
 
 from ralph.testing.model_server import Delay, ModelServer, scripted, text
 from ralph.testing.processes import free_port, start_server_process
-from tests.helpers import create_mariadb_database, drop_mariadb_database, in_own_loop
+from tests.helpers import create_mariadb_database, drop_mariadb_database, in_own_loop, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
 
 
 # longer than a server takes to start, so the restarted server cannot find the rerun due at

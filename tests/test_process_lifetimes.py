@@ -7,27 +7,17 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from ralph.testing.model_server import Delay, ModelServer, scripted, text
 from ralph.testing.processes import free_port, start_server_process
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for(condition: Callable[[], Any], timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def children_of(pid: int) -> list[int]:

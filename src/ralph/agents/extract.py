@@ -13,7 +13,6 @@ answered once with what was wrong, and a second such reply is an error.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,13 +22,14 @@ from agno.models.base import Model
 from agno.models.message import Message
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ralph.agents.calls import CallRecord, current_call
+from ralph.agents.calls import CallRecord
 from ralph.agents.runner import (
     AgentOutcome,
     BudgetExceeded,
     TokenBudget,
     TurnLimitReached,
     limit_model_calls,
+    recorded_deadline,
 )
 
 # at most this many edits are taken from one reply
@@ -222,12 +222,8 @@ async def extract_edits(
     extraction = Extraction(outcome)
     invalid = False
     record = CallRecord()
-    token = current_call.set(record)
     try:
-        async with asyncio.timeout(timeout_seconds) as deadline:
-            record.extend = lambda seconds: deadline.reschedule(
-                (deadline.when() or asyncio.get_running_loop().time()) + seconds
-            )
+        async with recorded_deadline(record, timeout_seconds):
             for attempt in range(2):
                 response: Any = await model.ainvoke(  # pyright: ignore[reportUnknownMemberType]
                     messages=messages,
@@ -266,14 +262,7 @@ async def extract_edits(
         outcome.stopped_by = "budget"
     except Exception as exc:  # the provider's failure, after its retries
         outcome.error = f"{type(exc).__name__}: {exc}"
-    finally:
-        current_call.reset(token)
-    outcome.turns_used = turns()
-    outcome.rate_limit_wait_seconds = record.wait_seconds
-    outcome.cost_usd = record.cost_usd
-    outcome.model_call_seconds = record.call_seconds
-    outcome.rate_limited_responses = record.rate_limited
-    outcome.model_retries = record.retries
+    outcome.take(record, turns())
     if outcome.total_tokens == 0 and budget.used:
         outcome.total_tokens = budget.used
         outcome.tokens_estimated = budget.estimated

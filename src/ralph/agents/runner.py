@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -111,6 +112,15 @@ class AgentOutcome:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    def take(self, record: CallRecord, turns: int) -> None:
+        """The figures of the model calls made: `record`'s and the number of turns."""
+        self.turns_used = turns
+        self.rate_limit_wait_seconds = record.wait_seconds
+        self.cost_usd = record.cost_usd
+        self.model_call_seconds = record.call_seconds
+        self.rate_limited_responses = record.rate_limited
+        self.model_retries = record.retries
 
     def conclude(self, record: CallRecord, *, invalid: bool = False) -> None:
         """Set `reason` from how the run ended: what stopped it, the provider's last failure
@@ -345,6 +355,22 @@ def cap_transcript(entries: list[dict[str, Any]], max_chars: int) -> list[dict[s
     return kept
 
 
+@asynccontextmanager
+async def recorded_deadline(record: CallRecord, timeout_seconds: float) -> AsyncGenerator[None]:
+    """The model calls made inside add to `record` (`current_call`), under a deadline of
+    `timeout_seconds` that time spent waiting for the shared rate limit moves (it is not the
+    agent's). TimeoutError when it passes."""
+    token = current_call.set(record)
+    try:
+        async with asyncio.timeout(timeout_seconds) as deadline:
+            record.extend = lambda seconds: deadline.reschedule(
+                (deadline.when() or asyncio.get_running_loop().time()) + seconds
+            )
+            yield
+    finally:
+        current_call.reset(token)
+
+
 async def run_agent(
     *,
     model: Model,
@@ -365,14 +391,9 @@ async def run_agent(
     unmade_call = False
     agent, turns = build_agent(model, tools, context, instructions, max_turns, budget)
     output: RunOutput | None = None
-    # time spent waiting for the shared rate limit moves the deadline: it is not the agent's
     record = CallRecord()
-    token = current_call.set(record)
     try:
-        async with asyncio.timeout(timeout_seconds) as deadline:
-            record.extend = lambda seconds: deadline.reschedule(
-                (deadline.when() or asyncio.get_running_loop().time()) + seconds
-            )
+        async with recorded_deadline(record, timeout_seconds):
             output = await agent.arun(prompt, user_id=context.user_id)  # pyright: ignore[reportUnknownMemberType]
     except TimeoutError:
         outcome.error = f"timed out after {timeout_seconds:g} s"
@@ -383,15 +404,7 @@ async def run_agent(
     except BudgetExceeded as exc:
         outcome.error = str(exc)
         outcome.stopped_by = "budget"
-
-    finally:
-        current_call.reset(token)
-    outcome.rate_limit_wait_seconds = record.wait_seconds
-    outcome.cost_usd = record.cost_usd
-    outcome.model_call_seconds = record.call_seconds
-    outcome.rate_limited_responses = record.rate_limited
-    outcome.model_retries = record.retries
-    outcome.turns_used = turns()
+    outcome.take(record, turns())
     if output is not None:
         if output.status == AgnoRunStatus.error:
             outcome.error = str(output.content or "agent run failed")
