@@ -201,6 +201,13 @@ def evaluate(
         raise typer.Exit(2) from None
     os.environ.setdefault("AGNO_TELEMETRY", "false")
     configure_logging("warning", settings.log_json)
+    import logging
+
+    # Agno logs its agents' errors to stdout: to stderr here, where the tables (or the JSON)
+    # are not
+    for handler in logging.getLogger("agno").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(sys.stderr)  # pyright: ignore[reportUnknownMemberType]
     with local_model(settings) as settings:
         results = {loaded.task.mode: asyncio.run(evaluation.evaluate(loaded, settings))}
         if baseline:
