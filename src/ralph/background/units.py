@@ -175,7 +175,6 @@ class UnitRunner:
             else:
                 log.info("user_not_pending", run_id=run_id, user_id=user_id)
             return 0
-        status = UserStatus.FAILED
         outcome = AgentOutcome()
         context = self._kit.context(
             user_id,
@@ -189,13 +188,11 @@ class UnitRunner:
         started = asyncio.get_running_loop().time()
         try:
             outcome = await agent
-            status = unit_status(outcome.reason, proposals=len(context.proposal_ids))
         except asyncio.CancelledError:
             if not agent.cancelled():
                 raise  # this bookkeeping task itself was cancelled: not ours to swallow
             cancelled = self.inflight.is_cancelled(run_id)
             outcome.reason = EndReason.CANCELLED if cancelled else EndReason.INTERRUPTED
-            status = unit_status(outcome.reason, proposals=0)
             outcome.error = "cancelled" if cancelled else "interrupted by shutdown"
         except Exception as exc:
             log.exception("user_run_error", run_id=run_id, user_id=user_id)
@@ -204,10 +201,10 @@ class UnitRunner:
             if is_unreachable(exc):
                 # not the user's fault: re-run them (within the rerun limit) once it is back
                 outcome.reason = EndReason.INTERRUPTED
-                status = UserStatus.INTERRUPTED
                 outcome.error = f"interrupted: the database was unreachable ({outcome.error})"
         finally:
             self.inflight.discard(run_id, agent)
+        status = unit_status(outcome.reason, proposals=len(context.proposal_ids))
         self.on_unit(
             run_id,
             user_id,
