@@ -208,16 +208,20 @@ def evaluate(
     for handler in logging.getLogger("agno").handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.setStream(sys.stderr)  # pyright: ignore[reportUnknownMemberType]
+    results: dict[str, list[evaluation.UserScore]] = {}
     with local_model(settings) as settings:
-        results = {loaded.task.mode: asyncio.run(evaluation.evaluate(loaded, settings))}
+        if not as_json:
+            model = f"{settings.model_provider or 'dev'} {settings.model_id or ''}".rstrip()
+            typer.echo(f"model: {model}")
+        runs = [(loaded.task.mode, evaluation.evaluate)]
         if baseline:
-            results["baseline"] = asyncio.run(evaluation.evaluate_baseline(loaded, settings))
+            runs.append(("baseline", evaluation.evaluate_baseline))
+        for label, run in runs:
+            results[label] = asyncio.run(run(loaded, settings))
+            if not as_json:  # each table as soon as it is known: a run takes minutes
+                typer.echo(evaluation.report(label, results[label]))
     if as_json:
         typer.echo(evaluation.as_json(results))
-        return
-    typer.echo(f"model: {settings.model_provider or 'dev'} {settings.model_id or ''}".rstrip())
-    for label, scores in results.items():
-        typer.echo(evaluation.report(label, scores))
 
 
 @app.command()
