@@ -71,6 +71,8 @@ class UserScore:
     seconds: float = 0.0
     stopped_by: str | None = None
     error: str | None = None
+    # the agent's last words (its final answer, or the extract reply)
+    final: str | None = None
 
 
 def _words(group: Any, where: str) -> list[str]:
@@ -226,6 +228,12 @@ async def evaluate(scenario: Scenario, settings: Settings) -> list[UserScore]:
                     stopped_by=unit.stopped_by,
                     error=unit.error,
                 )
+                said = [
+                    str(entry.get("content") or "")
+                    for entry in json.loads(unit.transcript or "[]")
+                    if entry.get("role") == "assistant"
+                ]
+                result.final = said[-1][:2000] if said else None
                 texts = [proposed_text(p, user.notes) for p in made]
                 scores.append(score(user, texts, result))
             return scores

@@ -32,26 +32,26 @@ _EDIT_TOOLS = frozenset(MEMORY_TOOLS) - {"list_memory_blocks", "read_memory_bloc
 
 
 def agent_prompt(labels: Sequence[str], tools: Sequence[str], episode: bool) -> str:
-    """The agent's input before the user's messages: what it already has (a small model
-    otherwise reads and searches for it again) and how to finish."""
-    parts = ["Do your background task for this user now."]
-    if labels:
-        named = ", ".join(labels)
-        parts.append(
-            f"Their memory blocks ({named}) are in your instructions above: you have them "
-            "already, do not read them again."
-        )
-    if episode:
-        parts.append(
-            "Their messages since this task last ran for them are below: you have them "
-            "already, do not search for them."
-        )
+    """The agent's input before the user's messages: what to do first (a small model asked
+    to report what it did answers at once, having done nothing), and what it already has (it
+    otherwise reads and searches for it again)."""
+    parts: list[str] = []
     if _EDIT_TOOLS & set(tools):
-        labelled = f" to one of: {', '.join(labels)}" if labels else ""
+        labelled = f" (labels: {', '.join(labels)})" if labels else ""
+        source = "in their messages below" if episode else "you find"
         parts.append(
-            f"Propose each change{labelled} with a tool call. When you are done, answer with "
-            "one line saying what you did."
+            f"Do your background task for this user now: for each new fact {source}, call a "
+            f"tool to propose it{labelled}."
         )
+    else:
+        parts.append("Do your background task for this user now.")
+    had = [
+        *(["their memory blocks are in your instructions above"] if labels else []),
+        *(["their messages since this task last ran for them are below"] if episode else []),
+    ]
+    if had:
+        parts.append(f"You have them already: {' and '.join(had)}; do not read them again.")
+    parts.append("After your tool calls, answer with one line saying what you proposed.")
     return " ".join(parts)
 
 
