@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from ralph.testing.model_server import Delay, ModelServer, scripted, text
-from ralph.testing.processes import free_port, start_server_process
+from ralph.testing.processes import free_port, scripted_model_env, start_server_process
 from tests.helpers import create_mariadb_database, drop_mariadb_database, in_own_loop, wait_for
 
 pytestmark = pytest.mark.slow
@@ -49,16 +49,13 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 def start_server(
     tmp_path: Path, port: int, model_url: str, database_url: str
 ) -> subprocess.Popen[bytes]:
-    env = {
-        "RALPH_DATA_DIR": str(tmp_path / "data"),
-        "RALPH_DATABASE_URL": database_url,
-        "RALPH_MODEL_PROVIDER": "openai",
-        "RALPH_MODEL_BASE_URL": model_url,
-        "RALPH_MODEL_ID": "scripted",
-        "RALPH_MODEL_MAX_RETRIES": "0",
-        "RALPH_RUN_LEASE_SECONDS": str(LEASE_SECONDS),
-        "RALPH_SHUTDOWN_GRACE_SECONDS": "0.2",
-    }
+    env = scripted_model_env(
+        tmp_path / "data",
+        model_url,
+        RALPH_DATABASE_URL=database_url,
+        RALPH_RUN_LEASE_SECONDS=str(LEASE_SECONDS),
+        RALPH_SHUTDOWN_GRACE_SECONDS="0.2",
+    )
     return start_server_process(port, env)
 
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from ralph.testing.model_server import Delay, ModelServer, scripted, text
-from ralph.testing.processes import free_port, start_server_process
+from ralph.testing.processes import free_port, scripted_model_env, start_server_process
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
@@ -57,14 +57,9 @@ def started_server(
 ) -> tuple[subprocess.Popen[bytes], str]:
     """A fresh server (its agent process still starting) with a run of four users begun."""
     port = free_port()
-    env = {
-        "RALPH_DATA_DIR": str(tmp_path / "data"),
-        "RALPH_MODEL_PROVIDER": "openai",
-        "RALPH_MODEL_BASE_URL": model_server.base_url,
-        "RALPH_MODEL_ID": "scripted",
-        "RALPH_MODEL_MAX_RETRIES": "0",
-        "RALPH_SHUTDOWN_GRACE_SECONDS": "1",
-    }
+    env = scripted_model_env(
+        tmp_path / "data", model_server.base_url, RALPH_SHUTDOWN_GRACE_SECONDS="1"
+    )
     server = start_server_process(port, env)
     api = f"http://127.0.0.1:{port}"
     created = httpx.post(

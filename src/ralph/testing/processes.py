@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,6 +26,19 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def scripted_model_env(data_dir: Path, model_url: str, **extra: str) -> dict[str, str]:
+    """The environment of a `ralph serve` on the scripted model server at `model_url` (no
+    retries), its data in `data_dir`, with `extra` settings (RALPH_ variables)."""
+    return {
+        "RALPH_DATA_DIR": str(data_dir),
+        "RALPH_MODEL_PROVIDER": "openai",
+        "RALPH_MODEL_BASE_URL": model_url,
+        "RALPH_MODEL_ID": "scripted",
+        "RALPH_MODEL_MAX_RETRIES": "0",
+        **extra,
+    }
 
 
 def start_server_process(
