@@ -35,6 +35,8 @@ MEMORY_TOOLS = (
     "replace_memory_text",
     "rewrite_memory_block",
 )
+# the memory tools that propose changes (the others read)
+EDIT_TOOLS = frozenset(MEMORY_TOOLS) - {"list_memory_blocks", "read_memory_block"}
 TOOL_NAMES: tuple[str, ...] = (
     *MEMORY_TOOLS,
     "query_messages",
@@ -425,7 +427,6 @@ def normalize_arguments(arguments: dict[str, Any], parameters: dict[str, Any]) -
     return meant
 
 
-_EDITS = frozenset(MEMORY_TOOLS) - {"list_memory_blocks", "read_memory_block"}
 ALREADY_CALLED = (
     "(You already called {name} with these arguments; this is its earlier answer. Do not call "
     "it again: use the answer, or do the next thing.)"
@@ -459,7 +460,7 @@ def _bound(tool: Callable[..., Any], answers: dict[str, str]) -> Function:
             result: str = await tool(**meant)
         except (TypeError, ValueError) as exc:
             return _error(exc)
-        if schema.name in _EDITS:
+        if schema.name in EDIT_TOOLS:
             answers.clear()
         answers[key] = result
         return result

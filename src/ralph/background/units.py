@@ -13,7 +13,7 @@ import structlog
 from ralph.agents.extract import extract_edits
 from ralph.agents.kit import AgentKit
 from ralph.agents.runner import AgentOutcome, TokenBudget, cap_transcript, run_agent
-from ralph.agents.tools import MEMORY_TOOLS, ToolContext, propose_change
+from ralph.agents.tools import EDIT_TOOLS, ToolContext, propose_change
 from ralph.background.inflight import InFlight
 from ralph.background.models import TaskDefinition, UserStatus, unit_status
 from ralph.background.run_store import RunStore, UserStart
@@ -21,6 +21,8 @@ from ralph.clock import Clock
 from ralph.conversations.honcho import HistoryUnavailable
 from ralph.conversations.models import Message, Role
 from ralph.db.retry import is_unreachable, until_reachable
+from ralph.memory.models import labels_in_order
+from ralph.memory.service import with_memory
 from ralph.observability.events import UnitStats, observe_unit
 from ralph.reasons import EndReason
 
@@ -28,15 +30,13 @@ log = structlog.get_logger(__name__)
 
 MAX_ERROR_CHARS = 4000
 
-_EDIT_TOOLS = frozenset(MEMORY_TOOLS) - {"list_memory_blocks", "read_memory_block"}
-
 
 def agent_prompt(labels: Sequence[str], tools: Sequence[str], episode: bool) -> str:
     """The agent's input before the user's messages: what to do first (a small model asked
     to report what it did answers at once, having done nothing), and what it already has (it
     otherwise reads and searches for it again)."""
     parts: list[str] = []
-    if _EDIT_TOOLS & set(tools):
+    if EDIT_TOOLS & set(tools):
         labelled = f" (labels: {', '.join(labels)})" if labels else ""
         source = "in their messages below" if episode else "you find"
         parts.append(
@@ -59,40 +59,44 @@ def agent_prompt(labels: Sequence[str], tools: Sequence[str], episode: bool) -> 
 EPISODE_MAX_CHARS = 20_000
 
 
-def compact_episode(messages: Sequence[Message]) -> str:
-    """The user's messages as short lines, oldest first (the extract mode: a small model's
-    tokens go to what was said, not to timestamps); the newest are kept past
-    `EPISODE_MAX_CHARS`."""
-    if not messages:
-        return "(no new messages)"
+def _newest_lines(messages: Sequence[Message], line: Callable[[Message], str]) -> list[str]:
+    """Each message as `line` makes it, oldest first; the newest are kept when they exceed
+    `EPISODE_MAX_CHARS` in all."""
     kept: list[str] = []
     total = 0
     for message in reversed(messages):
-        who = "" if message.role is Role.USER else f"({message.role.value}) "
-        line = f"- {who}{message.content}"[:EPISODE_MAX_CHARS]
-        if kept and total + len(line) > EPISODE_MAX_CHARS:
+        text = line(message)[:EPISODE_MAX_CHARS]
+        if kept and total + len(text) > EPISODE_MAX_CHARS:
             break
-        kept.append(line)
-        total += len(line)
-    return "\n".join(reversed(kept))
+        kept.append(text)
+        total += len(text)
+    return list(reversed(kept))
+
+
+def compact_episode(messages: Sequence[Message]) -> str:
+    """The user's messages as short lines, oldest first (the extract mode: a small model's
+    tokens go to what was said, not to timestamps)."""
+
+    def line(message: Message) -> str:
+        who = "" if message.role is Role.USER else f"({message.role.value}) "
+        return f"- {who}{message.content}"
+
+    return "\n".join(_newest_lines(messages, line)) or "(no new messages)"
 
 
 def with_episode(prompt: str, messages: Sequence[Message]) -> str:
     """`prompt` followed by the user's messages since the task last ran for them, oldest
-    first; the newest are kept when they exceed `EPISODE_MAX_CHARS` in all."""
-    kept: list[str] = []
-    total = 0
-    for message in reversed(messages):
+    first, each with its time and role."""
+
+    def line(message: Message) -> str:
         at = message.created_at.isoformat(timespec="seconds")
-        line = f"[{at}] {message.role.value}: {message.content}"[:EPISODE_MAX_CHARS]
-        if kept and total + len(line) > EPISODE_MAX_CHARS:
-            break
-        kept.append(line)
-        total += len(line)
+        return f"[{at}] {message.role.value}: {message.content}"
+
+    kept = _newest_lines(messages, line)
     if not kept:
         return prompt
     header = f"The user's messages since this task last ran for them ({len(kept)}, oldest first):"
-    return "\n".join([prompt, "", header, *reversed(kept)])
+    return "\n".join([prompt, "", header, *kept])
 
 
 class UnitRunner:
@@ -256,10 +260,11 @@ class UnitRunner:
     async def _agent(self, task: TaskDefinition, context: ToolContext) -> AgentOutcome:
         run_id = context.run_id or ""
         user_id = context.user_id
-        labels = list(task.memory_blocks) or [
-            block.label for block in await self._kit.memory.list_blocks(user_id)
-        ]
-        instructions = await self._kit.instructions(task.system_prompt, user_id, labels)
+        # the blocks are read once: the labels a task without `memory_blocks` may edit are the
+        # user's, and they are the memory in its instructions
+        blocks = await self._kit.memory.list_blocks(user_id)
+        labels = list(task.memory_blocks) or sorted(block.label for block in blocks)
+        instructions = with_memory(task.system_prompt, labels_in_order(blocks, labels))
         budget = TokenBudget(
             per_user=task.budget.max_tokens_per_user if task.budget else None,
             run=await self.inflight.run_tokens(

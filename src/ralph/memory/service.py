@@ -95,6 +95,22 @@ def _changes_nothing(draft: ProposalDraft, current: Block | None, after: str) ->
     return after == current.body and draft.title in (None, current.title)
 
 
+def memory_context(blocks: Sequence[Block]) -> str:
+    """`blocks` as markdown for a system prompt, in their order."""
+    sections = [
+        f"## {b.title} (`{b.label}`, version {b.version})\n\n{b.body.strip()}\n" for b in blocks
+    ]
+    return "\n".join(sections)
+
+
+def with_memory(instructions: str, blocks: Sequence[Block]) -> str:
+    """`instructions` followed by `blocks` as the agent's memory context (if any)."""
+    memory = memory_context(blocks)
+    if not memory:
+        return instructions
+    return f"{instructions}\n\n---\n\n# What you know about the user\n\n{memory}"
+
+
 class MemoryService:
     """Blocks with history; proposals that a person approves before anything changes."""
 
@@ -206,20 +222,14 @@ class MemoryService:
 
         With no labels, every block of the user in label order. Missing blocks are skipped.
         """
-        blocks = labels_in_order(await self.store.list_blocks(user_id), labels)
-        sections = [
-            f"## {b.title} (`{b.label}`, version {b.version})\n\n{b.body.strip()}\n" for b in blocks
-        ]
-        return "\n".join(sections)
+        return memory_context(labels_in_order(await self.store.list_blocks(user_id), labels))
 
     async def instructions_with_memory(
         self, instructions: str, user_id: str, labels: Sequence[str] = ()
     ) -> str:
         """`instructions` followed by the user's memory context (if any), for an agent."""
-        memory = await self.build_memory_context(user_id, labels)
-        if not memory:
-            return instructions
-        return f"{instructions}\n\n---\n\n# What you know about the user\n\n{memory}"
+        blocks = labels_in_order(await self.store.list_blocks(user_id), labels)
+        return with_memory(instructions, blocks)
 
     # --- proposals ------------------------------------------------------------------------
 
