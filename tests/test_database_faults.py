@@ -245,21 +245,23 @@ async def test_sqlite_reads_answer_while_another_process_writes(settings: Settin
 
 async def test_a_write_past_the_packet_size_is_not_an_outage(mariadb_schema_url: str) -> None:
     """MariaDB drops the connection of a statement past max_allowed_packet (2013, as when it
-    goes away): the write that waits out outages gives up after three such losses in a row, in
-    seconds, instead of retrying it for 10 minutes with the user left `running`."""
+    goes away, or 2006 when the next one is sent on the connection it closed): the write that
+    waits out outages gives up after three such losses in a row, instead of retrying it for 10
+    minutes with the user left `running`."""
     engine = create_engine(mariadb_schema_url)
     huge = "x" * (17 * 1024 * 1024)  # past the default 16 MB
+    attempts = 0
 
     async def write() -> None:
+        nonlocal attempts
+        attempts += 1
         async with engine.begin() as conn:
             await conn.exec_driver_sql("SELECT CHAR_LENGTH(%s)", (huge,))
 
-    loop = asyncio.get_running_loop()
-    started = loop.time()
     try:
         with pytest.raises(OperationalError) as raised:
-            await until_reachable(write, what="a huge write", give_up_after=60)
-        assert "2013" in str(raised.value)
-        assert loop.time() - started < 10
+            await until_reachable(write, what="a huge write", give_up_after=600)
+        assert "2013" in str(raised.value) or "2006" in str(raised.value)
+        assert attempts == 3
     finally:
         await engine.dispose()

@@ -54,9 +54,11 @@ UNREACHABLE = (OperationalError, InterfaceError, OSError)
 _PERMANENT_CODES = {1153, 1406, 1366, 1264, 1292, 1048}
 
 
-# MySQL/MariaDB 2013: the connection was lost during a query; that many in a row (each on a
-# new connection) is the statement's doing, not an outage
-_LOST_IN_QUERY = 2013
+# MySQL/MariaDB 2013 (the connection was lost during a query) and 2006 (the server has gone
+# away: the statement was sent on a connection the server had just closed): that many in a
+# row, each on a connection that was made (the pool pings it first), is the statement's doing,
+# not an outage, which soon fails to connect at all (2003)
+_LOST_IN_QUERY = {2013, 2006}
 _LOST_IN_QUERY_LIMIT = 3
 
 
@@ -101,7 +103,7 @@ async def until_reachable(
             # MariaDB drops the connection of a statement past max_allowed_packet: the
             # connection was made each time, the statement killed it; an outage soon fails
             # to connect instead
-            lost_in_query = lost_in_query + 1 if _code(error) == _LOST_IN_QUERY else 0
+            lost_in_query = lost_in_query + 1 if _code(error) in _LOST_IN_QUERY else 0
             if (
                 loop.time() + delay > deadline
                 or not is_unreachable(error)
