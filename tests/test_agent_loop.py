@@ -38,6 +38,7 @@ async def run_for(client: AsyncClient, **overrides: Any) -> dict[str, Any]:
         "name": "loop",
         "user_ids": ["u1"],
         "tools": ["read_memory_block", "edit_memory_block", "query_messages"],
+        "retry": {"max_attempts": 1},  # one attempt: what the model does in it
         **overrides,
     }
     assert (await client.post("/background/tasks", json=notes_task(**values))).status_code == 201

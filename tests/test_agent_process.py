@@ -47,13 +47,13 @@ def agent_process(services: Services) -> AgentProcess:
 
 @asynccontextmanager
 async def stuck_run(
-    settings: Settings, model_server: ModelServer
+    settings: Settings, model_server: ModelServer, **overrides: Any
 ) -> AsyncGenerator[tuple[AppHarness, str]]:
     """A server in the subprocess mode with a run of three users whose model calls hang,
     once two of them are in flight."""
     model_server.responder = scripted(Delay(30.0, text("never")))
     async with harness_for(subprocess_settings(settings, model_server)) as harness:
-        await harness.services.registry.create(task(["a", "b", "c"], tools=[]))
+        await harness.services.registry.create(task(["a", "b", "c"], tools=[], **overrides))
         run_id, _ = await harness.services.background.run_now("nightly", None, None)
         await model_server.wait_for_in_flight(2)
         yield harness, run_id
@@ -117,10 +117,10 @@ async def test_shutdown_interrupts_the_agent_process_and_queues_a_rerun(
         assert rerun.rerun_of == run_id
 
 
-async def test_a_killed_agent_process_fails_its_units_and_is_replaced(
+async def test_a_killed_agent_process_is_replaced_and_its_units_retried(
     settings: Settings, model_server: ModelServer
 ) -> None:
-    async with stuck_run(settings, model_server) as (harness, run_id):
+    async with stuck_run(settings, model_server, retry={"backoff_seconds": 0}) as (harness, run_id):
         services = harness.services
         first = agent_process(services).pid
         assert first is not None
@@ -128,12 +128,29 @@ async def test_a_killed_agent_process_fails_its_units_and_is_replaced(
         os.kill(first, signal.SIGKILL)
         run = await services.coordinator.wait(run_id, 30)
         assert run is not None
-        # the two in flight are failed; the third starts in a new child and succeeds
+        # the two in flight lose their attempt and are retried in a new child, as is the third
+        assert run.counts == {"success": 3}, run.counts
+        for user in ("a", "b"):
+            lost, retried = await services.background.attempts(run_id, user)
+            assert (lost.reason, retried.reason) == ("worker_lost", "finished")
+            assert lost.error is not None
+            assert "agent process exited" in lost.error
+        assert agent_process(services).pid not in (None, first)
+
+
+async def test_a_killed_agent_process_fails_its_units_without_retries(
+    settings: Settings, model_server: ModelServer
+) -> None:
+    async with stuck_run(settings, model_server, retry={"max_attempts": 1}) as (harness, run_id):
+        services = harness.services
+        os.kill(agent_process(services).pid or 0, signal.SIGKILL)
+        model_server.responder = scripted(text("done"))
+        run = await services.coordinator.wait(run_id, 30)
+        assert run is not None
         assert run.counts == {"failed": 2, "success": 1}, run.counts
         _, users = await services.background.run(run_id)
         failed = [u for u in users if u.status.value == "failed"]
-        assert all(u.error is not None and "agent process exited" in u.error for u in failed)
-        assert agent_process(services).pid not in (None, first)
+        assert all(u.reason == "worker_lost" for u in failed)
 
 
 async def test_named_reviewers_reach_the_agent_process(

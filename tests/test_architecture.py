@@ -115,3 +115,49 @@ def test_each_table_is_written_by_one_store_module() -> None:
     # the check sees the writes it is meant to see
     assert writers["task_run_users"] == {"ralph.background.run_store"}
     assert set(writers) == set(metadata.tables) - {"alembic_version"}
+
+
+def sets_status(node: ast.AST) -> bool:
+    """Whether `node` holds a `status=` keyword or a `"status"` key."""
+    return any(
+        (isinstance(n, ast.keyword) and n.arg == "status")
+        or (
+            isinstance(n, ast.Dict)
+            and any(isinstance(k, ast.Constant) and k.value == "status" for k in n.keys)
+        )
+        for n in ast.walk(node)
+    )
+
+
+def status_writers(tree: ast.Module) -> set[str]:
+    """The functions of a module that write a status into task_run_users: through a
+    statement built at module level that sets one, or with a statement on the table
+    (`update(task_run_users)`, or one built on it) given a `status` value."""
+    on_table: set[str] = set()
+    setting: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and "task_run_users" in ast.unparse(node.value):
+            names = {t.id for t in node.targets if isinstance(t, ast.Name)}
+            on_table |= names
+            if sets_status(node.value):
+                setting |= names
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+        writes = bool(names & on_table) or "update(task_run_users)" in ast.unparse(node)
+        if names & setting or (writes and sets_status(node)):
+            found.add(node.name)
+    return found
+
+
+def test_a_units_end_is_written_by_one_function() -> None:
+    """Every way a (run, user) unit ends (the agent's outcome, a lost agent process or worker,
+    recovery) goes through `RunStore._end_in` (`end_unit`), which decides the next state
+    (retrying or final) under the task's retry policy. Besides it, only creation (pending, or
+    skipped), the claim (running, or skipped: another run holds the lock) and the bulk end of
+    units not running (`_end_waiting_in`: a cancel, a shutdown, a spent budget) write a
+    status."""
+    (store,) = [tree for name, tree in modules() if name == "ralph.background.run_store"]
+    assert status_writers(store) == {"create_in", "start_user", "_end_in", "_end_waiting_in"}

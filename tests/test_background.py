@@ -34,6 +34,10 @@ async def bg(
         yield harness
 
 
+# one attempt: a failure ends the user at once (retries: test_retries)
+ONE_ATTEMPT = {"max_attempts": 1}
+
+
 def task_body(**overrides: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "name": "test-progress-tracker",
@@ -164,7 +168,8 @@ async def test_partial_when_some_users_fail(bg: AppHarness) -> None:
     for user in users:
         await bg.client.put(f"/users/{user}/blocks/student", json={"body": user})
     bg.server.responder = respond
-    await bg.client.post("/background/tasks", json=task_body(user_ids=users, tools=[]))
+    body = task_body(user_ids=users, tools=[], retry=ONE_ATTEMPT)
+    await bg.client.post("/background/tasks", json=body)
     body = (await bg.client.post("/background/tasks/test-progress-tracker/run?wait=true")).json()
     assert body["status"] == "partial"
     assert body["counts"] == {"success": 2, "failed": 1}
@@ -175,7 +180,8 @@ async def test_partial_when_some_users_fail(bg: AppHarness) -> None:
 
 async def test_all_failed_is_failed(bg: AppHarness) -> None:
     bg.server.responder = scripted(Fail(500, "down"))
-    await bg.client.post("/background/tasks", json=task_body(user_ids=["a", "b"], tools=[]))
+    body = task_body(user_ids=["a", "b"], tools=[], retry=ONE_ATTEMPT)
+    await bg.client.post("/background/tasks", json=body)
     body = (await bg.client.post("/background/tasks/test-progress-tracker/run?wait=true")).json()
     assert body["status"] == "failed"
 
@@ -225,7 +231,7 @@ async def test_a_unit_executes_at_most_once(bg: AppHarness) -> None:
     assert await services.runs.user(run_id, "a") == first
     assert bg.server.calls == 1
 
-    await services.runs.cancel_pending_users(run_id, services.clock.now(), UserStatus.CANCELLED)
+    await services.runs.end_waiting_users(run_id, services.clock.now(), UserStatus.CANCELLED)
     await services.units.run_user(run_id, task, "b")
     b = await services.runs.user(run_id, "b")
     assert (b.status, b.started_at, b.attempts) == (UserStatus.CANCELLED, None, 0)
@@ -403,7 +409,8 @@ async def test_shutdown_gives_grace_then_interrupts(
 
 async def test_runs_api_pages_and_filters(bg: AppHarness, clock: FakeClock) -> None:
     users = [f"u{i}" for i in range(5)]
-    await bg.client.post("/background/tasks", json=task_body(user_ids=users, tools=[]))
+    body = task_body(user_ids=users, tools=[], retry=ONE_ATTEMPT)
+    await bg.client.post("/background/tasks", json=body)
     first = (await bg.client.post("/background/tasks/test-progress-tracker/run?wait=true")).json()
     await clock.advance(1)
     bg.server.responder = scripted(Fail(500, "down"))

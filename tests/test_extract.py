@@ -42,6 +42,7 @@ async def run_extract(client: AsyncClient, **overrides: Any) -> dict[str, Any]:
         "memory_blocks": ["notes", "goals"],
         "user_ids": ["u1"],
         "episode_messages": 10,
+        "retry": {"max_attempts": 1},  # one attempt: what the model does in it
         **overrides,
     }
     created = await client.post("/background/tasks", json=notes_task(**values))

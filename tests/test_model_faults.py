@@ -151,7 +151,11 @@ async def test_a_model_fault_ends_cleanly(
     client: AsyncClient, model_server: ModelServer, fault: Fault
 ) -> None:
     task = notes_task(
-        name="faulty", system_prompt="review", tools=["read_memory_block"], timeout_seconds=30
+        name="faulty",
+        system_prompt="review",
+        tools=["read_memory_block"],
+        timeout_seconds=30,
+        retry={"max_attempts": 1},  # the fault's effect on one attempt (retries: test_retries)
     )
     assert (await client.post("/background/tasks", json=task)).status_code == 201
     model_server.responder = fault.responder()

@@ -21,9 +21,11 @@ from ralph.background.models import (
     UserStatus,
     jitter_offset,
 )
+from ralph.background.run_store import UnitEnd
 from ralph.composition import Services
 from ralph.config import Settings
 from ralph.db.tables import background_tasks, task_runs
+from ralph.reasons import EndReason
 from ralph.testing.clock import FakeClock
 from tests.helpers import AppHarness, harness_for
 
@@ -220,7 +222,7 @@ async def test_crashed_run_is_interrupted_and_its_users_rerun_once(
     # a process that started the run, finished "a", then died
     assert await services.runs.mark_started(run_id, "dead-replica", clock.now())
     assert (await services.runs.start_user(run_id, task.name, "a", clock.now())).started
-    await services.runs.finish_user(run_id, task.name, "a", {"status": "success"})
+    await services.runs.end_unit(run_id, task.name, "a", UnitEnd(EndReason.FINISHED), clock.now())
     assert (await services.runs.start_user(run_id, task.name, "b", clock.now())).started
 
     await clock.advance(services.settings.run_lease_seconds - 1)

@@ -138,6 +138,10 @@ async def arq(
         yield harness
 
 
+# one attempt: a lost worker ends the user at once (retries: test_retries)
+ONE_ATTEMPT = {"max_attempts": 1}
+
+
 def task_body(users: list[str], **overrides: Any) -> dict[str, Any]:
     return {
         "name": "queued",
@@ -236,7 +240,7 @@ async def test_a_unit_whose_worker_died_is_failed(
     try:
         async with app.router.lifespan_context(app):
             services: Services = app.state.services
-            task = TaskDefinition.model_validate(task_body(["a"], tools=[]))
+            task = TaskDefinition.model_validate(task_body(["a"], tools=[], retry=ONE_ATTEMPT))
             await services.registry.create(task)
             run_id = await services.background.create_run(task, TriggerType.MANUAL)
             job = services.coordinator.start(run_id)
@@ -358,7 +362,7 @@ async def test_kill_9_of_a_worker_process_fails_its_unit(
         worker = await start_worker_process(settings)
         try:
             services: Services = app.state.services
-            task = TaskDefinition.model_validate(task_body(["a"], tools=[]))
+            task = TaskDefinition.model_validate(task_body(["a"], tools=[], retry=ONE_ATTEMPT))
             await services.registry.create(task)
             run_id = await services.background.create_run(task, TriggerType.MANUAL)
             job = services.coordinator.start(run_id)
@@ -384,7 +388,7 @@ async def test_units_a_stopping_worker_cancels_are_run_again(
     app = create_app(settings, clock=clock)
     async with app.router.lifespan_context(app):
         services: Services = app.state.services
-        task = TaskDefinition.model_validate(task_body(["a"], tools=[]))
+        task = TaskDefinition.model_validate(task_body(["a"], tools=[], retry=ONE_ATTEMPT))
         await services.registry.create(task)
         first = build_worker(settings, clock=clock, handle_signals=False)
         running = asyncio.create_task(first.async_run())

@@ -22,6 +22,8 @@ class CallRecord:
     retries: int = 0  # requests beyond the first of each call
     # what kind of failure the provider's last failed call was (an EndReason's value)
     failure: str | None = None
+    # seconds the provider's last failed call asked to wait (its Retry-After), if it said
+    retry_after: float | None = None
 
     def waited(self, seconds: float) -> None:
         self.wait_seconds += seconds

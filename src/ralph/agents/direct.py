@@ -173,6 +173,8 @@ class DirectOpenAI(OpenAILike):
                     await self._charge(data, estimate)
                     return data
                 asked = _retry_after(reply)
+                if record is not None:
+                    record.retry_after = asked
                 if asked is not None and asked > self.max_retry_after:
                     raise self._error(
                         f"rate limited: provider asked to wait {asked:g} s (more than "

@@ -108,6 +108,8 @@ class AgentOutcome:
     model_retries: int = 0
     # why it ended (set by the runner; a unit's result records it)
     reason: EndReason = EndReason.FINISHED
+    # seconds the provider asked to wait before the call it failed (its Retry-After)
+    retry_after: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -138,6 +140,7 @@ class AgentOutcome:
             self.reason = EndReason.INVALID_REPLY
         elif record.failure is not None:
             self.reason = EndReason(record.failure)
+            self.retry_after = record.retry_after
         else:
             self.reason = EndReason.INTERNAL
 

@@ -15,6 +15,7 @@ from ralph.api.deps import ServicesDep
 from ralph.api.params import TaskNamePath, UserIdPath
 from ralph.api.schema import response_model
 from ralph.background.models import (
+    Attempt,
     RunStatus,
     StoredTask,
     TaskDefinition,
@@ -71,8 +72,11 @@ _USER_NOTES = {
     ),
     "reason": (
         "Why the unit ended: finished, rate_limited, timeout, provider_error, invalid_reply, "
-        "budget_exceeded, max_turns, cancelled, worker_lost, interrupted or internal"
+        "budget_exceeded, max_turns, cancelled, worker_lost, interrupted or internal (for a "
+        "`retrying` user: why its latest attempt did)"
     ),
+    "attempts": "Attempts started so far (each is listed by .../attempts)",
+    "next_attempt_at": "`retrying`: when the next attempt is due (a cron jitter's start too)",
 }
 UserResultOut = response_model(
     UserResult,
@@ -94,6 +98,7 @@ RunOut = response_model(
     descriptions={
         "cost_usd": "The users' costs summed (None: not reported)",
         "rerun_of": "For a `rerun`: the interrupted run whose users it runs.",
+        "retry_of": "For a `retry`: the run whose failed users it runs again.",
         "dry_run": "Its proposals are previews (never applicable)",
     },
     extra={"user_results": (list[UserResultOut] | None, None)},
@@ -260,6 +265,64 @@ async def get_run_user(run_id: str, user_id: UserIdPath, services: ServicesDep) 
     """One user's result with the agent's transcript (messages, tool calls and results)."""
     result = await services.background.run_user(run_id, user_id)
     return {**dataclasses.asdict(result), "transcript": json.loads(result.transcript or "[]")}
+
+
+RetryUsers = Annotated[list[UserId], AfterValidator(unique_user_ids), Field(min_length=1)]
+
+
+class RetryRequest(StrictInput):
+    user_ids: (
+        Annotated[list[UserId], AfterValidator(unique_user_ids), Field(min_length=1)] | None
+    ) = Field(
+        default=None,
+        max_length=1_000_000,
+        description=(
+            "Users to run again (each ended failed or budget_exceeded). Default: every user "
+            "of the run that ended failed."
+        ),
+    )
+
+
+@router.post("/runs/{run_id}/retry", status_code=202, response_model=RunStarted)
+async def retry_run(
+    run_id: str, services: ServicesDep, request: RetryRequest | None = None
+) -> RunStarted:
+    """Run a finished run's failed users again, now, in a new run (`trigger_type` "retry",
+    `retry_of` this run), with the task's current definition. 409 while the run still runs;
+    404 for a user not in it; 422 for one that did not fail, or when none did."""
+    retry_id = await services.background.retry(run_id, request.user_ids if request else None)
+    return RunStarted(
+        run_id=retry_id, status=RunStatus.PENDING, message=f"retry of run '{run_id}' started"
+    )
+
+
+AttemptOut = response_model(
+    Attempt,
+    "AttemptOut",
+    exclude=frozenset({"transcript"}),
+    descriptions={
+        "reason": "Why the attempt ended (None: it is running)",
+        "cost_usd": "The attempt's, or (for the latest) the user's across attempts",
+    },
+    extra={"transcript": (list[dict[str, Any]], ...)},
+)
+
+
+@router.get("/runs/{run_id}/users/{user_id}/attempts", response_model=list[AttemptOut])
+async def get_run_user_attempts(
+    run_id: str,
+    user_id: UserIdPath,
+    services: ServicesDep,
+    offset: int = Query(default=0, ge=0, le=MAX_INT32),
+    limit: int = Query(default=20, ge=1, le=100),
+) -> list[dict[str, Any]]:
+    """The user's attempts in the run, oldest first, each with its transcript: those that
+    were retried, then the latest (running, or the user's result)."""
+    attempts = await services.background.attempts(run_id, user_id)
+    return [
+        {**dataclasses.asdict(a), "transcript": json.loads(a.transcript or "[]")}
+        for a in attempts[offset : offset + limit]
+    ]
 
 
 @router.post("/runs/{run_id}/cancel", response_model=RunOut)

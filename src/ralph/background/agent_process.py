@@ -31,7 +31,7 @@ from ralph.agents.ratelimit import RateLimit
 from ralph.background.agent_limit import LimitServer
 from ralph.background.inflight import InFlight
 from ralph.background.models import TaskDefinition
-from ralph.background.run_store import RunStore
+from ralph.background.run_store import RunStore, UnitEnd
 from ralph.clock import Clock
 from ralph.config import Settings
 from ralph.observability.events import UnitStats, observe_unit
@@ -188,13 +188,13 @@ class AgentProcess:
         # failed
         reason = EndReason.INTERRUPTED if self._stopping else EndReason.WORKER_LOST
         for (run_id, user_id), (_, task_name) in lost:
-            await self._runs.fail_unfinished_user(
+            await self._runs.end_unit(
                 run_id,
                 task_name,
                 user_id,
+                UnitEnd(reason, f"agent process exited ({code})"),
                 self._clock.now(),
-                f"agent process exited ({code})",
-                reason,
+                running_only=False,
             )
             self._resolve(run_id, user_id)
 

@@ -5,11 +5,13 @@ wherever the units execute (this process, its agent process or ARQ workers: a `D
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import socket
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 import structlog
 
@@ -24,8 +26,7 @@ from ralph.background.models import (
     UserStatus,
 )
 from ralph.background.run_store import RERUN_PREFIX, RunStore
-from ralph.background.start_order import start_order
-from ralph.clock import Clock, sleep_until_or
+from ralph.clock import Clock
 from ralph.db.retry import until_reachable
 
 log = structlog.get_logger(__name__)
@@ -84,6 +85,7 @@ class RunCoordinator:
             self._clock.now(),
             slot_key=f"{RERUN_PREFIX}{run_id}",
             dry_run=await self._runs.is_dry_run(run_id),  # a dry run's rerun previews too
+            continues=run_id,
         )
 
     def start(self, run_id: str) -> asyncio.Task[TaskRun]:
@@ -168,7 +170,7 @@ class RunCoordinator:
         leftover = UserStatus.CANCELLED if run.cancel_requested else UserStatus.INTERRUPTED
         if self._stopping or run.cancel_requested or error:
             await until_reachable(
-                lambda: self._runs.cancel_pending_users(run_id, self._clock.now(), leftover),
+                lambda: self._runs.end_waiting_users(run_id, self._clock.now(), leftover),
                 what="run",
             )
         run = await until_reachable(
@@ -191,29 +193,65 @@ class RunCoordinator:
             self.start(rerun)
 
     async def _window(self, run_id: str, task: TaskDefinition) -> None:
-        in_flight: set[asyncio.Task[None]] = set()
+        """Start the run's users as they come due (first attempts in list order, retries and
+        jittered starts at their time), at most `batch_size` at once, until none is left to
+        start: each ended, or the server stops, the run is cancelled, its budget spent."""
+        in_flight: dict[asyncio.Task[None], str] = {}
+        due: list[str] = []  # due users read and not started yet
+        page = max(task.batch_size * 2, 100)
         try:
-            pending = start_order(self._runs, run_id, task, lambda: self._stopping)
-            async for user_id, start_at in pending:
-                if start_at is not None and not await self._until(start_at, run_id):
-                    return
-                while len(in_flight) >= task.batch_size:
-                    done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                    in_flight.difference_update(done)
-                if self._stopping or self._inflight.is_cancelled(run_id):
-                    return
-                if await self._budget_spent(run_id, task):
-                    return
-                in_flight.add(asyncio.create_task(self._dispatch(run_id, task, user_id)))
+            while not self._halted(run_id):
+                if not due:
+                    started = set(in_flight.values())  # pending until their unit claims them
+                    read = await until_reachable(
+                        functools.partial(
+                            self._runs.due_users, run_id, self._clock.now(), page + len(started)
+                        ),
+                        what="pending users",
+                    )
+                    due = [user_id for user_id in read if user_id not in started][:page]
+                if due and len(in_flight) < task.batch_size:
+                    if await self._budget_spent(run_id, task):
+                        return
+                    user_id = due.pop(0)
+                    in_flight[asyncio.create_task(self._dispatch(run_id, task, user_id))] = user_id
+                    continue
+                until: datetime | None = None
+                if not due:
+                    waiting, until = await until_reachable(
+                        functools.partial(self._runs.waiting, run_id, self._clock.now()),
+                        what="pending users",
+                    )
+                    if not in_flight and not waiting:
+                        return
+                    if not in_flight and until is None:
+                        continue  # one came due since the read
+                # a unit ends (its slot frees, or it is to be retried), or the next is due
+                ended = await self._wait_for(set(in_flight), until)
+                for job in ended:
+                    in_flight.pop(job, None)
         finally:
             if in_flight:
                 await asyncio.wait(in_flight)
 
-    async def _until(self, when: datetime, run_id: str) -> bool:
-        """Sleep until `when` on the clock; False if the server stops or the run is
-        cancelled first."""
-        await sleep_until_or(self._clock, when, self._interrupted)
-        return not (self._stopping or self._inflight.is_cancelled(run_id))
+    def _halted(self, run_id: str) -> bool:
+        return self._stopping or self._inflight.is_cancelled(run_id)
+
+    async def _wait_for(
+        self, jobs: set[asyncio.Task[None]], until: datetime | None
+    ) -> set[asyncio.Task[None]]:
+        """Wait until one of `jobs` ends, the clock reaches `until`, or a stop or a cancel
+        (whichever first); returns the jobs ended."""
+        waits: set[asyncio.Task[Any]] = set(jobs)
+        own: list[asyncio.Task[Any]] = [asyncio.create_task(self._interrupted.wait())]
+        if until is not None:
+            own.append(asyncio.create_task(self._clock.sleep_until(until)))
+        try:
+            await asyncio.wait(waits | set(own), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for job in own:
+                await cancel_and_wait(job)
+        return {job for job in jobs if job.done()}
 
     async def _budget_spent(self, run_id: str, task: TaskDefinition) -> bool:
         """With the run's token budget spent, nobody else starts: the pending users end
@@ -224,7 +262,7 @@ class RunCoordinator:
         if tokens is None or not tokens.exhausted:
             return False
         await until_reachable(
-            lambda: self._runs.cancel_pending_users(
+            lambda: self._runs.end_waiting_users(
                 run_id, self._clock.now(), UserStatus.BUDGET_EXCEEDED
             ),
             what="pending users",

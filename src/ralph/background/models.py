@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast
 
 from croniter import croniter
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -140,6 +140,116 @@ class Budget(StrictInput):
     max_tokens_per_run: int | None = Field(default=None, ge=1)
 
 
+# the reasons a unit is retried for by default: the provider's or the infrastructure's
+# trouble, which may be gone next time
+TRANSIENT_REASONS = (
+    EndReason.RATE_LIMITED,
+    EndReason.TIMEOUT,
+    EndReason.PROVIDER_ERROR,
+    EndReason.INVALID_REPLY,
+    EndReason.WORKER_LOST,
+    EndReason.INTERRUPTED,
+)
+# never retried: another attempt would spend again what was not allowed, or undo a decision
+NEVER_RETRIED = frozenset(
+    {EndReason.FINISHED, EndReason.BUDGET_EXCEEDED, EndReason.MAX_TURNS, EndReason.CANCELLED}
+)
+
+
+class RetryPolicy(StrictInput):
+    """How a user whose attempt failed is tried again within the same run: attempt n+1 is
+    due `backoff_seconds * backoff_factor**(n-1)` after attempt n ended (at most
+    `max_backoff_seconds`; with `jitter`, between half that and that), or later if the
+    provider's Retry-After asks for more. `{"max_attempts": 1}`: no retries."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    backoff_seconds: float = Field(default=30.0, ge=0, le=24 * 3600)
+    backoff_factor: float = Field(default=2.0, ge=1, le=10)
+    max_backoff_seconds: float = Field(default=900.0, ge=0, le=7 * 24 * 3600)
+    jitter: bool = True
+    on: list[EndReason] = Field(
+        default_factory=lambda: list(TRANSIENT_REASONS),
+        max_length=len(EndReason),
+        description=(
+            "The reasons a failed attempt is retried for. Default: rate_limited, timeout, "
+            "provider_error, invalid_reply, worker_lost, interrupted. budget_exceeded, "
+            "max_turns, cancelled and finished are never retried."
+        ),
+    )
+
+    @field_validator("on", mode="before")
+    @classmethod
+    def _reasons(cls, value: object) -> object:
+        # strict mode takes an enum's value only as the enum: read the names sent
+        if isinstance(value, list):
+            return [
+                EndReason(item) if isinstance(item, str) and item in _REASON_VALUES else item
+                for item in cast("list[object]", value)
+            ]
+        return value
+
+    @field_validator("on")
+    @classmethod
+    def _retryable(cls, value: list[EndReason]) -> list[EndReason]:
+        never = sorted(reason.value for reason in value if reason in NEVER_RETRIED)
+        if never:
+            raise ValueError(f"{', '.join(never)} cannot be retried")
+        return list(dict.fromkeys(value))
+
+    def delay(self, attempt: int, draw: float) -> float:
+        """Seconds from the end of attempt `attempt` (1-based) to the next; `draw` in [0, 1)
+        picks the point in the jitter's range."""
+        base = min(
+            self.backoff_seconds * self.backoff_factor ** (attempt - 1), self.max_backoff_seconds
+        )
+        return base * (0.5 + draw / 2) if self.jitter else base
+
+
+_REASON_VALUES = {reason.value for reason in EndReason}
+NO_RETRIES = RetryPolicy(max_attempts=1)
+
+
+def retry_draw(run_id: str, user_id: str, attempt: int) -> float:
+    """The jitter's draw for a unit's retry, in [0, 1): the same in every process."""
+    key = f"{run_id}|{user_id}|{attempt}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
+
+
+@dataclass(frozen=True, slots=True)
+class NextState:
+    """Where a unit goes after an attempt ended: a final status, or `retrying` due at
+    `due_at`."""
+
+    status: UserStatus
+    due_at: datetime | None = None
+
+
+def next_state(
+    reason: EndReason,
+    *,
+    proposals: int,
+    attempts: int,
+    policy: RetryPolicy,
+    now: datetime,
+    draw: float = 0.0,
+    retry_after: float | None = None,
+) -> NextState:
+    """The unit's next state after attempt number `attempts` ended for `reason` (with
+    `proposals` made in it), under `policy`: `retrying` when it failed (or was interrupted)
+    for a reason the policy retries and attempts are left, else `unit_status`'s. An
+    interrupted attempt (a shutdown, a crash) is due again at once; otherwise after the
+    policy's backoff, or the provider's `retry_after` seconds if that is longer."""
+    status = unit_status(reason, proposals=proposals)
+    retryable = status in (UserStatus.FAILED, UserStatus.INTERRUPTED) and reason in policy.on
+    if not retryable or attempts >= policy.max_attempts:
+        return NextState(status)
+    wait = 0.0 if reason is EndReason.INTERRUPTED else policy.delay(max(attempts, 1), draw)
+    if retry_after is not None:
+        wait = max(wait, retry_after)
+    return NextState(UserStatus.RETRYING, now + timedelta(seconds=wait))
+
+
 IDLE_EPISODE_MESSAGES = 50
 MAX_EPISODE_MESSAGES = 500
 
@@ -194,6 +304,13 @@ class TaskDefinition(StrictInput):
             "edit only `memory_blocks` (or, when none are listed, the user's existing blocks)."
         ),
     )
+    retry: RetryPolicy = Field(
+        default_factory=RetryPolicy,
+        description=(
+            "Retries of a user whose attempt failed, within the run: "
+            '{"max_attempts": 1} switches them off.'
+        ),
+    )
     enabled: bool = True
 
     def for_trigger(self, trigger: TriggerType) -> TaskDefinition:
@@ -239,6 +356,7 @@ class TriggerType(StrEnum):
     IDLE = "idle"
     MANUAL = "manual"
     RERUN = "rerun"  # the users a crash or a shutdown left unfinished in another run
+    RETRY = "retry"  # a replay of the users another run ended `failed` (`retry_of`)
 
 
 class RunStatus(StrEnum):
@@ -261,6 +379,12 @@ class UserStatus(StrEnum):
     CANCELLED = "cancelled"
     INTERRUPTED = "interrupted"
     BUDGET_EXCEEDED = "budget_exceeded"  # stopped before a model call the budget did not allow
+    # an attempt failed and another is due (at `next_attempt_at`)
+    RETRYING = "retrying"
+
+
+# the statuses of a user that may still run in its run
+WAITING_USER = (UserStatus.PENDING, UserStatus.RETRYING)
 
 
 FINISHED_RUN = {
@@ -298,6 +422,17 @@ USER_TRANSITIONS: dict[UserStatus, frozenset[UserStatus]] = {
             UserStatus.INTERRUPTED,
             UserStatus.BUDGET_EXCEEDED,
             UserStatus.SKIPPED,
+            UserStatus.RETRYING,
+        }
+    ),
+    # the next attempt, due at its time; or ended while waiting for it, as a pending user
+    UserStatus.RETRYING: frozenset(
+        {
+            UserStatus.RUNNING,
+            UserStatus.CANCELLED,
+            UserStatus.INTERRUPTED,
+            UserStatus.BUDGET_EXCEEDED,
+            UserStatus.FAILED,
         }
     ),
 }
@@ -344,7 +479,7 @@ def final_run_status(
     failed = counts.get(UserStatus.FAILED, 0)
     cancelled = counts.get(UserStatus.CANCELLED, 0)
     exceeded = counts.get(UserStatus.BUDGET_EXCEEDED, 0)
-    if counts.get(UserStatus.INTERRUPTED, 0) or counts.get(UserStatus.RUNNING, 0):
+    if any(counts.get(s, 0) for s in (UserStatus.INTERRUPTED, UserStatus.RUNNING, *WAITING_USER)):
         return RunStatus.INTERRUPTED
     if cancel_requested and cancelled:
         return RunStatus.CANCELLED
@@ -400,8 +535,29 @@ class TaskRun:
     total_tokens: int
     error: str | None
     rerun_of: str | None = None  # for a rerun: the interrupted run it continues
+    retry_of: str | None = None  # for a retry: the run whose failed users it runs again
     cost_usd: float | None = None
     dry_run: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One attempt of a (run, user) unit: the ones retried, then the latest (running, or the
+    user's result)."""
+
+    attempt: int
+    started_at: datetime | None
+    completed_at: datetime | None
+    reason: str | None
+    error: str | None
+    turns_used: int
+    tool_calls: int
+    proposals_created: int
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    cost_usd: float | None
+    transcript: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,3 +586,5 @@ class UserResult:
     stopped_by: str | None = None
     # why the unit ended (an EndReason's value; None: not ended, or ended before reasons)
     reason: str | None = None
+    # `retrying`: when the next attempt is due
+    next_attempt_at: datetime | None = None

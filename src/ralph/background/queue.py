@@ -23,7 +23,7 @@ import structlog
 from arq.connections import ArqRedis, RedisSettings, create_pool
 
 from ralph.background.models import TaskDefinition, UserStatus
-from ralph.background.run_store import RunStore
+from ralph.background.run_store import RunStore, UnitEnd
 from ralph.clock import Clock
 from ralph.config import Settings
 from ralph.reasons import EndReason
@@ -82,13 +82,14 @@ class ArqDispatcher:
             # the agent's own timeout, plus time to be picked up and recorded
             await asyncio.wait_for(done, timeout=task.timeout_seconds + 300)
         except TimeoutError:
-            await self._runs.fail_unfinished_user(
+            await self._runs.end_unit(
                 run_id,
                 task.name,
                 user_id,
+                UnitEnd(EndReason.WORKER_LOST, "no worker finished this user"),
                 self._clock.now(),
-                "no worker finished this user",
-                EndReason.WORKER_LOST,
+                policy=task.retry,
+                running_only=False,
             )
         finally:
             waiting.pop(user_id, None)
@@ -155,13 +156,14 @@ class ArqDispatcher:
             if user_id in alive:
                 continue
             log.warning("worker_lost", run_id=run_id, user_id=user_id)
-            await self._runs.fail_unfinished_user(
+            lost = f"worker lost: no heartbeat for {3 * self._heartbeat:g} s"
+            await self._runs.end_unit(
                 run_id,
                 self._task_names[run_id],
                 user_id,
+                UnitEnd(EndReason.WORKER_LOST, lost),
                 self._clock.now(),
-                f"worker lost: no heartbeat for {3 * self._heartbeat:g} s",
-                EndReason.WORKER_LOST,
+                running_only=False,
             )
             self._resolve(run_id, user_id)
 

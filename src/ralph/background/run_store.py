@@ -6,18 +6,23 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import RowMapping, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import RowMapping, and_, bindparam, case, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ralph.background.models import (
     FINISHED_RUN,
+    NO_RETRIES,
     REASON_OF_STATUS,
     USER_TRANSITIONS,
+    WAITING_USER,
+    Attempt,
     CronTrigger,
+    NextState,
+    RetryPolicy,
     RunStatus,
     TaskDefinition,
     TaskRun,
@@ -26,11 +31,14 @@ from ralph.background.models import (
     UserStatus,
     final_run_status,
     jitter_offset,
+    next_state,
+    retry_draw,
     unit_status,
     user_sources,
 )
+from ralph.clock import utc
 from ralph.db.engine import insert_ignore, insert_rows
-from ralph.db.tables import proposals, task_run_users, task_runs, task_user_locks
+from ralph.db.tables import proposals, task_run_users, task_runs, task_user_locks, unit_attempts
 from ralph.errors import Conflict, NotFound
 from ralph.reasons import EndReason
 from ralph.webhooks.store import PROPOSALS_PENDING, RUN_FINISHED, Outbox
@@ -50,10 +58,35 @@ _NEW_USER_COLUMNS = (
     "output_tokens",
     "total_tokens",
     "jitter_seconds",
+    "next_attempt_at",
 )
 _NEW_USER_VALUES = (UserStatus.PENDING.value, 0, 0, 0, 0, 0, 0, 0)
+_WAITING = [status.value for status in WAITING_USER]
+# those summed over a user's attempts in its row (every attempt's tokens count for budgets)
+_SUMMED = ("input_tokens", "output_tokens", "total_tokens")
+# an attempt's counts, as unit_attempts' columns
+_ATTEMPT_COLUMNS = (
+    "turns_used",
+    "tool_calls",
+    "proposals_created",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+)
 # slot key of a run that re-runs the unfinished users of the run named after it
 RERUN_PREFIX = "rerun:"
+
+
+@dataclass(frozen=True)
+class UnitEnd:
+    """How an attempt of a (run, user) unit ended: why, its error, and what it did
+    (`figures`, task_run_users' columns; empty when it ended without running: a lost worker,
+    a user never started). `retry_after`: seconds the provider asked to wait."""
+
+    reason: EndReason
+    error: str | None = None
+    figures: Mapping[str, Any] = field(default_factory=dict[str, Any])
+    retry_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +126,7 @@ def _run(row: RowMapping, counts: dict[str, int]) -> TaskRun:
         total_tokens=row["total_tokens"],
         error=row["error"],
         rerun_of=_rerun_of(row["slot_key"]),
+        retry_of=row["retry_of"],
         cost_usd=row["cost_usd"],
         dry_run=bool(row["dry_run"]),
     )
@@ -124,6 +158,7 @@ _CLAIM_USER = (
         status=UserStatus.RUNNING.value,
         started_at=bindparam("b_now"),
         attempts=task_run_users.c.attempts + 1,
+        next_attempt_at=None,
     )
 )
 _SKIP_USER = (
@@ -138,7 +173,20 @@ _SKIP_USER = (
     )
 )
 _UPDATE_USER = update(task_run_users).where(_THIS_USER)  # SET from the parameters given
-_FINISH_USER = _UPDATE_USER.where(task_run_users.c.status == UserStatus.RUNNING.value)
+# a unit's end, conditional on the status it was read in
+_END_USER = {
+    source: _UPDATE_USER.where(task_run_users.c.status == source.value)
+    for source in (UserStatus.RUNNING, *WAITING_USER)
+}
+_READ_USER = select(
+    task_run_users.c.status,
+    task_run_users.c.attempts,
+    task_run_users.c.started_at,
+    task_run_users.c.input_tokens,
+    task_run_users.c.output_tokens,
+    task_run_users.c.total_tokens,
+    task_run_users.c.cost_usd,
+).where(_THIS_USER)
 _LOCK_HOLDER = select(task_user_locks.c.run_id).where(
     task_user_locks.c.task_name == bindparam("b_task"),
     task_user_locks.c.user_id == bindparam("b_user"),
@@ -179,6 +227,8 @@ class RunStore:
         status: RunStatus = RunStatus.PENDING,
         skipped: Mapping[str, str] | None = None,
         dry_run: bool = False,
+        continues: str | None = None,
+        retry_of: str | None = None,
     ) -> str | None:
         """Create a run with one pending row per user and return its id.
 
@@ -198,7 +248,37 @@ class RunStore:
                 status=status,
                 skipped=skipped,
                 dry_run=dry_run,
+                continues=continues,
+                retry_of=retry_of,
             )
+
+    async def _carry_attempts(
+        self, conn: AsyncConnection, old_run: str, new_run: str, user_ids: Sequence[str]
+    ) -> None:
+        """The users of `new_run` keep the attempts they had in `old_run`, and the time their
+        next attempt was due (a retry waiting when the run was interrupted stays at its
+        time)."""
+        for start in range(0, len(user_ids), CHUNK):
+            query = select(
+                task_run_users.c.user_id,
+                task_run_users.c.attempts,
+                task_run_users.c.next_attempt_at,
+            ).where(
+                task_run_users.c.run_id == old_run,
+                task_run_users.c.user_id.in_(user_ids[start : start + CHUNK]),
+            )
+            carried = [
+                {
+                    "b_run": new_run,
+                    "b_user": row.user_id,
+                    "attempts": row.attempts,
+                    "next_attempt_at": row.next_attempt_at,
+                }
+                for row in await conn.execute(query)
+                if row.attempts or row.next_attempt_at is not None
+            ]
+            if carried:
+                await conn.execute(_UPDATE_USER, carried)
 
     async def create_in(
         self,
@@ -213,8 +293,13 @@ class RunStore:
         status: RunStatus = RunStatus.PENDING,
         skipped: Mapping[str, str] | None = None,
         dry_run: bool = False,
+        continues: str | None = None,
+        retry_of: str | None = None,
     ) -> str | None:
-        """`create`, inside the caller's transaction (to make it atomic with other writes)."""
+        """`create`, inside the caller's transaction (to make it atomic with other writes).
+        `continues`: a run whose unfinished users this one takes over (a rerun): each keeps its
+        attempts so far and its next attempt's time. `retry_of`: the run whose failed users
+        this one runs again."""
         run_id = str(uuid.uuid4())
         result = await conn.execute(
             insert_ignore(self._engine, task_runs).values(
@@ -233,30 +318,27 @@ class RunStore:
                 output_tokens=0,
                 total_tokens=0,
                 dry_run=dry_run,
+                retry_of=retry_of,
             )
         )
         if result.rowcount != 1:
             return None
         trigger_spec = task.trigger
         jitter = trigger_spec.jitter_seconds if isinstance(trigger_spec, CronTrigger) else 0
+
+        def row(position: int, user_id: str) -> tuple[object, ...]:
+            # a cron run with jitter: each user starts at the slot plus its own delay
+            delay = jitter_offset(task.name, slot_at, user_id, jitter) if slot_at else 0.0
+            due = slot_at + timedelta(seconds=delay) if slot_at is not None and delay else None
+            return (run_id, user_id, position, *_NEW_USER_VALUES, delay, due)
+
         # in chunks: a 100k-user run never holds 100k row dicts at once
         for start in range(0, len(user_ids), CHUNK):
             chunk = user_ids[start : start + CHUNK]
-            await insert_rows(
-                conn,
-                task_run_users,
-                _NEW_USER_COLUMNS,
-                [
-                    (
-                        run_id,
-                        u,
-                        start + i,
-                        *_NEW_USER_VALUES,
-                        jitter_offset(task.name, slot_at, u, jitter) if slot_at else 0.0,
-                    )
-                    for i, u in enumerate(chunk)
-                ],
-            )
+            rows = [row(start + i, u) for i, u in enumerate(chunk)]
+            await insert_rows(conn, task_run_users, _NEW_USER_COLUMNS, rows)
+        if continues is not None:
+            await self._carry_attempts(conn, continues, run_id, user_ids)
         if skipped:
             _check_transition(UserStatus.PENDING, UserStatus.SKIPPED)
             await conn.execute(
@@ -313,36 +395,37 @@ class RunStore:
         async with self._reads.connect() as conn:
             return bool((await conn.execute(query)).scalar())
 
-    async def pending_users(
-        self, run_id: str, after_position: int, limit: int
-    ) -> list[tuple[int, str]]:
-        """The next `limit` pending users after `after_position`, in list order."""
+    async def due_users(self, run_id: str, now: datetime, limit: int) -> list[str]:
+        """Up to `limit` of the run's users waiting to start whose time has come (a first
+        attempt, or a retry now due), in list order, whatever their position."""
         query = (
-            select(task_run_users.c.position, task_run_users.c.user_id)
+            select(task_run_users.c.user_id)
             .where(
                 task_run_users.c.run_id == run_id,
-                task_run_users.c.status == UserStatus.PENDING.value,
-                task_run_users.c.position > after_position,
+                task_run_users.c.status.in_(_WAITING),
+                or_(
+                    task_run_users.c.next_attempt_at.is_(None),
+                    task_run_users.c.next_attempt_at <= now,
+                ),
             )
             .order_by(task_run_users.c.position)
             .limit(limit)
         )
         async with self._reads.connect() as conn:
-            return [(r.position, r.user_id) for r in (await conn.execute(query)).all()]
+            return list((await conn.execute(query)).scalars().all())
 
-    async def pending_by_start(self, run_id: str) -> list[tuple[float, str]]:
-        """Every pending user with its start delay after the slot, soonest first (a cron run
-        with jitter: all at once, to order them by delay)."""
-        query = (
-            select(task_run_users.c.jitter_seconds, task_run_users.c.user_id)
-            .where(
-                task_run_users.c.run_id == run_id,
-                task_run_users.c.status == UserStatus.PENDING.value,
-            )
-            .order_by(task_run_users.c.jitter_seconds, task_run_users.c.position)
-        )
+    async def waiting(self, run_id: str, now: datetime) -> tuple[int, datetime | None]:
+        """How many of the run's users may still start (pending, or retrying), and the
+        earliest time after `now` one of them is due (None: none is due later)."""
+        query = select(
+            func.count(),
+            func.min(
+                case((task_run_users.c.next_attempt_at > now, task_run_users.c.next_attempt_at))
+            ),
+        ).where(task_run_users.c.run_id == run_id, task_run_users.c.status.in_(_WAITING))
         async with self._reads.connect() as conn:
-            return [(float(r.jitter_seconds), r.user_id) for r in (await conn.execute(query)).all()]
+            count, earliest = (await conn.execute(query)).one()
+        return int(count), None if earliest is None else utc(earliest)
 
     async def start_user(
         self, run_id: str, task_name: str, user_id: str, now: datetime, *, retry: bool = False
@@ -390,57 +473,166 @@ class RunStore:
             and holder == unit["b_run"]
         )
 
-    async def finish_user(
-        self, run_id: str, task_name: str, user_id: str, values: dict[str, Any]
-    ) -> bool:
-        """Record the user's result and release the (task, user) lock, atomically, if the user
-        is still `running` (only running -> a final status: a user that recovery interrupted
-        meanwhile, because this process seemed gone, belongs to the rerun). Returns whether
-        the result was recorded. The run's token totals are summed from these rows when the
-        run finishes."""
-        _check_transition(UserStatus.RUNNING, UserStatus(values["status"]))
-        unit = {"b_run": run_id, "b_user": user_id, "b_task": task_name}
-        async with self._engine.begin() as conn:
-            result = await conn.execute(_FINISH_USER, {**unit, **values})
-            await conn.execute(_RELEASE_LOCK, unit)
-        return result.rowcount == 1
-
-    async def fail_unfinished_user(
+    async def end_unit(
         self,
         run_id: str,
         task_name: str,
         user_id: str,
+        end: UnitEnd,
         now: datetime,
-        error: str,
-        reason: EndReason,
-    ) -> None:
-        """End the user for `reason` (failed, or interrupted when its process was stopped) if
-        it is still pending or running, and release its lock."""
-        status = unit_status(reason, proposals=0)
-        unit = {"b_run": run_id, "b_user": user_id, "b_task": task_name}
-        values = {"status": status.value, "completed_at": now, "error": error}
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                _UPDATE_USER.where(task_run_users.c.status.in_(user_sources(status))),
-                {**unit, **values, "reason": reason.value},
-            )
-            await conn.execute(_RELEASE_LOCK, unit)
+        *,
+        policy: RetryPolicy | None = None,
+        running_only: bool = True,
+    ) -> UserStatus | None:
+        """The one place a (run, user) unit's attempt ends: its next state is decided
+        (`next_state`: a final status, or `retrying` at a due time under the task's retry
+        `policy`, read from the run's snapshot when not given), recorded with what the attempt
+        did, and the (task, user) lock released, atomically.
 
-    async def cancel_pending_users(self, run_id: str, now: datetime, status: UserStatus) -> int:
-        """The run's users not started yet end in `status` (cancelled, interrupted, budget
-        exceeded): returns how many."""
-        _check_transition(UserStatus.PENDING, status)
+        Only a `running` user is ended unless not `running_only` (a user lost before it
+        started: pending or retrying too); a user no longer so (recovery interrupted it, a
+        duplicate delivery) is left as it is, and None returned. Otherwise the status it
+        went to. An attempt followed by a retry is kept in `unit_attempts`; the user's row
+        holds the latest attempt, with the tokens of all of them."""
         async with self._engine.begin() as conn:
-            result = await conn.execute(
-                update(task_run_users)
-                .where(
-                    task_run_users.c.run_id == run_id,
-                    task_run_users.c.status == UserStatus.PENDING.value,
-                )
-                .values(
-                    status=status.value, completed_at=now, reason=REASON_OF_STATUS[status].value
+            return await self._end_in(
+                conn, run_id, task_name, user_id, end, now, policy, running_only
+            )
+
+    async def _end_in(
+        self,
+        conn: AsyncConnection,
+        run_id: str,
+        task_name: str,
+        user_id: str,
+        end: UnitEnd,
+        now: datetime,
+        policy: RetryPolicy | None,
+        running_only: bool,
+    ) -> UserStatus | None:
+        """`end_unit` in the caller's transaction."""
+        unit = {"b_run": run_id, "b_user": user_id, "b_task": task_name}
+        row = (await conn.execute(_READ_USER, unit)).first()
+        if row is None:
+            return None
+        source = UserStatus(row.status)
+        if source is not UserStatus.RUNNING and (running_only or source not in WAITING_USER):
+            return None
+        figures = dict(end.figures)
+        proposals_made = int(figures.get("proposals_created", 0))
+        decided = NextState(unit_status(end.reason, proposals=proposals_made))
+        if source is UserStatus.RUNNING:
+            decided = next_state(
+                end.reason,
+                proposals=proposals_made,
+                attempts=row.attempts,
+                policy=policy or await self._policy(conn, run_id),
+                now=now,
+                draw=retry_draw(run_id, user_id, row.attempts),
+                retry_after=end.retry_after,
+            )
+        _check_transition(source, decided.status)
+        for column in _SUMMED:
+            figures[column] = int(getattr(row, column)) + int(figures.get(column, 0))
+        if row.cost_usd is not None or figures.get("cost_usd") is not None:
+            figures["cost_usd"] = (row.cost_usd or 0.0) + (figures.get("cost_usd") or 0.0)
+        values: dict[str, Any] = {
+            **figures,
+            "status": decided.status.value,
+            "completed_at": now,
+            "error": end.error,
+            "reason": end.reason.value,
+            "next_attempt_at": decided.due_at,
+        }
+        if decided.status is UserStatus.RETRYING:
+            # the attempt is kept apart: the row holds the tokens so far, no attempt's own
+            values.update({c: 0 for c in _ATTEMPT_COLUMNS if c not in _SUMMED})
+            values.update(transcript=None, stopped_by=None, completed_at=None)
+        ended = await conn.execute(_END_USER[source], {**unit, **values})
+        if ended.rowcount != 1:
+            return None
+        if decided.status is UserStatus.RETRYING:
+            await conn.execute(
+                unit_attempts.insert().values(
+                    run_id=run_id,
+                    user_id=user_id,
+                    attempt=row.attempts,
+                    started_at=row.started_at,
+                    completed_at=now,
+                    reason=end.reason.value,
+                    error=end.error,
+                    **{c: end.figures.get(c, 0) for c in _ATTEMPT_COLUMNS},
+                    cost_usd=end.figures.get("cost_usd"),
+                    transcript=end.figures.get("transcript"),
                 )
             )
+        await conn.execute(_RELEASE_LOCK, unit)
+        return decided.status
+
+    @staticmethod
+    async def _policy(conn: AsyncConnection, run_id: str) -> RetryPolicy:
+        query = select(task_runs.c.task_snapshot).where(task_runs.c.id == run_id)
+        raw = (await conn.execute(query)).scalar()
+        if raw is None:
+            return RetryPolicy(max_attempts=1)
+        return TaskDefinition.from_stored(json.loads(raw), []).retry
+
+    async def attempts(self, run_id: str, user_id: str) -> list[Attempt]:
+        """The user's attempts in the run, oldest first: those retried, then the latest (the
+        user's result, or the attempt running) unless a retry is what it waits for."""
+        user = await self.user(run_id, user_id)
+        query = (
+            select(unit_attempts)
+            .where(unit_attempts.c.run_id == run_id, unit_attempts.c.user_id == user_id)
+            .order_by(unit_attempts.c.attempt)
+        )
+        async with self._reads.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        found = [
+            Attempt(**{k: v for k, v in r.items() if k not in ("run_id", "user_id")}) for r in rows
+        ]
+        retried = sum(a.total_tokens for a in found)
+        if user.status not in WAITING_USER and user.attempts > len(found):
+            found.append(
+                Attempt(
+                    attempt=user.attempts,
+                    started_at=user.started_at,
+                    completed_at=user.completed_at,
+                    reason=user.reason,
+                    error=user.error,
+                    turns_used=user.turns_used,
+                    tool_calls=user.tool_calls,
+                    proposals_created=user.proposals_created,
+                    # the row sums every attempt's tokens
+                    input_tokens=user.input_tokens - sum(a.input_tokens for a in found),
+                    output_tokens=user.output_tokens - sum(a.output_tokens for a in found),
+                    total_tokens=user.total_tokens - retried,
+                    cost_usd=user.cost_usd,
+                    transcript=user.transcript,
+                )
+            )
+        return found
+
+    async def end_waiting_users(self, run_id: str, now: datetime, status: UserStatus) -> int:
+        """The run's users not started yet, or waiting for a retry, end in `status`
+        (cancelled, interrupted, budget exceeded): returns how many. Their next attempt's
+        time stays, for a rerun to keep."""
+        async with self._engine.begin() as conn:
+            return await self._end_waiting_in(conn, run_id, now, status)
+
+    @staticmethod
+    async def _end_waiting_in(
+        conn: AsyncConnection, run_id: str, now: datetime, status: UserStatus
+    ) -> int:
+        """`end_waiting_users` in the caller's transaction: the units that are not running
+        end in bulk (the ones running end one by one, in `_end_in`)."""
+        for source in WAITING_USER:
+            _check_transition(source, status)
+        result = await conn.execute(
+            update(task_run_users)
+            .where(task_run_users.c.run_id == run_id, task_run_users.c.status.in_(_WAITING))
+            .values(status=status.value, completed_at=now, reason=REASON_OF_STATUS[status].value)
+        )
         return result.rowcount
 
     async def tokens_used(self, run_id: str) -> int:
@@ -655,6 +847,18 @@ class RunStore:
         async with self._reads.connect() as conn:
             return list((await conn.execute(query)).scalars().all())
 
+    async def users_named(self, run_id: str, user_ids: Sequence[str]) -> list[UserResult]:
+        """Those of `user_ids` that are users of the run (any order)."""
+        found: list[UserResult] = []
+        for start in range(0, len(user_ids), CHUNK):
+            query = select(task_run_users).where(
+                task_run_users.c.run_id == run_id,
+                task_run_users.c.user_id.in_(user_ids[start : start + CHUNK]),
+            )
+            async with self._reads.connect() as conn:
+                found.extend(_user(r) for r in (await conn.execute(query)).mappings().all())
+        return found
+
     async def user(self, run_id: str, user_id: str) -> UserResult:
         query = select(task_run_users).where(
             and_(task_run_users.c.run_id == run_id, task_run_users.c.user_id == user_id)
@@ -781,7 +985,7 @@ class RunStore:
             unfinished = and_(
                 task_run_users.c.run_id == run_id,
                 or_(
-                    task_run_users.c.status == UserStatus.PENDING.value,
+                    task_run_users.c.status.in_(_WAITING),
                     and_(
                         task_run_users.c.status == UserStatus.RUNNING.value,
                         task_run_users.c.user_id.in_(list(dead)),
@@ -794,20 +998,16 @@ class RunStore:
                 .order_by(task_run_users.c.position)
             )
             users = [r.user_id for r in await conn.execute(query)]
-            await conn.execute(
-                update(task_run_users)
-                .where(unfinished)
-                .values(
-                    status=UserStatus.INTERRUPTED.value,
-                    completed_at=now,
-                    reason=EndReason.INTERRUPTED.value,
-                )
+            await self._end_waiting_in(conn, run_id, now, UserStatus.INTERRUPTED)
+            task_name = (
+                await conn.execute(select(task_runs.c.task_name).where(task_runs.c.id == run_id))
+            ).scalar_one()
+            lost = UnitEnd(
+                EndReason.INTERRUPTED, "its server stopped (no heartbeat within the lease)"
             )
-            if dead:
-                await conn.execute(
-                    task_user_locks.delete().where(
-                        task_user_locks.c.run_id == run_id,
-                        task_user_locks.c.user_id.in_(list(dead)),
-                    )
+            for user_id in dead:
+                # interrupted, not retried here: the run has ended; its rerun goes on
+                await self._end_in(
+                    conn, run_id, task_name, user_id, lost, now, NO_RETRIES, running_only=True
                 )
         return users

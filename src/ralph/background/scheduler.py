@@ -18,6 +18,7 @@ import structlog
 from ralph.aio import cancel_and_wait
 from ralph.background.coordinator import RunCoordinator
 from ralph.background.models import (
+    NO_RETRIES,
     CronTrigger,
     IdleTrigger,
     RunStatus,
@@ -27,7 +28,7 @@ from ralph.background.models import (
     UserStatus,
 )
 from ralph.background.registry import TaskRegistry
-from ralph.background.run_store import RunStore
+from ralph.background.run_store import RunStore, UnitEnd
 from ralph.background.schedule_store import ScheduleStore
 from ralph.background.slots import DueSlot, due_instants, next_instant, ran_this_local_day
 from ralph.clock import Clock, sleep_until_or
@@ -451,13 +452,15 @@ class Scheduler:
             for task_name, user_id in users:
                 if user_id not in alive:
                     log.warning("worker_lost", run_id=run_id, user_id=user_id)
-                    await self._runs.fail_unfinished_user(
+                    # its run has ended: nothing would start a retry
+                    await self._runs.end_unit(
                         run_id,
                         task_name,
                         user_id,
+                        UnitEnd(EndReason.WORKER_LOST, "worker lost after the server stopped"),
                         now,
-                        "worker lost after the server stopped",
-                        EndReason.WORKER_LOST,
+                        policy=NO_RETRIES,
+                        running_only=False,
                     )
         return still_alive
 

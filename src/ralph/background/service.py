@@ -12,6 +12,8 @@ from typing import Any, Literal
 from ralph.background.coordinator import RunCoordinator
 from ralph.background.cron import never_fires_reason
 from ralph.background.models import (
+    FINISHED_RUN,
+    Attempt,
     CronTrigger,
     RunStatus,
     TaskDefinition,
@@ -25,7 +27,7 @@ from ralph.background.run_store import RunStore
 from ralph.background.scheduler import Scheduler
 from ralph.background.slots import next_instant, upcoming_instants
 from ralph.clock import Clock
-from ralph.errors import Conflict, InvalidInput
+from ralph.errors import Conflict, InvalidInput, NotFound
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +128,44 @@ class BackgroundService:
             finished = await self._coordinator.wait(run_id, wait_seconds)
         return run_id, finished
 
+    async def retry(self, run_id: str, user_ids: Sequence[str] | None) -> str:
+        """Start a `retry` run of the users `run_id` ended `failed` (default: all of them) or,
+        when listed, `budget_exceeded`, with the task's current definition, now. Conflict
+        while the run still runs; NotFound for a user not in it; InvalidInput for one that
+        did not end so, or none to retry."""
+        run = await self._runs.get(run_id)
+        if run.status not in FINISHED_RUN:
+            raise Conflict(f"run '{run_id}' is still {run.status.value}: retry it once it ends")
+        if user_ids is None:
+            users = await self._runs.user_ids(run_id, UserStatus.FAILED)
+            if not users:
+                raise InvalidInput(f"run '{run_id}' has no failed users to retry")
+        else:
+            users = list(dict.fromkeys(user_ids))
+            ended = {u.user_id: u.status for u in await self._runs.users_named(run_id, users)}
+            unknown = [u for u in users if u not in ended]
+            if unknown:
+                raise NotFound(f"not users of run '{run_id}': {', '.join(unknown[:5])}")
+            eligible = (UserStatus.FAILED, UserStatus.BUDGET_EXCEEDED)
+            others = [f"{u} ({ended[u].value})" for u in users if ended[u] not in eligible]
+            if others:
+                raise InvalidInput(
+                    "only users that ended failed or budget_exceeded can be retried: "
+                    + ", ".join(others[:5])
+                )
+        task = (await self._registry.get(run.task_name)).definition
+        retry_id = await self._runs.create(
+            task,
+            TriggerType.RETRY,
+            users,
+            self._clock.now(),
+            dry_run=run.dry_run,
+            retry_of=run_id,
+        )
+        assert retry_id is not None  # it claims no slot
+        self._coordinator.start(retry_id)
+        return retry_id
+
     async def runs(self, name: str, status: RunStatus | None, limit: int) -> list[TaskRun]:
         """The task's runs, newest first: those of this task, not of an earlier task of the
         same name that was deleted (they stay readable by id)."""
@@ -164,6 +204,9 @@ class BackgroundService:
 
     async def run_user(self, run_id: str, user_id: str) -> UserResult:
         return await self._runs.user(run_id, user_id)
+
+    async def attempts(self, run_id: str, user_id: str) -> list[Attempt]:
+        return await self._runs.attempts(run_id, user_id)
 
     async def cancel(self, run_id: str) -> TaskRun:
         return await self._coordinator.cancel(run_id)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import structlog
 
@@ -16,7 +17,7 @@ from ralph.agents.runner import AgentOutcome, TokenBudget, cap_transcript, run_a
 from ralph.agents.tools import EDIT_TOOLS, ToolContext, propose_change
 from ralph.background.inflight import InFlight
 from ralph.background.models import TaskDefinition, UserStatus, unit_status
-from ralph.background.run_store import RunStore, UserStart
+from ralph.background.run_store import RunStore, UnitEnd, UserStart
 from ralph.clock import Clock
 from ralph.conversations.honcho import HistoryUnavailable
 from ralph.conversations.models import Message, Role
@@ -153,8 +154,14 @@ class UnitRunner:
             log.exception("unit_error", run_id=run_id, user_id=user_id)
             if task is not None:
                 error = f"{where} error: {exc!r}"
-                await self._runs.fail_unfinished_user(
-                    run_id, task.name, user_id, self._clock.now(), error, EndReason.INTERNAL
+                await self._runs.end_unit(
+                    run_id,
+                    task.name,
+                    user_id,
+                    UnitEnd(EndReason.INTERNAL, error),
+                    self._clock.now(),
+                    policy=task.retry,
+                    running_only=False,
                 )
             raise
 
@@ -208,24 +215,7 @@ class UnitRunner:
                 outcome.error = f"interrupted: the database was unreachable ({outcome.error})"
         finally:
             self.inflight.discard(run_id, agent)
-        status = unit_status(outcome.reason, proposals=len(context.proposal_ids))
-        self.on_unit(
-            run_id,
-            user_id,
-            {
-                "task": task.name,
-                "status": status.value,
-                "seconds": asyncio.get_running_loop().time() - started,
-                "model_call_seconds": outcome.model_call_seconds,
-                "rate_limited": outcome.rate_limited_responses,
-                "retries": outcome.model_retries,
-                "stopped_by": outcome.stopped_by,
-                "reason": outcome.reason.value,
-            },
-        )
-        result = {
-            "status": status.value,
-            "completed_at": self._clock.now(),
+        figures = {
             "turns_used": outcome.turns_used,
             "tool_calls": outcome.tool_calls,
             # the proposal rows this user's tools stored (or found stored, on a retry); kept
@@ -234,28 +224,46 @@ class UnitRunner:
             "input_tokens": outcome.input_tokens,
             "output_tokens": outcome.output_tokens,
             "total_tokens": outcome.total_tokens,
-            # a provider's or a model's error text may be any size: keep its start
-            "error": (
-                outcome.error[:MAX_ERROR_CHARS]
-                if outcome.error and status is not UserStatus.SUCCESS
-                else None
-            ),
             "transcript": json.dumps(outcome.transcript, default=str),
             "rate_limit_wait_seconds": round(outcome.rate_limit_wait_seconds, 3),
             "tokens_estimated": outcome.tokens_estimated,
             "cost_usd": outcome.cost_usd,
             "stopped_by": outcome.stopped_by,
-            "reason": outcome.reason.value,
         }
-        recorded = await until_reachable(
-            lambda: self._runs.finish_user(run_id, task.name, user_id, result),
+        ended = UnitEnd(
+            outcome.reason,
+            # a provider's or a model's error text may be any size: keep its start
+            error=outcome.error[:MAX_ERROR_CHARS] if outcome.error else None,
+            figures=figures,
+            retry_after=outcome.retry_after,
+        )
+        if unit_status(outcome.reason, proposals=len(context.proposal_ids)) is UserStatus.SUCCESS:
+            ended = replace(ended, error=None)
+        status = await until_reachable(
+            lambda: self._runs.end_unit(
+                run_id, task.name, user_id, ended, self._clock.now(), policy=task.retry
+            ),
             what="user result",
         )
-        if not recorded:
+        if status is None:
             # recovery took the user over while the database was away: its rerun decides
             log.warning("user_result_superseded", run_id=run_id, user_id=user_id)
+        self.on_unit(
+            run_id,
+            user_id,
+            {
+                "task": task.name,
+                "status": (status or unit_status(outcome.reason, proposals=0)).value,
+                "seconds": asyncio.get_running_loop().time() - started,
+                "model_call_seconds": outcome.model_call_seconds,
+                "rate_limited": outcome.rate_limited_responses,
+                "retries": outcome.model_retries,
+                "stopped_by": outcome.stopped_by,
+                "reason": outcome.reason.value,
+            },
+        )
         self.inflight.settle(run_id)
-        return outcome.total_tokens if recorded else 0
+        return outcome.total_tokens if status is not None else 0
 
     async def _agent(self, task: TaskDefinition, context: ToolContext) -> AgentOutcome:
         run_id = context.run_id or ""

@@ -184,6 +184,8 @@ task_runs = Table(
     # a manual run that only previews: its proposals are previews, and no later run counts
     # it as the task having run for its users
     Column("dry_run", Boolean, nullable=False, server_default=false()),
+    # a retry run (trigger "retry"): the run whose failed users it runs again
+    Column("retry_of", String(UUID), nullable=True),
     UniqueConstraint("task_name", "slot_key"),
     Index(None, "task_name", "created_at"),
     Index(None, "status", "heartbeat_at"),
@@ -218,9 +220,34 @@ task_run_users = Table(
     Column("stopped_by", String(16), nullable=True),
     # why the unit ended (ralph.reasons.EndReason); None before it ended
     Column("reason", String(16), nullable=True),
+    # when the user may start: its next attempt (status retrying) or a cron run's jittered
+    # start (None: at once)
+    Column("next_attempt_at", UTCDateTime(), nullable=True),
     Index(None, "run_id", "status", "position"),
     Index(None, "run_id", "position"),
     Index(None, "user_id", "started_at"),  # when a task last ran for a user
+)
+
+# A (run, user) unit's attempts that were followed by another (retried): the user's row keeps
+# the latest attempt, these the ones before it.
+unit_attempts = Table(
+    "unit_attempts",
+    metadata,
+    Column("run_id", String(UUID), primary_key=True),
+    Column("user_id", String(USER), primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("started_at", UTCDateTime(), nullable=True),
+    Column("completed_at", UTCDateTime(), nullable=False),
+    Column("reason", String(16), nullable=False),
+    Column("error", Text(), nullable=True),
+    Column("turns_used", Integer, nullable=False),
+    Column("tool_calls", Integer, nullable=False),
+    Column("proposals_created", Integer, nullable=False),
+    Column("input_tokens", BigInteger, nullable=False),
+    Column("output_tokens", BigInteger, nullable=False),
+    Column("total_tokens", BigInteger, nullable=False),
+    Column("cost_usd", Float, nullable=True),
+    Column("transcript", LongText(), nullable=True),
 )
 
 # One row while a (task, user) agent is in flight: the key makes a second one impossible.
