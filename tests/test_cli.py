@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from ralph.cli import app
 from ralph.config import Settings
-from tests.helpers import LiveServer
+from ralph.testing.model_server import Action, Fail, ModelServer, text
+from tests.helpers import LiveServer, using_model_server
 
 runner = CliRunner()
 
@@ -162,3 +163,34 @@ def test_user_profiles(live: LiveServer) -> None:
     broken = runner.invoke(app, ["users", "set", "ann", "--metadata", "{", "--url", live.url])
     assert broken.exit_code == 1
     assert "--metadata is not JSON" in broken.output
+
+
+def test_retry_a_runs_failed_users(settings: Settings, tmp_path: Path) -> None:
+    provider = {"up": False}
+
+    def respond(_: dict[str, object]) -> Action:
+        return text("done") if provider["up"] else Fail(500, "provider down")
+
+    definition = {
+        "name": "flaky",
+        "system_prompt": "review",
+        "trigger": {"type": "cron", "schedule": "0 3 * * *"},
+        "user_ids": ["a", "b"],
+        "retry": {"max_attempts": 1},
+    }
+    path = tmp_path / "task.json"
+    path.write_text(json.dumps(definition))
+    with ModelServer(respond) as server, LiveServer(using_model_server(settings, server)) as live:
+        assert runner.invoke(app, ["tasks", "create", "-f", str(path), "--url", live.url])
+        ran = runner.invoke(app, ["tasks", "run", "flaky", "--wait", "--url", live.url])
+        assert ran.exit_code == 1, ran.output
+        run_id = ran.output.split("run ", 1)[1].split()[0]
+        provider["up"] = True
+        retry = ["runs", "retry", run_id, "--user", "b", "--wait", "--url", live.url]
+        retried = runner.invoke(app, retry)
+        assert retried.exit_code == 0, retried.output
+        assert run_id in retried.output
+        assert "success" in retried.output
+        again = runner.invoke(app, ["runs", "retry", run_id, "--user", "zz", "--url", live.url])
+        assert again.exit_code == 1
+        assert "404" in again.output

@@ -21,7 +21,7 @@ from pydantic import SecretStr
 
 from ralph.config import Settings
 from ralph.console.sessions import COOKIE
-from ralph.testing.model_server import ModelServer, call, scripted, text
+from ralph.testing.model_server import Fail, ModelServer, call, scripted, text
 from tests.helpers import LiveServer, harness_for, notes_task, using_model_server
 
 API_TOKEN = "api-token-for-console-tests"
@@ -402,3 +402,36 @@ async def test_logging_out_revokes_the_session(tmp_path: Path) -> None:
         client.cookies.set(COOKIE, session)  # the copy
         assert (await client.get("/proposals")).status_code == 401
         assert (await client.get("/console")).status_code == 303  # to the login
+
+
+async def test_an_operator_retries_a_runs_failed_users(
+    browser: Browser, live: LiveServer, model_server: ModelServer, tmp_path: Path
+) -> None:
+    """A run whose users failed: its page and its review show them, one click runs them again
+    in a new run, and a user's page shows each attempt."""
+    async with api(live) as client:
+        task = {**NIGHTLY, "user_ids": ["ada", "bo"], "retry": {"max_attempts": 1}}
+        assert (await client.post("/background/tasks", json=task)).status_code == 201
+        model_server.responder = scripted(Fail(500, "provider down"))
+        run = (await client.post("/background/tasks/nightly/run?wait=true")).json()
+        assert run["counts"] == {"failed": 2}, run
+
+        page = await browser.new_page()
+        await log_in(page, live, API_TOKEN, f"/console?run_id={run['id']}")
+        await expect(page.locator(".failures")).to_contain_text("2 users of this run failed")
+        await expect(page.locator(".failures")).to_contain_text("ada (provider_error)")
+        await page.goto(f"{live.url}/console/runs/{run['id']}")
+        model_server.responder = scripted(text("done"))
+        await page.click("[data-action=retry-run]")
+        await expect(page.locator("h1")).not_to_contain_text(run["id"][:8])
+        await expect(page.locator(".facts")).to_contain_text(f"retry of run {run['id'][:8]}")
+        retry_id = page.url.rsplit("/", 1)[1]
+        retried = (await client.get(f"/background/runs/{retry_id}")).json()
+        assert (retried["trigger_type"], retried["retry_of"]) == ("retry", run["id"])
+        await page.reload()
+        await expect(page.locator("td.status.success")).to_have_count(2)
+        await shot(page, "run", tmp_path)
+
+        await page.goto(f"{live.url}/console/runs/{run['id']}/users/ada")
+        await expect(page.locator("details.attempt")).to_have_count(1)
+        await expect(page.locator("details.attempt .error")).to_contain_text("provider down")

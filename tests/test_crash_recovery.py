@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from ralph.testing.model_server import Delay, ModelServer, scripted, text
+from ralph.testing.model_server import Delay, Fail, ModelServer, scripted, text
 from ralph.testing.processes import free_port, scripted_model_env, start_server_process
 from tests.helpers import create_mariadb_database, drop_mariadb_database, in_own_loop, wait_for
 
@@ -185,6 +185,60 @@ def test_kill_9_mid_run_then_restart(
             if u["status"] == "success"
         ]
         assert sorted(successes) == ["a", "b", "c"]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_a_retry_survives_kill_9(
+    tmp_path: Path, model_server: ModelServer, database_url: str
+) -> None:
+    """A user waits for its retry when the server is killed: the restarted server's recovery
+    runs it at its time (not at once, not twice), as its second attempt."""
+    model_server.responder = scripted(Fail(500, "provider down"))
+    port = free_port()
+    api = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path, port, model_server.base_url, database_url)
+    try:
+        created = httpx.post(
+            f"{api}/background/tasks",
+            json={
+                "name": "flaky",
+                "system_prompt": "review",
+                "trigger": {"type": "cron", "schedule": "0 3 1 1 *"},
+                "user_ids": ["a"],
+                # due well after the restarted server's recovery (one lease after the kill)
+                "retry": {"max_attempts": 3, "backoff_seconds": 12, "jitter": False},
+            },
+        )
+        assert created.status_code == 201, created.text
+        run_id = httpx.post(f"{api}/background/tasks/flaky/run").json()["run_id"]
+
+        def retrying() -> dict[str, Any] | None:
+            user = httpx.get(f"{api}/background/runs/{run_id}/users/a").json()
+            return user if user["status"] == "retrying" else None
+
+        due = wait_for(retrying)["next_attempt_at"]
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=10)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    failed_calls = model_server.calls
+    model_server.responder = scripted(text("ok"))
+    server = start_server(tmp_path, port, model_server.base_url, database_url)
+    try:
+
+        def rerun_done() -> dict[str, Any] | None:
+            runs = httpx.get(f"{api}/background/tasks/flaky/runs").json()
+            reruns = [r for r in runs if r["trigger_type"] == "rerun"]
+            return reruns[0] if reruns and reruns[0]["status"] == "success" else None
+
+        rerun = wait_for(rerun_done, 60)
+        user = httpx.get(f"{api}/background/runs/{rerun['id']}/users/a").json()
+        assert (user["status"], user["attempts"]) == ("success", 2)
+        assert user["started_at"] >= due  # at its time, not at the recovery
+        assert model_server.calls == failed_calls + 1  # once
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)

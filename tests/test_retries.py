@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from httpx import AsyncClient
+from prometheus_client import REGISTRY
 
 from ralph.background.models import (
     NO_RETRIES,
@@ -207,6 +208,12 @@ async def run_status(client: AsyncClient, run_id: str) -> dict[str, Any]:
     return await until(finished)
 
 
+def retries() -> float:
+    """`ralph_unit_retries_total` of the task "retrying" for provider errors, so far."""
+    labels = {"task": "retrying", "reason": "provider_error"}
+    return REGISTRY.get_sample_value("ralph_unit_retries_total", labels) or 0.0
+
+
 BACKOFF = {"max_attempts": 3, "backoff_seconds": 30, "backoff_factor": 2, "jitter": False}
 
 
@@ -215,6 +222,7 @@ async def test_a_provider_failing_twice_gives_success_on_the_third_attempt_at_th
 ) -> None:
     client = app.client
     started = clock.now()
+    retried_before = retries()
     run_id = await start(client, retry=BACKOFF)
     first = await in_status(client, run_id, "retrying", 1)
     assert first["reason"] == "provider_error"
@@ -241,6 +249,7 @@ async def test_a_provider_failing_twice_gives_success_on_the_third_attempt_at_th
         (3, "finished"),
     ]
     assert history[1]["started_at"] == stamp(started, 30)
+    assert retries() - retried_before == 2
     assert all("provider down" in a["error"] for a in history[:2])
 
 

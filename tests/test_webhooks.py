@@ -89,6 +89,7 @@ async def test_a_run_and_a_decision_arrive_signed(
         "success",
     )
     assert finished["counts"] == {"success": 1}
+    assert finished["reasons"] == {"finished": 1}
     assert finished["tokens"]["total_tokens"] == run["total_tokens"] > 0
     assert events["proposals.pending"] == {
         "run_id": run["id"],

@@ -226,7 +226,8 @@ def _follow(client: httpx.Client, run_id: str, interval: float = 0.5) -> dict[st
         while True:
             run: dict[str, Any] = _call(client, "GET", f"/background/runs/{run_id}?users_limit=0")
             counts: dict[str, int] = run["counts"]
-            done = sum(n for status, n in counts.items() if status not in ("pending", "running"))
+            waiting = ("pending", "running", "retrying")
+            done = sum(n for status, n in counts.items() if status not in waiting)
             progress.update(bar, total=run["user_total"], completed=done, description=run["status"])
             if run["status"] in FINISHED:
                 return run
@@ -267,6 +268,30 @@ def runs_show(
 ) -> None:
     """Show a run (or one user's result in it) as JSON."""
     _show(url, f"/background/runs/{run_id}" + (f"/users/{user}" if user else ""))
+
+
+@runs_app.command("retry")
+def runs_retry(
+    run_id: str,
+    user: Annotated[
+        list[str] | None,
+        typer.Option("--user", help="Only this user (repeat); default: every failed user."),
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the new run to the end.")] = False,
+    url: UrlOption = None,
+) -> None:
+    """Run a finished run's failed users again, in a new run."""
+    with _client(url) as client:
+        body = {"user_ids": user} if user else None
+        started = _call(client, "POST", f"/background/runs/{run_id}/retry", json=body)
+        retry_id = started["run_id"]
+        console.print(f"retry {retry_id} of run {run_id} started")
+        if not wait:
+            return
+        run = _follow(client, retry_id)
+    console.print(f"run {retry_id}: [bold]{run['status']}[/bold] {run['counts']}")
+    if run["status"] != "success":
+        raise typer.Exit(1)
 
 
 @proposals_app.command("list")

@@ -703,6 +703,12 @@ class RunStore:
         """`run.finished`, and `proposals.pending` if the run left proposals for review."""
         if not self._outbox.enabled:
             return
+        by_reason = (
+            select(task_run_users.c.reason, func.count())
+            .where(task_run_users.c.run_id == run.id, task_run_users.c.reason.is_not(None))
+            .group_by(task_run_users.c.reason)
+        )
+        reasons = {str(reason): int(n) for reason, n in await conn.execute(by_reason)}
         finished = {
             "run_id": run.id,
             "task": run.task_name,
@@ -710,7 +716,9 @@ class RunStore:
             "status": status.value,
             "dry_run": run.dry_run,
             "rerun_of": run.rerun_of,
+            "retry_of": run.retry_of,
             "counts": run.counts,
+            "reasons": reasons,
             "tokens": totals,
             "error": error,
             "started_at": run.started_at,

@@ -8,6 +8,7 @@ its CSRF header: what a person does here, a script can do with the token.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -25,7 +26,13 @@ from markupsafe import Markup
 from ralph import __version__
 from ralph.api.deps import ServicesDep, request_role
 from ralph.api.params import LabelQuery, TaskQuery, UserIdPath, UserIdQuery
-from ralph.background.models import CronTrigger
+from ralph.background.models import (
+    FINISHED_RUN,
+    Attempt,
+    CronTrigger,
+    UserResult,
+    UserStatus,
+)
 from ralph.clock import Clock
 from ralph.composition import Services
 from ralph.config import Settings
@@ -39,6 +46,7 @@ from ralph.console.sessions import (
     named_reviewer,
     signature_of,
 )
+from ralph.errors import NotFound
 from ralph.memory.models import Proposal, ProposalStatus
 
 HERE = Path(__file__).parent
@@ -151,7 +159,14 @@ async def queue_page(
 ) -> HTMLResponse:
     query = urlencode({k: v for k, v in filters.items() if v})
     items = await _queue(services, filters)
-    return _render(request, "queue.html", items=items, filters=filters, query=query)
+    failed: list[UserResult] = []
+    if filters["run_id"]:
+        # a run's review shows what it did not do too: its failed users
+        with contextlib.suppress(NotFound):
+            _, failed = await services.background.run(
+                filters["run_id"], users_limit=500, users_status=UserStatus.FAILED
+            )
+    return _render(request, "queue.html", items=items, filters=filters, query=query, failed=failed)
 
 
 @router.get("/console/queue")
@@ -217,7 +232,16 @@ async def run_page(request: Request, services: ServicesDep, run_id: str) -> HTML
     run, users = await services.background.run(run_id, users_limit=500)
     made = await services.memory.list_proposals(None, run_id=run_id, limit=1000)
     pending = sum(p.status is ProposalStatus.PENDING for p in made)
-    return _render(request, "run.html", run=run, users=users, proposals=len(made), pending=pending)
+    return _render(
+        request,
+        "run.html",
+        run=run,
+        users=users,
+        proposals=len(made),
+        pending=pending,
+        finished=run.status in FINISHED_RUN,
+        failed=run.counts.get(UserStatus.FAILED, 0),
+    )
 
 
 @router.get("/console/runs/{run_id}/users/{user_id}")
@@ -225,8 +249,11 @@ async def transcript_page(
     request: Request, services: ServicesDep, run_id: str, user_id: UserIdPath
 ) -> HTMLResponse:
     result = await services.background.run_user(run_id, user_id)
-    transcript: list[Any] = json.loads(result.transcript) if result.transcript else []
-    return _render(request, "transcript.html", run_id=run_id, result=result, transcript=transcript)
+    attempts: list[tuple[Attempt, list[Any]]] = [
+        (attempt, json.loads(attempt.transcript or "[]"))
+        for attempt in await services.background.attempts(run_id, user_id)
+    ]
+    return _render(request, "transcript.html", run_id=run_id, result=result, attempts=attempts)
 
 
 # --- tasks -----------------------------------------------------------------------------------

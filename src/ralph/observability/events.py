@@ -44,8 +44,14 @@ CHAT_TURN_SECONDS = Histogram(
 )
 UNITS_ENDED = Counter(
     "ralph_units_ended",
-    "Users of background runs whose unit ended here, by status and why (reason)",
+    "Attempts of users of background runs that ended here, by the status they left the user "
+    "in (retrying: another attempt is due) and why (reason)",
     ["task", "status", "reason"],
+)
+UNIT_RETRIES = Counter(
+    "ralph_unit_retries",
+    "Attempts that ended in a retry (the user's next attempt is due later), by why",
+    ["task", "reason"],
 )
 UNITS_STOPPED = Counter(
     "ralph_units_stopped",
@@ -73,6 +79,8 @@ def observe_unit(stats: UnitStats) -> None:
     task = stats["task"]
     AGENT_SECONDS.labels(task, stats["status"]).observe(stats["seconds"])
     UNITS_ENDED.labels(task, stats["status"], stats.get("reason", "")).inc()
+    if stats["status"] == "retrying":
+        UNIT_RETRIES.labels(task, stats.get("reason", "")).inc()
     stopped_by = stats.get("stopped_by")
     if stopped_by:
         UNITS_STOPPED.labels(task, stopped_by, stats["status"]).inc()

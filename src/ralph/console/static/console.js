@@ -103,6 +103,9 @@ document.addEventListener("click", async (event) => {
       else toast("Select proposals first (x)", true);
     } else if (action === "approve-run" || action === "reject-run") {
       await decideMany(action.split("-")[0], { run_id: target.dataset.run });
+    } else if (action === "retry-run") {
+      const retry = await api("POST", `/background/runs/${target.dataset.run}/retry`);
+      location.href = `/console/runs/${retry.run_id}`;
     } else if (action === "revert") {
       const d = target.dataset;
       await api("POST", `/users/${encodeURIComponent(d.user)}/blocks/${d.label}/revert`, { version: Number(d.version) });
