@@ -141,6 +141,9 @@ class Provider:
 
     def __call__(self, request: dict[str, Any]) -> Action:
         self.requests += 1
+        if self.state == "one call, then down":
+            self.state = "down"
+            return call("read_memory_block", label="notes")
         if self.state == "down":
             return Fail(500, "provider down")
         if self.state == "limiting":
@@ -290,6 +293,23 @@ async def test_max_turns_and_budgets_are_never_retried(app: AppHarness, provider
     run = (await app.client.post("/background/tasks/thrifty/run?wait=true")).json()
     spent = await user(app.client, run["id"])
     assert (spent["status"], spent["attempts"]) == ("budget_exceeded", 1)
+
+
+async def test_every_attempts_tokens_count_against_the_budget(
+    app: AppHarness, clock: FakeClock, provider: Provider
+) -> None:
+    """Attempt 1 spends 15 tokens (one reply), then the provider fails; attempt 2 may make one
+    call more under a 20-token budget per user, not start afresh."""
+    provider.state = "one call, then down"
+    budget = {"max_tokens_per_user": 20}
+    run_id = await start(app.client, retry=BACKOFF, budget=budget)
+    first = await in_status(app.client, run_id, "retrying", 1)
+    assert first["total_tokens"] == 15
+    provider.state = "looping"
+    await clock.advance(30)
+    final = await in_status(app.client, run_id, "budget_exceeded", 2)
+    assert final["total_tokens"] == 30
+    assert "30 tokens used, max_tokens_per_user is 20" in final["error"]
 
 
 async def test_a_cancel_ends_pending_retries(app: AppHarness, clock: FakeClock) -> None:

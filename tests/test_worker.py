@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -174,6 +175,27 @@ async def test_units_run_in_the_worker(arq: AppHarness) -> None:
     for user in users:
         proposals = await arq.services.memory.list_proposals(user)
         assert [(p.user_id, p.run_id) for p in proposals] == [(user, body["id"])]
+
+
+async def test_extract_mode_runs_in_the_worker(arq: AppHarness) -> None:
+    """The extract mode's one structured call, made by a worker: its edits are proposed."""
+    users = ["u1", "u2"]
+    for user in users:
+        await arq.client.put(f"/users/{user}/blocks/notes", json={"body": "likes chess"})
+        said = {"role": "user", "content": "my exam is on 12 May"}
+        await arq.client.post(f"/users/{user}/messages", json=said)
+    edit = {"label": "notes", "action": "append", "old_text": "", "text": "exam on 12 May"}
+    reply = json.dumps({"new_facts": True, "edits": [{**edit, "reason": "said so"}]})
+    arq.server.responder = scripted(text(reply))
+    body = task_body(users, mode="extract", tools=[], memory_blocks=["notes"], episode_messages=5)
+    assert (await arq.client.post("/background/tasks", json=body)).status_code == 201
+    run = (await arq.client.post("/background/tasks/queued/run?wait=true")).json()
+    assert run["counts"] == {"success": 2}, run
+    await _jobs_complete(arq.worker, 2)
+    for user in users:
+        (proposal,) = await arq.services.memory.list_proposals(user)
+        assert (proposal.label, proposal.run_id) == ("notes", run["id"])
+        assert "exam on 12 May" in proposal.diff
 
 
 async def test_cancel_reaches_agents_in_the_worker(arq: AppHarness) -> None:

@@ -51,11 +51,14 @@ class TokenBudget:
     run: RunTokens | None = None
     used: int = 0
     estimated: bool = False
+    # what the user's earlier attempts in the run spent: they count against `per_user` too
+    earlier: int = 0
 
     def check(self) -> None:
-        if self.per_user is not None and self.used >= self.per_user:
+        if self.per_user is not None and self.earlier + self.used >= self.per_user:
+            spent = self.earlier + self.used
             raise BudgetExceeded(
-                f"budget exceeded: {self.used} tokens used, max_tokens_per_user is {self.per_user}"
+                f"budget exceeded: {spent} tokens used, max_tokens_per_user is {self.per_user}"
             )
         if self.run is not None and self.run.exhausted:
             raise BudgetExceeded(

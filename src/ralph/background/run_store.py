@@ -99,11 +99,20 @@ class UserStart:
     started: bool
     held_by: str | None = None
     dry_run: bool = False
+    # tokens the user's earlier attempts in the run spent (its budget counts them)
+    spent: int = 0
 
 
 async def _dry_run(conn: AsyncConnection, run_id: str) -> bool:
     query = select(task_runs.c.dry_run).where(task_runs.c.id == run_id)
     return bool((await conn.execute(query)).scalar())
+
+
+async def _started(conn: AsyncConnection, unit: dict[str, Any]) -> UserStart:
+    """A claimed unit's start: whether its run is a dry run, and what the user's earlier
+    attempts spent (one read, in the claim's transaction)."""
+    row = (await conn.execute(_STARTED, unit)).one()
+    return UserStart(started=True, dry_run=bool(row.dry_run), spent=int(row.total_tokens))
 
 
 def _run(row: RowMapping, counts: dict[str, int]) -> TaskRun:
@@ -187,6 +196,11 @@ _READ_USER = select(
     task_run_users.c.total_tokens,
     task_run_users.c.cost_usd,
 ).where(_THIS_USER)
+_STARTED = (
+    select(task_runs.c.dry_run, task_run_users.c.total_tokens)
+    .select_from(task_run_users.join(task_runs, task_runs.c.id == task_run_users.c.run_id))
+    .where(_THIS_USER)
+)
 _LOCK_HOLDER = select(task_user_locks.c.run_id).where(
     task_user_locks.c.task_name == bindparam("b_task"),
     task_user_locks.c.user_id == bindparam("b_user"),
@@ -445,12 +459,12 @@ class RunStore:
         async with self._engine.begin() as conn:
             if (await conn.execute(_CLAIM_USER, unit)).rowcount != 1:
                 if retry and await self._claimed_at(conn, unit):
-                    return UserStart(started=True, dry_run=await _dry_run(conn, run_id))
+                    return await _started(conn, unit)
                 return UserStart(started=False)
             lock = {"task_name": task_name, "user_id": user_id, "run_id": run_id}
             taken = await conn.execute(self._take_lock, {**lock, "acquired_at": now})
             if taken.rowcount == 1:
-                return UserStart(started=True, dry_run=await _dry_run(conn, run_id))
+                return await _started(conn, unit)
             holder = (await conn.execute(_LOCK_HOLDER, unit)).scalar()
             error = f"already running for this task in run {holder}"
             await conn.execute(_SKIP_USER, {**unit, "b_error": error})

@@ -194,7 +194,7 @@ class UnitRunner:
             dry_run=start.dry_run,
             auto_approve=task.approval == "auto",
         )
-        agent = asyncio.create_task(self._agent(task, context))
+        agent = asyncio.create_task(self._agent(task, context, start.spent))
         self.inflight.add(run_id, agent)
         started = asyncio.get_running_loop().time()
         try:
@@ -265,7 +265,7 @@ class UnitRunner:
         self.inflight.settle(run_id)
         return outcome.total_tokens if status is not None else 0
 
-    async def _agent(self, task: TaskDefinition, context: ToolContext) -> AgentOutcome:
+    async def _agent(self, task: TaskDefinition, context: ToolContext, spent: int) -> AgentOutcome:
         run_id = context.run_id or ""
         user_id = context.user_id
         # the blocks are read once: the labels a task without `memory_blocks` may edit are the
@@ -278,6 +278,7 @@ class UnitRunner:
             run=await self.inflight.run_tokens(
                 run_id, task, lambda: self._runs.tokens_used(run_id)
             ),
+            earlier=spent,
         )
         episode: list[Message] = []
         unavailable = ""
