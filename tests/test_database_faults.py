@@ -151,7 +151,7 @@ async def test_database_lost_right_after_a_claim_leaves_no_user_running(
     settings: Settings, model_server: ModelServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The connection is cut the moment a user's claim commits, for 1 s: the unit still ends
-    with the user's result recorded (interrupted, for a rerun), and raises nothing. Before, the
+    with the user's result recorded (interrupted: retrying, due at once), and raises nothing. Before, the
     run's mode was read after the claim, outside the unit's error handling: the unit raised,
     and the user stayed `running` (a run finished with `running=1`)."""
     async with mariadb_behind_a_proxy(settings) as (proxy, proxied_url):
@@ -179,7 +179,9 @@ async def test_database_lost_right_after_a_claim_leaves_no_user_running(
             monkeypatch.setattr(services.runs, "start_user", claim_then_cut)
             await services.units.run_user(run_id, task, "a")
             user = await services.runs.user(run_id, "a")
-            assert user.status in (UserStatus.INTERRUPTED, UserStatus.SUCCESS), user
+            assert user.status in (UserStatus.RETRYING, UserStatus.SUCCESS), user
+            if user.status is UserStatus.RETRYING:
+                assert (user.reason, user.attempts) == ("interrupted", 1)
 
 
 async def test_sqlite_locked_by_another_process_mid_run(

@@ -201,12 +201,12 @@ class RunCoordinator:
         page = max(task.batch_size * 2, 100)
         try:
             while not self._halted(run_id):
+                # one time for the reads of an iteration: a user due between them is seen
+                now = self._clock.now()
                 if not due:
                     started = set(in_flight.values())  # pending until their unit claims them
                     read = await until_reachable(
-                        functools.partial(
-                            self._runs.due_users, run_id, self._clock.now(), page + len(started)
-                        ),
+                        functools.partial(self._runs.due_users, run_id, now, page + len(started)),
                         what="pending users",
                     )
                     due = [user_id for user_id in read if user_id not in started][:page]
@@ -219,7 +219,7 @@ class RunCoordinator:
                 until: datetime | None = None
                 if not due:
                     waiting, until = await until_reachable(
-                        functools.partial(self._runs.waiting, run_id, self._clock.now()),
+                        functools.partial(self._runs.waiting, run_id, now),
                         what="pending users",
                     )
                     if not in_flight and not waiting:

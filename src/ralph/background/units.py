@@ -210,7 +210,7 @@ class UnitRunner:
             outcome.error = f"{type(exc).__name__}: {exc}"
             outcome.reason = EndReason.INTERNAL
             if is_unreachable(exc):
-                # not the user's fault: re-run them (within the rerun limit) once it is back
+                # not the user's fault: tried again at once (within the task's max_attempts)
                 outcome.reason = EndReason.INTERRUPTED
                 outcome.error = f"interrupted: the database was unreachable ({outcome.error})"
         finally:
