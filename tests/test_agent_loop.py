@@ -111,6 +111,30 @@ async def test_proposals_then_max_turns_is_a_success_stopped_by_max_turns(
     )
 
 
+async def test_an_agent_repeating_its_calls_is_stopped_after_its_work(
+    client: AsyncClient, model_server: ModelServer
+) -> None:
+    """The real model's habit: proposes, then reads the same block again and again until
+    max_turns. The loop guard ends it after two repeated calls in a row: a success (its
+    proposal is kept), four turns instead of ten."""
+    model_server.responder = scripted(
+        call("edit_memory_block", label="notes", append="day 2", reason="said so"),
+        call("read_memory_block", label="notes"),
+        call("read_memory_block", label="notes"),
+        call("read_memory_block", label="notes"),
+        call("read_memory_block", label="notes"),
+        call("read_memory_block", label="notes"),
+        text("done"),
+    )
+    user = await run_for(client)
+    assert (user["status"], user["stopped_by"], user["reason"]) == (
+        "success",
+        "repeating",
+        "repeating",
+    )
+    assert (user["turns_used"], user["proposals_created"], user["error"]) == (4, 1, None)
+
+
 async def test_max_turns_with_nothing_done_is_failed(
     client: AsyncClient, model_server: ModelServer
 ) -> None:

@@ -235,6 +235,9 @@ async def test_who_may_do_what(tmp_path: Path) -> None:
         assert denied.status_code == 403
         assert "only read, approve and reject" in denied.json()["detail"]
         assert (await client.get("/console")).status_code == 303  # to the login
+        # the server's own address opens the console, with a token configured too
+        root = await client.get("/")
+        assert (root.status_code, root.headers["location"]) == (307, "/console")
 
         login = await client.post(
             "/console/login",

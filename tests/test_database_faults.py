@@ -151,9 +151,9 @@ async def test_database_lost_right_after_a_claim_leaves_no_user_running(
     settings: Settings, model_server: ModelServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The connection is cut the moment a user's claim commits, for 1 s: the unit still ends
-    with the user's result recorded (interrupted: retrying, due at once), and raises nothing. Before, the
-    run's mode was read after the claim, outside the unit's error handling: the unit raised,
-    and the user stayed `running` (a run finished with `running=1`)."""
+    with the user's result recorded (interrupted: retrying, due at once), and raises nothing.
+    Before, the run's mode was read after the claim, outside the unit's error handling: the
+    unit raised, and the user stayed `running` (a run finished with `running=1`)."""
     async with mariadb_behind_a_proxy(settings) as (proxy, proxied_url):
         configured = using_model_server(settings, model_server, database_url=proxied_url)
         async with harness_for(configured) as harness:

@@ -71,6 +71,8 @@ def test_looks_like_a_call(content: str | None, looks: bool) -> None:
         (EndReason.FINISHED, 2, UserStatus.SUCCESS),
         (EndReason.MAX_TURNS, 1, UserStatus.SUCCESS),
         (EndReason.MAX_TURNS, 0, UserStatus.FAILED),
+        (EndReason.REPEATING, 1, UserStatus.SUCCESS),
+        (EndReason.REPEATING, 0, UserStatus.FAILED),
         (EndReason.TIMEOUT, 3, UserStatus.SUCCESS),
         (EndReason.TIMEOUT, 0, UserStatus.FAILED),
         (EndReason.BUDGET_EXCEEDED, 2, UserStatus.BUDGET_EXCEEDED),

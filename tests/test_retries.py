@@ -61,6 +61,7 @@ CASES: list[tuple[EndReason, int, int, RetryPolicy, float | None, NextState]] = 
     (EndReason.MAX_TURNS, 1, 1, NO_JITTER, None, NextState(UserStatus.SUCCESS)),
     # never retried
     (EndReason.MAX_TURNS, 0, 1, NO_JITTER, None, NextState(UserStatus.FAILED)),
+    (EndReason.REPEATING, 0, 1, NO_JITTER, None, NextState(UserStatus.FAILED)),
     (EndReason.BUDGET_EXCEEDED, 0, 1, NO_JITTER, None, NextState(UserStatus.BUDGET_EXCEEDED)),
     (EndReason.CANCELLED, 0, 1, NO_JITTER, None, NextState(UserStatus.CANCELLED)),
     (EndReason.INTERNAL, 0, 1, NO_JITTER, None, NextState(UserStatus.FAILED)),

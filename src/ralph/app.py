@@ -105,6 +105,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
     app.add_middleware(UnicodeGuardMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     public = {
+        "/",  # the address `make run` prints: a redirect to the console, which asks for a token
         "/health",
         "/console/login",
         *(API_DOCS if settings.api_docs_public else ()),

@@ -127,7 +127,12 @@ async def open_services(
             versioning = DoltVersioning(engine.dialect.name)
             await versioning.check(engine)
         memory_store = MemoryStore(engine, read_engine, outbox, versioning)
-        memory = MemoryService(memory_store, clock, settings.memory_max_body_bytes)
+        memory = MemoryService(
+            memory_store,
+            clock,
+            settings.memory_max_body_bytes,
+            remember_days=settings.rejections_remembered_days,
+        )
         archive: HonchoArchive | None = None
         if settings.messages_backend == "honcho" and settings.honcho_url is not None:
             key = settings.honcho_api_key

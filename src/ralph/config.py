@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     metrics_public: bool = False
     # pending proposals older than this end `expired` (None: they wait for a person forever)
     proposal_ttl_days: float | None = Field(default=None, gt=0, le=3650)
+    # an agent of a task is shown the changes reviewers rejected of its proposals for the user
+    # in this many days (and may not propose one of them again); 0: none
+    rejections_remembered_days: float = Field(default=30, ge=0, le=3650)
     # `ralph worker` serves its own /metrics (its agents' figures) on this port, at RALPH_HOST
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
     # "dolt": every change that lands in a memory block is also a Dolt commit (doltlite on

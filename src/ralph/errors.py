@@ -25,3 +25,7 @@ class InvalidInput(RalphError, ValueError):
 
 class AlreadyInBlock(InvalidInput):
     """A proposed change that would leave the block as it is (its text is already there)."""
+
+
+class AlreadyRejected(InvalidInput):
+    """An agent proposing again a change a reviewer rejected (recently) for the same block."""

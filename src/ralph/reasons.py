@@ -14,6 +14,7 @@ class EndReason(StrEnum):
     INVALID_REPLY = "invalid_reply"  # a reply that could not be used (malformed, an unmade call)
     BUDGET_EXCEEDED = "budget_exceeded"  # the task's token budget stopped it
     MAX_TURNS = "max_turns"  # the task's max_turns stopped it
+    REPEATING = "repeating"  # the loop guard stopped it: it kept repeating its tool calls
     CANCELLED = "cancelled"  # a cancel of the run, or its task deleted
     WORKER_LOST = "worker_lost"  # the process running it went away (agent process, worker)
     INTERRUPTED = "interrupted"  # a shutdown or a crash of its server (re-run)

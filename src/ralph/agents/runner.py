@@ -25,6 +25,17 @@ class TurnLimitReached(Exception):
     """Raised inside the model when an agent asks for one model call more than allowed."""
 
 
+class Repeating(Exception):
+    """Raised inside the model when the agent's latest tool calls all repeated earlier ones:
+    a small model that has done its work often calls the same tool again and again instead
+    of answering, until max_turns (what it did is kept)."""
+
+
+# the loop guard: this many tool calls in a row that repeat earlier ones end the agent
+REPEAT_LIMIT = 2
+REPEATING = "stopped: repeating"
+
+
 class BudgetExceeded(Exception):
     """Raised inside the model before a call the token budget does not allow."""
 
@@ -97,7 +108,7 @@ class AgentOutcome:
     tool_calls: int = 0
     final_text: str | None = None
     error: str | None = None
-    stopped_by: str | None = None  # "max_turns" | "timeout" | "budget" | None
+    stopped_by: str | None = None  # "max_turns" | "timeout" | "budget" | "repeating" | None
     input_tokens: int = 0
     output_tokens: int = 0
     total_tokens: int = 0
@@ -134,6 +145,7 @@ class AgentOutcome:
             "max_turns": EndReason.MAX_TURNS,
             "timeout": EndReason.TIMEOUT,
             "budget": EndReason.BUDGET_EXCEEDED,
+            "repeating": EndReason.REPEATING,
         }
         if self.stopped_by in stopped:
             self.reason = stopped[self.stopped_by]
@@ -195,6 +207,7 @@ def limit_model_calls(
     max_turns: int,
     budget: TokenBudget | None = None,
     tool_names: Sequence[str] = (),
+    repeated: Callable[[], int] | None = None,
 ) -> Callable[[], int]:
     """Make `model` refuse a call once `max_turns` calls have completed, or once `budget` is
     spent (counting each call's tokens into it); return a reader of the count. With
@@ -214,6 +227,11 @@ def limit_model_calls(
     def check() -> None:
         if calls >= max_turns:
             raise TurnLimitReached(f"stopped after {max_turns} model calls (max_turns)")
+        if repeated is not None and repeated() >= REPEAT_LIMIT:
+            raise Repeating(
+                f"{REPEATING}: its last {REPEAT_LIMIT} tool calls repeated earlier ones (the "
+                "same tool with the same arguments)"
+            )
 
     async def limited_ainvoke(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls, recovered
@@ -267,7 +285,7 @@ def build_agent(
     `max_turns` model calls within `budget`. Returns it with a counter of the calls made."""
     bound = build_tools(tools, context)
     offered = [name for tool in bound for name in _names_of(tool)]
-    turns = limit_model_calls(model, max_turns, budget, offered)
+    turns = limit_model_calls(model, max_turns, budget, offered, lambda: context.repeated)
     agent = Agent(
         model=model,
         tools=bound,
@@ -407,6 +425,9 @@ async def run_agent(
     except TurnLimitReached as exc:  # when Agno lets it through rather than recording it
         outcome.error = str(exc)
         outcome.stopped_by = "max_turns"
+    except Repeating as exc:
+        outcome.error = str(exc)
+        outcome.stopped_by = "repeating"
     except BudgetExceeded as exc:
         outcome.error = str(exc)
         outcome.stopped_by = "budget"
@@ -424,6 +445,8 @@ async def run_agent(
                 )
         if outcome.error and "max_turns" in outcome.error:
             outcome.stopped_by = "max_turns"
+        if outcome.error and REPEATING in outcome.error:
+            outcome.stopped_by = "repeating"
         if outcome.error and outcome.error.startswith("budget exceeded"):
             outcome.stopped_by = "budget"
         messages = [m for m in output.messages or [] if not m.from_history]

@@ -22,7 +22,7 @@ from agno.tools.shell import ShellTools
 
 from ralph.conversations.honcho import HistoryUnavailable
 from ralph.conversations.service import ConversationService
-from ralph.errors import AlreadyInBlock, Conflict, InvalidInput, RalphError
+from ralph.errors import AlreadyInBlock, AlreadyRejected, Conflict, InvalidInput, RalphError
 from ralph.memory.models import ProposalDraft, ProposalStatus
 from ralph.memory.service import MemoryService
 from ralph.validation import LABEL_PATTERN, check_user_id
@@ -121,9 +121,15 @@ class ToolContext:
     # a task whose approval is auto: proposals are approved at once (by system:auto)
     auto_approve: bool = False
     proposal_ids: list[str] = field(default_factory=list[str])
+    # changes refused because a reviewer had rejected the same change before
+    refused: int = 0
     # each tool call's answer by (tool, arguments), this agent run's: a repeated call gets it
     # again instead of doing the work twice
     answers: dict[str, str] = field(default_factory=dict[str, str])
+    # the loop guard's: every call made (tool and arguments), and how many of the latest in a
+    # row repeated an earlier one
+    seen: set[str] = field(default_factory=set[str])
+    repeated: int = 0
 
 
 def _error(exc: Exception | str) -> str:
@@ -182,6 +188,9 @@ async def propose_change(
         )
     except AlreadyInBlock as exc:
         return json.dumps({"status": "unchanged", "note": str(exc)})
+    except AlreadyRejected as exc:
+        ctx.refused += 1
+        return json.dumps({"status": "rejected_before", "note": str(exc)})
     except RalphError as exc:
         hint = (
             " Read the block with read_memory_block and copy old_text exactly as it is "
@@ -433,10 +442,12 @@ ALREADY_CALLED = (
 )
 
 
-def _bound(tool: Callable[..., Any], answers: dict[str, str]) -> Function:
+def _bound(tool: Callable[..., Any], ctx: ToolContext) -> Function:
     """`tool` as an Agno Function whose schema is shared, not derived again for this user.
-    `answers`: the agent run's earlier answers, by call (an edit forgets them: what the tools
-    read may have changed)."""
+    `ctx.answers`: the agent run's earlier answers, by call (an edit forgets them: what the
+    tools read may have changed); `ctx.repeated` counts the calls in a row that repeat one made
+    before (the runner's loop guard stops an agent that keeps doing so)."""
+    answers = ctx.answers
     schema = _SCHEMAS.get(tool.__name__)
     if schema is None:
         derive: Callable[[Callable[..., Any]], Function] = Function.from_callable  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
@@ -453,6 +464,8 @@ def _bound(tool: Callable[..., Any], answers: dict[str, str]) -> Function:
             names = ", ".join(missing)
             return _error(f"missing {names}: {schema.name} needs {', '.join(required)}")
         key = f"{schema.name}:{json.dumps(meant, sort_keys=True, default=str)}"
+        ctx.repeated = ctx.repeated + 1 if key in ctx.seen else 0
+        ctx.seen.add(key)
         earlier = answers.get(key)
         if earlier is not None:
             return f"{earlier}\n{ALREADY_CALLED.format(name=schema.name)}"
@@ -486,9 +499,9 @@ def build_tools(names: Sequence[str], ctx: ToolContext) -> list[Any]:
             continue
         seen.add(canonical)
         if canonical in memory:
-            tools.append(_bound(memory[canonical], ctx.answers))
+            tools.append(_bound(memory[canonical], ctx))
         elif canonical == "query_messages":
-            tools.append(_bound(_query_messages(ctx, name), ctx.answers))
+            tools.append(_bound(_query_messages(ctx, name), ctx))
         elif canonical == "file_tools":
             tools.append(WorkspaceFileTools(base_dir=workspace_dir(ctx.data_dir, ctx.user_id)))
         elif canonical == "shell_tools":

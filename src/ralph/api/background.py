@@ -77,6 +77,9 @@ _USER_NOTES = {
     ),
     "attempts": "Attempts started so far (each is listed by .../attempts)",
     "next_attempt_at": "`retrying`: when the next attempt is due (a cron jitter's start too)",
+    "proposals_refused": (
+        "Changes its agent proposed that a reviewer had rejected before: not created again"
+    ),
 }
 UserResultOut = response_model(
     UserResult,

@@ -152,7 +152,13 @@ TRANSIENT_REASONS = (
 )
 # never retried: another attempt would spend again what was not allowed, or undo a decision
 NEVER_RETRIED = frozenset(
-    {EndReason.FINISHED, EndReason.BUDGET_EXCEEDED, EndReason.MAX_TURNS, EndReason.CANCELLED}
+    {
+        EndReason.FINISHED,
+        EndReason.BUDGET_EXCEEDED,
+        EndReason.MAX_TURNS,
+        EndReason.REPEATING,
+        EndReason.CANCELLED,
+    }
 )
 
 
@@ -174,7 +180,7 @@ class RetryPolicy(StrictInput):
         description=(
             "The reasons a failed attempt is retried for. Default: rate_limited, timeout, "
             "provider_error, invalid_reply, worker_lost, interrupted. budget_exceeded, "
-            "max_turns, cancelled and finished are never retried."
+            "max_turns, repeating, cancelled and finished are never retried."
         ),
     )
 
@@ -445,7 +451,7 @@ def unit_status(reason: EndReason, *, proposals: int) -> UserStatus:
     `failed` otherwise (an error, a lost worker, or stopped with nothing done)."""
     if reason is EndReason.FINISHED:
         return UserStatus.SUCCESS
-    if reason in (EndReason.MAX_TURNS, EndReason.TIMEOUT) and proposals > 0:
+    if reason in (EndReason.MAX_TURNS, EndReason.TIMEOUT, EndReason.REPEATING) and proposals > 0:
         return UserStatus.SUCCESS
     named = {
         EndReason.BUDGET_EXCEEDED: UserStatus.BUDGET_EXCEEDED,
@@ -588,3 +594,5 @@ class UserResult:
     reason: str | None = None
     # `retrying`: when the next attempt is due
     next_attempt_at: datetime | None = None
+    # proposals its agent made that a reviewer had rejected before: not created again
+    proposals_refused: int = 0

@@ -23,7 +23,7 @@ from ralph.conversations.honcho import HistoryUnavailable
 from ralph.conversations.models import Message, Role
 from ralph.db.retry import is_unreachable, until_reachable
 from ralph.memory.models import labels_in_order
-from ralph.memory.service import with_memory
+from ralph.memory.service import rejections_context, with_memory
 from ralph.observability.events import UnitStats, observe_unit
 from ralph.reasons import EndReason
 
@@ -221,6 +221,7 @@ class UnitRunner:
             # the proposal rows this user's tools stored (or found stored, on a retry); kept
             # even when the agent was cancelled half-way
             "proposals_created": len(context.proposal_ids),
+            "proposals_refused": context.refused,
             "input_tokens": outcome.input_tokens,
             "output_tokens": outcome.output_tokens,
             "total_tokens": outcome.total_tokens,
@@ -273,6 +274,10 @@ class UnitRunner:
         blocks = await self._kit.memory.list_blocks(user_id)
         labels = list(task.memory_blocks) or sorted(block.label for block in blocks)
         instructions = with_memory(task.system_prompt, labels_in_order(blocks, labels))
+        # what reviewers rejected of this task's proposals for the user: not proposed again
+        rejected = await self._kit.memory.rejections(user_id, context.author)
+        if rejected:
+            instructions = f"{instructions}\n\n---\n\n{rejections_context(rejected)}"
         budget = TokenBudget(
             per_user=task.budget.max_tokens_per_user if task.budget else None,
             run=await self.inflight.run_tokens(

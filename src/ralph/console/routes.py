@@ -153,6 +153,12 @@ def _queue_filters(
 QueueFilters = Annotated[dict[str, str | None], Depends(_queue_filters)]
 
 
+@router.get("/")
+async def root() -> RedirectResponse:
+    """The server's own address (what `make run` prints) opens the console."""
+    return RedirectResponse("/console", status_code=307)
+
+
 @router.get("/console")
 async def queue_page(
     request: Request, services: ServicesDep, filters: QueueFilters

@@ -209,6 +209,8 @@ task_run_users = Table(
     Column("total_tokens", BigInteger, nullable=False, default=0),
     Column("error", Text(), nullable=True),
     Column("transcript", LongText(), nullable=True),
+    # proposals its agent made that a reviewer had rejected before (not created again)
+    Column("proposals_refused", Integer, nullable=False, server_default="0"),
     # time the user's agent waited for the model rate limit (not counted against its timeout)
     Column("rate_limit_wait_seconds", Float, nullable=False, server_default="0"),
     # the provider reported no usage: the tokens are estimated from the text (4 chars each)

@@ -13,7 +13,7 @@ from datetime import timedelta
 import structlog
 
 from ralph.clock import Clock
-from ralph.errors import AlreadyInBlock, Conflict, InvalidInput, NotFound
+from ralph.errors import AlreadyInBlock, AlreadyRejected, Conflict, InvalidInput, NotFound
 from ralph.memory.models import (
     Block,
     BlockVersion,
@@ -95,6 +95,60 @@ def _changes_nothing(draft: ProposalDraft, current: Block | None, after: str) ->
     return after == current.body and draft.title in (None, current.title)
 
 
+def is_agent(author: str) -> bool:
+    """Whether `author` is a task's agent (`agent:<task>`)."""
+    return author.startswith("agent:")
+
+
+def _change_of(
+    change: ProposalDraft | Proposal,
+) -> tuple[str, str | None, str | None, str | None, str | None]:
+    """What a proposal changes, comparable between a draft and a stored proposal (a stored
+    append keeps its text in `new_text`)."""
+    if isinstance(change, ProposalDraft):
+        new_text = change.append if change.kind is ProposalKind.APPEND else change.new_text
+    else:
+        new_text = change.new_text
+    return (change.kind.value, change.title, change.body, change.old_text, new_text)
+
+
+# the rejected changes shown to an agent stop at this many characters
+REJECTIONS_MAX_CHARS = 4000
+
+
+def _quoted(text: str | None, limit: int = 300) -> str:
+    text = (text or "").strip()
+    return json.dumps(text if len(text) <= limit else text[:limit] + "...", ensure_ascii=False)
+
+
+def rejections_context(rejected: Sequence[Proposal]) -> str:
+    """The changes reviewers rejected, for an agent's instructions: newest first, each with
+    its block, what it changed and the reviewer's comment; at most `REJECTIONS_MAX_CHARS`."""
+    if not rejected:
+        return ""
+    lines = [
+        "# Changes a reviewer rejected for this user",
+        "",
+        "Do not propose these again; learn from the reviewers' comments.",
+    ]
+    total = sum(len(line) for line in lines)
+    for proposal in rejected:
+        if proposal.kind is ProposalKind.APPEND:
+            what = f"append {_quoted(proposal.new_text)}"
+        elif proposal.kind is ProposalKind.REPLACE:
+            what = f"replace {_quoted(proposal.old_text)} with {_quoted(proposal.new_text)}"
+        else:
+            what = f"rewrite as {_quoted(proposal.body)}"
+        when = (proposal.decided_at or proposal.created_at).date().isoformat()
+        comment = f" (reviewer: {_quoted(proposal.comment)})" if proposal.comment else ""
+        line = f"- {when}, block {proposal.label}: {what}{comment}"
+        if total + len(line) > REJECTIONS_MAX_CHARS:
+            break
+        lines.append(line)
+        total += len(line)
+    return "\n".join(lines)
+
+
 def memory_context(blocks: Sequence[Block]) -> str:
     """`blocks` as markdown for a system prompt, in their order."""
     sections = [
@@ -114,10 +168,13 @@ def with_memory(instructions: str, blocks: Sequence[Block]) -> str:
 class MemoryService:
     """Blocks with history; proposals that a person approves before anything changes."""
 
-    def __init__(self, store: MemoryStore, clock: Clock, max_body_bytes: int) -> None:
+    def __init__(
+        self, store: MemoryStore, clock: Clock, max_body_bytes: int, *, remember_days: float = 30
+    ) -> None:
         self.store = store
         self._clock = clock
         self._max_body_bytes = max_body_bytes
+        self._remember = timedelta(days=remember_days)
 
     def _check_body(self, body: str) -> None:
         size = len(body.encode("utf-8"))
@@ -274,6 +331,8 @@ class MemoryService:
             # an agent's next attempt (a rerun after a shutdown) proposing again what its
             # auto-approved first attempt applied, or a note the block already holds
             raise AlreadyInBlock(f"block '{draft.label}' already says this: nothing to change")
+        if is_agent(draft.author):
+            await self._check_not_rejected(draft)
 
         # The same author proposing the same change to a block that already has it pending
         # gets that proposal back (the key is cleared once the proposal is decided); a
@@ -313,6 +372,41 @@ class MemoryService:
             "created_at": self._clock.now(),
         }
         return await self.store.insert_proposal(values)
+
+    async def rejections(self, user_id: str, author: str, limit: int = 10) -> list[Proposal]:
+        """The proposals of `author` for the user that reviewers rejected in the remembered
+        window (RALPH_REJECTIONS_REMEMBERED_DAYS), newest first."""
+        if not self._remember:
+            return []
+        return await self.store.list_proposals(
+            user_id,
+            status=ProposalStatus.REJECTED,
+            author=author,
+            decided_since=self._clock.now() - self._remember,
+            limit=limit,
+        )
+
+    async def _check_not_rejected(self, draft: ProposalDraft) -> None:
+        """AlreadyRejected when a reviewer rejected this same change of the block, proposed by
+        the same author, in the remembered window (a person may still propose it)."""
+        if not self._remember:
+            return
+        rejected = await self.store.list_proposals(
+            draft.user_id,
+            status=ProposalStatus.REJECTED,
+            label=draft.label,
+            author=draft.author,
+            decided_since=self._clock.now() - self._remember,
+            limit=50,
+        )
+        change = _change_of(draft)
+        for proposal in rejected:
+            if _change_of(proposal) == change and proposal.decided_at is not None:
+                said = f': "{proposal.comment}"' if proposal.comment else ""
+                raise AlreadyRejected(
+                    f"a reviewer rejected this same change of block '{draft.label}' on "
+                    f"{proposal.decided_at.date().isoformat()}{said}; do not propose it again"
+                )
 
     async def get_proposal(self, proposal_id: str) -> Proposal:
         proposal = await self.store.get_proposal(proposal_id)

@@ -373,9 +373,12 @@ class MemoryStore:
         label: str | None = None,
         author: str | None = None,
         limit: int = 100,
+        decided_since: datetime | None = None,
     ) -> list[Proposal]:
         """Newest first; `user_id` None lists every user's."""
         query = select(proposals)
+        if decided_since is not None:
+            query = query.where(proposals.c.decided_at >= decided_since)
         for column, value in (
             (proposals.c.user_id, user_id),
             (proposals.c.run_id, run_id),

@@ -1,4 +1,5 @@
-"""retries: a unit's next attempt time, the attempts before its latest, a retry run's origin
+"""retries: a unit's next attempt time, the attempts before its latest, a retry run's origin;
+proposals refused as rejected before
 
 Revision ID: 0014
 Revises: 0013
@@ -21,6 +22,9 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("task_run_users") as batch:
         batch.add_column(sa.Column("next_attempt_at", UTCDateTime(), nullable=True))
+        batch.add_column(
+            sa.Column("proposals_refused", sa.Integer(), nullable=False, server_default="0")
+        )
     with op.batch_alter_table("task_runs") as batch:
         batch.add_column(sa.Column("retry_of", sa.String(36), nullable=True))
     op.create_table(
@@ -49,4 +53,5 @@ def downgrade() -> None:
     with op.batch_alter_table("task_runs") as batch:
         batch.drop_column("retry_of")
     with op.batch_alter_table("task_run_users") as batch:
+        batch.drop_column("proposals_refused")
         batch.drop_column("next_attempt_at")
