@@ -22,7 +22,7 @@ from ralph.clock import Clock
 from ralph.conversations.honcho import HistoryUnavailable
 from ralph.conversations.models import Message, Role
 from ralph.db.retry import is_unreachable, until_reachable
-from ralph.memory.models import labels_in_order
+from ralph.memory.models import Proposal, labels_in_order
 from ralph.memory.service import rejections_context, with_memory
 from ralph.observability.events import UnitStats, observe_unit
 from ralph.reasons import EndReason
@@ -127,6 +127,8 @@ class UnitRunner:
         )
         # task snapshots of the runs this process executes units of, the newest 1,000
         self._snapshots: dict[str, TaskDefinition] = {}
+        # per run: the users whose rejected proposals its agents are shown
+        self._rejected: dict[str, set[str]] = {}
 
     async def __call__(self, run_id: str, task: TaskDefinition, user_id: str) -> None:
         await self.run_user(run_id, task, user_id)
@@ -266,6 +268,16 @@ class UnitRunner:
         self.inflight.settle(run_id)
         return outcome.total_tokens if status is not None else 0
 
+    async def _rejected_users(self, run_id: str, author: str) -> set[str]:
+        """The users with rejected proposals of `author`, read once per run (cached like the
+        snapshots: the newest 1,000 runs)."""
+        found = self._rejected.get(run_id)
+        if found is None:
+            found = self._rejected[run_id] = await self._kit.memory.rejected_users(author)
+            if len(self._rejected) > 1000:
+                self._rejected.pop(next(iter(self._rejected)))
+        return found
+
     async def _agent(self, task: TaskDefinition, context: ToolContext, spent: int) -> AgentOutcome:
         run_id = context.run_id or ""
         user_id = context.user_id
@@ -275,7 +287,10 @@ class UnitRunner:
         labels = list(task.memory_blocks) or sorted(block.label for block in blocks)
         instructions = with_memory(task.system_prompt, labels_in_order(blocks, labels))
         # what reviewers rejected of this task's proposals for the user: not proposed again
-        rejected = await self._kit.memory.rejections(user_id, context.author)
+        # (read for the users the run's one read found with rejections)
+        rejected: list[Proposal] = []
+        if user_id in await self._rejected_users(run_id, context.author):
+            rejected = await self._kit.memory.rejections(user_id, context.author)
         if rejected:
             instructions = f"{instructions}\n\n---\n\n{rejections_context(rejected)}"
         budget = TokenBudget(

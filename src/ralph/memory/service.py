@@ -386,6 +386,14 @@ class MemoryService:
             limit=limit,
         )
 
+    async def rejected_users(self, author: str) -> set[str]:
+        """The users `author` has proposals of that reviewers rejected in the remembered
+        window (one read for a whole run: only they need `rejections`)."""
+        if not self._remember:
+            return set()
+        since = self._clock.now() - self._remember
+        return await self.store.users_with(ProposalStatus.REJECTED, author, since)
+
     async def _check_not_rejected(self, draft: ProposalDraft) -> None:
         """AlreadyRejected when a reviewer rejected this same change of the block, proposed by
         the same author, in the remembered window (a person may still propose it)."""

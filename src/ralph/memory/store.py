@@ -393,6 +393,22 @@ class MemoryStore:
         async with self._reads.connect() as conn:
             return [_proposal(r) for r in (await conn.execute(query)).mappings().all()]
 
+    async def users_with(
+        self, status: ProposalStatus, author: str, decided_since: datetime
+    ) -> set[str]:
+        """The users with a proposal of `author` in `status`, decided since then."""
+        query = (
+            select(proposals.c.user_id)
+            .where(
+                proposals.c.status == status.value,
+                proposals.c.author == author,
+                proposals.c.decided_at >= decided_since,
+            )
+            .distinct()
+        )
+        async with self._reads.connect() as conn:
+            return set((await conn.execute(query)).scalars().all())
+
     async def expire(self, created_before: datetime, now: datetime) -> int:
         """Pending proposals created before `created_before` end `expired`; returns how many.
         A conditional write: replicas sweeping at once expire each proposal once."""
