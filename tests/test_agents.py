@@ -13,6 +13,7 @@ from pydantic import SecretStr
 from ralph.agents.models import ModelFactory
 from ralph.agents.runner import AgentOutcome, run_agent
 from ralph.agents.tools import ToolContext, build_tools, check_tool_names, workspace_dir
+from ralph.agents.wire import Reply
 from ralph.composition import Services
 from ralph.config import Settings, SettingsError
 from ralph.errors import InvalidInput
@@ -138,9 +139,15 @@ async def test_two_edits_make_two_pending_proposals_in_three_turns(
 async def test_model_that_calls_tools_forever_stops_at_max_turns(
     harness: AppHarness, model_server: ModelServer
 ) -> None:
-    outcome = await run_for(
-        harness.services, model_server, scripted(call("list_memory_blocks")), max_turns=4
-    )
+    asked = 0
+
+    def another_read(_: dict[str, Any]) -> Reply:
+        # a new call each time: the same one repeated is the loop guard's (test_agent_loop)
+        nonlocal asked
+        asked += 1
+        return call("read_memory_block", label=f"block-{asked}")
+
+    outcome = await run_for(harness.services, model_server, another_read, max_turns=4)
     assert outcome.turns_used == 4
     assert model_server.calls == 4
     assert outcome.stopped_by == "max_turns"

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from httpx import AsyncClient
 
+from ralph.errors import AlreadyRejected
 from ralph.memory.models import ProposalDraft, ProposalStatus
 from ralph.testing.clock import FakeClock
 from tests.helpers import AppHarness
@@ -191,7 +193,8 @@ async def test_approving_supersedes_older_whole_body_proposals(client: AsyncClie
 
 async def test_an_identical_pending_proposal_is_not_made_twice(harness: AppHarness) -> None:
     """Same author, same change, same block: while the first is pending, any run gets it back;
-    once it is decided, the change may be proposed again."""
+    once it is rejected, the agent may not propose it again (within the remembered window:
+    test_rejections), a person may."""
     memory = harness.services.memory
 
     def draft(run_id: str, user_id: str = "u1", author: str = "agent:t") -> ProposalDraft:
@@ -214,9 +217,11 @@ async def test_an_identical_pending_proposal_is_not_made_twice(harness: AppHarne
     other_user, created_for_other_user = await memory.propose(draft("run-1", user_id="u2"))
     assert created_for_other_user
     assert [p.id for p in await memory.list_proposals("u2")] == [other_user.id]
-    # decided: proposing the change again makes a new proposal
+    # rejected: the agent's same change is refused, a person's is a new proposal
     await memory.reject(first.id)
-    anew, created_anew = await memory.propose(draft("run-4"))
+    with pytest.raises(AlreadyRejected):
+        await memory.propose(draft("run-4"))
+    anew, created_anew = await memory.propose(draft("run-4", author="api"))
     assert created_anew
     assert anew.id != first.id
 

@@ -102,7 +102,10 @@ async def test_profiles_through_the_api(harness: AppHarness, clock: FakeClock) -
         answer = await client.put("/users/ann", json=body)
         assert answer.status_code == 422, (body, answer.text)
         assert words in answer.text, answer.text
-    assert (await client.get("/users/..")).status_code in (404, 422)
+    # the client resolves /users/.. to / (which opens the console): never a user's profile
+    dotted = await client.get("/users/..")
+    assert dotted.status_code in (404, 422, 307)
+    assert dotted.headers.get("location", "/console") == "/console"
 
 
 async def test_a_default_timezone_only_with_per_user_schedules(harness: AppHarness) -> None:
