@@ -313,6 +313,22 @@ async def test_every_attempts_tokens_count_against_the_budget(
     assert "30 tokens used, max_tokens_per_user is 20" in final["error"]
 
 
+async def test_a_dry_run_retries_the_same_way(
+    app: AppHarness, clock: FakeClock, provider: Provider
+) -> None:
+    body = notes_task(name="retrying", tools=["read_memory_block"], retry=BACKOFF)
+    assert (await app.client.post("/background/tasks", json=body)).status_code == 201
+    started = await app.client.post("/background/tasks/retrying/run", json={"dry_run": True})
+    run_id = started.json()["run_id"]
+    first = await in_status(app.client, run_id, "retrying", 1)
+    assert first["next_attempt_at"] == stamp(clock.now(), 30)
+    provider.state = "up"
+    await clock.advance(30)
+    run = await run_status(app.client, run_id)
+    assert (run["status"], run["dry_run"]) == ("success", True)
+    assert (await user(app.client, run_id))["attempts"] == 2
+
+
 async def test_a_cancel_ends_pending_retries(app: AppHarness, clock: FakeClock) -> None:
     run_id = await start(app.client, retry=BACKOFF)
     await in_status(app.client, run_id, "retrying", 1)

@@ -65,14 +65,7 @@ _WAITING = [status.value for status in WAITING_USER]
 # those summed over a user's attempts in its row (every attempt's tokens count for budgets)
 _SUMMED = ("input_tokens", "output_tokens", "total_tokens")
 # an attempt's counts, as unit_attempts' columns
-_ATTEMPT_COLUMNS = (
-    "turns_used",
-    "tool_calls",
-    "proposals_created",
-    "input_tokens",
-    "output_tokens",
-    "total_tokens",
-)
+_ATTEMPT_COLUMNS = ("turns_used", "tool_calls", "proposals_created", *_SUMMED)
 # slot key of a run that re-runs the unfinished users of the run named after it
 RERUN_PREFIX = "rerun:"
 
