@@ -444,8 +444,8 @@ ALREADY_CALLED = (
 
 def _bound(tool: Callable[..., Any], ctx: ToolContext) -> Function:
     """`tool` as an Agno Function whose schema is shared, not derived again for this user.
-    `ctx.answers`: the agent run's earlier answers, by call (an edit forgets them: what the
-    tools read may have changed); `ctx.repeated` counts the calls in a row that repeat one made
+    `ctx.answers`: the agent run's earlier answers, by call (an edit forgets the reading tools':
+    what they read may have changed); `ctx.repeated` counts the calls in a row that repeat one made
     before (the runner's loop guard stops an agent that keeps doing so)."""
     answers = ctx.answers
     schema = _SCHEMAS.get(tool.__name__)
@@ -474,7 +474,10 @@ def _bound(tool: Callable[..., Any], ctx: ToolContext) -> Function:
         except (TypeError, ValueError) as exc:
             return _error(exc)
         if schema.name in EDIT_TOOLS:
-            answers.clear()
+            # what the reading tools answered may have changed; an edit's own answer stands
+            # (proposing it again gets the same proposal), whichever of parallel calls ends last
+            for earlier_key in [k for k in answers if k.split(":", 1)[0] not in EDIT_TOOLS]:
+                del answers[earlier_key]
         answers[key] = result
         return result
 
