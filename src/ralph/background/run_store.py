@@ -547,7 +547,8 @@ class RunStore:
             **figures,
             "status": decided.status.value,
             "completed_at": now,
-            "error": end.error,
+            # a success stopped by max_turns or its timeout keeps no error: it did its work
+            "error": None if decided.status is UserStatus.SUCCESS else end.error,
             "reason": end.reason.value,
             "next_attempt_at": decided.due_at,
         }

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 
 import structlog
 
@@ -16,7 +15,7 @@ from ralph.agents.kit import AgentKit
 from ralph.agents.runner import AgentOutcome, TokenBudget, cap_transcript, run_agent
 from ralph.agents.tools import EDIT_TOOLS, ToolContext, propose_change
 from ralph.background.inflight import InFlight
-from ralph.background.models import TaskDefinition, UserStatus, unit_status
+from ralph.background.models import TaskDefinition, unit_status
 from ralph.background.run_store import RunStore, UnitEnd, UserStart
 from ralph.clock import Clock
 from ralph.conversations.honcho import HistoryUnavailable
@@ -240,8 +239,6 @@ class UnitRunner:
             figures=figures,
             retry_after=outcome.retry_after,
         )
-        if unit_status(outcome.reason, proposals=len(context.proposal_ids)) is UserStatus.SUCCESS:
-            ended = replace(ended, error=None)
         status = await until_reachable(
             lambda: self._runs.end_unit(
                 run_id, task.name, user_id, ended, self._clock.now(), policy=task.retry
