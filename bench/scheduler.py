@@ -89,7 +89,7 @@ async def run_size(url: str, users: int) -> tuple[float, int, float]:
         found = 0
         for _ in range(5):
             started = time.perf_counter()
-            due = (await scheduler.due_idle_users("idle-bench", trigger, NOW)).due
+            due = (await scheduler.idle.due_users("idle-bench", trigger, NOW)).due
             timings.append(time.perf_counter() - started)
             found = len(due)
         # the query that bounds the loop's sleep: the oldest active user's due time
@@ -97,7 +97,7 @@ async def run_size(url: str, users: int) -> tuple[float, int, float]:
         wakes: list[float] = []
         for _ in range(5):
             started = time.perf_counter()
-            await scheduler.next_idle_check(stored, trigger, NOW)
+            await scheduler.idle.next_check(stored, NOW)
             wakes.append(time.perf_counter() - started)
         return statistics.median(timings) * 1000, found, statistics.median(wakes) * 1000
 

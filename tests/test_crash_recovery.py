@@ -242,3 +242,48 @@ def test_a_retry_survives_kill_9(
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_a_chain_survives_kill_9_between_a_and_b(
+    tmp_path: Path, model_server: ModelServer, database_url: str
+) -> None:
+    """The server is killed after task A ended for the users and before B (which follows A,
+    8 s later) started: the restarted server runs B for each of them, once."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path, port, model_server.base_url, database_url)
+    try:
+        for name, trigger in (
+            ("summarise", {"type": "cron", "schedule": "0 3 1 1 *"}),
+            ("progress", {"type": "after", "task": "summarise", "delay_seconds": 8}),
+        ):
+            created = httpx.post(
+                f"{api}/background/tasks",
+                json={
+                    "name": name,
+                    "system_prompt": name,
+                    "trigger": trigger,
+                    "user_ids": ["a", "b"],
+                },
+            )
+            assert created.status_code == 201, created.text
+        ran = httpx.post(f"{api}/background/tasks/summarise/run?wait=true", timeout=30)
+        assert ran.json()["status"] == "success", ran.text
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=10)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    server = start_server(tmp_path, port, model_server.base_url, database_url)
+    try:
+
+        def followed() -> list[dict[str, Any]] | None:
+            runs = httpx.get(f"{api}/background/tasks/progress/runs").json()
+            return runs if runs and runs[0]["status"] == "success" else None
+
+        [run] = wait_for(followed, 60)
+        assert run["trigger_type"] == "after"
+        assert successes_by_user(api, "progress") == {"a": 1, "b": 1}
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)

@@ -284,6 +284,38 @@ async def test_loop_sleeps_until_the_slot_and_wakes_on_changes(
         await scheduler.stop()
 
 
+async def test_a_change_made_while_the_loop_ticks_is_not_lost(
+    harness: AppHarness, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task created during a pass (through this process) wakes the loop once the pass
+    ends: it does not wait for the hourly re-check."""
+    services = harness.services
+    scheduler = services.scheduler
+    lease_start = services.runs.lease_start
+    created: list[bool] = []
+
+    async def creating_meanwhile(active: Any) -> datetime | None:
+        if not created:  # the first pass, after it read the tasks
+            created.append(True)
+            await services.registry.create(definition(trigger=CronTrigger(schedule="30 0 * * *")))
+        return await lease_start(active)
+
+    monkeypatch.setattr(services.runs, "lease_start", creating_meanwhile)
+    scheduler.start()
+    try:
+        await _until(lambda: bool(created) and clock.sleepers > 0)
+        await asyncio.sleep(0.05)
+        await _until(lambda: clock.sleepers > 0)
+        await clock.set(T0.replace(minute=30))
+
+        async def fired_and_finished() -> bool:
+            return await cron_runs(services) == [(T0.replace(minute=30), "success")]
+
+        await _until_async(fired_and_finished)
+    finally:
+        await scheduler.stop()
+
+
 async def _until(condition: Any) -> None:
     """Poll state owned by the loop under test (it has no event to wait on), for up to 5 s."""
     async with asyncio.timeout(5):

@@ -163,3 +163,20 @@ async def test_the_tasks_file_is_applied_at_start(settings: Settings, tmp_path: 
     async with harness_for(configured) as harness:  # a restart: nothing changes
         again = await harness.services.registry.get("nightly")
         assert again.revision == stored.revision
+
+
+def test_a_chain_reads_and_writes_back() -> None:
+    text = TASKS + (
+        '\n[tasks.progress]\nsystem_prompt = "Update progress from the summary."\n'
+        'user_ids = ["ann"]\n'
+        'trigger = { type = "after", task = "after-chat", on = ["success", "failed"] }\n'
+    )
+    tasks = {t.name: t for t in parse_tasks(text, "tasks.toml")}
+    trigger = tasks["progress"].trigger
+    assert trigger.model_dump() == {
+        "type": "after",
+        "task": "after-chat",
+        "on": ["success", "failed"],
+        "delay_seconds": 0,
+    }
+    assert parse_tasks(dump_tasks(list(tasks.values())), "again.toml") == list(tasks.values())

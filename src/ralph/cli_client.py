@@ -10,13 +10,14 @@ from typing import Annotated, Any
 
 import httpx
 import typer
+from pydantic import TypeAdapter
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 from rich.text import Text
 
-from ralph.background.models import TaskDefinition
+from ralph.background.models import STORED, TaskDefinition, Trigger
 from ralph.background.taskfile import TaskFileError, dump_tasks, read_tasks_file
 from ralph.config import load_settings
 
@@ -61,6 +62,9 @@ def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
     return response.json()
 
 
+_TRIGGER: TypeAdapter[Trigger] = TypeAdapter(Trigger)
+
+
 @tasks_app.command("list")
 def tasks_list(url: UrlOption = None) -> None:
     """List tasks."""
@@ -68,15 +72,10 @@ def tasks_list(url: UrlOption = None) -> None:
         tasks = _call(client, "GET", "/background/tasks")
     table = Table("name", "trigger", "users", "batch", "enabled")
     for task in tasks:
-        trigger = task["trigger"]
-        when = (
-            f"cron {trigger['schedule']} ({trigger['timezone']})"
-            if trigger["type"] == "cron"
-            else f"idle {trigger['idle_minutes']}m, cooldown {trigger['cooldown_minutes']}m"
-        )
+        trigger = _TRIGGER.validate_python(task["trigger"], context={STORED: True})
         table.add_row(
             task["name"],
-            when,
+            trigger.summary,
             str(len(task["user_ids"])),
             str(task["batch_size"]),
             "yes" if task["enabled"] else "no",

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ralph.agents.kit import AgentKit
 from ralph.agents.models import ModelFactory
 from ralph.background.agent_process import AgentProcess
+from ralph.background.chain_store import ChainStore
 from ralph.background.coordinator import RunCoordinator
 from ralph.background.dispatch import Dispatch
 from ralph.background.inflight import InFlight
@@ -145,9 +146,11 @@ async def open_services(
             )
         conversations = ConversationService(ConversationStore(engine, read_engine), clock, archive)
         runs = RunStore(engine, read_engine, outbox)
+        chains = ChainStore(engine, runs, read_engine)
         kit = AgentKit(memory, conversations, models, settings.data_dir, settings.allow_shell_tools)
         units = UnitRunner(
             runs=runs,
+            chains=chains,
             kit=kit,
             clock=clock,
             inflight=InFlight(),
@@ -187,6 +190,7 @@ async def open_services(
         scheduler = Scheduler(
             store=ScheduleStore(engine, runs, tasks, read_engine),
             runs=runs,
+            chains=chains,
             profiles=profiles,
             registry=registry,
             coordinator=coordinator,
@@ -210,6 +214,7 @@ async def open_services(
             )
             outbox.on_added(webhooks.wake)
         conversations.on_activity(scheduler.note_activity)
+        coordinator.on_unit_end = scheduler.note_result
         users.on_change(scheduler.wake)
         yield Services(
             settings=settings,
@@ -238,6 +243,7 @@ async def open_services(
                 runs=runs,
                 coordinator=coordinator,
                 scheduler=scheduler,
+                chains=chains,
                 clock=clock,
             ),
             revoked_sessions=RevokedSessions(engine),

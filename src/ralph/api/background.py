@@ -20,10 +20,12 @@ from ralph.background.models import (
     StoredTask,
     TaskDefinition,
     TaskRun,
+    TriggerType,
     UserResult,
     UserStatus,
 )
-from ralph.background.service import Fire, TaskChange, Upcoming
+from ralph.background.service import TaskChange
+from ralph.background.triggers.base import Fire, Upcoming
 from ralph.errors import InvalidInput
 from ralph.validation import MAX_INT32, StrictInput, UserId, unique_user_ids
 
@@ -104,7 +106,17 @@ RunOut = response_model(
         "retry_of": "For a `retry`: the run whose failed users it runs again.",
         "dry_run": "Its proposals are previews (never applicable)",
     },
-    extra={"user_results": (list[UserResultOut] | None, None)},
+    extra={
+        "user_results": (list[UserResultOut] | None, None),
+        "upstream_run_ids": (
+            list[str] | None,
+            Field(
+                default=None,
+                description="For an `after` run (one run read by id): the upstream task's "
+                "runs whose results started it.",
+            ),
+        ),
+    },
 )
 
 
@@ -220,7 +232,12 @@ UpcomingOut = response_model(
     descriptions={
         "fires": "Cron: the next fire times, soonest first",
         "armed_users": "Idle: users with a message since their last episode",
-        "next_due_at": "Idle: the earliest time one of them can be due (UTC)",
+        "next_due_at": (
+            "Idle: the earliest time one of them can be due; after: the earliest time a "
+            "waiting user is due (UTC)"
+        ),
+        "follows": "After: the task this one follows",
+        "waiting_users": "After: users whose upstream result this task has not followed yet",
     },
     extra={"fires": (list[FireOut], ...)},
 )
@@ -260,7 +277,10 @@ async def get_run(
     run, users = await services.background.run(
         run_id, users_offset=users_offset, users_limit=users_limit, users_status=users_status
     )
-    return run_out(run, users)
+    upstream = None
+    if run.trigger_type is TriggerType.AFTER:
+        upstream = await services.background.upstream_runs(run_id)
+    return {**run_out(run, users), "upstream_run_ids": upstream}
 
 
 @router.get("/runs/{run_id}/users/{user_id}", response_model=UserDetailOut)

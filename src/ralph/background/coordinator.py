@@ -9,7 +9,7 @@ import functools
 import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -64,6 +64,8 @@ class RunCoordinator:
         self._stopping = False
         # set on a shutdown or a cancel: runs waiting for a user's jittered start look again
         self._interrupted = asyncio.Event()
+        # told (task, when) each time a unit of a run here ends (a task following it may be due)
+        self.on_unit_end: Callable[[str, datetime], None] = lambda _task, _at: None
 
     # --- starting runs --------------------------------------------------------------------
 
@@ -230,6 +232,8 @@ class RunCoordinator:
                 ended = await self._wait_for(set(in_flight), until)
                 for job in ended:
                     in_flight.pop(job, None)
+                if ended:
+                    self.on_unit_end(task.name, self._clock.now())
         finally:
             if in_flight:
                 await asyncio.wait(in_flight)

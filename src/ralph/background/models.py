@@ -101,6 +101,12 @@ class CronTrigger(StrictInput):
         """The timezone of a user without one in their profile (per-user schedules)."""
         return self.default_timezone or "UTC"
 
+    @property
+    def summary(self) -> str:
+        """One line for lists (the console's, the command line's)."""
+        jitter = f", jitter {self.jitter_seconds}s" if self.jitter_seconds else ""
+        return f"cron {self.schedule} ({self.timezone}){jitter}"
+
 
 class IdleTrigger(StrictInput):
     """Fire once per idle episode: `idle_minutes` after a user's last message."""
@@ -128,8 +134,50 @@ class IdleTrigger(StrictInput):
             )
         return self
 
+    @property
+    def summary(self) -> str:
+        wait = f", max wait {self.max_wait_minutes}m" if self.max_wait_minutes else ""
+        return f"idle {self.idle_minutes}m, cooldown {self.cooldown_minutes}m{wait}"
 
-Trigger = Annotated[CronTrigger | IdleTrigger, Field(discriminator="type")]
+
+# the user statuses a unit ends in (an `after` trigger's `on` names some of them)
+EndStatus = Literal["success", "failed", "skipped", "cancelled", "interrupted", "budget_exceeded"]
+
+# how many tasks a chain of `after` triggers holds at most (A, then B after A, ...)
+MAX_CHAIN = 5
+
+
+class AfterTrigger(StrictInput):
+    """Run for a user once another task's unit has ended for them: per user, not per run."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["after"] = "after"
+    task: TaskName = Field(description="The task this one follows.")
+    on: list[EndStatus] = Field(
+        default_factory=lambda: cast(list[EndStatus], ["success"]),
+        min_length=1,
+        description="The statuses of the upstream task's unit that start this task for the user.",
+    )
+    delay_seconds: int = Field(
+        default=0,
+        ge=0,
+        le=7 * 24 * 3600,
+        description="Run this long after the upstream task's result for the user.",
+    )
+
+    @field_validator("on")
+    @classmethod
+    def _unique_statuses(cls, value: list[EndStatus]) -> list[EndStatus]:
+        return list(dict.fromkeys(value))
+
+    @property
+    def summary(self) -> str:
+        on = "" if self.on == ["success"] else f" ({', '.join(self.on)})"
+        delay = f" +{self.delay_seconds}s" if self.delay_seconds else ""
+        return f"after {self.task}{on}{delay}"
+
+
+Trigger = Annotated[CronTrigger | IdleTrigger | AfterTrigger, Field(discriminator="type")]
 
 
 class Budget(StrictInput):
@@ -363,6 +411,7 @@ class TriggerType(StrEnum):
     MANUAL = "manual"
     RERUN = "rerun"  # the users a crash or a shutdown left unfinished in another run
     RETRY = "retry"  # a replay of the users another run ended `failed` (`retry_of`)
+    AFTER = "after"  # the users whose unit of the task it follows ended (its `after` trigger)
 
 
 class RunStatus(StrEnum):

@@ -14,6 +14,7 @@ from datetime import datetime
 from ralph.agents.tools import check_tool_names
 from ralph.background.models import StoredTask, TaskDefinition
 from ralph.background.task_store import TaskStore
+from ralph.background.triggers.after import check_chains, check_delete
 from ralph.clock import Clock
 from ralph.errors import NotFound
 
@@ -60,14 +61,22 @@ class TaskRegistry:
         offer)."""
         check_tool_names(task.tools, allow_shell=self._allow_shell, mode=task.mode)
 
+    async def _check_with(self, task: TaskDefinition) -> None:
+        """InvalidInput if the tasks with `task` added (or replaced) would not chain (an
+        `after` trigger following no task, a cycle, a chain too long)."""
+        tasks = {name: t.definition for name, t in (await self.refresh()).items()}
+        check_chains({**tasks, task.name: task}, task.name)
+
     async def create(self, task: TaskDefinition) -> StoredTask:
         self.check(task)
+        await self._check_with(task)
         stored = await self._store.create(task, self._clock.now())
         self._changed()
         return stored
 
     async def replace(self, task: TaskDefinition) -> StoredTask:
         self.check(task)
+        await self._check_with(task)
         stored = await self._store.replace(task, self._clock.now())
         self._changed()
         return stored
@@ -78,5 +87,7 @@ class TaskRegistry:
         return stored
 
     async def delete(self, name: str) -> None:
+        """Conflict if another task follows it."""
+        check_delete({n: t.definition for n, t in (await self.refresh()).items()}, name)
         await self._store.delete(name)
         self._changed()

@@ -302,12 +302,14 @@ class RunStore:
         dry_run: bool = False,
         continues: str | None = None,
         retry_of: str | None = None,
+        run_id: str | None = None,
     ) -> str | None:
         """`create`, inside the caller's transaction (to make it atomic with other writes).
         `continues`: a run whose unfinished users this one takes over (a rerun): each keeps its
         attempts so far and its next attempt's time. `retry_of`: the run whose failed users
-        this one runs again."""
-        run_id = str(uuid.uuid4())
+        this one runs again. `run_id`: the new run's id, when the caller's writes need it
+        first."""
+        run_id = run_id or str(uuid.uuid4())
         result = await conn.execute(
             insert_ignore(self._engine, task_runs).values(
                 id=run_id,

@@ -358,7 +358,7 @@ class ScheduleStore:
                 await conn.execute(
                     self._defer, {"task_name": task_name, "user_id": user_id, "due_at": due_at}
                 )
-            await self._tasks.advance_idle_watermark_in(conn, task_name, watermark)
+            await self._tasks.advance_watermark_in(conn, task_name, watermark)
 
     # --- replicas -------------------------------------------------------------------------
 

@@ -9,12 +9,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from ralph.background.chain_store import ChainStore
 from ralph.background.coordinator import RunCoordinator
-from ralph.background.cron import never_fires_reason
 from ralph.background.models import (
     FINISHED_RUN,
     Attempt,
-    CronTrigger,
     RunStatus,
     TaskDefinition,
     TaskRun,
@@ -25,7 +24,8 @@ from ralph.background.models import (
 from ralph.background.registry import TaskRegistry
 from ralph.background.run_store import RunStore
 from ralph.background.scheduler import Scheduler
-from ralph.background.slots import next_instant, upcoming_instants
+from ralph.background.triggers.after import chain_order, check_chains
+from ralph.background.triggers.base import Upcoming
 from ralph.clock import Clock
 from ralph.errors import Conflict, InvalidInput, NotFound
 
@@ -45,25 +45,6 @@ class TaskChange:
 
 
 @dataclass(frozen=True, slots=True)
-class Fire:
-    at: datetime
-    timezone: str
-    users: int
-
-
-@dataclass(frozen=True, slots=True)
-class Upcoming:
-    """What a task does next: cron fire times, or an idle task's armed users."""
-
-    name: str
-    trigger_type: str
-    enabled: bool
-    fires: list[Fire]
-    armed_users: int | None
-    next_due_at: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
 class SchedulerState:
     replica_id: str
     last_tick_at: datetime | None
@@ -80,9 +61,11 @@ class BackgroundService:
         runs: RunStore,
         coordinator: RunCoordinator,
         scheduler: Scheduler,
+        chains: ChainStore,
         clock: Clock,
     ) -> None:
         self._registry = registry
+        self._chains = chains
         self._runs = runs
         self._coordinator = coordinator
         self._scheduler = scheduler
@@ -198,6 +181,10 @@ class BackgroundService:
         )
         return run, users
 
+    async def upstream_runs(self, run_id: str) -> list[str]:
+        """For an `after` run: the upstream runs whose results started it."""
+        return await self._chains.upstream_runs(run_id)
+
     async def runs_of_user(self, user_id: str, limit: int = 20) -> list[tuple[str, UserResult]]:
         """(task, result) of the user's most recent runs, newest first."""
         return await self._runs.of_user(user_id, limit)
@@ -228,24 +215,28 @@ class BackgroundService:
             except InvalidInput as exc:
                 raise InvalidInput(f"task '{task.name}': {exc}") from None
         stored = {s.definition.name: s.definition for s in await self._registry.list()}
+        pruned = sorted(set(stored) - set(names)) if prune else []
+        after = {**{n: t for n, t in stored.items() if n not in pruned}}
+        after.update({task.name: task for task in tasks})
+        check_chains(after)
         changes: list[TaskChange] = []
         for task in tasks:
             current = stored.get(task.name)
+            action = "created" if current is None else "updated" if current != task else None
+            changes.append(TaskChange(task.name, action or "unchanged"))
+        changes += [TaskChange(name, "deleted") for name in pruned]
+        if dry_run:
+            return changes
+        # each task after the one it follows, so every write leaves a valid set of tasks;
+        # deletions the other way round
+        for task in chain_order(tasks):
+            current = stored.get(task.name)
             if current is None:
-                changes.append(TaskChange(task.name, "created"))
-                if not dry_run:
-                    await self._registry.create(task)
+                await self._registry.create(task)
             elif current != task:
-                changes.append(TaskChange(task.name, "updated"))
-                if not dry_run:
-                    await self._registry.replace(task)
-            else:
-                changes.append(TaskChange(task.name, "unchanged"))
-        if prune:
-            for name in sorted(set(stored) - set(names)):
-                changes.append(TaskChange(name, "deleted"))
-                if not dry_run:
-                    await self.delete(name)
+                await self._registry.replace(task)
+        for task in reversed(chain_order([stored[name] for name in pruned])):
+            await self.delete(task.name)
         return changes
 
     async def definitions(self, names: Sequence[str]) -> list[TaskDefinition]:
@@ -255,22 +246,12 @@ class BackgroundService:
         return sorted((s.definition for s in await self._registry.list()), key=lambda t: t.name)
 
     async def upcoming(self, name: str, limit: int) -> Upcoming:
-        """The task's next `limit` fire times (cron; from the schedule's start if later than
-        now), or how many users an idle task has armed and when the first can be due."""
+        """What the task does next, as its trigger kind says: the next `limit` fire times
+        (cron), how many users are armed and when the first can be due (idle), how many
+        users wait for it (after)."""
         stored = await self._registry.get(name)
-        task = stored.definition
-        trigger = task.trigger
-        now = self._clock.now()
-        if isinstance(trigger, CronTrigger):
-            after = max(now, stored.schedule_from)
-            zones = await self._scheduler.zone_counts(task, trigger)
-            fires = [
-                Fire(at, zone, zones[zone])
-                for at, zone in upcoming_instants(trigger.schedule, sorted(zones), after, limit)
-            ]
-            return Upcoming(name, trigger.type, task.enabled, fires, None, None)
-        armed, due = await self._scheduler.idle_outlook(name, trigger)
-        return Upcoming(name, trigger.type, task.enabled, [], armed, due)
+        kind = self._scheduler.kind(stored.definition.trigger.type)
+        return await kind.upcoming(stored, self._clock.now(), limit)
 
     async def scheduler_state(self) -> SchedulerState:
         """Each enabled task's next fire time, this replica's last tick, replicas seen in the
@@ -282,15 +263,9 @@ class BackgroundService:
             if not stored.definition.enabled:
                 continue
             name = stored.definition.name
-            error = self._scheduler.errors.get(name)
-            upcoming = None
-            if isinstance(trigger, CronTrigger):
-                after = max(now, stored.schedule_from)
-                zones = await self._scheduler.zone_counts(stored.definition, trigger)
-                upcoming = next_instant(trigger.schedule, zones, after)
-                if upcoming is None:
-                    error = never_fires_reason(trigger.schedule, now)
-            tasks.append(TaskSchedule(name, trigger.type, upcoming, error))
+            upcoming = await self._scheduler.kind(trigger.type).next_fire(stored, now)
+            error = upcoming.error or self._scheduler.errors.get(name)
+            tasks.append(TaskSchedule(name, trigger.type, upcoming.at, error))
         return SchedulerState(
             replica_id=self._scheduler.replica_id,
             last_tick_at=self._scheduler.last_tick,

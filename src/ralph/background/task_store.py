@@ -88,7 +88,13 @@ class TaskStore:
                 .where(background_tasks.c.name == task.name)
                 .values(
                     schedule_from=schedule_from,
-                    idle_watermark=None,  # users or trigger may have changed: rescan once
+                    # an idle task's users or trigger may have changed: rescan once; an `after`
+                    # task's results are followed from its schedule's start, not again
+                    idle_watermark=(
+                        background_tasks.c.idle_watermark
+                        if task.trigger.type == "after" and not restart
+                        else None
+                    ),
                     revision=background_tasks.c.revision + 1,
                     updated_at=now,
                     **self._row_values(task),
@@ -171,11 +177,9 @@ class TaskStore:
         return [self._stored(r, users[r["name"]]) for r in rows]
 
     @staticmethod
-    async def advance_idle_watermark_in(
-        conn: AsyncConnection, name: str, watermark: datetime
-    ) -> None:
-        """Move the task's idle watermark forward (never back, whichever replica writes last),
-        inside the caller's transaction."""
+    async def advance_watermark_in(conn: AsyncConnection, name: str, watermark: datetime) -> None:
+        """Move the task's watermark (an idle or an `after` task's) forward (never back,
+        whichever replica writes last), inside the caller's transaction."""
         await conn.execute(
             update(background_tasks)
             .where(

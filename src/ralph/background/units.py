@@ -14,9 +14,11 @@ from ralph.agents.extract import extract_edits
 from ralph.agents.kit import AgentKit
 from ralph.agents.runner import AgentOutcome, TokenBudget, cap_transcript, run_agent
 from ralph.agents.tools import EDIT_TOOLS, ToolContext, propose_change
+from ralph.background.chain_store import ChainStore
 from ralph.background.inflight import InFlight
-from ralph.background.models import TaskDefinition, unit_status
+from ralph.background.models import AfterTrigger, TaskDefinition, unit_status
 from ralph.background.run_store import RunStore, UnitEnd, UserStart
+from ralph.background.triggers.after import outcome_context
 from ralph.clock import Clock
 from ralph.conversations.honcho import HistoryUnavailable
 from ralph.conversations.models import Message, Role
@@ -109,12 +111,14 @@ class UnitRunner:
         self,
         *,
         runs: RunStore,
+        chains: ChainStore,
         kit: AgentKit,
         clock: Clock,
         inflight: InFlight,
         transcript_max_chars: int = 200_000,
     ) -> None:
         self._runs = runs
+        self._chains = chains
         self._kit = kit
         self._clock = clock
         self.inflight = inflight
@@ -290,6 +294,11 @@ class UnitRunner:
             rejected = await self._kit.memory.rejections(user_id, context.author)
         if rejected:
             instructions = f"{instructions}\n\n---\n\n{rejections_context(rejected)}"
+        if isinstance(task.trigger, AfterTrigger):
+            # what the task this one follows did for the user
+            outcomes = await self._chains.upstream_outcomes(run_id, user_id)
+            if outcomes:
+                instructions = f"{instructions}\n\n---\n\n{outcome_context(outcomes)}"
         budget = TokenBudget(
             per_user=task.budget.max_tokens_per_user if task.budget else None,
             run=await self.inflight.run_tokens(

@@ -29,10 +29,10 @@ from ralph.api.params import LabelQuery, TaskQuery, UserIdPath, UserIdQuery
 from ralph.background.models import (
     FINISHED_RUN,
     Attempt,
-    CronTrigger,
     UserResult,
     UserStatus,
 )
+from ralph.background.triggers.after import followers
 from ralph.clock import Clock
 from ralph.composition import Services
 from ralph.config import Settings
@@ -268,15 +268,19 @@ async def transcript_page(
 @router.get("/console/tasks")
 async def tasks_page(request: Request, services: ServicesDep) -> HTMLResponse:
     tasks: list[dict[str, Any]] = []
-    for stored in await services.registry.list():
+    stored_tasks = await services.registry.list()
+    definitions = {s.definition.name: s.definition for s in stored_tasks}
+    for stored in stored_tasks:
         task = stored.definition
         upcoming = await services.background.upcoming(task.name, 3)
-        trigger = task.trigger
-        if isinstance(trigger, CronTrigger):
-            summary = f"cron {trigger.schedule} ({trigger.timezone})"
-        else:
-            summary = f"idle {trigger.idle_minutes} min"
-        tasks.append({"task": task, "trigger": summary, "upcoming": upcoming})
+        tasks.append(
+            {
+                "task": task,
+                "trigger": task.trigger.summary,
+                "upcoming": upcoming,
+                "followed_by": followers(definitions, task.name),
+            }
+        )
     return _render(request, "tasks.html", tasks=tasks)
 
 

@@ -143,7 +143,8 @@ background_tasks = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
     # Idle tasks: activity at or before this instant has been examined; the next scan reads
-    # only activity after it. NULL: scan everything once (new task, changed users/trigger).
+    # only activity after it. `after` tasks: the upstream task's results ended before it
+    # have been followed. NULL: scan everything once (new task, changed users/trigger).
     Column("idle_watermark", UTCDateTime(), nullable=True),
 )
 
@@ -188,6 +189,7 @@ task_runs = Table(
     Column("retry_of", String(UUID), nullable=True),
     UniqueConstraint("task_name", "slot_key"),
     Index(None, "task_name", "created_at"),
+    Index(None, "task_name", "completed_at"),  # the runs an `after` task's pass looks at
     Index(None, "status", "heartbeat_at"),
 )
 
@@ -250,6 +252,19 @@ unit_attempts = Table(
     Column("total_tokens", BigInteger, nullable=False),
     Column("cost_usd", Float, nullable=True),
     Column("transcript", LongText(), nullable=True),
+)
+
+# An `after` task's claim of one upstream result (the upstream run, the user): the key makes
+# it true for one caller across replicas; `run_id` is the run of the following task it went to.
+task_chain_claims = Table(
+    "task_chain_claims",
+    metadata,
+    Column("task_name", String(TASK), primary_key=True),
+    Column("upstream_run_id", String(UUID), primary_key=True),
+    Column("user_id", String(USER), primary_key=True),
+    Column("run_id", String(UUID), nullable=False),
+    Column("claimed_at", UTCDateTime(), nullable=False),
+    Index(None, "run_id", "user_id"),
 )
 
 # One row while a (task, user) agent is in flight: the key makes a second one impossible.
