@@ -68,6 +68,12 @@ def test_create_run_wait_and_list(live: LiveServer, tmp_path: Path) -> None:
     queue = httpx.get(f"{live.url}/users/c/proposals", params={"status": "pending"}).json()
     assert [p["run_id"] for p in queue] == [run_id]
 
+    # each trigger kind's one-line summary
+    follower = definition | {"name": "cli-next", "trigger": {"type": "after", "task": "cli-task"}}
+    assert httpx.post(f"{live.url}/background/tasks", json=follower).status_code == 201
+    listed = runner.invoke(app, ["tasks", "list", "--url", live.url])
+    assert "after cli-task" in listed.output
+
 
 def test_errors_are_one_clear_line(live: LiveServer, tmp_path: Path) -> None:
     missing = runner.invoke(app, ["tasks", "show", "nope", "--url", live.url])

@@ -438,3 +438,34 @@ async def test_an_operator_retries_a_runs_failed_users(
         await page.goto(f"{live.url}/console/runs/{run['id']}/users/ada")
         await expect(page.locator("details.attempt")).to_have_count(1)
         await expect(page.locator("details.attempt .error")).to_contain_text("provider down")
+
+
+async def test_a_reviewer_edits_a_proposal_then_approves_it(
+    browser: Browser, live: LiveServer, tmp_path: Path
+) -> None:
+    async with api(live) as client:
+        put = await client.put("/users/eve/blocks/notes", json={"body": "likes art"})
+        assert put.status_code == 200, put.text
+        proposed = (await client.post("/users/eve/proposals", json=_append("likes chess"))).json()
+
+        page = await browser.new_page()
+        await log_in(page, live, API_TOKEN)
+        await expect(page.locator(".proposal")).to_have_count(1)
+        await page.keyboard.press("j")
+        await page.keyboard.press("e")
+        area = page.locator(".proposal .edit")
+        await expect(area).to_be_focused()
+        await expect(area).to_have_value("likes chess")
+        await area.fill("plays chess on Sundays")
+        await shot(page, "edit", tmp_path)
+        await page.keyboard.press("Enter")
+        await expect(page.locator(".empty")).to_have_text("Nothing waits for review.")
+
+        block = (await client.get("/users/eve/blocks/notes")).json()
+        assert block["body"] == "likes art\nplays chess on Sundays"
+        decided = (await client.get(f"/proposals/{proposed['id']}")).json()
+        assert (decided["status"], decided["edited"]) == ("approved", True)
+        assert (decided["new_text"], decided["applied_text"]) == (
+            "likes chess",
+            "plays chess on Sundays",
+        )

@@ -54,7 +54,7 @@ async def test_a_rejected_change_is_shown_to_the_agent_and_not_proposed_again(
     model_server.requests.clear()
     second = await run_user(app)
     instructions = model_server.requests[0]["messages"][0]["content"]
-    assert "# Changes a reviewer rejected for this user" in instructions
+    assert "# Changes a reviewer rejected or corrected for this user" in instructions
     assert 'block notes: append "likes chess" (reviewer: "they never said so")' in instructions
     (answer,) = [m["content"] for m in second["transcript"] if m["role"] == "tool"]
     assert "rejected_before" in answer
@@ -121,3 +121,68 @@ def test_the_rejections_shown_are_bounded() -> None:
 async def test_the_root_address_opens_the_console(app: AppHarness, tmp_path: Any) -> None:
     response = await app.client.get("/", follow_redirects=False)
     assert (response.status_code, response.headers["location"]) == (307, "/console")
+
+
+async def test_an_edited_approval_applies_the_reviewers_version_and_teaches_the_agent(
+    app: AppHarness, clock: FakeClock, model_server: ModelServer
+) -> None:
+    client = app.client
+    await client.put("/users/u1/blocks/notes", json={"body": "likes art"})
+    assert (await client.post("/background/tasks", json=notes_task())).status_code == 201
+    model_server.responder = scripted(GUESS, text("done"))
+    await run_user(app)
+    (proposal,) = await pending(app)
+    url = f"/proposals/{proposal['id']}/approve"
+    # the reviewer's version is of the proposal's kind, and one at most
+    wrong = await client.post(url, json={"body": "likes art\nplays chess"})
+    assert wrong.status_code == 422
+    assert "give your version as `append`" in wrong.text
+    both = await client.post(url, json={"append": "a", "new_text": "b"})
+    assert both.status_code == 422
+    assert (await pending(app))[0]["id"] == proposal["id"]
+
+    approved = await client.post(url, json={"append": "plays chess on Sundays", "comment": "ok"})
+    assert approved.status_code == 200, approved.text
+    body = approved.json()
+    assert (body["status"], body["edited"], body["decided_by"]) == ("approved", True, "api")
+    assert (body["new_text"], body["applied_text"]) == ("likes chess", "plays chess on Sundays")
+    block = (await client.get("/users/u1/blocks/notes")).json()
+    assert block["body"] == "likes art\nplays chess on Sundays"
+    history = (await client.get("/users/u1/blocks/notes/history")).json()
+    assert history[0]["proposal_id"] == proposal["id"]
+
+    # the next run's agent sees how the reviewer corrected it
+    await clock.advance(timedelta(days=1))
+    model_server.requests.clear()
+    model_server.responder = scripted(text("done"))
+    await run_user(app)
+    instructions = model_server.requests[0]["messages"][0]["content"]
+    assert (
+        'block notes: append "likes chess", approved as "plays chess on Sundays" instead '
+        '(reviewer: "ok")'
+    ) in instructions
+
+
+async def test_a_rewrite_and_a_replacement_take_the_reviewers_version(app: AppHarness) -> None:
+    client = app.client
+    await client.put("/users/u2/blocks/notes", json={"body": "likes art"})
+    rewrite = {"label": "notes", "body": "likes art and maths", "reason": "r"}
+    made = (await client.post("/users/u2/proposals", json=rewrite)).json()
+    answer = await client.post(
+        f"/proposals/{made['id']}/approve", json={"body": "likes art and physics"}
+    )
+    assert answer.status_code == 200, answer.text
+    replace = {"label": "notes", "old_text": "art", "new_text": "painting", "reason": "r"}
+    made = (await client.post("/users/u2/proposals", json=replace)).json()
+    answer = await client.post(f"/proposals/{made['id']}/approve", json={"new_text": "drawing"})
+    assert answer.status_code == 200, answer.text
+    block = (await client.get("/users/u2/blocks/notes")).json()
+    assert block["body"] == "likes drawing and physics"
+    # a plain approval is not an edited one
+    plain = (await client.post("/users/u2/proposals", json=_note("likes tea"))).json()
+    approved = (await client.post(f"/proposals/{plain['id']}/approve")).json()
+    assert (approved["edited"], approved["applied_text"]) == (False, None)
+
+
+def _note(text: str) -> dict[str, str]:
+    return {"label": "notes", "append": text, "reason": "r"}

@@ -104,6 +104,7 @@ async def test_a_run_and_a_decision_arrive_signed(
         "api",
     )
     assert (decided["user_id"], decided["label"], decided["applied_version"]) == ("u1", "notes", 1)
+    assert decided["edited"] is False
 
 
 async def outbox_rows(harness: AppHarness) -> list[Any]:

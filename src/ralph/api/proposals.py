@@ -10,7 +10,14 @@ from pydantic import Field, model_validator
 from ralph.api.deps import DeciderDep, ServicesDep
 from ralph.api.params import LabelQuery, TaskQuery, UserIdPath, UserIdQuery
 from ralph.api.schema import response_model
-from ralph.memory.models import BulkDecision, Proposal, ProposalDraft, ProposalStatus
+from ralph.memory.models import (
+    BulkDecision,
+    Proposal,
+    ProposalDraft,
+    ProposalKind,
+    ProposalStatus,
+    Revision,
+)
 from ralph.memory.service import MAX_REASON_CHARS, MAX_TITLE_CHARS
 from ralph.validation import Label, StrictInput
 
@@ -45,6 +52,35 @@ class ProposalIn(StrictInput):
 
 class Decision(StrictInput):
     comment: str | None = Field(default=None, max_length=4000)
+
+
+class Approval(Decision):
+    """An approval, optionally with the reviewer's version of the change (one field, of the
+    proposal's kind): applied instead of the author's, which the proposal keeps."""
+
+    body: str | None = Field(default=None, description="A rewrite's new body, as you want it.")
+    new_text: str | None = Field(
+        default=None, min_length=1, description="A replacement's new text, as you want it."
+    )
+    append: str | None = Field(
+        default=None, min_length=1, description="An append's text, as you want it."
+    )
+
+    @model_validator(mode="after")
+    def _one_version(self) -> Approval:
+        given = [f for f in ("body", "new_text", "append") if getattr(self, f) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one version of the change, not {' and '.join(given)}")
+        return self
+
+    def revision(self) -> Revision | None:
+        if self.body is not None:
+            return Revision(ProposalKind.BODY, self.body)
+        if self.new_text is not None:
+            return Revision(ProposalKind.REPLACE, self.new_text)
+        if self.append is not None:
+            return Revision(ProposalKind.APPEND, self.append)
+        return None
 
 
 class BulkIn(Decision):
@@ -148,11 +184,15 @@ async def get_proposal(proposal_id: str, services: ServicesDep) -> Proposal:
 
 @router.post("/proposals/{proposal_id}/approve", response_model=ProposalOut)
 async def approve(
-    proposal_id: str, services: ServicesDep, by: DeciderDep, decision: Decision | None = None
+    proposal_id: str, services: ServicesDep, by: DeciderDep, decision: Approval | None = None
 ) -> Proposal:
-    """Apply the change as a new block version. 409 if decided already or if it conflicts."""
+    """Apply the change as a new block version. 409 if decided already or if it conflicts.
+    With your version of the change (`body`, `new_text` or `append`, as the proposal's kind;
+    422 otherwise), that is applied: the proposal keeps its author's text and records
+    `edited: true` and `applied_text`."""
     comment = decision.comment if decision else None
-    return await services.memory.approve(proposal_id, comment, by=by)
+    revised = decision.revision() if decision else None
+    return await services.memory.approve(proposal_id, comment, by=by, revised=revised)
 
 
 @router.post("/proposals/{proposal_id}/reject", response_model=ProposalOut)

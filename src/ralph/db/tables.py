@@ -87,6 +87,10 @@ proposals = Table(
     Column("decided_at", UTCDateTime(), nullable=True),
     Column("decided_by", String(AUTHOR), nullable=True),
     Column("superseded_by", String(UUID), nullable=True),
+    # approved with the reviewer's version of the change: that text (the proposal keeps the
+    # author's)
+    Column("edited", Boolean, nullable=False, server_default=false()),
+    Column("applied_text", LongText(), nullable=True),
     Index(None, "user_id", "status", "created_at"),
     Index(None, "status", "created_at"),  # the review queue across users
     Index(None, "run_id"),

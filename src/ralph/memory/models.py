@@ -87,6 +87,24 @@ class Proposal:
     # "system:expire" (pending longer than RALPH_PROPOSAL_TTL_DAYS)
     decided_by: str | None = None
     superseded_by: str | None = None  # the proposal that replaced this one
+    # approved with the reviewer's version of the change (`applied_text`); the fields above
+    # keep the author's
+    edited: bool = False
+    applied_text: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The text the change adds: the new body, the replacement or the appended text."""
+        return (self.body if self.kind is ProposalKind.BODY else self.new_text) or ""
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    """A reviewer's version of a proposal's change, approved instead of the author's: the
+    new body (`body`), the replacement (`replace`) or the text to append (`append`)."""
+
+    kind: ProposalKind
+    text: str
 
 
 @dataclass(frozen=True, slots=True)

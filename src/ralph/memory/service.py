@@ -22,6 +22,7 @@ from ralph.memory.models import (
     ProposalDraft,
     ProposalKind,
     ProposalStatus,
+    Revision,
     labels_in_order,
 )
 from ralph.memory.store import EditFn, MemoryStore
@@ -115,6 +116,13 @@ def _change_of(
 # the rejected changes shown to an agent stop at this many characters
 REJECTIONS_MAX_CHARS = 4000
 
+# the field of `POST /proposals/{id}/approve` that carries a reviewer's version, by kind
+_REVISION_FIELD = {
+    ProposalKind.BODY: "body",
+    ProposalKind.REPLACE: "new_text",
+    ProposalKind.APPEND: "append",
+}
+
 
 def _quoted(text: str | None, limit: int = 300) -> str:
     text = (text or "").strip()
@@ -127,9 +135,10 @@ def rejections_context(rejected: Sequence[Proposal]) -> str:
     if not rejected:
         return ""
     lines = [
-        "# Changes a reviewer rejected for this user",
+        "# Changes a reviewer rejected or corrected for this user",
         "",
-        "Do not propose these again; learn from the reviewers' comments.",
+        "Do not propose the rejected ones again; learn from the reviewers' comments and from "
+        "how they corrected the others.",
     ]
     total = sum(len(line) for line in lines)
     for proposal in rejected:
@@ -141,6 +150,8 @@ def rejections_context(rejected: Sequence[Proposal]) -> str:
             what = f"rewrite as {_quoted(proposal.body)}"
         when = (proposal.decided_at or proposal.created_at).date().isoformat()
         comment = f" (reviewer: {_quoted(proposal.comment)})" if proposal.comment else ""
+        if proposal.status is ProposalStatus.APPROVED:
+            what = f"{what}, approved as {_quoted(proposal.applied_text)} instead"
         line = f"- {when}, block {proposal.label}: {what}{comment}"
         if total + len(line) > REJECTIONS_MAX_CHARS:
             break
@@ -374,25 +385,26 @@ class MemoryService:
         return await self.store.insert_proposal(values)
 
     async def rejections(self, user_id: str, author: str, limit: int = 10) -> list[Proposal]:
-        """The proposals of `author` for the user that reviewers rejected in the remembered
-        window (RALPH_REJECTIONS_REMEMBERED_DAYS), newest first."""
+        """The proposals of `author` for the user that reviewers rejected, or approved with
+        their own version, in the remembered window (RALPH_REJECTIONS_REMEMBERED_DAYS),
+        newest first."""
         if not self._remember:
             return []
         return await self.store.list_proposals(
             user_id,
-            status=ProposalStatus.REJECTED,
             author=author,
             decided_since=self._clock.now() - self._remember,
             limit=limit,
+            corrected=True,
         )
 
     async def rejected_users(self, author: str) -> set[str]:
-        """The users `author` has proposals of that reviewers rejected in the remembered
-        window (one read for a whole run: only they need `rejections`)."""
+        """The users `author` has proposals of that reviewers rejected or edited in the
+        remembered window (one read for a whole run: only they need `rejections`)."""
         if not self._remember:
             return set()
         since = self._clock.now() - self._remember
-        return await self.store.users_with(ProposalStatus.REJECTED, author, since)
+        return await self.store.corrected_users(author, since)
 
     async def _check_not_rejected(self, draft: ProposalDraft) -> None:
         """AlreadyRejected when a reviewer rejected this same change of the block, proposed by
@@ -461,10 +473,29 @@ class MemoryService:
         return previews
 
     async def approve(
-        self, proposal_id: str, comment: str | None = None, *, by: str = "api"
+        self,
+        proposal_id: str,
+        comment: str | None = None,
+        *,
+        by: str = "api",
+        revised: Revision | None = None,
     ) -> Proposal:
-        """Apply the proposal as a new block version (409 if not pending or if it conflicts)."""
-        return await self._decide(proposal_id, True, comment, by)
+        """Apply the proposal as a new block version (409 if not pending or if it conflicts).
+        `revised`: the reviewer's version of the change, of the proposal's kind (InvalidInput
+        otherwise), applied instead of the author's."""
+        text: str | None = None
+        if revised is not None:
+            proposal = await self.get_proposal(proposal_id)
+            if revised.kind is not proposal.kind:
+                field = _REVISION_FIELD[proposal.kind]
+                raise InvalidInput(
+                    f"proposal '{proposal_id}' is of kind {proposal.kind.value}: give your "
+                    f"version as `{field}`"
+                )
+            text = revised.text
+            if proposal.kind is ProposalKind.BODY:
+                self._check_body(text)
+        return await self._decide(proposal_id, True, comment, by, revised=text)
 
     async def auto_approve(self, proposal_id: str) -> Proposal:
         """Approve as `system:auto` (a task whose approval is auto), through the same path as
@@ -485,6 +516,7 @@ class MemoryService:
         by: str,
         *,
         keep_on_conflict: bool = False,
+        revised: str | None = None,
     ) -> Proposal:
         return await self.store.decide(
             proposal_id,
@@ -494,6 +526,7 @@ class MemoryService:
             edit_for=self._edit_for,
             by=by,
             conflict_stays_pending=keep_on_conflict,
+            revised=revised,
         )
 
     async def expire_pending(self, ttl_days: float) -> int:

@@ -7,7 +7,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import RowMapping, bindparam, func, select, tuple_, update
+from sqlalchemy import RowMapping, and_, bindparam, func, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -65,6 +65,12 @@ def _supersede(successor: str, now: datetime) -> Any:
         )
     )
 
+
+# what reviewers corrected: rejected, or approved with their own version
+_CORRECTED = or_(
+    proposals.c.status == ProposalStatus.REJECTED.value,
+    and_(proposals.c.status == ProposalStatus.APPROVED.value, proposals.c.edited.is_(True)),
+)
 
 # read for every agent run: built once (building costs more than executing it on SQLite)
 _LIST_BLOCKS = (
@@ -374,9 +380,13 @@ class MemoryStore:
         author: str | None = None,
         limit: int = 100,
         decided_since: datetime | None = None,
+        corrected: bool = False,
     ) -> list[Proposal]:
-        """Newest first; `user_id` None lists every user's."""
+        """Newest first; `user_id` None lists every user's. `corrected`: only those a
+        reviewer rejected or approved with edits."""
         query = select(proposals)
+        if corrected:
+            query = query.where(_CORRECTED)
         if decided_since is not None:
             query = query.where(proposals.c.decided_at >= decided_since)
         for column, value in (
@@ -393,16 +403,13 @@ class MemoryStore:
         async with self._reads.connect() as conn:
             return [_proposal(r) for r in (await conn.execute(query)).mappings().all()]
 
-    async def users_with(
-        self, status: ProposalStatus, author: str, decided_since: datetime
-    ) -> set[str]:
-        """The users with a proposal of `author` in `status`, decided since then."""
+    async def corrected_users(self, author: str, decided_since: datetime) -> set[str]:
+        """The users with a proposal of `author` that a reviewer rejected or approved with
+        edits since then."""
         query = (
             select(proposals.c.user_id)
             .where(
-                proposals.c.status == status.value,
-                proposals.c.author == author,
-                proposals.c.decided_at >= decided_since,
+                _CORRECTED, proposals.c.author == author, proposals.c.decided_at >= decided_since
             )
             .distinct()
         )
@@ -451,9 +458,12 @@ class MemoryStore:
         edit_for: Callable[[Proposal], EditFn],
         by: str = "api",
         conflict_stays_pending: bool = False,
+        revised: str | None = None,
     ) -> Proposal:
         """Approve or reject a pending proposal (decided `by`), atomically with the block
-        change.
+        change. `revised`: the reviewer's version of the change's text (the new body, the
+        replacement or the appended text), applied instead of the author's, which the
+        proposal keeps (`edited`, `applied_text`).
 
         Approval applies `edit_for(proposal)` as a new block version in the same transaction; if
         that edit raises Conflict, the proposal is stored as `conflict`, the block is untouched,
@@ -486,12 +496,16 @@ class MemoryStore:
                     return await self._set_status(
                         conn, proposal, ProposalStatus.REJECTED, comment, now, None, by
                     ), None
+                applied = proposal
+                if revised is not None:
+                    text = "body" if proposal.kind is ProposalKind.BODY else "new_text"
+                    applied = replace(proposal, **{text: revised})
                 try:
                     block = await self._write(
                         conn,
                         proposal.user_id,
                         proposal.label,
-                        edit_for(proposal),
+                        edit_for(applied),
                         proposal.author,
                         now,
                         None,
@@ -514,12 +528,20 @@ class MemoryStore:
                     )
                 )
                 stored = await self._set_status(
-                    conn, proposal, ProposalStatus.APPROVED, comment, now, block.version, by
+                    conn,
+                    proposal,
+                    ProposalStatus.APPROVED,
+                    comment,
+                    now,
+                    block.version,
+                    by,
+                    revised=revised,
                 )
                 message = (
                     f"approve proposal {proposal.id}: {proposal.kind.value} "
                     f"{proposal.user_id}/{proposal.label} v{block.version}\n\n"
                     f"reason: {proposal.reason}\napproved by: {by}"
+                    + (" (edited)" if revised is not None else "")
                     + (f"\ncomment: {comment}" if comment else "")
                 )
                 await self._version(conn, proposal.author, message)
@@ -540,8 +562,11 @@ class MemoryStore:
         now: datetime,
         applied_version: int | None,
         by: str,
+        *,
+        revised: str | None = None,
     ) -> Proposal:
         """Decide the proposal, and record `proposal.decided` for webhooks, in `conn`."""
+        edited = {"edited": revised is not None, "applied_text": revised}
         await conn.execute(
             update(proposals)
             .where(proposals.c.id == proposal.id)
@@ -552,6 +577,7 @@ class MemoryStore:
                 decided_by=by,
                 applied_version=applied_version,
                 idempotency_key=None,  # decided: the same change may be proposed again
+                **edited,
             )
         )
         decided = replace(
@@ -561,6 +587,7 @@ class MemoryStore:
             decided_at=now,
             decided_by=by,
             applied_version=applied_version,
+            **edited,
         )
         event = {
             "proposal_id": decided.id,
@@ -572,6 +599,7 @@ class MemoryStore:
             "author": decided.author,
             "run_id": decided.run_id,
             "applied_version": applied_version,
+            "edited": revised is not None,
         }
         await self._outbox.add(conn, PROPOSAL_DECIDED, event, now)
         return decided

@@ -1,6 +1,6 @@
 // Ralph console: every action is the documented API call, sent with the session cookie and
 // the session's CSRF header. Keyboard-first review: j/k move, a approve, r reject, c comment,
-// x select, o open the user.
+// e edit the change (Enter approves your version), x select, o open the user.
 "use strict";
 
 const csrf = document.querySelector('meta[name="ralph-csrf"]').content;
@@ -62,12 +62,13 @@ function move(step) {
   focusProposal(all[next]);
 }
 
-async function decide(article, verb) {
+async function decide(article, verb, revised) {
   const comment = article.querySelector(".comment").value || null;
   const all = proposals();
   const next = all[all.indexOf(article) + 1] || all[all.indexOf(article) - 1];
-  await api("POST", `/proposals/${article.dataset.id}/${verb}`, { comment });
-  toast(`${verb === "approve" ? "Approved" : "Rejected"} ${article.dataset.user}'s proposal`);
+  await api("POST", `/proposals/${article.dataset.id}/${verb}`, { comment, ...(revised || {}) });
+  const how = revised ? " with your edit" : "";
+  toast(`${verb === "approve" ? "Approved" : "Rejected"} ${article.dataset.user}'s proposal${how}`);
   article.remove();
   focusProposal(next);
   refreshQueue();
@@ -84,6 +85,19 @@ async function decideMany(verb, body) {
   refreshQueue();
 }
 
+// the reviewer's version of the change: the textarea under the diff, of the proposal's kind
+function edit(article) {
+  const box = article.querySelector(".revise");
+  box.hidden = false;
+  const area = box.querySelector(".edit");
+  area.focus();
+  area.setSelectionRange(area.value.length, area.value.length);
+}
+function approveEdit(area) {
+  const article = area.closest(".proposal");
+  return decide(article, "approve", { [area.dataset.field]: area.value });
+}
+
 function selectedIds() {
   return Array.from(document.querySelectorAll(".proposal .pick:checked"))
     .map((box) => box.closest(".proposal").dataset.id);
@@ -96,7 +110,10 @@ document.addEventListener("click", async (event) => {
   const article = target.closest(".proposal");
   const row = target.closest("[data-task]");
   try {
-    if (action === "approve" || action === "reject") await decide(article, action);
+    if (action === "approve" || action === "reject") {
+      const area = article.querySelector(".revise:not([hidden]) .edit");
+      await decide(article, action, action === "approve" && area ? { [area.dataset.field]: area.value } : undefined);
+    } else if (action === "edit") edit(article);
     else if (action === "approve-selected" || action === "reject-selected") {
       const ids = selectedIds();
       if (ids.length) await decideMany(action.split("-")[0], { ids });
@@ -137,7 +154,15 @@ document.addEventListener("keydown", async (event) => {
   if (event.ctrlKey || event.metaKey || event.altKey) return;
   const inField = event.target.tagName === "INPUT" || event.target.tagName === "TEXTAREA";
   if (inField) {
-    if (event.key === "Escape") event.target.closest(".proposal")?.focus();
+    if (event.key === "Escape") {
+      if (event.target.classList.contains("edit")) event.target.closest(".revise").hidden = true;
+      event.target.closest(".proposal")?.focus();
+    }
+    if (event.key === "Enter" && !event.shiftKey && event.target.classList.contains("edit")) {
+      event.preventDefault();
+      try { await approveEdit(event.target); } catch (e) { /* shown in the toast */ }
+      return;
+    }
     if (event.key === "Enter" && event.target.classList.contains("comment")) {
       event.preventDefault();
       event.target.closest(".proposal").focus();
@@ -152,6 +177,7 @@ document.addEventListener("keydown", async (event) => {
     a: () => article && decide(article, "approve"),
     r: () => article && decide(article, "reject"),
     c: () => article && article.querySelector(".comment").focus(),
+    e: () => article && edit(article),
     x: () => { if (article) { const box = article.querySelector(".pick"); box.checked = !box.checked; } },
     o: () => article && (location.href = "/console/users/" + encodeURIComponent(article.dataset.user)),
   };
