@@ -3,7 +3,10 @@ user (`after` trigger, no delay), against the scripted model server (one call pe
 LATENCY s each, default 0.05; `batch_size` 100 for both), the scheduler's loop running on
 the real clock.
 
-    uv run python bench/chains.py [users] [latency]
+    uv run python bench/chains.py [users] [latency] [worker_mode]
+
+`worker_mode`: where the agents run, `subprocess` (the default, `ralph serve`'s: the
+scheduler's loop is not the agents') or `inprocess`.
 
 Prints how many runs of B the users' A results made, B's start lag for each user (its B
 unit's start minus its A unit's end: p50, p99, max), and the time from A's start to the last
@@ -32,6 +35,7 @@ from _server import model_server_process
 from executor import settings_for
 from ralph.background.models import AfterTrigger, CronTrigger, TaskDefinition, TriggerType
 from ralph.composition import Services, open_services
+from ralph.config import WorkerMode
 from ralph.db.tables import task_run_users, task_runs
 from ralph.logs import configure_logging
 
@@ -83,11 +87,13 @@ async def b_done(services: Services, users: int) -> int:
         return int((await conn.execute(query)).scalar_one())
 
 
-async def measure(base_url: str, users: int) -> None:
+async def measure(base_url: str, users: int, mode: WorkerMode) -> None:
     ids = [f"user-{i}" for i in range(users)]
     with tempfile.TemporaryDirectory() as tmp:
-        settings = settings_for(base_url, Path(tmp))
+        settings = settings_for(base_url, Path(tmp), mode)
         async with open_services(settings) as services:
+            if mode == "subprocess":
+                await asyncio.sleep(5)  # the agent process starts with the services
             a = task("a", ids)
             await services.registry.create(a)
             # B alone, as it would run after A's whole run: the baseline of the same process
@@ -131,12 +137,17 @@ async def measure(base_url: str, users: int) -> None:
     )
 
 
-def main(users: int, latency: float) -> None:
+def main(users: int, latency: float, mode: WorkerMode) -> None:
     configure_logging("warning", json=True)
+    print(f"latency={latency}s RALPH_WORKER_MODE={mode}")
     with model_server_process(latency, 0.0, "ok") as url:
-        uvloop.run(measure(url, users))
+        uvloop.run(measure(url, users, mode))
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    main(int(args[0]) if args else 10_000, float(args[1]) if len(args) > 1 else 0.05)
+    main(
+        int(args[0]) if args else 10_000,
+        float(args[1]) if len(args) > 1 else 0.05,
+        "inprocess" if len(args) > 2 and args[2] == "inprocess" else "subprocess",
+    )

@@ -18,7 +18,7 @@ from ralph.background.models import TaskRun, TriggerType
 from ralph.composition import Services
 from ralph.config import Settings
 from ralph.testing.clock import FakeClock
-from ralph.testing.model_server import Action, Fail, ModelServer, text
+from ralph.testing.model_server import Action, Fail, ModelServer, call, text
 from tests.helpers import AppHarness, harness_for, using_model_server
 
 NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
@@ -45,6 +45,8 @@ class Agents:
         self.order.append(key)
         if key[1] in self.failing and key[0] == "summarise":
             return Fail(500, "provider down")
+        if key[0] == "noter" and len(request["messages"]) < 3:
+            return call("edit_memory_block", label="notes", append="likes chess", reason="A said")
         return text(f"{key[0]} says: {key[1]} likes chess")
 
 
@@ -384,3 +386,15 @@ async def test_the_console_shows_the_chain(app: AppHarness) -> None:
     assert "after summarise +60s" in page.text
     assert "then progress" in page.text
     assert "0 users waiting" in page.text
+
+
+async def test_bs_proposals_cite_as_run(app: AppHarness, clock: FakeClock) -> None:
+    client, services = app.client, app.services
+    noter = task("noter", {"type": "after", "task": "summarise"}, ["u1"])
+    await create(client, task("summarise", NEVER, ["u1"]), noter | {"tools": ["edit_memory_block"]})
+    upstream = await run_now(services, "summarise")
+    await clock.advance(timedelta(seconds=1))
+    [run_id] = (await services.scheduler.tick()).started
+    await services.coordinator.drain()
+    (proposal,) = (await client.get(f"/proposals?run_id={run_id}")).json()
+    assert proposal["evidence"]["upstream_runs"] == [upstream.id]

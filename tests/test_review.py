@@ -7,7 +7,9 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from httpx import AsyncClient
 
+from ralph.authors import CHAT, Author
 from ralph.config import Settings
 from ralph.errors import Conflict
 from ralph.memory.models import ProposalDraft, ProposalStatus
@@ -180,3 +182,43 @@ async def test_pending_proposals_expire_once_across_replicas(
         assert (await memory.get_proposal(young.id)).status is ProposalStatus.EXPIRED
         queue = (await one.client.get("/proposals?status=expired")).json()
         assert {p["id"] for p in queue} == {old.id, young.id}
+
+
+def test_authors_are_values_with_their_rules() -> None:
+    nightly = Author.of_task("nightly")
+    assert (str(nightly), nightly.task, nightly.is_agent) == ("agent:nightly", "nightly", True)
+    assert Author.parse("agent:nightly") == nightly
+    assert Author.parse("agent:chat") == CHAT
+    assert (CHAT.task, CHAT.is_agent, CHAT.supersedes_its_own) == (None, True, False)
+    assert nightly.supersedes_its_own
+    for stored in ("api", "user", "reviewer", "reviewer:ann", "system:auto", "agent:x-1"):
+        assert str(Author.parse(stored)) == stored
+    assert not Author.parse("reviewer:ann").is_agent
+    with pytest.raises(ValueError, match="chat agent"):
+        Author.of_task("chat")
+
+
+async def test_no_task_can_speak_for_the_chat_agent(client: AsyncClient) -> None:
+    """`chat` is not a task name: a task's proposals never supersede (or pass for) the chat
+    agent's; `?task=chat` lists the chat agent's."""
+    refused = await client.post(
+        "/background/tasks",
+        json={
+            "name": "chat",
+            "system_prompt": "x",
+            "trigger": {"type": "cron", "schedule": "0 3 * * *"},
+            "user_ids": ["u1"],
+        },
+    )
+    assert refused.status_code == 422
+    assert "reserved" in refused.text
+    await client.put("/users/u1/blocks/notes", json={"body": "likes art"})
+    by_chat = {"label": "notes", "append": "likes chess", "reason": "said", "author": "agent:chat"}
+    chat_made = (await client.post("/users/u1/proposals", json=by_chat)).json()
+    other = by_chat | {"append": "likes go", "author": "agent:nightly", "run_id": "r1"}
+    assert (await client.post("/users/u1/proposals", json=other)).status_code == 201
+    again = by_chat | {"append": "likes tea"}
+    assert (await client.post("/users/u1/proposals", json=again)).status_code == 201
+    assert (await client.get(f"/proposals/{chat_made['id']}")).json()["status"] == "pending"
+    listed = (await client.get("/proposals?task=chat")).json()
+    assert sorted(p["new_text"] for p in listed) == ["likes chess", "likes tea"]

@@ -11,7 +11,7 @@ import functools
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -21,9 +21,15 @@ from agno.tools.function import Function
 from agno.tools.shell import ShellTools
 
 from ralph.conversations.honcho import HistoryUnavailable
+from ralph.conversations.models import Message, message_ref
 from ralph.conversations.service import ConversationService
 from ralph.errors import AlreadyInBlock, AlreadyRejected, Conflict, InvalidInput, RalphError
-from ralph.memory.models import ProposalDraft, ProposalStatus
+from ralph.memory.models import (
+    MAX_EVIDENCE_MESSAGES,
+    Evidence,
+    ProposalDraft,
+    ProposalStatus,
+)
 from ralph.memory.service import MemoryService
 from ralph.validation import LABEL_PATTERN, check_user_id
 
@@ -130,6 +136,21 @@ class ToolContext:
     # row repeated an earlier one
     seen: set[str] = field(default_factory=set[str])
     repeated: int = 0
+    # what the agent's proposals are based on: the messages it had (its episode, what it
+    # searched) and, for a chained task, the upstream runs whose outcome it was given
+    messages_seen: dict[str, None] = field(default_factory=dict[str, None])
+    upstream_runs: list[str] = field(default_factory=list[str])
+
+    def saw(self, found: Iterable[Message]) -> None:
+        """The agent had these messages in its input or a tool's answer."""
+        for message in found:
+            self.messages_seen.setdefault(message_ref(message))
+
+    def evidence(self) -> Evidence | None:
+        if not self.messages_seen and not self.upstream_runs:
+            return None
+        newest = list(self.messages_seen)[-MAX_EVIDENCE_MESSAGES:]
+        return Evidence(tuple(newest), tuple(self.upstream_runs))
 
 
 def _error(exc: Exception | str) -> str:
@@ -184,6 +205,7 @@ async def propose_change(
                 append=append,
                 run_id=ctx.run_id,
                 preview=ctx.dry_run,
+                evidence=ctx.evidence(),
             )
         )
     except AlreadyInBlock as exc:
@@ -363,6 +385,7 @@ def _query_messages(ctx: ToolContext, name: str = "query_messages") -> Callable[
             found = await ctx.conversations.messages(ctx.user_id, limit=limit, text=query or None)
         except HistoryUnavailable as exc:  # the agent goes on without it
             return f"error: conversation history is unavailable ({exc})"
+        ctx.saw(found)
         return json.dumps(
             [
                 {"role": m.role.value, "content": m.content, "at": m.created_at.isoformat()}

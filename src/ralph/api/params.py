@@ -25,5 +25,8 @@ UserIdQuery = Annotated[
 LabelQuery = Annotated[str | None, Query(pattern=LABEL_PATTERN, description="Only this block's.")]
 TaskQuery = Annotated[
     str | None,
-    Query(pattern=TASK_NAME_PATTERN, description="Only what this task's agents proposed."),
+    Query(
+        pattern=TASK_NAME_PATTERN,
+        description="Only what this task's agents proposed (`chat`: the chat agent).",
+    ),
 ]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import dataclasses
+from datetime import datetime
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from ralph.api.deps import DeciderDep, ServicesDep
 from ralph.api.params import LabelQuery, TaskQuery, UserIdPath, UserIdQuery
@@ -18,7 +20,7 @@ from ralph.memory.models import (
     ProposalStatus,
     Revision,
 )
-from ralph.memory.service import MAX_REASON_CHARS, MAX_TITLE_CHARS
+from ralph.memory.service import MAX_REASON_CHARS, MAX_TITLE_CHARS, is_agent
 from ralph.validation import Label, StrictInput
 
 router = APIRouter(tags=["proposals"])
@@ -177,9 +179,58 @@ async def review_queue(
     )
 
 
-@router.get("/proposals/{proposal_id}", response_model=ProposalOut)
-async def get_proposal(proposal_id: str, services: ServicesDep) -> Proposal:
-    return await services.memory.get_proposal(proposal_id)
+class CitedOut(BaseModel):
+    ref: str = Field(description="The message's id in Ralph, or `honcho:<id>`")
+    role: str | None = None
+    content: str | None = None
+    created_at: datetime | None = None
+    note: str | None = Field(default=None, description="Why the message cannot be shown")
+
+
+ProposalDetailOut = response_model(
+    Proposal,
+    "ProposalDetailOut",
+    extra={
+        "evidence_messages": (
+            list[CitedOut],
+            Field(
+                default_factory=list[CitedOut],
+                description="The messages its evidence names, with their text",
+            ),
+        ),
+        "transcript_url": (
+            str | None,
+            Field(default=None, description="The run's transcript of the user, for an agent's"),
+        ),
+    },
+)
+
+
+@router.get("/proposals/{proposal_id}", response_model=ProposalDetailOut)
+async def get_proposal(proposal_id: str, services: ServicesDep) -> dict[str, Any]:
+    """A proposal, with what its agent based it on: the messages (`evidence_messages`, their
+    text, or a note when one is gone or lives in Honcho), the upstream runs of a chained
+    task, and where its run's transcript is."""
+    proposal = await services.memory.get_proposal(proposal_id)
+    refs = proposal.evidence.messages if proposal.evidence else ()
+    [cited] = await services.conversations.cited([(proposal.user_id, refs)])
+    transcript = None
+    if proposal.run_id is not None and is_agent(proposal.author):
+        transcript = f"/background/runs/{proposal.run_id}/users/{proposal.user_id}"
+    return {
+        **dataclasses.asdict(proposal),
+        "evidence_messages": [
+            CitedOut(
+                ref=c.ref,
+                role=c.message.role.value if c.message else None,
+                content=c.message.content if c.message else None,
+                created_at=c.message.created_at if c.message else None,
+                note=c.note,
+            )
+            for c in cited
+        ],
+        "transcript_url": transcript,
+    }
 
 
 @router.post("/proposals/{proposal_id}/approve", response_model=ProposalOut)

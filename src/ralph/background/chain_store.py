@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import and_, select
+from sqlalchemy import and_, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ralph.background.models import TaskDefinition, TriggerType
@@ -154,6 +154,15 @@ class ChainStore:
                 return None, []
             await self._runs.create_in(conn, task, TriggerType.AFTER, users, now, run_id=run_id)
         return run_id, users
+
+    async def last_fired(self, task_name: str) -> datetime | None:
+        """When the task's newest `after` run was created (by any replica)."""
+        query = select(func.max(task_runs.c.created_at)).where(
+            task_runs.c.task_name == task_name,
+            task_runs.c.trigger_type == TriggerType.AFTER.value,
+        )
+        async with self._reads.connect() as conn:
+            return (await conn.execute(query)).scalar()
 
     async def watermark(self, task_name: str) -> datetime | None:
         query = select(background_tasks.c.idle_watermark).where(

@@ -14,6 +14,7 @@ from ralph.agents.extract import extract_edits
 from ralph.agents.kit import AgentKit
 from ralph.agents.runner import AgentOutcome, TokenBudget, cap_transcript, run_agent
 from ralph.agents.tools import EDIT_TOOLS, ToolContext, propose_change
+from ralph.authors import Author
 from ralph.background.chain_store import ChainStore
 from ralph.background.inflight import InFlight
 from ralph.background.models import AfterTrigger, TaskDefinition, unit_status
@@ -194,7 +195,7 @@ class UnitRunner:
         outcome = AgentOutcome()
         context = self._kit.context(
             user_id,
-            author=f"agent:{task.name}",
+            author=str(Author.of_task(task.name)),
             run_id=run_id,
             dry_run=start.dry_run,
             auto_approve=task.approval == "auto",
@@ -297,6 +298,7 @@ class UnitRunner:
         if isinstance(task.trigger, AfterTrigger):
             # what the task this one follows did for the user
             outcomes = await self._chains.upstream_outcomes(run_id, user_id)
+            context.upstream_runs = [o.run_id for o in outcomes]
             if outcomes:
                 instructions = f"{instructions}\n\n---\n\n{outcome_context(outcomes)}"
         budget = TokenBudget(
@@ -317,6 +319,7 @@ class UnitRunner:
             except HistoryUnavailable as exc:  # the agent works without it, and is told so
                 log.warning("episode_unavailable", run_id=run_id, user_id=user_id, error=str(exc))
                 unavailable = f"\n\nThe user's recent messages are unavailable ({exc})."
+        context.saw(episode)
         if task.mode == "extract":
             prompt = compact_episode(episode)
             return await self._extract(

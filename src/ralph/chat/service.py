@@ -13,6 +13,7 @@ from agno.run.agent import RunContentEvent, RunErrorEvent
 from ralph.agents.calls import CallRecord, current_call
 from ralph.agents.kit import AgentKit
 from ralph.agents.runner import TurnLimitReached, build_agent
+from ralph.authors import CHAT as CHAT_AGENT
 from ralph.clock import Clock
 from ralph.conversations.models import Role
 from ralph.observability.events import CHAT, observe_chat, observe_model_calls
@@ -47,7 +48,7 @@ class ChatService:
         began = time.perf_counter()
         instructions = await self._kit.instructions(CHAT_INSTRUCTIONS, user_id)
         model = self._kit.model()
-        context = self._kit.context(user_id, author="agent:chat")
+        context = self._kit.context(user_id, author=str(CHAT_AGENT))
         agent, _ = build_agent(
             model, CHAT_TOOLS, context, instructions, self._max_turns, markdown=True
         )

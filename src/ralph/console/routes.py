@@ -46,6 +46,7 @@ from ralph.console.sessions import (
     named_reviewer,
     signature_of,
 )
+from ralph.conversations.service import Cited
 from ralph.errors import NotFound
 from ralph.memory.models import Proposal, ProposalStatus
 
@@ -118,6 +119,7 @@ class QueueItem:
     proposal: Proposal
     lines: list[DiffLine]
     conflict: str | None
+    cited: list[Cited]
 
 
 async def _queue(services: Services, filters: dict[str, str | None]) -> list[QueueItem]:
@@ -131,9 +133,14 @@ async def _queue(services: Services, filters: dict[str, str | None]) -> list[Que
     )
     items: list[QueueItem] = []
     previews = await services.memory.previews(pending)
-    for proposal, (current, proposed, conflict) in zip(pending, previews, strict=True):
+    cited = await services.conversations.cited(
+        [(p.user_id, p.evidence.messages if p.evidence else ()) for p in pending]
+    )
+    for proposal, (current, proposed, conflict), based_on in zip(
+        pending, previews, cited, strict=True
+    ):
         lines = diff_lines(current, proposed) if proposed is not None else []
-        items.append(QueueItem(proposal, lines, conflict))
+        items.append(QueueItem(proposal, lines, conflict, based_on))
     return items
 
 

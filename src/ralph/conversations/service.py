@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import structlog
 
 from ralph.clock import Clock
 from ralph.conversations.honcho import HistoryUnavailable, HonchoArchive
-from ralph.conversations.models import Message, Role
+from ralph.conversations.models import HONCHO_REF, Message, Role
 from ralph.conversations.search import query_words, ranked
 from ralph.conversations.store import ConversationStore
 from ralph.errors import InvalidInput
@@ -20,6 +20,15 @@ log = structlog.get_logger(__name__)
 
 # how far ahead of the server's clock a reported activity time may be (clock skew)
 MAX_ACTIVITY_AHEAD = timedelta(minutes=5)
+
+
+@dataclass(frozen=True, slots=True)
+class Cited:
+    """A message a proposal's evidence names: the message, or why it cannot be shown."""
+
+    ref: str
+    message: Message | None = None
+    note: str | None = None
 
 
 class ConversationService:
@@ -117,6 +126,28 @@ class ConversationService:
         if text is not None:
             return await self._store.search_messages(user_id, text, limit=limit)
         return await self._store.list_messages(user_id, limit=limit, before=before)
+
+    async def cited(self, evidence: Sequence[tuple[str, Sequence[str]]]) -> list[list[Cited]]:
+        """For each (user, message references of a proposal's evidence: `message_ref`), the
+        messages in its order, each with its text or a note saying why it cannot be shown.
+        One read for all."""
+        ids = {int(r) for _, refs in evidence for r in refs if r.isdigit()}
+        found = await self._store.by_ids(sorted(ids))
+        answer: list[list[Cited]] = []
+        for user_id, refs in evidence:
+            cited: list[Cited] = []
+            for ref in refs:
+                message = found.get(int(ref)) if ref.isdigit() else None
+                if message is not None and message.user_id == user_id:
+                    cited.append(Cited(ref, message))
+                elif ref.startswith(HONCHO_REF):
+                    cited.append(Cited(ref, note="kept in Honcho: not read back by id"))
+                elif self._archive is not None:
+                    cited.append(Cited(ref, note="moved to Honcho since, or deleted"))
+                else:
+                    cited.append(Cited(ref, note="deleted"))
+            answer.append(cited)
+        return answer
 
     async def since(
         self, user_id: str, since: datetime | None, until: datetime, limit: int

@@ -109,6 +109,15 @@ class ConversationStore:
             rows = (await conn.execute(query)).all()
         return ranked([_message(r) for r in rows], words, limit)
 
+    async def by_ids(self, ids: Sequence[int]) -> dict[int, Message]:
+        """The messages of `ids` that are still here, by id."""
+        if not ids:
+            return {}
+        query = select(messages).where(messages.c.id.in_(ids))
+        async with self._reads.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return {int(r.id): _message(r) for r in rows}
+
     async def oldest(self, limit: int, user_id: str | None = None) -> list[Message]:
         """The oldest `limit` messages (of one user, or of all): with the Honcho backend, the
         messages waiting to be sent there."""

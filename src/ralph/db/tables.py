@@ -91,6 +91,8 @@ proposals = Table(
     # author's)
     Column("edited", Boolean, nullable=False, server_default=false()),
     Column("applied_text", LongText(), nullable=True),
+    # an agent's proposal: what it was based on (JSON of `Evidence`)
+    Column("evidence", LongText(), nullable=True),
     Index(None, "user_id", "status", "created_at"),
     Index(None, "status", "created_at"),  # the review queue across users
     Index(None, "run_id"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -91,11 +92,36 @@ class Proposal:
     # keep the author's
     edited: bool = False
     applied_text: str | None = None
+    evidence: Evidence | None = None
 
     @property
     def text(self) -> str:
         """The text the change adds: the new body, the replacement or the appended text."""
         return (self.body if self.kind is ProposalKind.BODY else self.new_text) or ""
+
+
+# a proposal's evidence holds at most this many message references
+MAX_EVIDENCE_MESSAGES = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """What an agent's proposal was based on: references to the user's messages it had (its
+    episode, and what its `query_messages` calls returned: a Ralph message id, or
+    `honcho:<id>`), and the upstream runs whose outcome a chained task was given."""
+
+    messages: tuple[str, ...] = ()
+    upstream_runs: tuple[str, ...] = ()
+
+    def as_json(self) -> str:
+        return json.dumps({"messages": self.messages, "upstream_runs": self.upstream_runs})
+
+    @classmethod
+    def from_json(cls, raw: str | None) -> Evidence | None:
+        if not raw:
+            return None
+        data = json.loads(raw)
+        return cls(tuple(data.get("messages", ())), tuple(data.get("upstream_runs", ())))
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +148,7 @@ class ProposalDraft:
     run_id: str | None = None
     append: str | None = None  # text to add at the end
     preview: bool = False  # a dry run's: recorded as a preview, never applicable
+    evidence: Evidence | None = None  # an agent's: what it was based on
 
     @property
     def kind(self) -> ProposalKind:

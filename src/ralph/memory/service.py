@@ -12,6 +12,7 @@ from datetime import timedelta
 
 import structlog
 
+from ralph.authors import AUTO_APPROVER, CHAT, CHAT_NAME, Author
 from ralph.clock import Clock
 from ralph.errors import AlreadyInBlock, AlreadyRejected, Conflict, InvalidInput, NotFound
 from ralph.memory.models import (
@@ -96,9 +97,14 @@ def _changes_nothing(draft: ProposalDraft, current: Block | None, after: str) ->
     return after == current.body and draft.title in (None, current.title)
 
 
+def _task_author(task: str) -> Author:
+    """The author a review filter `task` names: a task's agents, or `chat`: the chat agent."""
+    return CHAT if task == CHAT_NAME else Author.of_task(task)
+
+
 def is_agent(author: str) -> bool:
-    """Whether `author` is a task's agent (`agent:<task>`)."""
-    return author.startswith("agent:")
+    """Whether `author` is an agent's (a task's or chat's)."""
+    return Author.parse(author).is_agent
 
 
 def _change_of(
@@ -381,6 +387,7 @@ class MemoryService:
             "diff": unified_diff(draft.label, before, after),
             "idempotency_key": key,
             "created_at": self._clock.now(),
+            "evidence": draft.evidence.as_json() if draft.evidence else None,
         }
         return await self.store.insert_proposal(values)
 
@@ -451,7 +458,7 @@ class MemoryService:
             status=status,
             run_id=run_id,
             label=label,
-            author=None if task is None else f"agent:{task}",
+            author=None if task is None else str(_task_author(task)),
             limit=limit,
         )
 
@@ -501,7 +508,9 @@ class MemoryService:
         """Approve as `system:auto` (a task whose approval is auto), through the same path as
         a person's approval; a proposal that conflicts stays pending for a person (Conflict
         is raised, nothing changes)."""
-        return await self._decide(proposal_id, True, None, "system:auto", keep_on_conflict=True)
+        return await self._decide(
+            proposal_id, True, None, str(AUTO_APPROVER), keep_on_conflict=True
+        )
 
     async def reject(
         self, proposal_id: str, comment: str | None = None, *, by: str = "api"

@@ -11,6 +11,7 @@ from sqlalchemy import RowMapping, and_, bindparam, func, or_, select, tuple_, u
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ralph.authors import EXPIRER, SUPERSEDER, Author
 from ralph.db.engine import is_sqlite
 from ralph.db.retry import retrying
 from ralph.db.tables import memory_block_versions, memory_blocks, proposals
@@ -18,6 +19,7 @@ from ralph.errors import Conflict, NotFound
 from ralph.memory.models import (
     Block,
     BlockVersion,
+    Evidence,
     Proposal,
     ProposalKind,
     ProposalStatus,
@@ -47,6 +49,7 @@ def _proposal(m: RowMapping) -> Proposal:
     del values["idempotency_key"]  # storage detail, not part of a Proposal
     values["kind"] = ProposalKind(m["kind"])
     values["status"] = ProposalStatus(m["status"])
+    values["evidence"] = Evidence.from_json(m["evidence"])
     return Proposal(**values)
 
 
@@ -59,7 +62,7 @@ def _supersede(successor: str, now: datetime) -> Any:
         .values(
             status=ProposalStatus.SUPERSEDED.value,
             decided_at=now,
-            decided_by="system:supersede",
+            decided_by=str(SUPERSEDER),
             superseded_by=successor,
             idempotency_key=None,
         )
@@ -340,7 +343,7 @@ class MemoryStore:
                     if key is None:
                         raise
                     created = False
-                from_task = str(values["author"]).startswith("agent:")
+                from_task = Author.parse(str(values["author"])).supersedes_its_own
                 if created and from_task and values["status"] == ProposalStatus.PENDING.value:
                     await conn.execute(
                         _supersede(values["id"], values["created_at"]).where(
@@ -429,7 +432,7 @@ class MemoryStore:
                 .values(
                     status=ProposalStatus.EXPIRED.value,
                     decided_at=now,
-                    decided_by="system:expire",
+                    decided_by=str(EXPIRER),
                     idempotency_key=None,
                 )
             )

@@ -18,7 +18,9 @@ from ralph.errors import Conflict, InvalidInput
 
 log = structlog.get_logger(__name__)
 
-# results ending this close together go to one run: B's start waits this long after the first
+# results ending this close together go to one run: B's start waits this long after the
+# first, and a task's `after` runs are created this far apart at least (however late results
+# become visible under load)
 BATCH_WINDOW = timedelta(seconds=1)
 # how far a pass looks back before the time up to which it followed everything: a result
 # recorded with an earlier time than another's, but committed after it, is still found
@@ -161,7 +163,9 @@ class AfterKind:
         due = [r for r in results if r.completed_at + delay <= now]
         left = results
         run_ids: list[str] = []
-        if due and due[0].completed_at + delay + BATCH_WINDOW <= now:
+        last = await self._chains.last_fired(task.name) if due else None
+        spaced = last is None or last + BATCH_WINDOW <= now
+        if due and spaced and due[0].completed_at + delay + BATCH_WINDOW <= now:
             run_id, claimed = await self._chains.fire(task, due, now)
             if run_id is not None:
                 run_ids.append(run_id)
@@ -173,7 +177,10 @@ class AfterKind:
             await self._chains.save_watermark(task.name, mark)
         next_check = fallback
         if left:
-            next_check = min(fallback, max(now, left[0].completed_at + delay + BATCH_WINDOW))
+            due_at = left[0].completed_at + delay + BATCH_WINDOW
+            if not run_ids and last is not None:
+                due_at = max(due_at, last + BATCH_WINDOW)
+            next_check = min(fallback, max(now, due_at))
         return Fired(run_ids, next_check)
 
     async def upcoming(self, stored: StoredTask, now: datetime, limit: int) -> Upcoming:

@@ -1,4 +1,5 @@
-"""edited approvals: a proposal approved with the reviewer's version of its change
+"""review: a proposal approved with the reviewer's version of its change, and the evidence
+an agent's proposal was based on
 
 Revision ID: 0016
 Revises: 0015
@@ -24,9 +25,11 @@ def upgrade() -> None:
             sa.Column("edited", sa.Boolean(), nullable=False, server_default=sa.false())
         )
         batch.add_column(sa.Column("applied_text", LongText(), nullable=True))
+        batch.add_column(sa.Column("evidence", LongText(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("proposals") as batch:
+        batch.drop_column("evidence")
         batch.drop_column("applied_text")
         batch.drop_column("edited")
