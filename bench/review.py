@@ -7,7 +7,9 @@ the same page with an empty queue (baseline, same run); the console's queue page
 rendered) against the API's page and the empty console (baselines, same run); then one run's
 1,000 proposals
 approved with `POST /proposals/approve {"run_id"}` against 1,000 `POST /proposals/{id}/approve`
-calls (baseline, same run, on another 1,000).
+calls (baseline, same run, on another 1,000); last, a task's stats
+(`GET /background/tasks/{name}/stats?days=30`) over 100,000 decided proposals of 30 days
+against the review queue's first page (baseline, same run).
 
     uv run python bench/review.py
 """
@@ -19,14 +21,21 @@ import os
 import statistics
 import tempfile
 import time
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from sqlalchemy import update
 
 os.environ.setdefault("AGNO_TELEMETRY", "false")
 
 from httpx import ASGITransport, AsyncClient
 
 from ralph.app import create_app
+from ralph.background.models import CronTrigger, TaskDefinition
+from ralph.composition import Services
 from ralph.config import Settings
+from ralph.db.tables import background_tasks, proposals
 from ralph.logs import configure_logging
 from ralph.memory.models import ProposalDraft
 
@@ -44,6 +53,52 @@ async def timed_page(client: AsyncClient, path: str = "/proposals") -> float:
         timings.append(time.perf_counter() - started)
         answer.raise_for_status()
     return statistics.median(timings) * 1000
+
+
+STATS_PROPOSALS = 100_000
+OUTCOMES = ("approved", "approved", "rejected", "superseded", "expired", "pending")
+
+
+async def decided_history(services: Services) -> None:
+    """A task with 100,000 proposals over the last 30 days, most of them decided."""
+    await services.registry.create(
+        TaskDefinition(
+            name="statsbench",
+            system_prompt="x",
+            trigger=CronTrigger(schedule="0 3 * * *"),
+            user_ids=[f"user{i}" for i in range(USERS)],
+        )
+    )
+    now = datetime.now(UTC)
+    async with services.engine.begin() as conn:
+        await conn.execute(
+            update(background_tasks)
+            .where(background_tasks.c.name == "statsbench")
+            .values(created_at=now - timedelta(days=31))
+        )
+        for start in range(0, STATS_PROPOSALS, 5_000):
+            rows: list[dict[str, object]] = []
+            for i in range(start, start + 5_000):
+                status = OUTCOMES[i % len(OUTCOMES)]
+                at = now - timedelta(days=30) + timedelta(seconds=i * 25)
+                rows.append(
+                    {
+                        "id": str(uuid.uuid4()),
+                        "user_id": f"user{i % USERS}",
+                        "label": f"note{i % 5}",
+                        "kind": "append",
+                        "new_text": f"line {i}",
+                        "reason": "nightly",
+                        "author": "agent:statsbench",
+                        "base_version": 0,
+                        "status": status,
+                        "diff": "",
+                        "created_at": at,
+                        "decided_at": None if status == "pending" else at,
+                        "edited": i % 12 == 0,
+                    }
+                )
+            await conn.execute(proposals.insert(), rows)
 
 
 async def main() -> None:
@@ -74,7 +129,7 @@ async def main() -> None:
                         label=f"note{i // USERS}",
                         reason="nightly review",
                         author=f"agent:{run_id}",
-                        append=f"line {i} " + "words " * 30,
+                        append=f"{run_id} line {i} " + "words " * 30,
                         run_id=run_id,
                     )
                     ids.append((await memory.propose(draft))[0].id)
@@ -100,6 +155,9 @@ async def main() -> None:
             for proposal_id in singles:
                 (await client.post(f"/proposals/{proposal_id}/approve")).raise_for_status()
             single = time.perf_counter() - started
+            await decided_history(app.state.services)
+            queue_page = await timed_page(client)
+            stats = await timed_page(client, "/background/tasks/statsbench/stats?days=30")
     print(f"review queue, first page of 100 ({PROPOSALS:,} pending across {USERS} users):")
     print(f"  {full:7.2f} ms   (empty queue, baseline: {empty:.2f} ms; x{full / empty:.1f})")
     print("console review queue (/console), first page of 50 with diffs:")
@@ -111,6 +169,11 @@ async def main() -> None:
     print(
         f"  bulk {bulk:6.2f} s   (1,000 single approvals, baseline: {single:.2f} s; "
         f"x{bulk / single:.2f})"
+    )
+    print(f"a task's stats over 30 days, {STATS_PROPOSALS:,} proposals (most decided):")
+    print(
+        f"  {stats:7.2f} ms   (review queue's first page, baseline: {queue_page:.2f} ms; "
+        f"x{stats / queue_page:.1f})"
     )
 
 

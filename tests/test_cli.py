@@ -74,6 +74,12 @@ def test_create_run_wait_and_list(live: LiveServer, tmp_path: Path) -> None:
     listed = runner.invoke(app, ["tasks", "list", "--url", live.url])
     assert "after cli-task" in listed.output
 
+    # the run's proposals, none decided yet: pending, no approval rate
+    stats = runner.invoke(app, ["tasks", "stats", "cli-task", "--days", "2", "--url", live.url])
+    assert stats.exit_code == 0, stats.output
+    assert "approval rate - over 2 days" in stats.output
+    assert "last_reviewed -" in stats.output
+
 
 def test_errors_are_one_clear_line(live: LiveServer, tmp_path: Path) -> None:
     missing = runner.invoke(app, ["tasks", "show", "nope", "--url", live.url])

@@ -469,3 +469,32 @@ async def test_a_reviewer_edits_a_proposal_then_approves_it(
             "likes chess",
             "plays chess on Sundays",
         )
+
+
+async def test_a_tasks_charts_render_in_a_browser(
+    browser: Browser, live: LiveServer, model_server: ModelServer, tmp_path: Path
+) -> None:
+    users = ["ada", "bo", "cy", "di"]
+    async with api(live) as client:
+        task = {**NIGHTLY, "user_ids": users, "batch_size": 4}
+        assert (await client.post("/background/tasks", json=task)).status_code == 201
+        edit = call("edit_memory_block", label="notes", append="likes chess", reason="said so")
+        model_server.responder = scripted(*[edit, text("done")] * len(users))
+        run = (await client.post("/background/tasks/nightly/run?wait=true")).json()
+        made = (await client.get(f"/proposals?run_id={run['id']}")).json()
+        decide = ["approve", "approve", "reject"]
+        for proposal, verb in zip(made, decide, strict=False):
+            assert (await client.post(f"/proposals/{proposal['id']}/{verb}")).status_code == 200
+
+        page = await browser.new_page()
+        await log_in(page, live, API_TOKEN, "/console/tasks")
+        await expect(page.locator("tr[data-task=nightly] td.rate")).to_contain_text("67%")
+        await page.click("tr[data-task=nightly] a[href='/console/tasks/nightly']")
+        charts = page.locator("svg.chart")
+        await expect(charts).to_have_count(2)
+        await expect(charts.first).to_be_visible()
+        box = await charts.first.bounding_box()
+        assert box is not None
+        assert box["width"] > 300
+        assert await page.locator("svg.chart rect").count() >= 3  # outcomes and tokens
+        await shot(page, "task", tmp_path)

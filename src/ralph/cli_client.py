@@ -95,6 +95,52 @@ def tasks_show(name: str, url: UrlOption = None) -> None:
     _show(url, f"/background/tasks/{name}")
 
 
+_OUTCOME_COLUMNS = (
+    ("approved", "ok"),
+    ("approved_with_edits", "edited"),
+    ("rejected", "rejected"),
+    ("superseded", "superseded"),
+    ("expired", "expired"),
+    ("pending", "pending"),
+)
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+@tasks_app.command("stats")
+def tasks_stats(
+    name: str,
+    days: Annotated[int, typer.Option(help="How many days, up to today (UTC).")] = 30,
+    url: UrlOption = None,
+) -> None:
+    """A task's quality per day: users by status, proposals by outcome, approval rate,
+    tokens and cost."""
+    with _client(url) as client:
+        stats = _call(client, "GET", f"/background/tasks/{name}/stats", params={"days": days})
+    table = Table(
+        "day", "users", *(title for _, title in _OUTCOME_COLUMNS), "approval", "tokens", "cost"
+    )
+    for day in stats["per_day"]:
+        users = ", ".join(f"{n} {status}" for status, n in sorted(day["users"].items()))
+        cost = day["cost_usd"]
+        table.add_row(
+            day["day"],
+            users or "-",
+            *(str(day["proposals"].get(key, 0)) for key, _ in _OUTCOME_COLUMNS),
+            _rate(day["approval_rate"]),
+            f"{day['total_tokens']:,}",
+            "-" if cost is None else f"${cost:.4f}",
+        )
+    console.print(table)
+    by_label = ", ".join(f"{s['label']} {_rate(s['approval_rate'])}" for s in stats["per_label"])
+    console.print(
+        f"approval rate {_rate(stats['approval_rate'])} over {stats['days']} days; "
+        f"tokens {stats['total_tokens']:,}" + (f"; by block: {by_label}" if by_label else "")
+    )
+
+
 @tasks_app.command("create")
 def tasks_create(
     file: Annotated[Path, typer.Option("-f", "--file", help="Task definition (JSON).")],

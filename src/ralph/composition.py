@@ -22,6 +22,7 @@ from ralph.background.run_store import RunStore
 from ralph.background.schedule_store import ScheduleStore
 from ralph.background.scheduler import Scheduler
 from ralph.background.service import BackgroundService
+from ralph.background.stats import StatsStore
 from ralph.background.task_store import TaskStore
 from ralph.background.units import UnitRunner
 from ralph.chat.service import ChatService
@@ -244,6 +245,7 @@ async def open_services(
                 coordinator=coordinator,
                 scheduler=scheduler,
                 chains=chains,
+                stats=StatsStore(read_engine or engine),
                 clock=clock,
             ),
             revoked_sessions=RevokedSessions(engine),

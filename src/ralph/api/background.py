@@ -25,6 +25,7 @@ from ralph.background.models import (
     UserStatus,
 )
 from ralph.background.service import TaskChange
+from ralph.background.stats import DayStats, LabelStats, TaskStats
 from ralph.background.triggers.base import Fire, Upcoming
 from ralph.errors import InvalidInput
 from ralph.validation import MAX_INT32, StrictInput, UserId, unique_user_ids
@@ -226,6 +227,13 @@ FireOut = response_model(
     "FireOut",
     descriptions={"at": "The instant (UTC)", "users": "How many users the run will have"},
 )
+DayStatsOut = response_model(DayStats, "DayStatsOut")
+LabelStatsOut = response_model(LabelStats, "LabelStatsOut")
+TaskStatsOut = response_model(
+    TaskStats,
+    "TaskStatsOut",
+    extra={"per_day": (list[DayStatsOut], ...), "per_label": (list[LabelStatsOut], ...)},
+)
 UpcomingOut = response_model(
     Upcoming,
     "UpcomingOut",
@@ -252,6 +260,21 @@ async def upcoming(
     """What the task does next: its next fire times (cron), or how many users are armed and
     the earliest due time (idle)."""
     return dataclasses.asdict(await services.background.upcoming(name, limit))
+
+
+@router.get("/tasks/{name}/stats", response_model=TaskStatsOut)
+async def task_stats(
+    name: TaskNamePath,
+    services: ServicesDep,
+    days: int = Query(default=30, ge=1, le=366, description="How many days, up to today (UTC)"),
+) -> dict[str, Any]:
+    """The task's quality at a glance, per day (UTC, oldest first, every day listed) and per
+    block: users run by status, its agents' proposals by outcome (`approved`,
+    `approved_with_edits`, `rejected`, `superseded`, `expired`, `conflict`, `pending`; by the
+    day they were made), `approval_rate` (approved, edited or not, over approved and
+    rejected; null when none was decided), tokens and cost (by the day the run was created).
+    Dry runs are not counted."""
+    return dataclasses.asdict(await services.background.stats(name, days))
 
 
 @router.get("/tasks/{name}/runs", response_model=list[RunOut])

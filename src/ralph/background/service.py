@@ -24,6 +24,7 @@ from ralph.background.models import (
 from ralph.background.registry import TaskRegistry
 from ralph.background.run_store import RunStore
 from ralph.background.scheduler import Scheduler
+from ralph.background.stats import StatsStore, TaskStats
 from ralph.background.triggers.after import chain_order, check_chains
 from ralph.background.triggers.base import Upcoming
 from ralph.clock import Clock
@@ -62,10 +63,12 @@ class BackgroundService:
         coordinator: RunCoordinator,
         scheduler: Scheduler,
         chains: ChainStore,
+        stats: StatsStore,
         clock: Clock,
     ) -> None:
         self._registry = registry
         self._chains = chains
+        self._stats = stats
         self._runs = runs
         self._coordinator = coordinator
         self._scheduler = scheduler
@@ -180,6 +183,11 @@ class BackgroundService:
             run_id, offset=users_offset, limit=users_limit, status=users_status
         )
         return run, users
+
+    async def stats(self, name: str, days: int) -> TaskStats:
+        """The task's quality over its last `days` days (`ralph.background.stats`)."""
+        stored = await self._registry.get(name)
+        return await self._stats.task_stats(name, days, self._clock.now(), stored.created_at)
 
     async def upstream_runs(self, run_id: str) -> list[str]:
         """For an `after` run: the upstream runs whose results started it."""

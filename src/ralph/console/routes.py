@@ -25,17 +25,19 @@ from markupsafe import Markup
 
 from ralph import __version__
 from ralph.api.deps import ServicesDep, request_role
-from ralph.api.params import LabelQuery, TaskQuery, UserIdPath, UserIdQuery
+from ralph.api.params import LabelQuery, TaskNamePath, TaskQuery, UserIdPath, UserIdQuery
 from ralph.background.models import (
     FINISHED_RUN,
     Attempt,
     UserResult,
     UserStatus,
 )
+from ralph.background.stats import OUTCOMES
 from ralph.background.triggers.after import followers
 from ralph.clock import Clock
 from ralph.composition import Services
 from ralph.config import Settings
+from ralph.console.charts import COLOURS, proposals_chart, tokens_chart
 from ralph.console.diff import DiffLine, diff_lines
 from ralph.console.sessions import (
     COOKIE,
@@ -280,15 +282,46 @@ async def tasks_page(request: Request, services: ServicesDep) -> HTMLResponse:
     for stored in stored_tasks:
         task = stored.definition
         upcoming = await services.background.upcoming(task.name, 3)
+        week = await services.background.stats(task.name, 7)
         tasks.append(
             {
                 "task": task,
                 "trigger": task.trigger.summary,
                 "upcoming": upcoming,
                 "followed_by": followers(definitions, task.name),
+                "approval_rate": week.approval_rate,
+                "decided": week.proposals["approved"]
+                + week.proposals["approved_with_edits"]
+                + week.proposals["rejected"],
             }
         )
     return _render(request, "tasks.html", tasks=tasks)
+
+
+@router.get("/console/tasks/{name}")
+async def task_page(
+    request: Request,
+    services: ServicesDep,
+    name: TaskNamePath,
+    days: int = Query(default=30, ge=1, le=366),
+) -> HTMLResponse:
+    """A task's quality over its last `days` days: proposals by outcome and the approval
+    rate per day, tokens per day, the blocks it edits; charts drawn on the server."""
+    stored = await services.registry.get(name)
+    stats = await services.background.stats(name, days)
+    definitions = {s.definition.name: s.definition for s in await services.registry.list()}
+    return _render(
+        request,
+        "task.html",
+        task=stored.definition,
+        stats=stats,
+        days=days,
+        outcomes=OUTCOMES,
+        colours=COLOURS,
+        proposals_chart=proposals_chart(stats.per_day),
+        tokens_chart=tokens_chart(stats.per_day),
+        followed_by=followers(definitions, name),
+    )
 
 
 # --- login -------------------------------------------------------------------------------------

@@ -96,6 +96,8 @@ proposals = Table(
     Index(None, "user_id", "status", "created_at"),
     Index(None, "status", "created_at"),  # the review queue across users
     Index(None, "run_id"),
+    # an author's proposals by time: a task's stats, what reviewers corrected of its agents'
+    Index(None, "author", "created_at"),
 )
 
 # --- conversations ------------------------------------------------------------------------

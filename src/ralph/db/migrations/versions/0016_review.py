@@ -1,5 +1,5 @@
-"""review: a proposal approved with the reviewer's version of its change, and the evidence
-an agent's proposal was based on
+"""review: a proposal approved with the reviewer's version of its change, the evidence an
+agent's proposal was based on, proposals by author and time (a task's stats)
 
 Revision ID: 0016
 Revises: 0015
@@ -26,9 +26,11 @@ def upgrade() -> None:
         )
         batch.add_column(sa.Column("applied_text", LongText(), nullable=True))
         batch.add_column(sa.Column("evidence", LongText(), nullable=True))
+    op.create_index("ix_proposals_author_created_at", "proposals", ["author", "created_at"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_proposals_author_created_at", table_name="proposals")
     with op.batch_alter_table("proposals") as batch:
         batch.drop_column("evidence")
         batch.drop_column("applied_text")
