@@ -1,6 +1,6 @@
 """Task chains at scale: N users (default 10,000) through task A, and task B following A per
 user (`after` trigger, no delay), against the scripted model server (one call per user,
-LATENCY s each, default 0.05; `batch_size` 100 for both), the scheduler's loop running on
+LATENCY s each, default 0.2; `batch_size` 100 for both), the scheduler's loop running on
 the real clock.
 
     uv run python bench/chains.py [users] [latency] [worker_mode]
@@ -148,6 +148,6 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     main(
         int(args[0]) if args else 10_000,
-        float(args[1]) if len(args) > 1 else 0.05,
+        float(args[1]) if len(args) > 1 else 0.2,
         "inprocess" if len(args) > 2 and args[2] == "inprocess" else "subprocess",
     )
