@@ -21,10 +21,14 @@ from ralph.testing.model_server import ModelServer, scripted
 from ralph.testing.model_server import text as text_reply
 from tests.helpers import (
     MARIADB_SERVER,
+    POSTGRES_SERVER,
     REQUIRE_MARIADB,
+    REQUIRE_POSTGRES,
     AppHarness,
     create_mariadb_database,
+    create_postgres_database,
     drop_mariadb_database,
+    drop_postgres_database,
     harness_for,
     in_own_loop,
     server_reachable,
@@ -58,15 +62,39 @@ def mariadb_schema_url() -> Iterator[str]:
     in_own_loop(lambda: drop_mariadb_database(url))
 
 
+@pytest.fixture(scope="session")
+def postgres_schema_url() -> Iterator[str]:
+    """One migrated PostgreSQL database for the whole test session, dropped at the end."""
+    if not in_own_loop(lambda: server_reachable(POSTGRES_SERVER)):
+        message = f"PostgreSQL not reachable at {POSTGRES_SERVER}"
+        if REQUIRE_POSTGRES:
+            pytest.fail(message)
+        pytest.skip(message)
+
+    async def create() -> str:
+        url = await create_postgres_database()
+        engine = create_engine(url)
+        try:
+            await migrate.upgrade(engine)
+        finally:
+            await engine.dispose()
+        return url
+
+    url = in_own_loop(create)
+    yield url
+    in_own_loop(lambda: drop_postgres_database(url))
+
+
 async def _truncate_all(engine: AsyncEngine) -> None:
     async with engine.begin() as connection:
         for table in reversed(metadata.sorted_tables):
             await connection.execute(table.delete())
 
 
-@pytest.fixture(params=["sqlite", "mariadb"])
+@pytest.fixture(params=["sqlite", "mariadb", "postgres"])
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A migrated, empty database: a fresh SQLite file, or the session's MariaDB database."""
+    """A migrated, empty database: a fresh SQLite file, or the session's MariaDB or
+    PostgreSQL database."""
     if request.param == "sqlite":
         url = f"sqlite+aiosqlite:///{tmp_path / 'ralph.db'}"
         engine = create_engine(url)
@@ -76,7 +104,7 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
             await engine.dispose()
         yield url
         return
-    url = request.getfixturevalue("mariadb_schema_url")
+    url = request.getfixturevalue(f"{request.param}_schema_url")
     engine = create_engine(url)
     try:
         await _truncate_all(engine)
@@ -153,3 +181,40 @@ async def second_replica(harness: AppHarness, clock: FakeClock) -> AsyncIterator
         yield other
         await other.coordinator.drain()
     await engine.dispose()
+
+
+# Modules whose tests take a database but are about something else (agents, models, workers,
+# the CLI, webhooks, fuzzing): on SQLite and MariaDB only, unless RALPH_TEST_ALL_DATABASES=1.
+# The store, API, scheduler, recovery and outage tests run on PostgreSQL too.
+NOT_ON_POSTGRES = frozenset(
+    {
+        "test_agent_loop.py",
+        "test_agent_process.py",
+        "test_agents.py",
+        "test_api_fuzz.py",
+        "test_budgets.py",
+        "test_chat.py",
+        "test_cli.py",
+        "test_extract.py",
+        "test_honcho.py",
+        "test_metrics.py",
+        "test_model_faults.py",
+        "test_model_habits.py",
+        "test_settings.py",
+        "test_webhooks.py",
+        "test_worker.py",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("RALPH_TEST_ALL_DATABASES") == "1":
+        return
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        on_postgres = "[postgres" in item.nodeid or "-postgres" in item.nodeid
+        (dropped if on_postgres and item.path.name in NOT_ON_POSTGRES else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept

@@ -31,8 +31,14 @@ MARIADB_SERVER = os.environ.get("RALPH_TEST_MARIADB_URL", "mysql+asyncmy://root@
 REQUIRE_MARIADB = os.environ.get("RALPH_REQUIRE_MARIADB") == "1" or os.environ.get("CI") == "true"
 
 
+POSTGRES_SERVER = os.environ.get(
+    "RALPH_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432"
+)
+REQUIRE_POSTGRES = os.environ.get("RALPH_REQUIRE_POSTGRES") == "1"
+
+
 async def server_reachable(url: str) -> bool:
-    engine = create_engine(url + "/")
+    engine = create_engine(url + ("/postgres" if url.startswith("postgresql") else "/"))
     try:
         async with engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
@@ -66,6 +72,35 @@ async def drop_mariadb_database(url: str) -> None:
     try:
         async with engine.begin() as connection:
             await connection.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+    finally:
+        await engine.dispose()
+
+
+async def create_postgres_database() -> str:
+    """Create a uniquely named database on the PostgreSQL server; return its URL."""
+    if not await server_reachable(POSTGRES_SERVER):
+        message = f"PostgreSQL not reachable at {POSTGRES_SERVER}"
+        if REQUIRE_POSTGRES:
+            pytest.fail(message)
+        pytest.skip(message)
+    name = f"ralph_test_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(POSTGRES_SERVER + "/postgres")
+    try:
+        async with engine.connect() as connection:
+            await connection.execution_options(isolation_level="AUTOCOMMIT")
+            await connection.execute(text(f"CREATE DATABASE {name}"))
+    finally:
+        await engine.dispose()
+    return f"{POSTGRES_SERVER}/{name}"
+
+
+async def drop_postgres_database(url: str) -> None:
+    name = url.rsplit("/", 1)[1]
+    engine = create_engine(POSTGRES_SERVER + "/postgres")
+    try:
+        async with engine.connect() as connection:
+            await connection.execution_options(isolation_level="AUTOCOMMIT")
+            await connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
     finally:
         await engine.dispose()
 

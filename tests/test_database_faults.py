@@ -29,7 +29,9 @@ from ralph.testing.model_server import Delay, ModelServer, scripted, text
 from ralph.testing.tcp_proxy import TcpProxy
 from tests.helpers import (
     create_mariadb_database,
+    create_postgres_database,
     drop_mariadb_database,
+    drop_postgres_database,
     harness_for,
     serving,
     using_model_server,
@@ -112,29 +114,33 @@ def fault_settings(base: Settings, server: ModelServer, database_url: str) -> Se
 
 
 @asynccontextmanager
-async def mariadb_behind_a_proxy(settings: Settings) -> AsyncGenerator[tuple[TcpProxy, str]]:
-    """A migrated MariaDB database of its own, reached through a TCP proxy the test can cut:
-    (the proxy, the database URL through it). Skips the test on SQLite."""
-    if not settings.effective_database_url.startswith("mysql"):
-        pytest.skip("the MariaDB case")
-    url = await create_mariadb_database()
+async def server_behind_a_proxy(settings: Settings) -> AsyncGenerator[tuple[TcpProxy, str]]:
+    """A migrated database of its own on the test's server (MariaDB or PostgreSQL), reached
+    through a TCP proxy the test can cut: (the proxy, the database URL through it). Skips the
+    test on SQLite."""
+    postgres = settings.effective_database_url.startswith("postgresql")
+    if not postgres and not settings.effective_database_url.startswith("mysql"):
+        pytest.skip("a database server's case")
+    url = await (create_postgres_database() if postgres else create_mariadb_database())
     engine = create_engine(url)
     await migrate.upgrade(engine)
     await engine.dispose()
     target = make_url(url)
     try:
-        with TcpProxy(target.host or "127.0.0.1", target.port or 3306) as proxy:
+        with TcpProxy(
+            target.host or "127.0.0.1", target.port or (5432 if postgres else 3306)
+        ) as proxy:
             proxied = target.set(host="127.0.0.1", port=proxy.port)
             yield proxy, proxied.render_as_string(hide_password=False)
     finally:
-        await drop_mariadb_database(url)
+        await (drop_postgres_database(url) if postgres else drop_mariadb_database(url))
 
 
-async def test_mariadb_goes_away_mid_run_and_comes_back(
+async def test_the_database_server_goes_away_mid_run_and_comes_back(
     settings: Settings, model_server: ModelServer
 ) -> None:
     async with (
-        mariadb_behind_a_proxy(settings) as (proxy, proxied_url),
+        server_behind_a_proxy(settings) as (proxy, proxied_url),
         serve(fault_settings(settings, model_server, proxied_url)) as client,
     ):
         await start_run_and_wait_for_successes(client, 3)
@@ -154,7 +160,7 @@ async def test_database_lost_right_after_a_claim_leaves_no_user_running(
     with the user's result recorded (interrupted: retrying, due at once), and raises nothing.
     Before, the run's mode was read after the claim, outside the unit's error handling: the
     unit raised, and the user stayed `running` (a run finished with `running=1`)."""
-    async with mariadb_behind_a_proxy(settings) as (proxy, proxied_url):
+    async with server_behind_a_proxy(settings) as (proxy, proxied_url):
         configured = using_model_server(settings, model_server, database_url=proxied_url)
         async with harness_for(configured) as harness:
             services = harness.services

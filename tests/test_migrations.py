@@ -14,13 +14,23 @@ from sqlalchemy import Connection, inspect
 from ralph.db import migrate
 from ralph.db.engine import create_engine
 from ralph.db.tables import metadata
-from tests.helpers import create_mariadb_database, drop_mariadb_database
+from tests.helpers import (
+    create_mariadb_database,
+    create_postgres_database,
+    drop_mariadb_database,
+    drop_postgres_database,
+)
 
 
-@pytest.fixture(params=["sqlite", "mariadb"])
+@pytest.fixture(params=["sqlite", "mariadb", "postgres"])
 async def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+        return
+    if request.param == "postgres":
+        url = await create_postgres_database()
+        yield url
+        await drop_postgres_database(url)
         return
     url = await create_mariadb_database()
     yield url

@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ralph.db.dialects import URL_SCHEMES
+
 ModelProvider = Literal["dev", "openai", "openrouter", "local"]
 ENV_PREFIX = "RALPH_"
 
@@ -222,10 +224,9 @@ class Settings(BaseSettings):
     def _check_database_url(cls, value: str | None) -> str | None:
         if value is None or value == "":
             return None
-        if not value.startswith(("sqlite+aiosqlite://", "mysql+asyncmy://")):
+        if not value.startswith(URL_SCHEMES):
             raise ValueError(
-                "must start with sqlite+aiosqlite:// or mysql+asyncmy:// "
-                f"(got {value.split('://', 1)[0]}://...)"
+                f"must start with {', '.join(URL_SCHEMES)} (got {value.split('://', 1)[0]}://...)"
             )
         return value
 

@@ -11,7 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ralph.conversations.models import Message, Role
 from ralph.conversations.search import query_words, ranked
-from ralph.db.engine import is_sqlite, upsert
+from ralph.db.dialects import backend
+from ralph.db.engine import upsert
 from ralph.db.tables import messages, user_activity
 
 
@@ -38,7 +39,7 @@ class ConversationStore:
         self._engine = engine
         # transactions that only read (SQLite: see ralph.db.engine.create_read_engine)
         self._reads = reads or engine
-        greatest = func.max if is_sqlite(engine) else func.greatest
+        greatest = backend(engine).greatest
         self._activity_upsert = upsert(
             engine,
             user_activity,

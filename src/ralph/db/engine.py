@@ -7,15 +7,16 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Insert, Table, event
-from sqlalchemy.dialects.mysql import insert as mysql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from ralph.db.dialects import backend
+from ralph.db.types import UTCDateTime
+
 
 def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
-    """An async engine for `url` (sqlite+aiosqlite or mysql+asyncmy).
+    """An async engine for `url` (sqlite+aiosqlite, mysql+asyncmy or postgresql+asyncpg).
 
     SQLite: the parent directory is created, one pooled connection serves the process (callers
     must not hold a connection while waiting for another), WAL mode and a busy timeout are set,
@@ -37,14 +38,7 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         )
         _configure_sqlite(engine)
         return engine
-    return create_async_engine(
-        url,
-        pool_size=pool_size,
-        max_overflow=pool_size,
-        pool_pre_ping=True,
-        pool_recycle=1800,
-        isolation_level="READ COMMITTED",
-    )
+    return create_async_engine(url, **backend(url).engine_options(pool_size))
 
 
 def create_read_engine(url: str) -> AsyncEngine | None:
@@ -67,9 +61,9 @@ def create_probe_engine(url: str) -> AsyncEngine:
     """An engine for health probes: a fresh connection per probe (no pool to queue in behind
     a long write) that gives up within about two seconds. On SQLite it only reads, which WAL
     allows while another connection or process writes."""
-    if make_url(url).get_backend_name() == "sqlite":
-        return create_async_engine(url, poolclass=NullPool, connect_args={"timeout": 2})
-    return create_async_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 2})
+    return create_async_engine(
+        url, poolclass=NullPool, connect_args=backend(url).probe_connect_args()
+    )
 
 
 def _configure_sqlite(engine: AsyncEngine, begin: str = "BEGIN IMMEDIATE") -> None:
@@ -95,12 +89,23 @@ async def insert_rows(
     conn: AsyncConnection, table: Table, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
 ) -> None:
     """Insert `rows` (values in `columns` order, already in their database form: strings,
-    numbers, no datetimes) with one executemany on the driver.
+    numbers; a time column's values are converted here) with one executemany on the driver.
 
     For bulk writes of plain values: SQLAlchemy's per-row parameter handling costs about 5 us
     a row on the event loop, which made a 100,000-user task hold its connection for seconds.
     """
     sql = str(table.insert().compile(dialect=conn.dialect, column_keys=list(columns)))
+    convert = {
+        i: processor
+        for i, name in enumerate(columns)
+        if isinstance(table.c[name].type, UTCDateTime)
+        and (processor := table.c[name].type.bind_processor(conn.dialect)) is not None
+    }
+    if convert:
+        rows = [
+            tuple(convert[i](v) if i in convert and v is not None else v for i, v in enumerate(row))
+            for row in rows
+        ]
     await conn.exec_driver_sql(sql, list(rows))
 
 
@@ -110,25 +115,9 @@ def is_sqlite(engine: AsyncEngine) -> bool:
 
 def insert_ignore(engine: AsyncEngine, table: Table) -> Insert:
     """INSERT that silently skips rows whose primary or unique key already exists."""
-    if is_sqlite(engine):
-        return sqlite_insert(table).on_conflict_do_nothing()
-    return mysql_insert(table).prefix_with("IGNORE")
+    return backend(engine).insert_ignore(table)
 
 
 def upsert(engine: AsyncEngine, table: Table, update: Callable[[Any], dict[str, Any]]) -> Insert:
-    """INSERT ... ON CONFLICT (primary key) / ON DUPLICATE KEY UPDATE.
-
-    `update(proposed)` returns column -> SQL expression, in the order to assign them;
-    `proposed` names the row that was being inserted (SQLite's `excluded`, MySQL's
-    `VALUES()`). An expression that reads the old row comes before the assignments of the
-    columns it reads (SQLite reads the old row throughout; MySQL the row as assigned so far).
-    """
-    if is_sqlite(engine):
-        stmt = sqlite_insert(table)
-        return stmt.on_conflict_do_update(
-            index_elements=list(table.primary_key.columns), set_=update(stmt.excluded)
-        )
-    stmt = mysql_insert(table)
-    # as (column, value) pairs: MySQL assigns them in order, each seeing the ones before, so
-    # an expression that reads the old row must come before the assignments that change it
-    return stmt.on_duplicate_key_update(list(update(stmt.inserted).items()))
+    """INSERT ... ON CONFLICT (primary key) DO UPDATE (`Backend.upsert`)."""
+    return backend(engine).upsert(table, update)

@@ -8,26 +8,19 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import structlog
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+
+from ralph.db.dialects import is_lost_in_query, is_race, is_refusal
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-# MySQL/MariaDB: 1213 deadlock, 1205 lock wait timeout. SQLite: "database is locked".
-_RETRYABLE_CODES = {1213, 1205}
-
 
 def _is_retryable(error: Exception) -> bool:
     if isinstance(error, IntegrityError):
         return True
-    if isinstance(error, OperationalError):
-        orig = getattr(error, "orig", None)
-        args = getattr(orig, "args", ())
-        if args and args[0] in _RETRYABLE_CODES:
-            return True
-        return "database is locked" in str(error)
-    return False
+    return isinstance(error, (OperationalError, DBAPIError)) and is_race(error)
 
 
 async def retrying(operation: Callable[[], Awaitable[T]], attempts: int = 5) -> T:
@@ -39,7 +32,7 @@ async def retrying(operation: Callable[[], Awaitable[T]], attempts: int = 5) -> 
     for attempt in range(attempts):
         try:
             return await operation()
-        except (IntegrityError, OperationalError) as error:
+        except DBAPIError as error:
             if attempt == attempts - 1 or not _is_retryable(error):
                 raise
     raise AssertionError("unreachable")
@@ -48,29 +41,16 @@ async def retrying(operation: Callable[[], Awaitable[T]], attempts: int = 5) -> 
 UNREACHABLE = (OperationalError, InterfaceError, OSError)
 
 
-# MySQL/MariaDB errors of a statement that can never succeed, however long one waits: 1153
-# packet too large, 1406 data too long, 1366 incorrect string value, 1264 out of range, 1292
-# incorrect value, 1048 column cannot be null. SQLite: a string or blob too big.
-_PERMANENT_CODES = {1153, 1406, 1366, 1264, 1292, 1048}
-
-
-# MySQL/MariaDB 2013 (the connection was lost during a query) and 2006 (the server has gone
-# away: the statement was sent on a connection the server had just closed): that many in a
-# row, each on a connection that was made (the pool pings it first), is the statement's doing,
-# not an outage, which soon fails to connect at all (2003)
-_LOST_IN_QUERY = {2013, 2006}
+# that many connections in a row, each made (the pool pings it first) and then lost during the
+# statement (MariaDB's 2013, 2006: `Backend.lost_codes`), is the statement's doing, not an
+# outage, which soon fails to connect at all
 _LOST_IN_QUERY_LIMIT = 3
-
-
-def _code(error: BaseException) -> object:
-    args = getattr(getattr(error, "orig", None), "args", ())
-    return args[0] if args else None
 
 
 def is_permanent(error: BaseException) -> bool:
     """Whether `error` refuses the statement itself (too large, invalid data): retrying it
     is no use, and the database is not gone."""
-    return _code(error) in _PERMANENT_CODES or "too big" in str(error)
+    return is_refusal(error)
 
 
 def is_unreachable(error: BaseException) -> bool:
@@ -103,7 +83,7 @@ async def until_reachable(
             # MariaDB drops the connection of a statement past max_allowed_packet: the
             # connection was made each time, the statement killed it; an outage soon fails
             # to connect instead
-            lost_in_query = lost_in_query + 1 if _code(error) in _LOST_IN_QUERY else 0
+            lost_in_query = lost_in_query + 1 if is_lost_in_query(error) else 0
             if (
                 loop.time() + delay > deadline
                 or not is_unreachable(error)

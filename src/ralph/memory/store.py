@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ralph.authors import EXPIRER, SUPERSEDER, Author
-from ralph.db.engine import is_sqlite
+from ralph.db.dialects import backend
 from ralph.db.retry import retrying
 from ralph.db.tables import memory_block_versions, memory_blocks, proposals
 from ralph.errors import Conflict, NotFound
@@ -102,7 +102,7 @@ class MemoryStore:
         self._engine = engine
         # transactions that only read (SQLite: see ralph.db.engine.create_read_engine)
         self._reads = reads or engine
-        self._lock_rows = not is_sqlite(engine)
+        self._lock_rows = backend(engine).lock_rows
         self._outbox = outbox or Outbox(enabled=False)
         # with Dolt versioning, each change's transaction ends with its Dolt commit
         self.versioning = versioning

@@ -1,0 +1,171 @@
+"""The one place that knows the databases Ralph runs on: SQLite, MySQL/MariaDB (and Dolt),
+PostgreSQL. Each is a small `Backend` the stores and the engine ask (insert-or-ignore,
+upsert, `GREATEST`, row locks, connection options, which errors are races, refusals or lost
+connections), in the spirit of APScheduler's per-store capabilities: adding a database is
+adding a backend here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import ColumnElement, Insert, Table, func
+from sqlalchemy.dialects.mysql import insert as mysql_insert
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+# The URL schemes Ralph accepts, with their async drivers.
+URL_SCHEMES = ("sqlite+aiosqlite://", "mysql+asyncmy://", "postgresql+asyncpg://")
+
+Update = Callable[[Any], dict[str, Any]]
+
+
+def _error_code(error: BaseException) -> object:
+    """The driver's error code: MySQL's number (its first argument), PostgreSQL's SQLSTATE."""
+    orig = getattr(error, "orig", None)
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if sqlstate:
+        return str(sqlstate)
+    args = getattr(orig, "args", ())
+    return args[0] if args else None
+
+
+class Backend:
+    """What differs between databases, as the stores ask it."""
+
+    name = "base"
+    # statements that take row locks (SELECT ... FOR UPDATE) rather than a database lock
+    lock_rows = True
+    # errors of a transaction that lost a race (a deadlock, a lock wait, a serialization
+    # failure): the transaction may be run again
+    race_codes: frozenset[object] = frozenset()
+    # errors of a statement that can never succeed (too large, invalid data)
+    refusal_codes: frozenset[object] = frozenset()
+    # errors of a connection that was made and then dropped during the statement
+    lost_codes: frozenset[object] = frozenset()
+
+    def insert_ignore(self, table: Table) -> Insert:
+        """INSERT that silently skips rows whose primary or unique key already exists."""
+        raise NotImplementedError
+
+    def upsert(self, table: Table, update: Update) -> Insert:
+        """INSERT ... ON CONFLICT (primary key) DO UPDATE. `update(proposed)` returns column
+        -> SQL expression, in the order to assign them; `proposed` names the row being
+        inserted. An expression that reads the old row comes before the assignments of the
+        columns it reads (MySQL reads the row as assigned so far)."""
+        raise NotImplementedError
+
+    def greatest(self, *values: Any) -> ColumnElement[Any]:
+        return func.greatest(*values)
+
+    def engine_options(self, pool_size: int) -> dict[str, Any]:
+        return {
+            "pool_size": pool_size,
+            "max_overflow": pool_size,
+            "pool_pre_ping": True,
+            "pool_recycle": 1800,
+            "isolation_level": "READ COMMITTED",
+        }
+
+    def probe_connect_args(self) -> dict[str, Any]:
+        """Connection options of a health probe: give up within about two seconds."""
+        return {"connect_timeout": 2}
+
+
+class SQLite(Backend):
+    name = "sqlite"
+    lock_rows = False  # BEGIN IMMEDIATE takes the database's one write lock
+
+    def insert_ignore(self, table: Table) -> Insert:
+        return sqlite_insert(table).on_conflict_do_nothing()
+
+    def upsert(self, table: Table, update: Update) -> Insert:
+        stmt = sqlite_insert(table)
+        return stmt.on_conflict_do_update(
+            index_elements=list(table.primary_key.columns), set_=update(stmt.excluded)
+        )
+
+    def greatest(self, *values: Any) -> ColumnElement[Any]:
+        return func.max(*values)  # SQLite's scalar max() of several arguments
+
+    def probe_connect_args(self) -> dict[str, Any]:
+        return {"timeout": 2}
+
+
+class MySQL(Backend):
+    """MySQL, MariaDB and Dolt's server."""
+
+    name = "mysql"
+    # 1213 deadlock, 1205 lock wait timeout
+    race_codes = frozenset({1213, 1205})
+    # 1153 packet too large, 1406 data too long, 1366 incorrect string value, 1264 out of
+    # range, 1292 incorrect value, 1048 column cannot be null
+    refusal_codes = frozenset({1153, 1406, 1366, 1264, 1292, 1048})
+    # 2013 the connection was lost during a query, 2006 the server has gone away (the
+    # statement was sent on a connection the server had just closed)
+    lost_codes = frozenset({2013, 2006})
+
+    def insert_ignore(self, table: Table) -> Insert:
+        return mysql_insert(table).prefix_with("IGNORE")
+
+    def upsert(self, table: Table, update: Update) -> Insert:
+        stmt = mysql_insert(table)
+        # as (column, value) pairs: MySQL assigns them in order, each seeing the ones before
+        return stmt.on_duplicate_key_update(list(update(stmt.inserted).items()))
+
+
+class PostgreSQL(Backend):
+    name = "postgresql"
+    # 40001 serialization failure, 40P01 deadlock, 55P03 lock not available
+    race_codes = frozenset({"40001", "40P01", "55P03"})
+    # 22001 value too long, 22003 out of range, 22P02 invalid text, 22021 invalid byte
+    # sequence, 23502 not null, 54000 program limit exceeded (a row too large)
+    refusal_codes = frozenset({"22001", "22003", "22P02", "22021", "23502", "54000"})
+
+    def insert_ignore(self, table: Table) -> Insert:
+        return postgresql_insert(table).on_conflict_do_nothing()
+
+    def upsert(self, table: Table, update: Update) -> Insert:
+        stmt = postgresql_insert(table)
+        return stmt.on_conflict_do_update(
+            index_elements=list(table.primary_key.columns), set_=update(stmt.excluded)
+        )
+
+    def probe_connect_args(self) -> dict[str, Any]:
+        return {"timeout": 2}
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (SQLite(), MySQL(), PostgreSQL())}
+
+
+def backend(engine: AsyncEngine | str) -> Backend:
+    """The backend of an engine, or of a database URL."""
+    name = make_url(engine).get_backend_name() if isinstance(engine, str) else engine.dialect.name
+    return BACKENDS[name]
+
+
+def error_code(error: BaseException) -> object:
+    return _error_code(error)
+
+
+def is_race(error: BaseException) -> bool:
+    """A transaction that lost a race (deadlock, lock wait, serialization failure), on any
+    backend; SQLite's "database is locked"."""
+    code = _error_code(error)
+    return any(code in b.race_codes for b in BACKENDS.values()) or "database is locked" in str(
+        error
+    )
+
+
+def is_refusal(error: BaseException) -> bool:
+    """A statement the database refuses whatever happens (too large, invalid data); SQLite's
+    "too big"."""
+    code = _error_code(error)
+    return any(code in b.refusal_codes for b in BACKENDS.values()) or "too big" in str(error)
+
+
+def is_lost_in_query(error: BaseException) -> bool:
+    code = _error_code(error)
+    return any(code in b.lost_codes for b in BACKENDS.values())
