@@ -20,15 +20,10 @@ from ralph.testing.clock import FakeClock
 from ralph.testing.model_server import ModelServer, scripted
 from ralph.testing.model_server import text as text_reply
 from tests.helpers import (
-    MARIADB_SERVER,
-    POSTGRES_SERVER,
-    REQUIRE_MARIADB,
-    REQUIRE_POSTGRES,
+    MARIADB,
+    POSTGRES,
     AppHarness,
-    create_mariadb_database,
-    create_postgres_database,
-    drop_mariadb_database,
-    drop_postgres_database,
+    DatabaseServer,
     harness_for,
     in_own_loop,
     server_reachable,
@@ -39,17 +34,16 @@ os.environ["AGNO_TELEMETRY"] = "false"
 configure_logging("info", json=False)
 
 
-@pytest.fixture(scope="session")
-def mariadb_schema_url() -> Iterator[str]:
-    """One migrated MariaDB database for the whole test session, dropped at the end."""
-    if not in_own_loop(lambda: server_reachable(MARIADB_SERVER)):
-        message = f"MariaDB not reachable at {MARIADB_SERVER}"
-        if REQUIRE_MARIADB:
+def _schema_url(server: DatabaseServer) -> Iterator[str]:
+    """One migrated database on `server` for the whole test session, dropped at the end."""
+    if not in_own_loop(lambda: server_reachable(server.url)):
+        message = f"{server.name} not reachable at {server.url}"
+        if server.required:
             pytest.fail(message)
         pytest.skip(message)
 
     async def create() -> str:
-        url = await create_mariadb_database()
+        url = await server.create_database()
         engine = create_engine(url)
         try:
             await migrate.upgrade(engine)
@@ -59,30 +53,17 @@ def mariadb_schema_url() -> Iterator[str]:
 
     url = in_own_loop(create)
     yield url
-    in_own_loop(lambda: drop_mariadb_database(url))
+    in_own_loop(lambda: server.drop_database(url))
+
+
+@pytest.fixture(scope="session")
+def mariadb_schema_url() -> Iterator[str]:
+    yield from _schema_url(MARIADB)
 
 
 @pytest.fixture(scope="session")
 def postgres_schema_url() -> Iterator[str]:
-    """One migrated PostgreSQL database for the whole test session, dropped at the end."""
-    if not in_own_loop(lambda: server_reachable(POSTGRES_SERVER)):
-        message = f"PostgreSQL not reachable at {POSTGRES_SERVER}"
-        if REQUIRE_POSTGRES:
-            pytest.fail(message)
-        pytest.skip(message)
-
-    async def create() -> str:
-        url = await create_postgres_database()
-        engine = create_engine(url)
-        try:
-            await migrate.upgrade(engine)
-        finally:
-            await engine.dispose()
-        return url
-
-    url = in_own_loop(create)
-    yield url
-    in_own_loop(lambda: drop_postgres_database(url))
+    yield from _schema_url(POSTGRES)
 
 
 async def _truncate_all(engine: AsyncEngine) -> None:

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pytest
@@ -49,60 +50,73 @@ async def server_reachable(url: str) -> bool:
         await engine.dispose()
 
 
+@dataclass(frozen=True)
+class DatabaseServer:
+    """A database server the tests make databases on."""
+
+    name: str
+    url: str
+    required: bool
+    admin_database: str  # what to connect to to create and drop databases
+    create_options: str = ""
+    url_options: str = ""
+    drop_options: str = ""
+
+    async def create_database(self) -> str:
+        """Create a uniquely named database; return its URL (skip, or fail when required,
+        if the server does not answer)."""
+        if not await server_reachable(self.url):
+            message = f"{self.name} not reachable at {self.url}"
+            if self.required:
+                pytest.fail(message)
+            pytest.skip(message)
+        name = f"ralph_test_{uuid.uuid4().hex[:12]}"
+        await self._admin(f"CREATE DATABASE {name}{self.create_options}")
+        return f"{self.url}/{name}{self.url_options}"
+
+    async def drop_database(self, url: str) -> None:
+        name = url.rsplit("/", 1)[1].split("?")[0]
+        await self._admin(f"DROP DATABASE IF EXISTS {name}{self.drop_options}")
+
+    async def _admin(self, statement: str) -> None:
+        engine = create_engine(f"{self.url}/{self.admin_database}")
+        try:
+            async with engine.connect() as connection:
+                # PostgreSQL creates and drops databases outside a transaction
+                await connection.execution_options(isolation_level="AUTOCOMMIT")
+                await connection.execute(text(statement))
+        finally:
+            await engine.dispose()
+
+
+MARIADB = DatabaseServer(
+    "MariaDB",
+    MARIADB_SERVER,
+    REQUIRE_MARIADB,
+    "",
+    create_options=" CHARACTER SET utf8mb4",
+    url_options="?charset=utf8mb4",
+)
+POSTGRES = DatabaseServer(
+    "PostgreSQL", POSTGRES_SERVER, REQUIRE_POSTGRES, "postgres", drop_options=" WITH (FORCE)"
+)
+SERVERS = {"mariadb": MARIADB, "postgres": POSTGRES}
+
+
 async def create_mariadb_database() -> str:
-    """Create a uniquely named database on the MariaDB server; return its URL."""
-    if not await server_reachable(MARIADB_SERVER):
-        message = f"MariaDB not reachable at {MARIADB_SERVER}"
-        if REQUIRE_MARIADB:
-            pytest.fail(message)
-        pytest.skip(message)
-    name = f"ralph_test_{uuid.uuid4().hex[:12]}"
-    engine = create_engine(MARIADB_SERVER + "/")
-    try:
-        async with engine.begin() as connection:
-            await connection.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
-    finally:
-        await engine.dispose()
-    return f"{MARIADB_SERVER}/{name}?charset=utf8mb4"
+    return await MARIADB.create_database()
 
 
 async def drop_mariadb_database(url: str) -> None:
-    name = url.rsplit("/", 1)[1].split("?")[0]
-    engine = create_engine(MARIADB_SERVER + "/")
-    try:
-        async with engine.begin() as connection:
-            await connection.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-    finally:
-        await engine.dispose()
+    await MARIADB.drop_database(url)
 
 
 async def create_postgres_database() -> str:
-    """Create a uniquely named database on the PostgreSQL server; return its URL."""
-    if not await server_reachable(POSTGRES_SERVER):
-        message = f"PostgreSQL not reachable at {POSTGRES_SERVER}"
-        if REQUIRE_POSTGRES:
-            pytest.fail(message)
-        pytest.skip(message)
-    name = f"ralph_test_{uuid.uuid4().hex[:12]}"
-    engine = create_engine(POSTGRES_SERVER + "/postgres")
-    try:
-        async with engine.connect() as connection:
-            await connection.execution_options(isolation_level="AUTOCOMMIT")
-            await connection.execute(text(f"CREATE DATABASE {name}"))
-    finally:
-        await engine.dispose()
-    return f"{POSTGRES_SERVER}/{name}"
+    return await POSTGRES.create_database()
 
 
 async def drop_postgres_database(url: str) -> None:
-    name = url.rsplit("/", 1)[1]
-    engine = create_engine(POSTGRES_SERVER + "/postgres")
-    try:
-        async with engine.connect() as connection:
-            await connection.execution_options(isolation_level="AUTOCOMMIT")
-            await connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    finally:
-        await engine.dispose()
+    await POSTGRES.drop_database(url)
 
 
 def in_own_loop(make: Callable[[], Coroutine[Any, Any, T]]) -> T:

@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 from httpx import AsyncClient
+from sqlalchemy import update
 
 from ralph.background.models import TaskRun, TriggerType
 from ralph.composition import Services
 from ralph.config import Settings
+from ralph.db.tables import task_run_users
 from ralph.testing.clock import FakeClock
 from ralph.testing.model_server import Action, Fail, ModelServer, call, text
 from tests.helpers import AppHarness, harness_for, using_model_server
@@ -83,6 +85,10 @@ def task(name: str, trigger: dict[str, Any], users: list[str] | None = None) -> 
 
 
 NEVER = {"type": "cron", "schedule": "0 3 1 1 *"}
+FOLLOWS_A = {"type": "after", "task": "summarise"}
+
+
+A_THEN_B = (task("summarise", NEVER), task("progress", FOLLOWS_A))
 
 
 async def create(client: AsyncClient, *tasks: dict[str, Any]) -> None:
@@ -114,11 +120,7 @@ async def test_b_runs_once_for_each_user_whose_a_succeeded_with_as_answer(
     app: AppHarness, clock: FakeClock, agents: Agents
 ) -> None:
     client, services = app.client, app.services
-    await create(
-        client,
-        task("summarise", NEVER),
-        task("progress", {"type": "after", "task": "summarise"}),
-    )
+    await create(client, *A_THEN_B)
     agents.failing = {"u2"}
     upstream = await run_now(services, "summarise")
     assert upstream.counts == {"success": 2, "failed": 1}
@@ -174,11 +176,7 @@ async def test_two_replicas_follow_each_result_once(
     app: AppHarness, clock: FakeClock, second_replica: Services
 ) -> None:
     client, services = app.client, app.services
-    await create(
-        client,
-        task("summarise", NEVER),
-        task("progress", {"type": "after", "task": "summarise"}),
-    )
+    await create(client, *A_THEN_B)
     await run_now(services, "summarise")
     await clock.advance(timedelta(seconds=1))
     reports = await asyncio.gather(services.scheduler.tick(), second_replica.scheduler.tick())
@@ -205,7 +203,7 @@ async def test_a_restart_between_as_result_and_bs_start_loses_nothing(
             await create(
                 first.client,
                 task("summarise", NEVER),
-                task("progress", {"type": "after", "task": "summarise"}),
+                task("progress", FOLLOWS_A),
             )
             await run_now(first.services, "summarise")
             # the server stops before any scheduler pass followed the results
@@ -219,11 +217,7 @@ async def test_a_restart_between_as_result_and_bs_start_loses_nothing(
 
 async def test_a_dry_run_of_a_starts_nothing(app: AppHarness, clock: FakeClock) -> None:
     client, services = app.client, app.services
-    await create(
-        client,
-        task("summarise", NEVER),
-        task("progress", {"type": "after", "task": "summarise"}),
-    )
+    await create(client, *A_THEN_B)
     await run_now(services, "summarise", dry_run=True)
     await clock.advance(timedelta(seconds=5))
     assert (await services.scheduler.tick()).started == []
@@ -232,11 +226,7 @@ async def test_a_dry_run_of_a_starts_nothing(app: AppHarness, clock: FakeClock) 
 
 async def test_disabled_tasks_follow_nothing(app: AppHarness, clock: FakeClock) -> None:
     client, services = app.client, app.services
-    await create(
-        client,
-        task("summarise", NEVER),
-        task("progress", {"type": "after", "task": "summarise"}),
-    )
+    await create(client, *A_THEN_B)
     # B disabled: A's results meanwhile are ignored, also once B is enabled again
     assert (await client.post("/background/tasks/progress/disable")).status_code == 200
     await run_now(services, "summarise")
@@ -260,7 +250,7 @@ async def test_a_chain_of_three_runs_in_order_for_each_user(
     await create(
         client,
         task("summarise", NEVER),
-        task("progress", {"type": "after", "task": "summarise"}),
+        task("progress", FOLLOWS_A),
         task("plan", {"type": "after", "task": "progress"}),
     )
     await run_now(services, "summarise")
@@ -282,11 +272,7 @@ async def test_chains_are_checked(app: AppHarness) -> None:
     )
     assert unknown.status_code == 422
     assert "follows task 'nope', which does not exist" in unknown.text
-    await create(
-        client,
-        task("summarise", NEVER),
-        task("progress", {"type": "after", "task": "summarise"}),
-    )
+    await create(client, *A_THEN_B)
     cycle = await client.put(
         "/background/tasks/summarise", json=task("summarise", {"type": "after", "task": "progress"})
     )
@@ -318,13 +304,13 @@ async def test_a_tasks_file_is_checked_and_written_whole(app: AppHarness) -> Non
     client = app.client
     # B before A in the file: written A first
     file = [
-        task("progress", {"type": "after", "task": "summarise"}),
+        task("progress", FOLLOWS_A),
         task("summarise", NEVER),
     ]
     applied = await client.post("/background/tasks/apply", json={"tasks": file})
     assert applied.status_code == 200, applied.text
     cycle = [
-        task("progress", {"type": "after", "task": "summarise"}),
+        task("progress", FOLLOWS_A),
         task("summarise", {"type": "after", "task": "progress"}),
     ]
     refused = await client.post("/background/tasks/apply", json={"tasks": cycle})
@@ -398,3 +384,28 @@ async def test_bs_proposals_cite_as_run(app: AppHarness, clock: FakeClock) -> No
     await services.coordinator.drain()
     (proposal,) = (await client.get(f"/proposals?run_id={run_id}")).json()
     assert proposal["evidence"]["upstream_runs"] == [upstream.id]
+
+
+async def test_runs_of_b_are_a_batch_window_apart(app: AppHarness, clock: FakeClock) -> None:
+    """A result that becomes visible late (its unit's transaction committed after a pass)
+    waits for the window after the last run of B instead of making a run of its own at once."""
+    client, services = app.client, app.services
+    await create(client, *A_THEN_B)
+    await run_now(services, "summarise")  # every user, at NOW
+    await clock.advance(timedelta(seconds=1))
+    assert len((await services.scheduler.tick()).started) == 1
+    await services.coordinator.drain()
+    await clock.advance(timedelta(milliseconds=100))
+    late = await run_now(services, "summarise")
+    async with services.engine.begin() as conn:
+        await conn.execute(
+            update(task_run_users)
+            .where(task_run_users.c.run_id == late.id)
+            .values(completed_at=NOW + timedelta(milliseconds=200))
+        )
+    await clock.advance(timedelta(milliseconds=200))  # NOW + 1.3 s
+    report = await services.scheduler.tick()
+    assert report.started == []
+    assert report.next_wake == NOW + timedelta(seconds=2)
+    await clock.set(NOW + timedelta(seconds=2))
+    assert len((await services.scheduler.tick()).started) == 1

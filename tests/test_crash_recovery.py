@@ -256,6 +256,9 @@ def test_a_retry_survives_kill_9(
         server.wait(timeout=30)
 
 
+# on SQLite only: the same path on MariaDB and PostgreSQL is tested in one process
+# (tests/test_chains.py, a restart between A and B), and each kill here costs 15 s
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_chain_survives_kill_9_between_a_and_b(
     tmp_path: Path, model_server: ModelServer, database_url: str
 ) -> None:

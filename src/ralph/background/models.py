@@ -102,6 +102,11 @@ class CronTrigger(StrictInput):
         return self.default_timezone or "UTC"
 
     @property
+    def start_jitter_seconds(self) -> int:
+        """The spread of a run's users' starts after its slot."""
+        return self.jitter_seconds
+
+    @property
     def summary(self) -> str:
         """One line for lists (the console's, the command line's)."""
         jitter = f", jitter {self.jitter_seconds}s" if self.jitter_seconds else ""
@@ -133,6 +138,10 @@ class IdleTrigger(StrictInput):
                 f"({self.idle_minutes})"
             )
         return self
+
+    @property
+    def start_jitter_seconds(self) -> int:
+        return 0
 
     @property
     def summary(self) -> str:
@@ -169,6 +178,10 @@ class AfterTrigger(StrictInput):
     @classmethod
     def _unique_statuses(cls, value: list[EndStatus]) -> list[EndStatus]:
         return list(dict.fromkeys(value))
+
+    @property
+    def start_jitter_seconds(self) -> int:
+        return 0
 
     @property
     def summary(self) -> str:

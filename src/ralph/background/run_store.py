@@ -20,7 +20,6 @@ from ralph.background.models import (
     USER_TRANSITIONS,
     WAITING_USER,
     Attempt,
-    CronTrigger,
     NextState,
     RetryPolicy,
     RunStatus,
@@ -332,8 +331,7 @@ class RunStore:
         )
         if result.rowcount != 1:
             return None
-        trigger_spec = task.trigger
-        jitter = trigger_spec.jitter_seconds if isinstance(trigger_spec, CronTrigger) else 0
+        jitter = task.trigger.start_jitter_seconds
 
         def row(position: int, user_id: str) -> tuple[object, ...]:
             # a cron run with jitter: each user starts at the slot plus its own delay

@@ -117,8 +117,8 @@ class Scheduler:
         """
         now = self._clock.now()
         tasks = [t for t in (await self._registry.refresh()).values() if t.definition.enabled]
-        self._idle.begin_pass([t for t in tasks if t.definition.trigger.type == "idle"])
-        self._after.begin_pass(tasks)
+        for kind in self._kinds.values():
+            kind.begin_pass(tasks)
         self.errors = {
             k: v for k, v in self.errors.items() if k in {t.definition.name for t in tasks}
         }

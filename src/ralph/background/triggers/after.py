@@ -133,7 +133,6 @@ class AfterKind:
         self._delays: dict[str, list[timedelta]] = {}
 
     def begin_pass(self, tasks: Sequence[StoredTask]) -> None:
-        """`tasks`: all the enabled tasks (this kind needs to know whether upstreams are)."""
         self._enabled = {t.definition.name for t in tasks}
         delays: dict[str, list[timedelta]] = {}
         for stored in tasks:

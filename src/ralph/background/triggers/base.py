@@ -56,7 +56,8 @@ class TriggerKind(Protocol):
     """One kind of trigger, as the scheduler and the service use it."""
 
     def begin_pass(self, tasks: Sequence[StoredTask]) -> None:
-        """A scheduler pass starts over these enabled tasks of this kind."""
+        """A scheduler pass starts over these enabled tasks (of every kind: one may need to
+        know of others, as `after` of the tasks it follows)."""
         ...
 
     async def fire(self, stored: StoredTask, now: datetime) -> Fired:

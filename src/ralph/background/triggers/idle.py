@@ -50,7 +50,8 @@ class IdleKind:
         self._heard: dict[str, datetime] = {}
 
     def begin_pass(self, tasks: Sequence[StoredTask]) -> None:
-        triggers = [_trigger(t) for t in tasks]
+        triggers = [t.definition.trigger for t in tasks]
+        triggers = [t for t in triggers if isinstance(t, IdleTrigger)]
         self.min_idle = min((timedelta(minutes=t.idle_minutes) for t in triggers), default=None)
         self._max_wait = any(t.max_wait_minutes is not None for t in triggers)
         self._heard, self._first_activity = self._first_activity, {}
