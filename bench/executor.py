@@ -35,6 +35,7 @@ from _server import model_server_process, server_stats
 from ralph.background.models import CronTrigger, TaskDefinition, TaskRun, TriggerType
 from ralph.composition import Services, open_services
 from ralph.config import Settings, WorkerMode
+from ralph.errors import Conflict
 from ralph.logs import configure_logging
 from ralph.testing.processes import start_worker_process
 
@@ -66,6 +67,15 @@ def task_for(users: int, batch_size: int) -> TaskDefinition:
         batch_size=batch_size,
         max_turns=5,
     )
+
+
+async def put_task(services: Services, task: TaskDefinition) -> None:
+    """Create the task, or replace it (RALPH_BENCH_DATABASE_URL's database keeps it from the
+    previous measurement)."""
+    try:
+        await services.registry.create(task)
+    except Conflict:
+        await services.registry.replace(task)
 
 
 async def execute_task(services: Services, task: TaskDefinition) -> TaskRun:
@@ -102,7 +112,7 @@ async def measure_with_workers(
     )
     async with open_services(settings) as services:
         task = task_for(users, batch_size)
-        await services.registry.create(task)
+        await put_task(services, task)
         processes = [await start_worker_process(settings) for _ in range(workers)]
         try:
             await asyncio.sleep(3)  # let the workers connect
@@ -125,7 +135,7 @@ async def measure(
             if worker_mode == "subprocess":
                 await asyncio.sleep(5)  # the agent process starts with the services
             task = task_for(users, batch_size)
-            await services.registry.create(task)
+            await put_task(services, task)
             if scheme == "sliding":
                 return await sliding(services, task)
             return await batch_by_batch(services, task)

@@ -3,7 +3,8 @@ cron task read in each user's local time.
 
 For each size (default 10k, 100k, 1M users, all in the task's list), 99% of users went idle
 before the task's watermark (examined already) and 1% became idle since: the tick must find
-exactly those. Prints the selection time (median of 5) on SQLite and, when reachable, MariaDB.
+exactly those. Prints the selection time (median of 5) on SQLite and, when reachable, MariaDB
+and PostgreSQL.
 
 Local time: 100,000 users spread over 40 timezones, one cron task `"timezone": "user"`; the
 scheduler's pass over it (group the users by timezone, each zone's next slot) against the
@@ -40,6 +41,7 @@ from ralph.testing.clock import FakeClock
 from ralph.users.store import ProfileStore
 
 MARIADB = os.environ.get("RALPH_TEST_MARIADB_URL", "mysql+asyncmy://root@127.0.0.1:3306")
+POSTGRES = os.environ.get("RALPH_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432")
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 CHUNK = 10_000
 
@@ -185,12 +187,13 @@ async def local_time(users: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         figures = await local_time_pass(f"sqlite+aiosqlite:///{tmp}/bench.db", users)
     rows = [("sqlite", figures)]
-    url = await mariadb_url()
-    if url is not None:
-        try:
-            rows.append(("mariadb", await local_time_pass(url, users)))
-        finally:
-            await drop(url)
+    for server in SERVERS:
+        url = await server_url(server)
+        if url is not None:
+            try:
+                rows.append((server, await local_time_pass(url, users)))
+            finally:
+                await drop(server, url)
     for backend, (local, fixed, read, found) in rows:
         print(
             f"  {backend:8} per-user pass={local:7.2f} ms  fixed-timezone pass={fixed:6.2f} ms "
@@ -198,28 +201,39 @@ async def local_time(users: int) -> None:
         )
 
 
-async def mariadb_url() -> str | None:
-    engine = create_engine(MARIADB + "/")
+# the database servers measured beside SQLite: (URL of the server, database to connect to
+# to create others, options of CREATE DATABASE, options of the database's URL)
+SERVERS = {
+    "mariadb": (MARIADB, "", " CHARACTER SET utf8mb4", "?charset=utf8mb4"),
+    "postgres": (POSTGRES, "postgres", "", ""),
+}
+
+
+async def _admin(server: str, statement: str) -> None:
+    url, admin, _, _ = SERVERS[server]
+    engine = create_engine(f"{url}/{admin}")
     try:
-        name = f"ralph_bench_{uuid.uuid4().hex[:8]}"
-        async with engine.begin() as conn:
-            await conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
-        return f"{MARIADB}/{name}?charset=utf8mb4"
+        async with engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.execute(text(statement))
+    finally:
+        await engine.dispose()
+
+
+async def server_url(server: str) -> str | None:
+    """A new database on `server` (None: the server does not answer)."""
+    url, _, options, url_options = SERVERS[server]
+    name = f"ralph_bench_{uuid.uuid4().hex[:8]}"
+    try:
+        await _admin(server, f"CREATE DATABASE {name}{options}")
     except Exception:
         return None
-    finally:
-        await engine.dispose()
+    return f"{url}/{name}{url_options}"
 
 
-async def drop(url: str) -> None:
-    engine = create_engine(MARIADB + "/")
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(
-                text(f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1].split('?')[0]}")
-            )
-    finally:
-        await engine.dispose()
+async def drop(server: str, url: str) -> None:
+    force = " WITH (FORCE)" if server == "postgres" else ""
+    await _admin(server, f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1].split('?')[0]}{force}")
 
 
 async def main(sizes: list[int]) -> None:
@@ -233,18 +247,19 @@ async def main(sizes: list[int]) -> None:
             f"  sqlite   users={size:>9,} due={found:>6,} selection={ms:8.2f} ms "
             f"next due={wake:6.2f} ms"
         )
-        url = await mariadb_url()
-        if url is None:
-            print("  mariadb  not reachable, skipped")
-            continue
-        try:
-            ms, found, wake = await run_size(url, size)
-            print(
-                f"  mariadb  users={size:>9,} due={found:>6,} selection={ms:8.2f} ms "
-                f"next due={wake:6.2f} ms"
-            )
-        finally:
-            await drop(url)
+        for server in SERVERS:
+            url = await server_url(server)
+            if url is None:
+                print(f"  {server:8} not reachable, skipped")
+                continue
+            try:
+                ms, found, wake = await run_size(url, size)
+                print(
+                    f"  {server:8} users={size:>9,} due={found:>6,} selection={ms:8.2f} ms "
+                    f"next due={wake:6.2f} ms"
+                )
+            finally:
+                await drop(server, url)
 
 
 if __name__ == "__main__":

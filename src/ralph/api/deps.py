@@ -1,4 +1,7 @@
-"""FastAPI dependencies as `Annotated` aliases: routers reach app state only through these."""
+"""FastAPI dependencies as `Annotated` aliases: routers reach app state only through these.
+
+They are `async def`: FastAPI runs a plain `def` dependency in its thread pool, two thread
+hops per request for work that never blocks (they made a one-row read 1.5x slower)."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from ralph.console.sessions import FULL, is_reviewer
 _bearer = HTTPBearer(auto_error=False, description="RALPH_API_TOKEN, when one is set")
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -21,7 +24,7 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def bearer_token(
+async def bearer_token(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
     """Declares the bearer token in the OpenAPI document; `TokenMiddleware` checks it, before
@@ -35,7 +38,7 @@ def request_role(request: Request) -> str:
     return role
 
 
-def decider(request: Request) -> str:
+async def decider(request: Request) -> str:
     """Who a decision is recorded as made by (`decided_by`): "reviewer" for the reviewer token,
     "reviewer:<name>" for a named reviewer's (or their console sessions), "api" for the API
     token or an open API."""
