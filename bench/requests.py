@@ -8,7 +8,7 @@ same database (a commit per request, no middleware, no validation beyond FastAPI
 Prints requests per second, p99 latency and Ralph's rate as a ratio of the bare app's, on
 SQLite (a fresh file for each server) and, when reachable, PostgreSQL and MariaDB.
 
-    uv run python bench/requests.py [seconds]
+    uv run python bench/requests.py [seconds] [databases]   e.g. 8 sqlite,postgres
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def measure(name: str, make_url: Iterator[str], seconds: int, folder: Path) -> N
         )
 
 
-def main(seconds: int) -> None:
+def main(seconds: int, databases: set[str]) -> None:
     print(f"wrk -t{THREADS} -c{CONNECTIONS} -d{seconds}s; ralph's rate / the bare app's")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -190,8 +190,9 @@ def main(seconds: int) -> None:
             while True:
                 yield f"sqlite+aiosqlite:///{folder / uuid.uuid4().hex}.db"
 
-        measure("sqlite", sqlite_urls(), seconds, folder)
-        for server in SERVERS:
+        if "sqlite" in databases:
+            measure("sqlite", sqlite_urls(), seconds, folder)
+        for server in (s for s in SERVERS if s in databases):
             made: list[str] = []
 
             def urls(server: str = server, made: list[str] = made) -> Iterator[str]:
@@ -212,4 +213,7 @@ def main(seconds: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 8)
+    main(
+        int(sys.argv[1]) if len(sys.argv) > 1 else 8,
+        set(sys.argv[2].split(",")) if len(sys.argv) > 2 else {"sqlite", *SERVERS},
+    )
