@@ -69,29 +69,40 @@ class Backend:
             "isolation_level": "READ COMMITTED",
         }
 
+    # the driver's connect argument that bounds connecting, in seconds
+    timeout_arg = "connect_timeout"
+
     def probe_connect_args(self) -> dict[str, Any]:
         """Connection options of a health probe: give up within about two seconds."""
-        return {"connect_timeout": 2}
+        return {self.timeout_arg: 2}
 
 
-class SQLite(Backend):
-    name = "sqlite"
-    lock_rows = False  # BEGIN IMMEDIATE takes the database's one write lock
+class _OnConflict(Backend):
+    """A database with INSERT ... ON CONFLICT (SQLite, PostgreSQL): the old row is read
+    throughout an upsert's assignments."""
+
+    @staticmethod
+    def _insert(table: Table) -> Any:
+        raise NotImplementedError
 
     def insert_ignore(self, table: Table) -> Insert:
-        return sqlite_insert(table).on_conflict_do_nothing()
+        return self._insert(table).on_conflict_do_nothing()
 
     def upsert(self, table: Table, update: Update) -> Insert:
-        stmt = sqlite_insert(table)
+        stmt = self._insert(table)
         return stmt.on_conflict_do_update(
             index_elements=list(table.primary_key.columns), set_=update(stmt.excluded)
         )
 
+
+class SQLite(_OnConflict):
+    name = "sqlite"
+    lock_rows = False  # BEGIN IMMEDIATE takes the database's one write lock
+    timeout_arg = "timeout"
+    _insert = staticmethod(sqlite_insert)
+
     def greatest(self, *values: Any) -> ColumnElement[Any]:
         return func.max(*values)  # SQLite's scalar max() of several arguments
-
-    def probe_connect_args(self) -> dict[str, Any]:
-        return {"timeout": 2}
 
 
 class MySQL(Backend):
@@ -116,25 +127,15 @@ class MySQL(Backend):
         return stmt.on_duplicate_key_update(list(update(stmt.inserted).items()))
 
 
-class PostgreSQL(Backend):
+class PostgreSQL(_OnConflict):
     name = "postgresql"
+    timeout_arg = "timeout"
+    _insert = staticmethod(postgresql_insert)
     # 40001 serialization failure, 40P01 deadlock, 55P03 lock not available
     race_codes = frozenset({"40001", "40P01", "55P03"})
     # 22001 value too long, 22003 out of range, 22P02 invalid text, 22021 invalid byte
     # sequence, 23502 not null, 54000 program limit exceeded (a row too large)
     refusal_codes = frozenset({"22001", "22003", "22P02", "22021", "23502", "54000"})
-
-    def insert_ignore(self, table: Table) -> Insert:
-        return postgresql_insert(table).on_conflict_do_nothing()
-
-    def upsert(self, table: Table, update: Update) -> Insert:
-        stmt = postgresql_insert(table)
-        return stmt.on_conflict_do_update(
-            index_elements=list(table.primary_key.columns), set_=update(stmt.excluded)
-        )
-
-    def probe_connect_args(self) -> dict[str, Any]:
-        return {"timeout": 2}
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (SQLite(), MySQL(), PostgreSQL())}
@@ -146,26 +147,24 @@ def backend(engine: AsyncEngine | str) -> Backend:
     return BACKENDS[name]
 
 
-def error_code(error: BaseException) -> object:
-    return _error_code(error)
+def _coded(error: BaseException, codes: str) -> bool:
+    """Whether `error`'s code is among some backend's `codes` (an attribute's name)."""
+    code = _error_code(error)
+    return any(code in getattr(b, codes) for b in BACKENDS.values())
 
 
 def is_race(error: BaseException) -> bool:
     """A transaction that lost a race (deadlock, lock wait, serialization failure), on any
     backend; SQLite's "database is locked"."""
-    code = _error_code(error)
-    return any(code in b.race_codes for b in BACKENDS.values()) or "database is locked" in str(
-        error
-    )
+    return _coded(error, "race_codes") or "database is locked" in str(error)
 
 
 def is_refusal(error: BaseException) -> bool:
     """A statement the database refuses whatever happens (too large, invalid data); SQLite's
     "too big"."""
-    code = _error_code(error)
-    return any(code in b.refusal_codes for b in BACKENDS.values()) or "too big" in str(error)
+    return _coded(error, "refusal_codes") or "too big" in str(error)
 
 
 def is_lost_in_query(error: BaseException) -> bool:
-    code = _error_code(error)
-    return any(code in b.lost_codes for b in BACKENDS.values())
+    """A connection that was made and then dropped during the statement."""
+    return _coded(error, "lost_codes")

@@ -109,10 +109,6 @@ async def insert_rows(
     await conn.exec_driver_sql(sql, list(rows))
 
 
-def is_sqlite(engine: AsyncEngine) -> bool:
-    return engine.dialect.name == "sqlite"
-
-
 def insert_ignore(engine: AsyncEngine, table: Table) -> Insert:
     """INSERT that silently skips rows whose primary or unique key already exists."""
     return backend(engine).insert_ignore(table)

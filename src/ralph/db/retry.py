@@ -17,10 +17,8 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 
-def _is_retryable(error: Exception) -> bool:
-    if isinstance(error, IntegrityError):
-        return True
-    return isinstance(error, (OperationalError, DBAPIError)) and is_race(error)
+def _is_retryable(error: DBAPIError) -> bool:
+    return isinstance(error, IntegrityError) or is_race(error)
 
 
 async def retrying(operation: Callable[[], Awaitable[T]], attempts: int = 5) -> T:
@@ -47,19 +45,14 @@ UNREACHABLE = (OperationalError, InterfaceError, OSError)
 _LOST_IN_QUERY_LIMIT = 3
 
 
-def is_permanent(error: BaseException) -> bool:
-    """Whether `error` refuses the statement itself (too large, invalid data): retrying it
-    is no use, and the database is not gone."""
-    return is_refusal(error)
-
-
 def is_unreachable(error: BaseException) -> bool:
     """Whether `error` says the database could not be reached (or answered as if gone), as
     opposed to refusing what was asked."""
     return (
         isinstance(error, UNREACHABLE)
         and not isinstance(error, IntegrityError)
-        and not is_permanent(error)
+        # a refusal of the statement itself (too large, invalid data): the database is there
+        and not is_refusal(error)
     )
 
 
