@@ -13,10 +13,10 @@ from ralph.api.deps import DeciderDep, ServicesDep
 from ralph.api.params import LabelQuery, TaskQuery, UserIdPath, UserIdQuery
 from ralph.api.schema import response_model
 from ralph.memory.models import (
+    REVISION_FIELDS,
     BulkDecision,
     Proposal,
     ProposalDraft,
-    ProposalKind,
     ProposalStatus,
     Revision,
 )
@@ -68,21 +68,23 @@ class Approval(Decision):
         default=None, min_length=1, description="An append's text, as you want it."
     )
 
+    def _given(self) -> list[Revision]:
+        return [
+            Revision(kind, text)
+            for kind, name in REVISION_FIELDS.items()
+            if (text := getattr(self, name)) is not None
+        ]
+
     @model_validator(mode="after")
     def _one_version(self) -> Approval:
-        given = [f for f in ("body", "new_text", "append") if getattr(self, f) is not None]
+        given = [REVISION_FIELDS[r.kind] for r in self._given()]
         if len(given) > 1:
             raise ValueError(f"give one version of the change, not {' and '.join(given)}")
         return self
 
     def revision(self) -> Revision | None:
-        if self.body is not None:
-            return Revision(ProposalKind.BODY, self.body)
-        if self.new_text is not None:
-            return Revision(ProposalKind.REPLACE, self.new_text)
-        if self.append is not None:
-            return Revision(ProposalKind.APPEND, self.append)
-        return None
+        given = self._given()
+        return given[0] if given else None
 
 
 class BulkIn(Decision):

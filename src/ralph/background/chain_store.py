@@ -20,7 +20,6 @@ from ralph.background.task_store import TaskStore
 from ralph.db.engine import insert_ignore
 from ralph.db.tables import (
     background_tasks,
-    proposals,
     task_chain_claims,
     task_run_users,
     task_runs,
@@ -41,15 +40,6 @@ class UpstreamResult:
 
 
 @dataclass(frozen=True, slots=True)
-class UpstreamProposal:
-    id: str
-    label: str
-    kind: str
-    text: str
-    status: str
-
-
-@dataclass(frozen=True, slots=True)
 class UpstreamOutcome:
     """What the upstream task did for the user, as its run recorded it."""
 
@@ -57,7 +47,6 @@ class UpstreamOutcome:
     run_id: str
     status: str
     answer: str | None
-    proposals: list[UpstreamProposal]
 
 
 def _final_answer(transcript: str | None) -> str | None:
@@ -220,7 +209,8 @@ class ChainStore:
             return sorted((await conn.execute(query)).scalars().all())
 
     async def upstream_outcomes(self, run_id: str, user_id: str) -> list[UpstreamOutcome]:
-        """What the upstream task did for the user in the runs this run follows."""
+        """What the upstream task's units ended in for the user, in the runs this run follows
+        (their proposals are the memory store's)."""
         claimed = await self._claimed_run(run_id)
         query = (
             select(
@@ -240,32 +230,9 @@ class ChainStore:
             .where(task_chain_claims.c.run_id == claimed, task_run_users.c.user_id == user_id)
             .order_by(task_run_users.c.completed_at)
         )
-        found: list[UpstreamOutcome] = []
         async with self._reads.connect() as conn:
-            for row in (await conn.execute(query)).all():
-                made = (
-                    await conn.execute(
-                        select(proposals)
-                        .where(proposals.c.run_id == row.run_id, proposals.c.user_id == user_id)
-                        .order_by(proposals.c.created_at)
-                    )
-                ).mappings()
-                found.append(
-                    UpstreamOutcome(
-                        task_name=row.task_name,
-                        run_id=row.run_id,
-                        status=row.status,
-                        answer=_final_answer(row.transcript),
-                        proposals=[
-                            UpstreamProposal(
-                                p["id"],
-                                p["label"],
-                                p["kind"],
-                                p["body"] if p["kind"] == "body" else (p["new_text"] or ""),
-                                p["status"],
-                            )
-                            for p in made
-                        ],
-                    )
-                )
-        return found
+            rows = (await conn.execute(query)).all()
+        return [
+            UpstreamOutcome(r.task_name, r.run_id, r.status, _final_answer(r.transcript))
+            for r in rows
+        ]

@@ -299,8 +299,14 @@ class UnitRunner:
             # what the task this one follows did for the user
             outcomes = await self._chains.upstream_outcomes(run_id, user_id)
             context.upstream_runs = [o.run_id for o in outcomes]
+            made = {
+                o.run_id: list(
+                    reversed(await self._kit.memory.list_proposals(user_id, run_id=o.run_id))
+                )
+                for o in outcomes
+            }
             if outcomes:
-                instructions = f"{instructions}\n\n---\n\n{outcome_context(outcomes)}"
+                instructions = f"{instructions}\n\n---\n\n{outcome_context(outcomes, made)}"
         budget = TokenBudget(
             per_user=task.budget.max_tokens_per_user if task.budget else None,
             run=await self.inflight.run_tokens(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 
@@ -99,6 +99,15 @@ class Proposal:
         """The text the change adds: the new body, the replacement or the appended text."""
         return (self.body if self.kind is ProposalKind.BODY else self.new_text) or ""
 
+    def with_text(self, text: str) -> Proposal:
+        """The same change with `text` as the text it adds (a reviewer's version)."""
+        return replace(self, **{"body" if self.kind is ProposalKind.BODY else "new_text": text})
+
+    @property
+    def revision_field(self) -> str:
+        """The field of an approval that carries a reviewer's version of this change."""
+        return REVISION_FIELDS[self.kind]
+
 
 # a proposal's evidence holds at most this many message references
 MAX_EVIDENCE_MESSAGES = 50
@@ -122,6 +131,15 @@ class Evidence:
             return None
         data = json.loads(raw)
         return cls(tuple(data.get("messages", ())), tuple(data.get("upstream_runs", ())))
+
+
+# the field of an approval (`POST /proposals/{id}/approve`) that carries a reviewer's version
+# of a change, by the change's kind
+REVISION_FIELDS = {
+    ProposalKind.BODY: "body",
+    ProposalKind.REPLACE: "new_text",
+    ProposalKind.APPEND: "append",
+}
 
 
 @dataclass(frozen=True, slots=True)

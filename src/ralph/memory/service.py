@@ -122,13 +122,6 @@ def _change_of(
 # the rejected changes shown to an agent stop at this many characters
 REJECTIONS_MAX_CHARS = 4000
 
-# the field of `POST /proposals/{id}/approve` that carries a reviewer's version, by kind
-_REVISION_FIELD = {
-    ProposalKind.BODY: "body",
-    ProposalKind.REPLACE: "new_text",
-    ProposalKind.APPEND: "append",
-}
-
 
 def _quoted(text: str | None, limit: int = 300) -> str:
     text = (text or "").strip()
@@ -494,10 +487,9 @@ class MemoryService:
         if revised is not None:
             proposal = await self.get_proposal(proposal_id)
             if revised.kind is not proposal.kind:
-                field = _REVISION_FIELD[proposal.kind]
                 raise InvalidInput(
                     f"proposal '{proposal_id}' is of kind {proposal.kind.value}: give your "
-                    f"version as `{field}`"
+                    f"version as `{proposal.revision_field}`"
                 )
             text = revised.text
             if proposal.kind is ProposalKind.BODY:

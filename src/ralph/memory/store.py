@@ -499,10 +499,7 @@ class MemoryStore:
                     return await self._set_status(
                         conn, proposal, ProposalStatus.REJECTED, comment, now, None, by
                     ), None
-                applied = proposal
-                if revised is not None:
-                    text = "body" if proposal.kind is ProposalKind.BODY else "new_text"
-                    applied = replace(proposal, **{text: revised})
+                applied = proposal if revised is None else proposal.with_text(revised)
                 try:
                     block = await self._write(
                         conn,

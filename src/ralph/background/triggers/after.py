@@ -11,10 +11,11 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from ralph.background.chain_store import ChainStore, UpstreamOutcome
+from ralph.background.chain_store import ChainStore, UpstreamOutcome, UpstreamResult
 from ralph.background.models import MAX_CHAIN, AfterTrigger, StoredTask, TaskDefinition
 from ralph.background.triggers.base import Fired, NextFire, Upcoming
 from ralph.errors import Conflict, InvalidInput
+from ralph.memory.models import Proposal
 
 log = structlog.get_logger(__name__)
 
@@ -98,22 +99,25 @@ def chain_order(tasks: Sequence[TaskDefinition]) -> list[TaskDefinition]:
     return list(ordered.values())
 
 
-def outcome_context(outcomes: Sequence[UpstreamOutcome]) -> str:
-    """What the upstream task did for the user, for the following task's agent (at most
-    `OUTCOME_MAX_CHARS`)."""
+def outcome_context(
+    outcomes: Sequence[UpstreamOutcome], made: Mapping[str, Sequence[Proposal]]
+) -> str:
+    """What the upstream task did for the user (`made`: the proposals of each upstream run,
+    oldest first), for the following task's agent (at most `OUTCOME_MAX_CHARS`)."""
     parts: list[str] = []
     for outcome in outcomes:
+        proposals = made.get(outcome.run_id, ())
         lines = [
             f"What task '{outcome.task_name}' did for this user before you "
             f"(run {outcome.run_id}, {outcome.status}):"
         ]
         if outcome.answer:
             lines.append(f"Its answer: {outcome.answer[:1500]}")
-        if outcome.proposals:
+        if proposals:
             lines.append("Its proposals:")
             lines += [
-                f"- {p.id} on '{p.label}' ({p.kind}, {p.status}): {p.text[:400]}"
-                for p in outcome.proposals[:10]
+                f"- {p.id} on '{p.label}' ({p.kind.value}, {p.status.value}): {p.text[:400]}"
+                for p in proposals[:10]
             ]
         else:
             lines.append("It proposed nothing.")
@@ -156,9 +160,7 @@ class AfterKind:
             # the upstream task is disabled: its results (of manual runs) are not followed
             await self._chains.save_watermark(task.name, now)
             return Fired([], fallback)
-        watermark = await self._chains.watermark(task.name)
-        since = max(stored.schedule_from, watermark or stored.schedule_from)
-        results = await self._chains.pending(task.name, trigger.task, trigger.on, since)
+        since, results = await self._pending(stored, trigger)
         due = [r for r in results if r.completed_at + delay <= now]
         left = results
         run_ids: list[str] = []
@@ -182,14 +184,22 @@ class AfterKind:
             next_check = min(fallback, max(now, due_at))
         return Fired(run_ids, next_check)
 
+    async def _pending(
+        self, stored: StoredTask, trigger: AfterTrigger
+    ) -> tuple[datetime, list[UpstreamResult]]:
+        """(where this pass starts: the schedule's start or the watermark, the later; the
+        upstream results not followed since)."""
+        name = stored.definition.name
+        watermark = await self._chains.watermark(name)
+        since = max(stored.schedule_from, watermark or stored.schedule_from)
+        return since, await self._chains.pending(name, trigger.task, trigger.on, since)
+
     async def upcoming(self, stored: StoredTask, now: datetime, limit: int) -> Upcoming:
         """The users waiting for this task (an upstream result not followed yet), and when
         the first of them is due."""
         task = stored.definition
         trigger = _trigger(stored)
-        watermark = await self._chains.watermark(task.name)
-        since = max(stored.schedule_from, watermark or stored.schedule_from)
-        results = await self._chains.pending(task.name, trigger.task, trigger.on, since)
+        _, results = await self._pending(stored, trigger)
         due = None
         if results:
             due = results[0].completed_at + timedelta(seconds=trigger.delay_seconds)
