@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 from httpx import AsyncClient
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from ralph.background.models import TaskDefinition, TriggerType, UserStatus
 from ralph.background.run_store import UserStart
 from ralph.config import Settings
 from ralph.db import migrate
 from ralph.db.engine import create_engine
-from ralph.db.retry import until_reachable
+from ralph.db.retry import is_unreachable, until_reachable
 from ralph.testing.model_server import Delay, ModelServer, scripted, text
 from ralph.testing.tcp_proxy import TcpProxy
 from tests.helpers import (
@@ -273,3 +273,26 @@ async def test_a_write_past_the_packet_size_is_not_an_outage(mariadb_schema_url:
         assert attempts == 3
     finally:
         await engine.dispose()
+
+
+async def test_a_connection_dropped_mid_statement_is_an_outage() -> None:
+    """asyncpg reports a connection dropped during a statement as a plain DBAPIError that
+    SQLAlchemy marks `connection_invalidated`: it is waited out like any outage (it was raised
+    at once, and the PostgreSQL outage test failed when the cut hit a statement)."""
+    dropped = DBAPIError(
+        "SELECT 1", {}, Exception("connection was closed in the middle of operation"), False, True
+    )
+    assert dropped.connection_invalidated
+    assert is_unreachable(dropped)
+    calls: list[int] = []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise dropped
+        return "answered"
+
+    assert await until_reachable(flaky, what="test", give_up_after=5) == "answered"
+    assert len(calls) == 2
+    refused = DBAPIError("SELECT 1", {}, Exception("syntax error"), False, False)
+    assert not is_unreachable(refused)

@@ -48,12 +48,13 @@ _LOST_IN_QUERY_LIMIT = 3
 def is_unreachable(error: BaseException) -> bool:
     """Whether `error` says the database could not be reached (or answered as if gone), as
     opposed to refusing what was asked."""
-    return (
-        isinstance(error, UNREACHABLE)
-        and not isinstance(error, IntegrityError)
-        # a refusal of the statement itself (too large, invalid data): the database is there
-        and not is_refusal(error)
-    )
+    # a refusal of the statement itself (too large, invalid data): the database is there
+    if isinstance(error, IntegrityError) or is_refusal(error):
+        return False
+    # SQLAlchemy's dialect recognised a dropped connection (asyncpg's "connection was closed
+    # in the middle of operation" arrives as a plain DBAPIError)
+    invalidated = isinstance(error, DBAPIError) and error.connection_invalidated
+    return invalidated or isinstance(error, UNREACHABLE)
 
 
 async def until_reachable(
@@ -72,7 +73,7 @@ async def until_reachable(
     while True:
         try:
             return await operation()
-        except UNREACHABLE as error:
+        except (DBAPIError, OSError) as error:
             # MariaDB drops the connection of a statement past max_allowed_packet: the
             # connection was made each time, the statement killed it; an outage soon fails
             # to connect instead
