@@ -1,11 +1,14 @@
-"""Messages and user activity, on SQLite and MariaDB."""
+"""Messages and user activity, on SQLite, MariaDB and PostgreSQL."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
 from httpx import AsyncClient
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ralph.conversations.models import Role
+from ralph.conversations.store import ConversationStore
 from ralph.testing.clock import FakeClock
 
 
@@ -73,3 +76,26 @@ async def test_message_validation(client: AsyncClient) -> None:
 
 def test_fake_clock_starts_aware() -> None:
     assert FakeClock().now().tzinfo is UTC
+
+
+async def test_search_uses_the_full_text_index(client: AsyncClient) -> None:
+    """A word in another form is found through the database's full-text index ("cats" was
+    not a substring of "cat"); parts of words still match."""
+    for content in ("I have a cat named Miso", "exams next week", "room 101"):
+        assert (await client.post("/users/u1/messages", json={"content": content})).is_success
+    found = (await client.get("/users/u1/messages", params={"q": "how are the cats"})).json()
+    assert [m["content"] for m in found] == ["I have a cat named Miso"]
+    exams = (await client.get("/users/u1/messages", params={"q": "exam"})).json()
+    assert [m["content"] for m in exams] == ["exams next week"]
+    part = (await client.get("/users/u1/messages", params={"q": "10"})).json()
+    assert [m["content"] for m in part] == ["room 101"]
+
+
+async def test_the_search_index_follows_deleted_messages(engine: AsyncEngine) -> None:
+    store = ConversationStore(engine)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    kept = await store.add_message("u1", Role.USER, "my cats are called Miso", at)
+    gone = await store.add_message("u1", Role.USER, "the cat sat on the mat", at)
+    await store.delete_messages([gone.id])
+    await store.add_message("u2", Role.USER, "a cat of someone else", at)
+    assert [m.id for m in await store.search_messages("u1", "cat")] == [kept.id]

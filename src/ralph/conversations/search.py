@@ -28,13 +28,30 @@ def query_words(query: str) -> list[str]:
     return found
 
 
-def ranked(messages: Sequence[Message], words: Sequence[str], limit: int) -> list[Message]:
-    """`messages` that contain at least one of `words` (case-insensitive), those containing
-    more of them first, then the newest; at most `limit`."""
+_SUFFIXES = ("ies", "es", "ed", "ing", "s")
+
+
+def stem(word: str) -> str:
+    """`word` without a common English ending ("cats" -> "cat", "named" -> "nam"), for
+    counting the words a message holds as a stemming full-text index would."""
+    for suffix in _SUFFIXES:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            return word[: -len(suffix)]
+    return word
+
+
+def ranked(
+    messages: Sequence[Message], words: Sequence[str], limit: int, *, matched: bool = False
+) -> list[Message]:
+    """`messages` that contain at least one of `words` or its stem (case-insensitive), those
+    containing more of them first, then the newest; at most `limit`. `matched`: the messages
+    are known matches (a full-text index found them), kept even when no word is seen here."""
     scored: list[tuple[int, int, Message]] = []
     for message in messages:
         text = message.content.lower()
-        hits = sum(1 for word in words if word in text)
+        hits = sum(1 for word in words if word in text or stem(word) in text)
+        if matched:
+            hits = max(hits, 1)
         if hits:
             scored.append((hits, message.id, message))
     scored.sort(key=lambda item: (item[0], item[1]), reverse=True)

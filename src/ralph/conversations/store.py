@@ -6,11 +6,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, func, or_, select
+from sqlalchemy import ColumnElement, Row, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ralph.conversations.models import Message, Role
-from ralph.conversations.search import query_words, ranked
+from ralph.conversations.search import query_words, ranked, stem
 from ralph.db.dialects import backend
 from ralph.db.engine import upsert
 from ralph.db.tables import messages, user_activity
@@ -39,7 +39,8 @@ class ConversationStore:
         self._engine = engine
         # transactions that only read (SQLite: see ralph.db.engine.create_read_engine)
         self._reads = reads or engine
-        greatest = backend(engine).greatest
+        self._backend = backend(engine)
+        greatest = self._backend.greatest
         self._activity_upsert = upsert(
             engine,
             user_activity,
@@ -91,15 +92,20 @@ class ConversationStore:
         return [_message(r) for r in reversed(rows)]
 
     async def search_messages(self, user_id: str, text: str, *, limit: int = 20) -> list[Message]:
-        """The user's messages containing any word of `text` (case-insensitive), those with
-        more of its words first, then the newest (`ralph.conversations.search`); `text`
-        without a word that can find anything ("the", "?") is matched as it is. Ranks the
-        newest `SEARCH_CANDIDATES` matches."""
-        words = query_words(text) or [text.lower()]
-        matches = [
+        """The user's messages holding any word of `text`, those with more of its words
+        first, then the newest (`ralph.conversations.search`). A word is found by the
+        database's full-text index (stemmed where it stems: "cats" finds "cat") or as a
+        substring, case-insensitive (parts of words, and what an index skips: short words,
+        symbols); `text` without a word that can find anything ("the", "?") is matched as
+        it is. Ranks the newest `SEARCH_CANDIDATES` matches."""
+        words = query_words(text)
+        matches: list[ColumnElement[bool]] = [
             func.lower(messages.c.content).like(f"%{_escape_like(word)}%", escape="\\")
-            for word in words
+            for word in words or [text.lower()]
         ]
+        if words:
+            stems = [stem(word) for word in words if stem(word) != word]
+            matches.append(self._backend.text_match(messages.c.content, words + stems))
         query = (
             select(messages)
             .where(messages.c.user_id == user_id, or_(*matches))
@@ -108,7 +114,7 @@ class ConversationStore:
         )
         async with self._reads.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return ranked([_message(r) for r in rows], words, limit)
+        return ranked([_message(r) for r in rows], words or [text.lower()], limit, matched=True)
 
     async def by_ids(self, ids: Sequence[int]) -> dict[int, Message]:
         """The messages of `ids` that are still here, by id."""

@@ -6,11 +6,13 @@ adding a backend here."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Insert, Table, func
+from sqlalchemy import Column, ColumnElement, Insert, Table, func, literal_column, or_, select
+from sqlalchemy import table as table_clause
 from sqlalchemy.dialects.mysql import insert as mysql_insert
+from sqlalchemy.dialects.mysql import match as mysql_match
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
@@ -69,6 +71,13 @@ class Backend:
             "isolation_level": "READ COMMITTED",
         }
 
+    def text_match(self, column: Column[Any], words: Sequence[str]) -> ColumnElement[bool]:
+        """Rows whose `column` holds any of `words` (lowercase \\w+ words, with their stems)
+        by the database's full-text index (made by migration 0017): stemmed where the
+        database stems ("cats" finds "cat"), else as word prefixes. `column`'s table has that
+        index."""
+        raise NotImplementedError
+
     # the driver's connect argument that bounds connecting, in seconds
     timeout_arg = "connect_timeout"
 
@@ -104,6 +113,15 @@ class SQLite(_OnConflict):
     def greatest(self, *values: Any) -> ColumnElement[Any]:
         return func.max(*values)  # SQLite's scalar max() of several arguments
 
+    def text_match(self, column: Column[Any], words: Sequence[str]) -> ColumnElement[bool]:
+        # FTS5 table `<table>_fts` (porter stemmer), rowid = the row's integer primary key
+        index = table_clause(f"{column.table.name}_fts")
+        query = " OR ".join(f'"{word}"' for word in words)
+        rowid: ColumnElement[int] = literal_column("rowid")
+        hits = select(rowid).select_from(index).where(literal_column(index.name).op("MATCH")(query))
+        [key] = column.table.primary_key.columns
+        return key.in_(hits)
+
 
 class MySQL(Backend):
     """MySQL, MariaDB and Dolt's server."""
@@ -126,6 +144,11 @@ class MySQL(Backend):
         # as (column, value) pairs: MySQL assigns them in order, each seeing the ones before
         return stmt.on_duplicate_key_update(list(update(stmt.inserted).items()))
 
+    def text_match(self, column: Column[Any], words: Sequence[str]) -> ColumnElement[bool]:
+        # a FULLTEXT index; boolean mode, each word optional and a prefix ("cat*" finds
+        # "cats"); InnoDB does not index words under 3 letters (innodb_ft_min_token_size)
+        return mysql_match(column, against=" ".join(f"{word}*" for word in words)).in_boolean_mode()
+
 
 class PostgreSQL(_OnConflict):
     name = "postgresql"
@@ -136,6 +159,12 @@ class PostgreSQL(_OnConflict):
     # 22001 value too long, 22003 out of range, 22P02 invalid text, 22021 invalid byte
     # sequence, 23502 not null, 54000 program limit exceeded (a row too large)
     refusal_codes = frozenset({"22001", "22003", "22P02", "22021", "23502", "54000"})
+
+    def text_match(self, column: Column[Any], words: Sequence[str]) -> ColumnElement[bool]:
+        # a GIN index on to_tsvector('english', column): the expression must be the index's
+        document = func.to_tsvector(literal_column("'english'"), column)
+        queries = [func.plainto_tsquery(literal_column("'english'"), word) for word in words]
+        return or_(*(document.op("@@")(query) for query in queries))
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (SQLite(), MySQL(), PostgreSQL())}

@@ -102,6 +102,23 @@ proposals = Table(
 
 # --- conversations ------------------------------------------------------------------------
 
+# the full-text index of messages' content (migration 0017), made outside the metadata: its
+# form differs by database (SQLite: an FTS5 table with shadow tables named after it; MySQL:
+# a FULLTEXT index; PostgreSQL: a GIN index of an expression)
+MESSAGE_SEARCH = "messages_fts"
+MESSAGE_SEARCH_INDEX = "ix_messages_content_text"
+
+
+def outside_metadata(name: str | None) -> bool:
+    """Whether a table or index is the search index's, which schema comparisons skip."""
+    return bool(name) and (name == MESSAGE_SEARCH_INDEX or str(name).startswith(MESSAGE_SEARCH))
+
+
+def compared(name: str | None, _kind: str, _parents: object) -> bool:
+    """Alembic's `include_name`: what a schema comparison looks at."""
+    return not outside_metadata(name)
+
+
 messages = Table(
     "messages",
     metadata,
