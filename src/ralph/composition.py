@@ -145,7 +145,9 @@ async def open_services(
                 timeout_seconds=settings.honcho_timeout_seconds,
                 assistant_peer=settings.honcho_assistant_peer,
             )
-        conversations = ConversationService(ConversationStore(engine, read_engine), clock, archive)
+        conversation_store = ConversationStore(engine, read_engine)
+        stack.push_async_callback(conversation_store.aclose)
+        conversations = ConversationService(conversation_store, clock, archive)
         runs = RunStore(engine, read_engine, outbox)
         chains = ChainStore(engine, runs, read_engine)
         kit = AgentKit(memory, conversations, models, settings.data_dir, settings.allow_shell_tools)

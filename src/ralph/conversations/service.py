@@ -174,9 +174,9 @@ class ConversationService:
             raise InvalidInput(
                 f"at: {at.isoformat()} is in the future (server time {now.isoformat()})"
             )
-        await self._store.record_activity(user_id, at)
+        latest = await self._store.record_activity(user_id, at)
         self._active(user_id, at)
-        return await self._store.last_activity(user_id)
+        return latest
 
     async def last_activity(self, user_id: str) -> datetime | None:
         return await self._store.last_activity(user_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -13,7 +14,18 @@ from ralph.conversations.models import Message, Role
 from ralph.conversations.search import query_words, ranked, stem
 from ralph.db.dialects import backend
 from ralph.db.engine import upsert
+from ralph.db.group_commit import GroupCommit
 from ralph.db.tables import messages, user_activity
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """A message to store (`role` set) or an activity to record (`role` None)."""
+
+    user_id: str
+    at: datetime
+    role: Role | None = None
+    content: str = ""
 
 
 def _message(row: Row[Any]) -> Message:
@@ -50,19 +62,66 @@ class ConversationStore:
                 )
             },
         )
+        self._writes = GroupCommit(engine, self._write)
 
     async def add_message(self, user_id: str, role: Role, content: str, at: datetime) -> Message:
-        """Store a message; a user message also records activity, in the same transaction."""
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
-                messages.insert().values(
-                    user_id=user_id, role=role.value, content=content, created_at=at
-                )
+        """Store a message; a user message also records activity, in the same transaction
+        (shared with the writes that arrive with it: `GroupCommit`)."""
+        stored = await self._writes.submit(_Write(user_id, at, role, content))
+        assert isinstance(stored, Message)
+        return stored
+
+    async def _write(
+        self, conn: AsyncConnection, writes: Sequence[_Write]
+    ) -> list[Message | datetime | None]:
+        """One batch of `GroupCommit`: the messages (ids in the writes' order), one upsert of
+        each active user's latest time, and the latest activity of those who asked for it."""
+        said = [w for w in writes if w.role is not None]
+        rows = [
+            {"user_id": w.user_id, "role": w.role.value, "content": w.content, "created_at": w.at}
+            for w in said
+            if w.role is not None
+        ]
+        ids: list[int] = []
+        if rows and conn.dialect.insert_executemany_returning_sort_by_parameter_order:
+            insert = messages.insert().returning(messages.c.id, sort_by_parameter_order=True)
+            ids = [int(i) for i in (await conn.execute(insert, rows)).scalars()]
+        else:  # MySQL: no RETURNING
+            for row in rows:
+                key = (await conn.execute(messages.insert().values(**row))).inserted_primary_key
+                ids.append(int(key[0]) if key else 0)
+        active: dict[str, datetime] = {}
+        for w in writes:
+            if w.role in (None, Role.USER):
+                active[w.user_id] = max(w.at, active.get(w.user_id, w.at))
+        if active:  # in key order: concurrent batches (replicas) lock rows in one order
+            await conn.execute(
+                self._activity_upsert,
+                [{"user_id": u, "last_message_at": at} for u, at in sorted(active.items())],
             )
-            if role is Role.USER:
-                await self._record(conn, user_id, at)
-        (message_id,) = result.inserted_primary_key or (0,)
-        return Message(int(message_id), user_id, role, content, at)
+        asked = sorted({w.user_id for w in writes if w.role is None})
+        latest: dict[str, datetime | None] = {}
+        if asked:
+            query = select(user_activity.c.user_id, user_activity.c.last_message_at).where(
+                user_activity.c.user_id.in_(asked)
+            )
+            latest = {row.user_id: row.last_message_at for row in await conn.execute(query)}
+        made = iter(ids)
+        return [
+            latest.get(w.user_id)
+            if w.role is None
+            else Message(next(made), w.user_id, w.role, w.content, w.at)
+            for w in writes
+        ]
+
+    @property
+    def batches(self) -> int:
+        """Transactions of messages and activity committed so far (each holds a batch)."""
+        return self._writes.batches
+
+    async def aclose(self) -> None:
+        """Commit the writes queued so far and stop their writer."""
+        await self._writes.aclose()
 
     async def list_messages(
         self, user_id: str, *, limit: int = 50, before: int | None = None
@@ -143,12 +202,12 @@ class ConversationStore:
         async with self._engine.begin() as conn:
             await conn.execute(messages.delete().where(messages.c.id.in_(list(ids))))
 
-    async def record_activity(self, user_id: str, at: datetime) -> None:
-        async with self._engine.begin() as conn:
-            await self._record(conn, user_id, at)
-
-    async def _record(self, conn: AsyncConnection, user_id: str, at: datetime) -> None:
-        await conn.execute(self._activity_upsert, {"user_id": user_id, "last_message_at": at})
+    async def record_activity(self, user_id: str, at: datetime) -> datetime | None:
+        """Record that the user was active `at`; their latest activity (`at`, or a later
+        time already stored)."""
+        latest = await self._writes.submit(_Write(user_id, at))
+        assert not isinstance(latest, Message)
+        return latest
 
     async def last_activity(self, user_id: str) -> datetime | None:
         query = select(user_activity.c.last_message_at).where(user_activity.c.user_id == user_id)
