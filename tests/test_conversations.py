@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from httpx import AsyncClient
+from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ralph.conversations.models import Role
 from ralph.conversations.store import ConversationStore
+from ralph.db import migrate
+from ralph.db.engine import create_engine, create_read_engine
 from ralph.testing.clock import FakeClock
 
 
@@ -99,3 +103,30 @@ async def test_the_search_index_follows_deleted_messages(engine: AsyncEngine) ->
     await store.delete_messages([gone.id])
     await store.add_message("u2", Role.USER, "a cat of someone else", at)
     assert [m.id for m in await store.search_messages("u1", "cat")] == [kept.id]
+
+
+async def test_a_read_of_one_statement_sends_no_begin(tmp_path: Path) -> None:
+    """On SQLite a point read needs no BEGIN (a statement reads a snapshot by itself): one
+    trip to the driver's thread fewer. A read of several statements still begins."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'ralph.db'}"
+    engine = create_engine(url)
+    reads = create_read_engine(url)
+    assert reads is not None
+    sent: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        sent.append(statement.split()[0].upper())
+
+    try:
+        await migrate.upgrade(engine)
+        event.listen(reads.sync_engine, "before_cursor_execute", seen)
+        store = ConversationStore(engine, reads)
+        assert await store.last_activity("u1") is None
+        assert sent == ["SELECT"]
+        sent.clear()
+        async with reads.connect() as conn:
+            await conn.execute(select(1))
+        assert sent == ["BEGIN", "SELECT"]
+    finally:
+        await engine.dispose()
+        await reads.dispose()

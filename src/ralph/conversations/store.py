@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ralph.conversations.models import Message, Role
 from ralph.conversations.search import query_words, ranked, stem
 from ralph.db.dialects import backend
-from ralph.db.engine import upsert
+from ralph.db.engine import one_statement, upsert
 from ralph.db.group_commit import GroupCommit
 from ralph.db.tables import messages, user_activity
 
@@ -131,7 +131,7 @@ class ConversationStore:
         if before is not None:
             query = query.where(messages.c.id < before)
         query = query.order_by(messages.c.id.desc()).limit(limit)
-        async with self._reads.connect() as conn:
+        async with one_statement(self._reads) as conn:
             rows = (await conn.execute(query)).all()
         return [_message(r) for r in rows]
 
@@ -146,7 +146,7 @@ class ConversationStore:
         if since is not None:
             query = query.where(messages.c.created_at > since)
         query = query.order_by(messages.c.id.desc()).limit(limit)
-        async with self._reads.connect() as conn:
+        async with one_statement(self._reads) as conn:
             rows = (await conn.execute(query)).all()
         return [_message(r) for r in reversed(rows)]
 
@@ -171,7 +171,7 @@ class ConversationStore:
             .order_by(messages.c.id.desc())
             .limit(SEARCH_CANDIDATES)
         )
-        async with self._reads.connect() as conn:
+        async with one_statement(self._reads) as conn:
             rows = (await conn.execute(query)).all()
         return ranked([_message(r) for r in rows], words or [text.lower()], limit, matched=True)
 
@@ -180,7 +180,7 @@ class ConversationStore:
         if not ids:
             return {}
         query = select(messages).where(messages.c.id.in_(ids))
-        async with self._reads.connect() as conn:
+        async with one_statement(self._reads) as conn:
             rows = (await conn.execute(query)).all()
         return {int(r.id): _message(r) for r in rows}
 
@@ -191,7 +191,7 @@ class ConversationStore:
         if user_id is not None:
             query = query.where(messages.c.user_id == user_id)
         query = query.order_by(messages.c.id).limit(limit)
-        async with self._reads.connect() as conn:
+        async with one_statement(self._reads) as conn:
             rows = (await conn.execute(query)).all()
         return [_message(r) for r in rows]
 
@@ -211,5 +211,5 @@ class ConversationStore:
 
     async def last_activity(self, user_id: str) -> datetime | None:
         query = select(user_activity.c.last_message_at).where(user_activity.c.user_id == user_id)
-        async with self._reads.connect() as conn:
+        async with one_statement(self._reads) as conn:
             return (await conn.execute(query)).scalar()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,20 @@ def create_read_engine(url: str) -> AsyncEngine | None:
     return engine
 
 
+# a connection's execution option: it runs one statement, which needs no BEGIN on SQLite
+ONE_STATEMENT = "ralph_one_statement"
+
+
+@asynccontextmanager
+async def one_statement(engine: AsyncEngine) -> AsyncGenerator[AsyncConnection]:
+    """A connection for a read of one statement. On SQLite it sends no BEGIN first (a
+    statement reads a consistent snapshot by itself): one round trip to the driver's thread
+    fewer, a fifth of a point read's time. Reads of several statements that must agree take
+    `engine.connect()`, which begins a transaction."""
+    async with engine.connect() as conn:
+        yield await conn.execution_options(**{ONE_STATEMENT: True})
+
+
 def create_probe_engine(url: str) -> AsyncEngine:
     """An engine for health probes: a fresh connection per probe (no pool to queue in behind
     a long write) that gives up within about two seconds. On SQLite it only reads, which WAL
@@ -82,7 +97,8 @@ def _configure_sqlite(engine: AsyncEngine, begin: str = "BEGIN IMMEDIATE") -> No
 
     @event.listens_for(sync_engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql(begin)
+        if not connection.get_execution_options().get(ONE_STATEMENT):
+            connection.exec_driver_sql(begin)
 
 
 async def insert_rows(
