@@ -23,25 +23,22 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 os.environ.setdefault("AGNO_TELEMETRY", "false")
 
-from sqlalchemy import text, update
+from sqlalchemy import update
 
 from ralph.background.models import CronTrigger, IdleTrigger, TaskDefinition
 from ralph.composition import open_services
 from ralph.config import Settings
-from ralph.db.engine import create_engine
 from ralph.db.tables import background_tasks, task_users, user_activity, user_profiles
 from ralph.logs import configure_logging
 from ralph.testing.clock import FakeClock
+from ralph.testing.databases import SERVERS, Unreachable
 from ralph.users.store import ProfileStore
 
-MARIADB = os.environ.get("RALPH_TEST_MARIADB_URL", "mysql+asyncmy://root@127.0.0.1:3306")
-POSTGRES = os.environ.get("RALPH_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432")
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 CHUNK = 10_000
 
@@ -201,39 +198,16 @@ async def local_time(users: int) -> None:
         )
 
 
-# the database servers measured beside SQLite: (URL of the server, database to connect to
-# to create others, options of CREATE DATABASE, options of the database's URL)
-SERVERS = {
-    "mariadb": (MARIADB, "", " CHARACTER SET utf8mb4", "?charset=utf8mb4"),
-    "postgres": (POSTGRES, "postgres", "", ""),
-}
-
-
-async def _admin(server: str, statement: str) -> None:
-    url, admin, _, _ = SERVERS[server]
-    engine = create_engine(f"{url}/{admin}")
-    try:
-        async with engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.execute(text(statement))
-    finally:
-        await engine.dispose()
-
-
 async def server_url(server: str) -> str | None:
     """A new database on `server` (None: the server does not answer)."""
-    url, _, options, url_options = SERVERS[server]
-    name = f"ralph_bench_{uuid.uuid4().hex[:8]}"
     try:
-        await _admin(server, f"CREATE DATABASE {name}{options}")
-    except Exception:
+        return await SERVERS[server].create_database("ralph_bench")
+    except Unreachable:
         return None
-    return f"{url}/{name}{url_options}"
 
 
 async def drop(server: str, url: str) -> None:
-    force = " WITH (FORCE)" if server == "postgres" else ""
-    await _admin(server, f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1].split('?')[0]}{force}")
+    await SERVERS[server].drop_database(url)
 
 
 async def main(sizes: list[int]) -> None:

@@ -17,17 +17,10 @@ from ralph.db.engine import create_engine
 from ralph.db.tables import metadata
 from ralph.logs import configure_logging
 from ralph.testing.clock import FakeClock
+from ralph.testing.databases import MARIADB, POSTGRES, DatabaseServer
 from ralph.testing.model_server import ModelServer, scripted
 from ralph.testing.model_server import text as text_reply
-from tests.helpers import (
-    MARIADB,
-    POSTGRES,
-    AppHarness,
-    DatabaseServer,
-    harness_for,
-    in_own_loop,
-    server_reachable,
-)
+from tests.helpers import AppHarness, create_database, harness_for, in_own_loop
 
 os.environ["AGNO_TELEMETRY"] = "false"
 # Logs go to stderr, as in the server: commands under test own stdout.
@@ -36,14 +29,9 @@ configure_logging("info", json=False)
 
 def _schema_url(server: DatabaseServer) -> Iterator[str]:
     """One migrated database on `server` for the whole test session, dropped at the end."""
-    if not in_own_loop(lambda: server_reachable(server.url)):
-        message = f"{server.name} not reachable at {server.url}"
-        if server.required:
-            pytest.fail(message)
-        pytest.skip(message)
 
     async def create() -> str:
-        url = await server.create_database()
+        url = await create_database(server)
         engine = create_engine(url)
         try:
             await migrate.upgrade(engine)

@@ -5,106 +5,53 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
 from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pytest
 from arq.worker import Worker
 from fastapi import FastAPI
 from httpx import ASGITransport, AsyncClient
-from sqlalchemy import text
 
 from ralph.app import create_app
 from ralph.background.models import TaskDefinition, TaskRun, TriggerType
 from ralph.clock import Clock
 from ralph.composition import Services
 from ralph.config import Settings
-from ralph.db.engine import create_engine
+from ralph.testing.databases import MARIADB, POSTGRES, SERVERS, DatabaseServer, Unreachable
 from ralph.testing.model_server import ModelServer
 
 T = TypeVar("T")
 
-MARIADB_SERVER = os.environ.get("RALPH_TEST_MARIADB_URL", "mysql+asyncmy://root@127.0.0.1:3306")
-REQUIRE_MARIADB = os.environ.get("RALPH_REQUIRE_MARIADB") == "1" or os.environ.get("CI") == "true"
+REQUIRED = {
+    "mariadb": os.environ.get("RALPH_REQUIRE_MARIADB") == "1" or os.environ.get("CI") == "true",
+    "postgres": os.environ.get("RALPH_REQUIRE_POSTGRES") == "1",
+}
 
 
-POSTGRES_SERVER = os.environ.get(
-    "RALPH_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432"
-)
-REQUIRE_POSTGRES = os.environ.get("RALPH_REQUIRE_POSTGRES") == "1"
+def unreachable(server: DatabaseServer) -> None:
+    """Skip the test, or fail it when the server is required (`RALPH_REQUIRE_*`)."""
+    key = next(key for key, known in SERVERS.items() if known is server)
+    message = f"{server.name} not reachable at {server.url}"
+    if REQUIRED[key]:
+        pytest.fail(message)
+    pytest.skip(message)
 
 
-async def server_reachable(url: str) -> bool:
-    engine = create_engine(url + ("/postgres" if url.startswith("postgresql") else "/"))
+async def create_database(server: DatabaseServer) -> str:
+    """A new database on `server` (the test skips, or fails when required, if it does not
+    answer)."""
     try:
-        async with engine.connect() as connection:
-            await connection.execute(text("SELECT 1"))
-        return True
-    except Exception:
-        return False
-    finally:
-        await engine.dispose()
-
-
-@dataclass(frozen=True)
-class DatabaseServer:
-    """A database server the tests make databases on."""
-
-    name: str
-    url: str
-    required: bool
-    admin_database: str  # what to connect to to create and drop databases
-    create_options: str = ""
-    url_options: str = ""
-    drop_options: str = ""
-
-    async def create_database(self) -> str:
-        """Create a uniquely named database; return its URL (skip, or fail when required,
-        if the server does not answer)."""
-        if not await server_reachable(self.url):
-            message = f"{self.name} not reachable at {self.url}"
-            if self.required:
-                pytest.fail(message)
-            pytest.skip(message)
-        name = f"ralph_test_{uuid.uuid4().hex[:12]}"
-        await self._admin(f"CREATE DATABASE {name}{self.create_options}")
-        return f"{self.url}/{name}{self.url_options}"
-
-    async def drop_database(self, url: str) -> None:
-        name = url.rsplit("/", 1)[1].split("?")[0]
-        await self._admin(f"DROP DATABASE IF EXISTS {name}{self.drop_options}")
-
-    async def _admin(self, statement: str) -> None:
-        engine = create_engine(f"{self.url}/{self.admin_database}")
-        try:
-            async with engine.connect() as connection:
-                # PostgreSQL creates and drops databases outside a transaction
-                await connection.execution_options(isolation_level="AUTOCOMMIT")
-                await connection.execute(text(statement))
-        finally:
-            await engine.dispose()
-
-
-MARIADB = DatabaseServer(
-    "MariaDB",
-    MARIADB_SERVER,
-    REQUIRE_MARIADB,
-    "",
-    create_options=" CHARACTER SET utf8mb4",
-    url_options="?charset=utf8mb4",
-)
-POSTGRES = DatabaseServer(
-    "PostgreSQL", POSTGRES_SERVER, REQUIRE_POSTGRES, "postgres", drop_options=" WITH (FORCE)"
-)
-SERVERS = {"mariadb": MARIADB, "postgres": POSTGRES}
+        return await server.create_database()
+    except Unreachable:
+        unreachable(server)
+        raise
 
 
 async def create_mariadb_database() -> str:
-    return await MARIADB.create_database()
+    return await create_database(MARIADB)
 
 
 async def drop_mariadb_database(url: str) -> None:
@@ -112,7 +59,7 @@ async def drop_mariadb_database(url: str) -> None:
 
 
 async def create_postgres_database() -> str:
-    return await POSTGRES.create_database()
+    return await create_database(POSTGRES)
 
 
 async def drop_postgres_database(url: str) -> None:
