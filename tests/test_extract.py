@@ -19,8 +19,16 @@ def edits(*items: dict[str, str]) -> str:
     return json.dumps({"edits": list(items)})
 
 
-def edit(label: str, action: str, content: str, old_text: str = "") -> dict[str, str]:
-    return {"label": label, "action": action, "old_text": old_text, "text": content, "reason": "r"}
+def edit(
+    label: str, action: str, content: str, old_text: str = "", reason: str = "exam on 12 May"
+) -> dict[str, str]:
+    return {
+        "label": label,
+        "action": action,
+        "old_text": old_text,
+        "text": content,
+        "reason": reason,
+    }
 
 
 @pytest.fixture
@@ -80,10 +88,10 @@ async def test_a_structured_reply_becomes_proposals(
     schema = request["response_format"]["json_schema"]["schema"]
     [nothing, something] = schema["anyOf"]
     assert nothing["properties"]["edits"]["maxItems"] == 0
-    assert something["properties"]["edits"]["items"]["properties"]["label"]["enum"] == [
-        "notes",
-        "goals",
-    ]
+    append, replace, _rewrite = something["properties"]["edits"]["items"]["anyOf"]
+    assert append["properties"]["label"]["enum"] == ["notes", "goals"]
+    assert "old_text" not in append["properties"]  # an append has none to write
+    assert "old_text" in replace["required"]
     assert request["messages"][-1]["content"] == (
         "- my exam is on 12 May\n- I started learning Spanish"
     )
@@ -105,6 +113,30 @@ async def test_a_label_the_task_does_not_list_is_refused(
     assert "'exam_info' is not one of this task's blocks" in refused["result"]
 
 
+async def test_an_edit_whose_reason_nobody_said_is_refused(
+    client: AsyncClient, model_server: ModelServer
+) -> None:
+    """A small model copies the facts of the examples it was shown ("I adopted a dog"): an
+    edit whose text and reason are both not in the user's messages is refused; one whose
+    reason quotes them, or whose fact they hold (a paraphrased reason), is kept."""
+    model_server.responder = scripted(
+        text(
+            edits(
+                edit("notes", "append", "Has a dog.", reason="I adopted a dog"),
+                edit("notes", "append", "Learns Spanish.", reason="started learning spanish"),
+                edit("notes", "append", "Exam on 12 May.", reason="a test is coming up"),
+            )
+        )
+    )
+    user = await run_extract(client)
+    assert await proposals(client) == [
+        ("notes", "append", "Exam on 12 May."),
+        ("notes", "append", "Learns Spanish."),
+    ]
+    [refused] = [e for e in user["transcript"] if e["role"] == "edit" and e["number"] == 1]
+    assert "neither the text nor the reason ('I adopted a dog')" in refused["result"]
+
+
 async def test_new_blocks_when_the_task_allows_them(
     client: AsyncClient, model_server: ModelServer
 ) -> None:
@@ -113,7 +145,9 @@ async def test_new_blocks_when_the_task_allows_them(
     assert await proposals(client) == [("languages", "body", "Spanish")]
     schema = model_server.requests[0]["response_format"]["json_schema"]["schema"]
     something = schema["anyOf"][1]
-    assert "enum" not in something["properties"]["edits"]["items"]["properties"]["label"]
+    assert (
+        "enum" not in something["properties"]["edits"]["items"]["anyOf"][0]["properties"]["label"]
+    )
 
 
 async def test_no_new_facts_means_no_edits(client: AsyncClient, model_server: ModelServer) -> None:

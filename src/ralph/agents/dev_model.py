@@ -31,7 +31,7 @@ def dev_reply(request: dict[str, Any]) -> Reply:
     """The dev model's answer to one chat-completions request."""
     schema = _edits_schema(request)
     if schema is not None:
-        return _extracted(schema)
+        return _extracted(schema, _last_said(request))
     tools = tool_names(request)
     turn = turn_of(request)
     if turn == 0 and "list_memory_blocks" in tools:
@@ -81,18 +81,28 @@ def _edits_schema(request: dict[str, Any]) -> dict[str, Any] | None:
     return cast("dict[str, Any]", schema) if isinstance(schema, dict) else None
 
 
-def _extracted(schema: dict[str, Any]) -> Reply:
-    """The extract mode's answer: a review note appended to the first label it may use."""
-    # the shape with edits (a reply says first whether it has any)
+def _last_said(request: dict[str, Any]) -> str:
+    """The first line of the request's last message (the extract mode: the user's first
+    message, as `- text`), without its dash."""
+    messages: Any = request.get("messages") or [{}]
+    content: Any = cast("dict[str, Any]", messages[-1]).get("content")
+    first = content.strip().split("\n", 1)[0] if isinstance(content, str) else ""
+    return first.removeprefix("- ")
+
+
+def _extracted(schema: dict[str, Any], said: str) -> Reply:
+    """The extract mode's answer: a review note appended to the first label it may use, its
+    reason what the user said first."""
+    # the shape with edits (a reply says first whether it has any), its append edit
     shape: Any = schema["anyOf"][-1] if "anyOf" in schema else schema
-    label_spec: Any = shape["properties"]["edits"]["items"]["properties"]["label"]
-    labels = cast("list[str]", label_spec.get("enum") or [REVIEW_LABEL])
+    items: Any = shape["properties"]["edits"]["items"]
+    append: Any = items["anyOf"][0] if "anyOf" in items else items
+    labels = cast("list[str]", append["properties"]["label"].get("enum") or [REVIEW_LABEL])
     edit = {
         "label": labels[0] if labels else REVIEW_LABEL,
         "action": "append",
-        "old_text": "",
         "text": "Reviewed by the dev model.",
-        "reason": "dev model: routine review note",
+        "reason": said or "routine review",
     }
     return Reply(content=json.dumps({"new_facts": True, "edits": [edit]}))
 

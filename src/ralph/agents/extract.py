@@ -31,35 +31,29 @@ from ralph.agents.runner import (
     limit_model_calls,
     recorded_deadline,
 )
+from ralph.conversations.search import query_words, stem
 
 # at most this many edits are taken from one reply
 MAX_EDITS = 10
 
 INSTRUCTIONS = """\
 # Answer
-The next message holds the user's messages since you last saw them. Answer with JSON only:
-"new_facts" false and no edits when they hold nothing worth remembering about the user next
-week (greetings, thanks, questions, small talk, what the block says); else true, with an
-edit per new fact: "label": {labels}; "action": "append" (a new line), "replace" (of
-"old_text", copied from the block, when a fact changed) or "rewrite" (the whole block);
-"text": the fact, short; "reason": the message it comes from."""
+JSON only. Nothing worth remembering about the user next week (greetings, thanks, questions, \
+small talk, what the block says): "new_facts" false, no edits. Else true, an edit per new \
+fact: "label" {labels}; "action" "append", "replace" ("old_text" from the block: a fact \
+changed) or "rewrite" (the whole block); "text" the fact, short; "reason" the user's words."""
 
 
 def examples(label: str) -> list[tuple[str, str]]:
     """Exchanges shown before the user's (a small model follows examples more than rules):
-    small talk has no facts; each fact is an edit of its own, in other words than the user's."""
-    fact = (
-        '{{"label": "{label}", "action": "append", "old_text": "", "text": "{text}", '
-        '"reason": "{reason}"}}'
-    )
+    small talk has no facts; each fact is an edit of its own, in other words than the user's,
+    its reason the user's words."""
+    fact = '{{"label": "{label}", "action": "append", "text": "{text}", "reason": "{reason}"}}'
     dog = fact.format(label=label, text="Has a dog.", reason="I adopted a dog")
-    meat = fact.format(label=label, text="Is vegetarian.", reason="I stopped eating meat")
+    meat = fact.format(label=label, text="Vegetarian.", reason="no meat")
     return [
-        ("- thanks, that helped!\n- see you tomorrow", '{"new_facts": false, "edits": []}'),
-        (
-            "- hi again\n- I adopted a dog\n- I stopped eating meat",
-            f'{{"new_facts": true, "edits": [{dog}, {meat}]}}',
-        ),
+        ("- thanks!\n- see you", '{"new_facts": false, "edits": []}'),
+        ("- I adopted a dog\n- no meat for me", f'{{"new_facts": true, "edits": [{dog}, {meat}]}}'),
     ]
 
 
@@ -67,6 +61,22 @@ AGAIN = (
     "Your reply is not valid: {error}. Answer again with only the JSON object "
     '{{"edits": [...]}} as described, nothing else.'
 )
+
+
+def grounded(reason: str, said: Sequence[str]) -> bool:
+    """Whether `reason` (an edit's reason or text) is the user's words: at least half of its
+    words (or their stems) are in one of the messages `said`. A small model copies the
+    facts of the examples it was shown, or makes one up, with a reason nobody wrote. Text
+    without a word that can be checked ("ok") passes, and so does any when there are no
+    messages to check."""
+    words = query_words(reason)
+    if not words or not said:
+        return True
+    for message in said:
+        text = message.lower()
+        if 2 * sum(1 for word in words if word in text or stem(word) in text) >= len(words):
+            return True
+    return False
 
 
 class ExtractedEdit(BaseModel):
@@ -102,21 +112,22 @@ def reply_schema(labels: Sequence[str], new_blocks: bool) -> dict[str, Any]:
     label: dict[str, Any] = {"type": "string"}
     if not new_blocks:
         label["enum"] = list(labels)
-    edit = {
-        "type": "object",
-        "properties": {
-            "label": label,
-            "action": {"type": "string", "enum": ["append", "replace", "rewrite"]},
-            "old_text": {"type": "string"},
-            "text": {"type": "string"},
-            "reason": {"type": "string"},
-        },
-        "required": ["label", "action", "old_text", "text", "reason"],
-        "additionalProperties": False,
-    }
+
+    def edit(action: str, *fields: str) -> dict[str, Any]:
+        """An edit of one action: an append has no `old_text` to write."""
+        properties: dict[str, Any] = {"label": label, "action": {"const": action}}
+        properties.update({name: {"type": "string"} for name in (*fields, "text", "reason")})
+        return {
+            "type": "object",
+            "properties": properties,
+            "required": list(properties),
+            "additionalProperties": False,
+        }
+
+    edit_schema = {"anyOf": [edit("append"), edit("replace", "old_text"), edit("rewrite")]}
 
     def reply(new_facts: bool) -> dict[str, Any]:
-        edits: dict[str, Any] = {"type": "array", "items": edit}
+        edits: dict[str, Any] = {"type": "array", "items": edit_schema}
         edits.update({"minItems": 1, "maxItems": MAX_EDITS} if new_facts else {"maxItems": 0})
         return {
             "type": "object",

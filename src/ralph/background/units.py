@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
-from ralph.agents.extract import extract_edits
+from ralph.agents.extract import extract_edits, grounded
 from ralph.agents.kit import AgentKit
 from ralph.agents.runner import AgentOutcome, TokenBudget, cap_transcript, run_agent
 from ralph.agents.tools import EDIT_TOOLS, ToolContext, propose_change
@@ -328,8 +328,9 @@ class UnitRunner:
         context.saw(episode)
         if task.mode == "extract":
             prompt = compact_episode(episode)
+            said = [m.content for m in episode if m.role is Role.USER]
             return await self._extract(
-                task, context, instructions, prompt + unavailable, labels, budget
+                task, context, instructions, prompt + unavailable, labels, budget, said
             )
         prompt = with_episode(agent_prompt(labels, task.tools, bool(episode)), episode)
         return await run_agent(
@@ -352,9 +353,13 @@ class UnitRunner:
         prompt: str,
         labels: list[str],
         budget: TokenBudget,
+        said: Sequence[str],
     ) -> AgentOutcome:
         """The `extract` mode: one structured call, then each edit proposed through the same
-        path as the tools' (rules, dedupe, superseding, auto-approval, dry runs)."""
+        path as the tools' (rules, dedupe, superseding, auto-approval, dry runs). An edit of
+        a label the task does not list is refused, and so is one whose text and reason are
+        both not what the user said (`said`, the episode's user messages: a small model
+        copies its examples' facts, or makes one up)."""
         if not labels and not task.new_blocks:
             return AgentOutcome(
                 error="nothing to edit: the task lists no memory_blocks, the user has no "
@@ -375,6 +380,11 @@ class UnitRunner:
                 answer = (
                     f"error: label {edit.label!r} is not one of this task's blocks "
                     f"({', '.join(labels)}); the task does not allow new blocks"
+                )
+            elif not (grounded(edit.reason, said) or grounded(edit.text, said)):
+                answer = (
+                    f"error: neither the text nor the reason ({edit.reason!r}) is in the "
+                    "user's messages"
                 )
             else:
                 outcome.tool_calls += 1
