@@ -3,7 +3,9 @@ as the baseline of the same run, a bare FastAPI + SQLAlchemy app doing the same 
 same database (a commit per request, no middleware, no validation beyond FastAPI's own).
 
 - read: `GET /users/{id}/activity` for one user (a one-row read);
-- write: `POST /users/{id}/activity`, a new user each request (an upsert and a commit).
+- write: `POST /users/{id}/activity`, a new user each request (an upsert and a commit);
+- message: `POST /users/{id}/messages`, a user message among 1,000 users per wrk thread (an
+  insert, an upsert of the user's activity, a commit).
 
 Prints requests per second, p99 latency and Ralph's rate as a ratio of the bare app's, on
 SQLite (a fresh file for each server) and, when reachable, PostgreSQL and MariaDB.
@@ -46,7 +48,7 @@ from fastapi import FastAPI
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 from ralph.db.dialects import backend
-from ralph.db.tables import user_activity
+from ralph.db.tables import messages, user_activity
 
 url = os.environ["BARE_DATABASE_URL"]
 engine = create_async_engine(url, pool_size=10, max_overflow=10)
@@ -71,6 +73,19 @@ async def write(user_id: str):
     async with engine.begin() as conn:
         await conn.execute(upsert.values(user_id=user_id, last_message_at=now))
     return {"user_id": user_id, "last_message_at": now}
+
+
+@app.post("/users/{user_id}/messages", status_code=201)
+async def message(user_id: str, payload: dict):
+    now = datetime.now(UTC)
+    async with engine.begin() as conn:
+        result = await conn.execute(messages.insert().values(
+            user_id=user_id, role="user", content=payload["content"], created_at=now
+        ))
+        await conn.execute(upsert.values(user_id=user_id, last_message_at=now))
+    (message_id,) = result.inserted_primary_key
+    return {"id": message_id, "user_id": user_id, "role": "user",
+            "content": payload["content"], "created_at": now}
 """
 
 # each request a new user: wrk's Lua, one counter per thread
@@ -80,6 +95,18 @@ local prefix = tostring(math.random(1, 1000000000))
 request = function()
   n = n + 1
   return wrk.format("POST", "/users/u" .. prefix .. "-" .. n .. "/activity")
+end
+"""
+
+# a chat: user messages among 1,000 users per thread
+MESSAGE_LUA = """
+local n = 0
+local prefix = tostring(math.random(1, 1000000000))
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"content": "I have an exam on Friday and I am a bit nervous about it"}'
+request = function()
+  n = n + 1
+  return wrk.format("POST", "/users/m" .. prefix .. "-" .. (n % 1000) .. "/messages")
 end
 """
 
@@ -161,6 +188,8 @@ async def migrated(url: str) -> None:
 def measure(name: str, make_url: Iterator[str], seconds: int, folder: Path) -> None:
     script = folder / "new_user.lua"
     script.write_text(NEW_USER_LUA)
+    chat = folder / "message.lua"
+    chat.write_text(MESSAGE_LUA)
     figures: dict[str, dict[str, tuple[float, float]]] = {}
     for server in ("bare", "ralph"):
         url = next(make_url)
@@ -172,11 +201,12 @@ def measure(name: str, make_url: Iterator[str], seconds: int, folder: Path) -> N
             figures[server] = {
                 "read": wrk(port, seconds, None, "/users/one/activity"),
                 "write": wrk(port, seconds, script, "/"),
+                "message": wrk(port, seconds, chat, "/"),
             }
-    for kind in ("read", "write"):
+    for kind in ("read", "write", "message"):
         (bare, bare_p99), (mine, mine_p99) = figures["bare"][kind], figures["ralph"][kind]
         print(
-            f"  {name:8} {kind:5}  ralph {mine:8.0f} req/s p99 {mine_p99:6.1f} ms   "
+            f"  {name:8} {kind:7}  ralph {mine:8.0f} req/s p99 {mine_p99:6.1f} ms   "
             f"bare {bare:8.0f} req/s p99 {bare_p99:6.1f} ms   ratio {mine / bare:.2f}x"
         )
 
