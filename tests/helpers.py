@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -73,6 +74,18 @@ def in_own_loop(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """
     with ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(lambda: asyncio.run(make())).result()
+
+
+def empty_database(name: str, tmp_path: Path) -> Iterator[str]:
+    """For a fixture: an empty database (`name`: sqlite, mariadb or postgres) that server
+    processes migrate themselves, dropped after."""
+    if name == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'ralph.db'}"
+        return
+    server = SERVERS[name]
+    url = in_own_loop(lambda: create_database(server))
+    yield url
+    in_own_loop(lambda: server.drop_database(url))
 
 
 def using_model_server(settings: Settings, server: ModelServer, **extra: object) -> Settings:

@@ -19,14 +19,7 @@ import pytest
 
 from ralph.testing.model_server import Delay, Fail, ModelServer, scripted, text
 from ralph.testing.processes import free_port, scripted_model_env, start_server_process
-from tests.helpers import (
-    create_mariadb_database,
-    create_postgres_database,
-    drop_mariadb_database,
-    drop_postgres_database,
-    in_own_loop,
-    wait_for,
-)
+from tests.helpers import empty_database, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -45,17 +38,7 @@ def model_server() -> Iterator[ModelServer]:
 @pytest.fixture(params=["sqlite", "mariadb", "postgres"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty database the server processes migrate themselves."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'ralph.db'}"
-        return
-    if request.param == "postgres":
-        url = in_own_loop(create_postgres_database)
-        yield url
-        in_own_loop(lambda: drop_postgres_database(url))
-        return
-    url = in_own_loop(create_mariadb_database)
-    yield url
-    in_own_loop(lambda: drop_mariadb_database(url))
+    yield from empty_database(request.param, tmp_path)
 
 
 def start_server(

@@ -18,14 +18,7 @@ from ralph.conversations.store import ConversationStore
 from ralph.db.group_commit import GroupCommit
 from ralph.db.tables import user_activity
 from ralph.testing.processes import free_port, start_server_process
-from tests.helpers import (
-    create_mariadb_database,
-    create_postgres_database,
-    drop_mariadb_database,
-    drop_postgres_database,
-    in_own_loop,
-    wait_for,
-)
+from tests.helpers import empty_database, wait_for
 
 AT = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -85,16 +78,7 @@ async def test_a_bad_write_fails_alone(engine: AsyncEngine) -> None:
 @pytest.fixture(params=["sqlite", "mariadb", "postgres"])
 def server_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty database a server process migrates itself."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'ralph.db'}"
-        return
-    create, drop = {
-        "mariadb": (create_mariadb_database, drop_mariadb_database),
-        "postgres": (create_postgres_database, drop_postgres_database),
-    }[request.param]
-    url = in_own_loop(create)
-    yield url
-    in_own_loop(lambda: drop(url))
+    yield from empty_database(request.param, tmp_path)
 
 
 @pytest.mark.slow
