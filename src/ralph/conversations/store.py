@@ -76,17 +76,16 @@ class ConversationStore:
     ) -> list[Message | datetime | None]:
         """One batch of `GroupCommit`: the messages (ids in the writes' order), one upsert of
         each active user's latest time, and the latest activity of those who asked for it."""
-        said = [w for w in writes if w.role is not None]
         rows = [
             {"user_id": w.user_id, "role": w.role.value, "content": w.content, "created_at": w.at}
-            for w in said
+            for w in writes
             if w.role is not None
         ]
         ids: list[int] = []
         if rows and conn.dialect.insert_executemany_returning_sort_by_parameter_order:
             insert = messages.insert().returning(messages.c.id, sort_by_parameter_order=True)
             ids = [int(i) for i in (await conn.execute(insert, rows)).scalars()]
-        else:  # MySQL: no RETURNING
+        else:  # no INSERT ... RETURNING of many rows in order (MySQL): a statement each
             for row in rows:
                 key = (await conn.execute(messages.insert().values(**row))).inserted_primary_key
                 ids.append(int(key[0]) if key else 0)

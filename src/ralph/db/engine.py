@@ -66,8 +66,8 @@ ONE_STATEMENT = "ralph_one_statement"
 async def one_statement(engine: AsyncEngine) -> AsyncGenerator[AsyncConnection]:
     """A connection for a read of one statement. On SQLite it sends no BEGIN first (a
     statement reads a consistent snapshot by itself): one round trip to the driver's thread
-    fewer, a fifth of a point read's time. Reads of several statements that must agree take
-    `engine.connect()`, which begins a transaction."""
+    fewer. Reads of several statements that must agree take `engine.connect()`, which
+    begins a transaction."""
     async with engine.connect() as conn:
         yield await conn.execution_options(**{ONE_STATEMENT: True})
 

@@ -12,6 +12,7 @@ transaction each, so one bad write fails alone.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -43,7 +44,10 @@ class GroupCommit(Generic[W, R]):
         """Queue `write`; its result once its batch has committed (or its error)."""
         if self._queue is None or self._writer is None or self._writer.done():
             self._queue = asyncio.Queue()  # of this event loop
-            self._writer = asyncio.create_task(self._run(self._queue), name="group-commit")
+            # a context of its own: not the first caller's (its request id, for one)
+            self._writer = asyncio.create_task(
+                self._run(self._queue), name="group-commit", context=contextvars.Context()
+            )
         done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((write, done))
         return await done
