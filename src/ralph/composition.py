@@ -126,7 +126,7 @@ async def open_services(
         )
         versioning: DoltVersioning | None = None
         if settings.memory_versioning == "dolt":
-            versioning = DoltVersioning(engine.dialect.name)
+            versioning = DoltVersioning(engine)
             await versioning.check(engine)
         memory_store = MemoryStore(engine, read_engine, outbox, versioning)
         memory = MemoryService(

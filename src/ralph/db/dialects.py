@@ -1,22 +1,37 @@
 """The one place that knows the databases Ralph runs on: SQLite, MySQL/MariaDB (and Dolt),
-PostgreSQL. Each is a small `Backend` the stores and the engine ask (insert-or-ignore,
-upsert, `GREATEST`, row locks, connection options, which errors are races, refusals or lost
+PostgreSQL. Each is a small `Backend` the stores, the engine, the column types and the
+migrations ask (engines and connection options, insert-or-ignore, upsert, `GREATEST`, row
+locks, full-text search, batch migrations, which errors are races, refusals or lost
 connections), in the spirit of APScheduler's per-store capabilities: adding a database is
 adding a backend here."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, ColumnElement, Insert, Table, func, literal_column, or_, select
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    Dialect,
+    Insert,
+    Table,
+    event,
+    func,
+    literal_column,
+    or_,
+    select,
+)
 from sqlalchemy import table as table_clause
+from sqlalchemy.dialects.mysql import DATETIME as MYSQL_DATETIME
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.mysql import match as mysql_match
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.types import TypeEngine
 
 # The URL schemes Ralph accepts, with their async drivers.
 URL_SCHEMES = ("sqlite+aiosqlite://", "mysql+asyncmy://", "postgresql+asyncpg://")
@@ -32,6 +47,30 @@ def _error_code(error: BaseException) -> object:
         return str(sqlstate)
     args = getattr(orig, "args", ())
     return args[0] if args else None
+
+
+# a connection's execution option: it runs one statement, which needs no BEGIN on SQLite
+ONE_STATEMENT = "ralph_one_statement"
+
+
+def _configure_sqlite(engine: AsyncEngine, begin: str) -> None:
+    sync_engine = engine.sync_engine
+
+    @event.listens_for(sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from the driver so "begin" below decides how to start.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(sync_engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        if not connection.get_execution_options().get(ONE_STATEMENT):
+            connection.exec_driver_sql(begin)
 
 
 class Backend:
@@ -61,6 +100,23 @@ class Backend:
 
     def greatest(self, *values: Any) -> ColumnElement[Any]:
         return func.greatest(*values)
+
+    # whether ALTER TABLE is emulated by copying the table (alembic's batch mode)
+    batch_migrations = False
+    # how a Dolt procedure is called (a Dolt server's procedures; doltlite's functions)
+    dolt_verb = "CALL"
+
+    def column_type(self, name: str) -> TypeEngine[Any] | None:
+        """This database's type for Ralph's column type `name` ("datetime"), if its own."""
+        return None
+
+    def create_engine(self, url: str, pool_size: int) -> AsyncEngine:
+        return create_async_engine(url, **self.engine_options(pool_size))
+
+    def create_read_engine(self, url: str) -> AsyncEngine | None:
+        """An engine of its own for transactions that only read, if the database needs one
+        (None: the engine's pool serves reads as well)."""
+        return None
 
     def engine_options(self, pool_size: int) -> dict[str, Any]:
         return {
@@ -108,7 +164,29 @@ class SQLite(_OnConflict):
     name = "sqlite"
     lock_rows = False  # BEGIN IMMEDIATE takes the database's one write lock
     timeout_arg = "timeout"
+    batch_migrations = True
+    dolt_verb = "SELECT"
     _insert = staticmethod(sqlite_insert)
+
+    def create_engine(self, url: str, pool_size: int) -> AsyncEngine:
+        database = make_url(url).database or ""
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        # One connection per process: SQLite has a single writer anyway, and queueing in the
+        # pool is far cheaper than SQLite's busy-wait back-off between connections of one
+        # process. Other processes on the same file still coordinate through the file lock.
+        engine = create_async_engine(
+            url, connect_args={"timeout": 30}, pool_size=1, max_overflow=0, pool_timeout=300
+        )
+        _configure_sqlite(engine, "BEGIN IMMEDIATE")
+        return engine
+
+    def create_read_engine(self, url: str) -> AsyncEngine | None:
+        engine = create_async_engine(
+            url, connect_args={"timeout": 30}, pool_size=4, max_overflow=0, pool_timeout=300
+        )
+        _configure_sqlite(engine, "BEGIN")
+        return engine
 
     def greatest(self, *values: Any) -> ColumnElement[Any]:
         return func.max(*values)  # SQLite's scalar max() of several arguments
@@ -135,6 +213,10 @@ class MySQL(Backend):
     # 2013 the connection was lost during a query, 2006 the server has gone away (the
     # statement was sent on a connection the server had just closed)
     lost_codes = frozenset({2013, 2006})
+
+    def column_type(self, name: str) -> TypeEngine[Any] | None:
+        # DATETIME keeps whole seconds unless asked for microseconds
+        return MYSQL_DATETIME(fsp=6) if name == "datetime" else None
 
     def insert_ignore(self, table: Table) -> Insert:
         return mysql_insert(table).prefix_with("IGNORE")
@@ -170,10 +252,11 @@ class PostgreSQL(_OnConflict):
 BACKENDS: dict[str, Backend] = {b.name: b for b in (SQLite(), MySQL(), PostgreSQL())}
 
 
-def backend(engine: AsyncEngine | str) -> Backend:
-    """The backend of an engine, or of a database URL."""
-    name = make_url(engine).get_backend_name() if isinstance(engine, str) else engine.dialect.name
-    return BACKENDS[name]
+def backend(engine: AsyncEngine | Dialect | str) -> Backend:
+    """The backend of an engine, a SQLAlchemy dialect, or a database URL."""
+    if isinstance(engine, str):
+        return BACKENDS[make_url(engine).get_backend_name()]
+    return BACKENDS[engine.name if isinstance(engine, Dialect) else engine.dialect.name]
 
 
 def _coded(error: BaseException, codes: str) -> bool:

@@ -4,42 +4,25 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Insert, Table, event
-from sqlalchemy.engine import make_url
+from sqlalchemy import Insert, Table
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from ralph.db.dialects import backend
+from ralph.db.dialects import ONE_STATEMENT, backend
 from ralph.db.types import UTCDateTime
 
 
 def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
-    """An async engine for `url` (sqlite+aiosqlite, mysql+asyncmy or postgresql+asyncpg).
-
-    SQLite: the parent directory is created, one pooled connection serves the process (callers
-    must not hold a connection while waiting for another), WAL mode and a busy timeout are set,
-    and every
-    transaction starts with BEGIN IMMEDIATE, so a read-then-write transaction never fails
-    half-way with "database is locked" when another connection or process writes concurrently
-    (reads that need not wait have `create_read_engine`).
-    """
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        database = parsed.database or ""
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
-        # One connection per process: SQLite has a single writer anyway, and queueing in the
-        # pool is far cheaper than SQLite's busy-wait back-off between connections of one
-        # process. Other processes on the same file still coordinate through the file lock.
-        engine = create_async_engine(
-            url, connect_args={"timeout": 30}, pool_size=1, max_overflow=0, pool_timeout=300
-        )
-        _configure_sqlite(engine)
-        return engine
-    return create_async_engine(url, **backend(url).engine_options(pool_size))
+    """An async engine for `url` (sqlite+aiosqlite, mysql+asyncmy or postgresql+asyncpg),
+    made by its backend (`ralph.db.dialects`). SQLite: the parent directory is created, one
+    pooled connection serves the process (callers must not hold a connection while waiting
+    for another), WAL mode and a busy timeout are set, and every transaction starts with
+    BEGIN IMMEDIATE, so a read-then-write transaction never fails half-way with "database
+    is locked" when another connection or process writes concurrently (reads that need not
+    wait have `create_read_engine`)."""
+    return backend(url).create_engine(url, pool_size)
 
 
 def create_read_engine(url: str) -> AsyncEngine | None:
@@ -49,17 +32,7 @@ def create_read_engine(url: str) -> AsyncEngine | None:
     writer holds: WAL gives it a snapshot. A write through it would fail when another
     connection writes: write through `create_engine`'s. None for a server database (its
     pool serves reads as well)."""
-    if make_url(url).get_backend_name() != "sqlite":
-        return None
-    engine = create_async_engine(
-        url, connect_args={"timeout": 30}, pool_size=4, max_overflow=0, pool_timeout=300
-    )
-    _configure_sqlite(engine, begin="BEGIN")
-    return engine
-
-
-# a connection's execution option: it runs one statement, which needs no BEGIN on SQLite
-ONE_STATEMENT = "ralph_one_statement"
+    return backend(url).create_read_engine(url)
 
 
 @asynccontextmanager
@@ -79,26 +52,6 @@ def create_probe_engine(url: str) -> AsyncEngine:
     return create_async_engine(
         url, poolclass=NullPool, connect_args=backend(url).probe_connect_args()
     )
-
-
-def _configure_sqlite(engine: AsyncEngine, begin: str = "BEGIN IMMEDIATE") -> None:
-    sync_engine = engine.sync_engine
-
-    @event.listens_for(sync_engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Take transaction control away from the driver so "begin" below decides how to start.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
-
-    @event.listens_for(sync_engine, "begin")
-    def _on_begin(connection: Any) -> None:
-        if not connection.get_execution_options().get(ONE_STATEMENT):
-            connection.exec_driver_sql(begin)
 
 
 async def insert_rows(

@@ -1,4 +1,4 @@
-"""Column types that behave the same on SQLite and MySQL-compatible servers."""
+"""Column types that behave the same on every database Ralph runs on."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import DateTime, Dialect, Text
-from sqlalchemy.dialects.mysql import DATETIME as MYSQL_DATETIME
 from sqlalchemy.dialects.mysql import MEDIUMTEXT
 from sqlalchemy.types import TypeDecorator
+
+from ralph.db.dialects import backend
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -18,9 +19,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     cache_ok = True
 
     def load_dialect_impl(self, dialect: Dialect) -> Any:
-        if dialect.name == "mysql":
-            return dialect.type_descriptor(MYSQL_DATETIME(fsp=6))
-        return dialect.type_descriptor(DateTime())
+        return dialect.type_descriptor(backend(dialect).column_type("datetime") or DateTime())
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:

@@ -21,6 +21,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ralph.db.dialects import backend
+
 MEMORY_TABLES = ("memory_blocks", "memory_block_versions")
 
 
@@ -44,9 +46,8 @@ class DoltUnavailable(RuntimeError):
 
 
 class DoltVersioning:
-    def __init__(self, dialect: str) -> None:
-        # doltlite exposes Dolt's procedures as SQL functions; a Dolt server as procedures
-        verb = "SELECT" if dialect == "sqlite" else "CALL"
+    def __init__(self, engine: AsyncEngine) -> None:
+        verb = backend(engine).dolt_verb
         tables = ", ".join(f"'{name}'" for name in MEMORY_TABLES)
         self._add = text(f"{verb} dolt_add({tables})")
         self._commit = text(f"{verb} dolt_commit('-m', :message, '--author', :author)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
+from ralph.db.dialects import backend
 from ralph.db.tables import compared, metadata
 
 connection = context.config.attributes.get("connection")
@@ -13,7 +14,7 @@ if connection is None:
 context.configure(
     connection=connection,
     target_metadata=metadata,
-    render_as_batch=connection.dialect.name == "sqlite",
+    render_as_batch=backend(connection.dialect).batch_migrations,
     compare_type=True,
     include_name=compared,
 )
