@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ralph.conversations.models import Message, Role
@@ -49,6 +49,28 @@ async def test_writes_that_arrive_together_share_a_transaction(engine: AsyncEngi
         assert await store.last_activity("u0") == AT  # u0 said something (i = 5, 10, ...)
         assert await store.last_activity("u3") == AT
     finally:
+        await store.aclose()
+
+
+async def test_reads_that_arrive_together_are_one_statement(engine: AsyncEngine) -> None:
+    """Users' latest activity read by 30 requests at once: one or two SELECTs, not 30; each
+    answer is its user's."""
+    store = ConversationStore(engine)
+    selects: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            selects.append(statement)
+
+    try:
+        await store.record_activity("a", AT)
+        await store.record_activity("c", AT + timedelta(minutes=1))
+        event.listen(engine.sync_engine, "before_cursor_execute", seen)
+        found = await asyncio.gather(*(store.last_activity(u) for u in ["a", "b", "c"] * 10))
+        assert found == [AT, None, AT + timedelta(minutes=1)] * 10
+        assert 1 <= len(selects) <= 2, selects
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", seen)
         await store.aclose()
 
 

@@ -14,7 +14,7 @@ from ralph.conversations.models import Message, Role
 from ralph.conversations.search import query_words, ranked, stem
 from ralph.db.dialects import backend
 from ralph.db.engine import one_statement, upsert
-from ralph.db.group_commit import GroupCommit
+from ralph.db.group_commit import GroupCommit, GroupRead
 from ralph.db.tables import messages, user_activity
 
 
@@ -63,6 +63,7 @@ class ConversationStore:
             },
         )
         self._writes = GroupCommit(engine, self._write)
+        self._activity_reads = GroupRead(self._reads, self._read_activity)
 
     async def add_message(self, user_id: str, role: Role, content: str, at: datetime) -> Message:
         """Store a message; a user message also records activity, in the same transaction
@@ -99,12 +100,7 @@ class ConversationStore:
                 [{"user_id": u, "last_message_at": at} for u, at in sorted(active.items())],
             )
         asked = sorted({w.user_id for w in writes if w.role is None})
-        latest: dict[str, datetime | None] = {}
-        if asked:
-            query = select(user_activity.c.user_id, user_activity.c.last_message_at).where(
-                user_activity.c.user_id.in_(asked)
-            )
-            latest = {row.user_id: row.last_message_at for row in await conn.execute(query)}
+        latest = dict(zip(asked, await self._read_activity(conn, asked), strict=True))
         made = iter(ids)
         return [
             latest.get(w.user_id)
@@ -119,8 +115,9 @@ class ConversationStore:
         return self._writes.batches
 
     async def aclose(self) -> None:
-        """Commit the writes queued so far and stop their writer."""
+        """Commit the writes queued so far and stop their writer (and the reader)."""
         await self._writes.aclose()
+        await self._activity_reads.aclose()
 
     async def list_messages(
         self, user_id: str, *, limit: int = 50, before: int | None = None
@@ -209,6 +206,18 @@ class ConversationStore:
         return latest
 
     async def last_activity(self, user_id: str) -> datetime | None:
-        query = select(user_activity.c.last_message_at).where(user_activity.c.user_id == user_id)
-        async with one_statement(self._reads) as conn:
-            return (await conn.execute(query)).scalar()
+        """The user's latest activity (reads that arrive together are one statement)."""
+        return await self._activity_reads.submit(user_id)
+
+    @staticmethod
+    async def _read_activity(
+        conn: AsyncConnection, user_ids: Sequence[str]
+    ) -> list[datetime | None]:
+        """The latest activity of each of `user_ids`, in their order, in one statement."""
+        if not user_ids:
+            return []
+        query = select(user_activity.c.user_id, user_activity.c.last_message_at).where(
+            user_activity.c.user_id.in_(sorted(set(user_ids)))
+        )
+        found = {row.user_id: row.last_message_at for row in await conn.execute(query)}
+        return [found.get(user_id) for user_id in user_ids]

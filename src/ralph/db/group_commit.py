@@ -7,6 +7,11 @@ commits a batch, new writes queue; the next batch takes all of them (up to `max_
 one transaction. A write's caller is answered only after its batch has committed, so nothing
 acknowledged is lost on a crash; if a batch fails, its writes are tried again one
 transaction each, so one bad write fails alone.
+
+`GroupRead` does the same for point reads (a user's latest activity, read on every chat
+turn): the reads queued together are one statement on one connection. A read that arrives
+while a batch is being read waits for the next one, so it never answers with data older than
+the moment it was asked.
 """
 
 from __future__ import annotations
@@ -14,9 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Generic, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ralph.db.engine import one_statement
 
 W = TypeVar("W")
 R = TypeVar("R")
@@ -63,9 +71,12 @@ class GroupCommit(Generic[W, R]):
                 batch.append(queued)
             await self._commit(batch)
 
+    def _connection(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        return self._engine.begin()
+
     async def _commit(self, batch: list[Queued[W, R]]) -> None:
         try:
-            async with self._engine.begin() as connection:
+            async with self._connection() as connection:
                 results = await self._write(connection, [write for write, _ in batch])
         except Exception as exc:
             if len(batch) == 1:
@@ -86,3 +97,11 @@ class GroupCommit(Generic[W, R]):
             return
         self._queue.put_nowait(None)
         await self._writer
+
+
+class GroupRead(GroupCommit[W, R]):
+    """Runs `read(connection, keys)` for the reads queued together, as one statement (no
+    transaction: `ralph.db.engine.one_statement`)."""
+
+    def _connection(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        return one_statement(self._engine)
