@@ -5,12 +5,14 @@ server, checking the proposals that result."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from httpx import AsyncClient
 
+from ralph.agents.runner import REPEATING
 from ralph.agents.wire import Reply, ToolCall, turn_of
 from ralph.config import Settings
 from ralph.testing.model_server import ModelServer, call, scripted, text
@@ -169,3 +171,18 @@ async def test_parallel_calls_and_a_repeated_call(
     assert results[2].startswith(results[0])
     assert "You already called append_memory_block" in results[2]
     assert user["proposals_created"] == 2
+
+
+def test_ralphs_own_stops_are_not_logged_as_errors() -> None:
+    """Agno logs the exception that ends its run as an ERROR; the loop guard, the turn limit
+    and the budget are outcomes Ralph records, so their lines are dropped, others kept."""
+    agno = logging.getLogger("agno")
+
+    def shown(message: str) -> bool:
+        return bool(agno.filter(logging.LogRecord("agno", logging.ERROR, "", 0, message, (), None)))
+
+    assert not shown(f"Error in Agent run: {REPEATING}: its last 2 tool calls repeated ...")
+    assert not shown("Error in Agent run: stopped after 6 model calls (max_turns)")
+    assert not shown("Error in Agent run: budget exceeded: 900 tokens used, ...")
+    assert shown("Error in Agent run: Connection refused")
+    assert shown("stopped after a while")  # not Agno's run error

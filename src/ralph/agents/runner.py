@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -38,6 +39,25 @@ REPEATING = "stopped: repeating"
 
 class BudgetExceeded(Exception):
     """Raised inside the model before a call the token budget does not allow."""
+
+
+# how the messages of Ralph's own stops (above) begin or end
+OWN_STOPS = ("stopped after ", "(max_turns)", REPEATING, "budget exceeded: ")
+
+
+class _OwnStopsAreNotErrors(logging.Filter):
+    """Agno logs the exception that ends its run as an ERROR ("Error in Agent run: ...");
+    Ralph's own stops (the turn limit, the loop guard, the budget) are outcomes, recorded in
+    the user's result, not errors: their lines are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            message.startswith("Error in Agent run: ") and any(m in message for m in OWN_STOPS)
+        )
+
+
+logging.getLogger("agno").addFilter(_OwnStopsAreNotErrors())
 
 
 @dataclass
