@@ -17,9 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ralph.background.models import TaskDefinition, TriggerType
 from ralph.background.run_store import RERUN_PREFIX, RunStore
 from ralph.background.task_store import TaskStore
-from ralph.db.engine import insert_ignore
+from ralph.db.engine import insert_ignore, one_statement
 from ralph.db.tables import (
-    background_tasks,
     task_chain_claims,
     task_run_users,
     task_runs,
@@ -154,11 +153,8 @@ class ChainStore:
             return (await conn.execute(query)).scalar()
 
     async def watermark(self, task_name: str) -> datetime | None:
-        query = select(background_tasks.c.idle_watermark).where(
-            background_tasks.c.name == task_name
-        )
-        async with self._reads.connect() as conn:
-            return (await conn.execute(query)).scalar()
+        async with one_statement(self._reads) as conn:
+            return await TaskStore.watermark_in(conn, task_name)
 
     async def save_watermark(self, task_name: str, at: datetime) -> None:
         """The upstream results ended before `at` have all been followed (or were not due)."""

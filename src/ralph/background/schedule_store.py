@@ -17,7 +17,6 @@ from ralph.background.run_store import RunStore
 from ralph.background.task_store import TaskStore
 from ralph.db.engine import insert_ignore, upsert
 from ralph.db.tables import (
-    background_tasks,
     idle_deferred,
     idle_pending,
     idle_state,
@@ -133,11 +132,8 @@ class ScheduleStore:
             )
             .where(idle_deferred.c.task_name == task_name, idle_deferred.c.due_at <= now)
         )
-        watermark_query = select(background_tasks.c.idle_watermark).where(
-            background_tasks.c.name == task_name
-        )
         async with self._reads.connect() as conn:
-            watermark = (await conn.execute(watermark_query)).scalar()
+            watermark = await TaskStore.watermark_in(conn, task_name)
             if watermark is not None:
                 window = window.where(user_activity.c.last_message_at > watermark)
             rows = [*(await conn.execute(window)).all(), *(await conn.execute(deferred)).all()]

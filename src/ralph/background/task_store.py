@@ -177,6 +177,13 @@ class TaskStore:
         return [self._stored(r, users[r["name"]]) for r in rows]
 
     @staticmethod
+    async def watermark_in(conn: AsyncConnection, name: str) -> datetime | None:
+        """The task's trigger watermark (idle: activity up to it was seen; after: upstream
+        results up to it were followed), read on `conn`."""
+        query = select(background_tasks.c.idle_watermark).where(background_tasks.c.name == name)
+        return (await conn.execute(query)).scalar()
+
+    @staticmethod
     async def advance_watermark_in(conn: AsyncConnection, name: str, watermark: datetime) -> None:
         """Move the task's watermark (an idle or an `after` task's) forward (never back,
         whichever replica writes last), inside the caller's transaction."""
