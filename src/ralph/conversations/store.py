@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, func, or_, select
+from sqlalchemy import ColumnElement, Row, Select, func, or_, select, union
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ralph.conversations.models import Message, Role
@@ -154,19 +154,30 @@ class ConversationStore:
         symbols); `text` without a word that can find anything ("the", "?") is matched as
         it is. Ranks the newest `SEARCH_CANDIDATES` matches."""
         words = query_words(text)
-        matches: list[ColumnElement[bool]] = [
-            func.lower(messages.c.content).like(f"%{_escape_like(word)}%", escape="\\")
-            for word in words or [text.lower()]
-        ]
+        like = or_(
+            *(
+                func.lower(messages.c.content).like(f"%{_escape_like(word)}%", escape="\\")
+                for word in words or [text.lower()]
+            )
+        )
+        conditions = [like]
         if words:
             stems = [stem(word) for word in words if stem(word) != word]
-            matches.append(self._backend.text_match(messages.c.content, words + stems))
-        query = (
-            select(messages)
-            .where(messages.c.user_id == user_id, or_(*matches))
-            .order_by(messages.c.id.desc())
-            .limit(SEARCH_CANDIDATES)
-        )
+            conditions.append(self._backend.text_match(messages.c.content, words + stems))
+
+        def newest(condition: ColumnElement[bool]) -> Select[Any]:
+            return (
+                select(messages)
+                .where(messages.c.user_id == user_id, condition)
+                .order_by(messages.c.id.desc())
+                .limit(SEARCH_CANDIDATES)
+            )
+
+        if len(conditions) > 1 and self._backend.text_match_apart:
+            found = union(*(select(newest(c).subquery()) for c in conditions)).subquery()
+            query = select(found).order_by(found.c.id.desc()).limit(SEARCH_CANDIDATES)
+        else:
+            query = newest(or_(*conditions))
         async with one_statement(self._reads) as conn:
             rows = (await conn.execute(query)).all()
         return ranked([_message(r) for r in rows], words or [text.lower()], limit, matched=True)

@@ -7,6 +7,7 @@ adding a backend here."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,6 @@ from sqlalchemy import (
     event,
     func,
     literal_column,
-    or_,
     select,
 )
 from sqlalchemy import table as table_clause
@@ -126,6 +126,12 @@ class Backend:
             "pool_recycle": 1800,
             "isolation_level": "READ COMMITTED",
         }
+
+    # whether `text_match` must be a query of its own (a UNION with the substring match) for
+    # the planner to use its index: ORed with a LIKE, PostgreSQL computes to_tsvector for
+    # each of the user's rows (measured: 170-400 ms for a user of 20,000 messages, 20-60 ms
+    # apart); SQLite and MySQL are faster with the two ORed in one query
+    text_match_apart = False
 
     def text_match(self, column: Column[Any], words: Sequence[str]) -> ColumnElement[bool]:
         """Rows whose `column` holds any of `words` (lowercase \\w+ words, with their stems)
@@ -241,12 +247,14 @@ class PostgreSQL(_OnConflict):
     # 22001 value too long, 22003 out of range, 22P02 invalid text, 22021 invalid byte
     # sequence, 23502 not null, 54000 program limit exceeded (a row too large)
     refusal_codes = frozenset({"22001", "22003", "22P02", "22021", "23502", "54000"})
+    text_match_apart = True
 
     def text_match(self, column: Column[Any], words: Sequence[str]) -> ColumnElement[bool]:
         # a GIN index on to_tsvector('english', column): the expression must be the index's
+        # one tsquery of the words ORed (`||`): one condition the planner estimates well
         document = func.to_tsvector(literal_column("'english'"), column)
         queries = [func.plainto_tsquery(literal_column("'english'"), word) for word in words]
-        return or_(*(document.op("@@")(query) for query in queries))
+        return document.op("@@")(functools.reduce(lambda a, b: a.op("||")(b), queries))
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (SQLite(), MySQL(), PostgreSQL())}
