@@ -31,7 +31,7 @@ from ralph.agents.runner import (
     limit_model_calls,
     recorded_deadline,
 )
-from ralph.conversations.search import query_words, stem
+from ralph.conversations.search import found_in, query_words, with_stems
 
 # at most this many edits are taken from one reply
 MAX_EDITS = 10
@@ -69,14 +69,10 @@ def grounded(reason: str, said: Sequence[str]) -> bool:
     facts of the examples it was shown, or makes one up, with a reason nobody wrote. Text
     without a word that can be checked ("ok") passes, and so does any when there are no
     messages to check."""
-    words = query_words(reason)
-    if not words or not said:
+    forms = with_stems(query_words(reason))
+    if not forms or not said:
         return True
-    for message in said:
-        text = message.lower()
-        if 2 * sum(1 for word in words if word in text or stem(word) in text) >= len(words):
-            return True
-    return False
+    return any(2 * found_in(message.lower(), forms) >= len(forms) for message in said)
 
 
 class ExtractedEdit(BaseModel):

@@ -40,16 +40,27 @@ def stem(word: str) -> str:
     return word
 
 
+def with_stems(words: Sequence[str]) -> list[tuple[str, str]]:
+    """Each word with its stem, computed once for the texts it is looked for in."""
+    return [(word, stem(word)) for word in words]
+
+
+def found_in(text: str, forms: Sequence[tuple[str, str]]) -> int:
+    """How many of the words (`with_stems`) lowercase `text` holds, each as written or as
+    its stem, as part of a word."""
+    return sum(1 for word, stemmed in forms if word in text or stemmed in text)
+
+
 def ranked(
     messages: Sequence[Message], words: Sequence[str], limit: int, *, matched: bool = False
 ) -> list[Message]:
     """`messages` that contain at least one of `words` or its stem (case-insensitive), those
     containing more of them first, then the newest; at most `limit`. `matched`: the messages
     are known matches (a full-text index found them), kept even when no word is seen here."""
+    forms = with_stems(words)
     scored: list[tuple[int, int, Message]] = []
     for message in messages:
-        text = message.content.lower()
-        hits = sum(1 for word in words if word in text or stem(word) in text)
+        hits = found_in(message.content.lower(), forms)
         if matched:
             hits = max(hits, 1)
         if hits:

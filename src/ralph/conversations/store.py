@@ -11,7 +11,7 @@ from sqlalchemy import ColumnElement, Row, Select, func, or_, select, union
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ralph.conversations.models import Message, Role
-from ralph.conversations.search import query_words, ranked, stem
+from ralph.conversations.search import query_words, ranked, with_stems
 from ralph.db.dialects import backend
 from ralph.db.engine import one_statement, upsert
 from ralph.db.group_commit import GroupCommit, GroupRead
@@ -162,7 +162,7 @@ class ConversationStore:
         )
         conditions = [like]
         if words:
-            stems = [stem(word) for word in words if stem(word) != word]
+            stems = [stemmed for word, stemmed in with_stems(words) if stemmed != word]
             conditions.append(self._backend.text_match(messages.c.content, words + stems))
 
         def newest(condition: ColumnElement[bool]) -> Select[Any]:

@@ -53,7 +53,12 @@ def _error_code(error: BaseException) -> object:
 ONE_STATEMENT = "ralph_one_statement"
 
 
-def _configure_sqlite(engine: AsyncEngine, begin: str) -> None:
+def _sqlite_engine(url: str, connections: int, begin: str) -> AsyncEngine:
+    """A pool of `connections` to a SQLite file in WAL mode, whose transactions start with
+    `begin` (a one-statement read: none)."""
+    engine = create_async_engine(
+        url, connect_args={"timeout": 30}, pool_size=connections, max_overflow=0, pool_timeout=300
+    )
     sync_engine = engine.sync_engine
 
     @event.listens_for(sync_engine, "connect")
@@ -71,6 +76,8 @@ def _configure_sqlite(engine: AsyncEngine, begin: str) -> None:
     def _on_begin(connection: Any) -> None:
         if not connection.get_execution_options().get(ONE_STATEMENT):
             connection.exec_driver_sql(begin)
+
+    return engine
 
 
 class Backend:
@@ -181,18 +188,10 @@ class SQLite(_OnConflict):
         # One connection per process: SQLite has a single writer anyway, and queueing in the
         # pool is far cheaper than SQLite's busy-wait back-off between connections of one
         # process. Other processes on the same file still coordinate through the file lock.
-        engine = create_async_engine(
-            url, connect_args={"timeout": 30}, pool_size=1, max_overflow=0, pool_timeout=300
-        )
-        _configure_sqlite(engine, "BEGIN IMMEDIATE")
-        return engine
+        return _sqlite_engine(url, 1, "BEGIN IMMEDIATE")
 
     def create_read_engine(self, url: str) -> AsyncEngine | None:
-        engine = create_async_engine(
-            url, connect_args={"timeout": 30}, pool_size=4, max_overflow=0, pool_timeout=300
-        )
-        _configure_sqlite(engine, "BEGIN")
-        return engine
+        return _sqlite_engine(url, 4, "BEGIN")
 
     def greatest(self, *values: Any) -> ColumnElement[Any]:
         return func.max(*values)  # SQLite's scalar max() of several arguments
