@@ -30,12 +30,11 @@ from pathlib import Path
 import httpx
 
 os.environ.setdefault("AGNO_TELEMETRY", "false")
-sys.path.insert(0, str(Path(__file__).parent))
 
 from ralph.db import migrate
 from ralph.db.engine import create_engine
+from ralph.testing.databases import SERVERS, DatabaseServer, Unreachable
 from ralph.testing.processes import free_port, start_server_process
-from scheduler import SERVERS, drop, server_url
 
 CONNECTIONS = 32
 THREADS = 2
@@ -222,24 +221,22 @@ def main(seconds: int, databases: set[str]) -> None:
 
         if "sqlite" in databases:
             measure("sqlite", sqlite_urls(), seconds, folder)
-        for server in (s for s in SERVERS if s in databases):
+        for name in (s for s in SERVERS if s in databases):
+            server = SERVERS[name]
             made: list[str] = []
 
-            def urls(server: str = server, made: list[str] = made) -> Iterator[str]:
+            def urls(server: DatabaseServer = server, made: list[str] = made) -> Iterator[str]:
                 while True:
-                    url = asyncio.run(server_url(server))
-                    if url is None:
-                        raise LookupError(server)
-                    made.append(url)
-                    yield url
+                    made.append(asyncio.run(server.create_database("ralph_bench")))
+                    yield made[-1]
 
             try:
-                measure(server, urls(), seconds, folder)
-            except LookupError:
-                print(f"  {server:8} not reachable, skipped")
+                measure(name, urls(), seconds, folder)
+            except Unreachable:
+                print(f"  {name:8} not reachable, skipped")
             finally:
                 for url in made:
-                    asyncio.run(drop(server, url))
+                    asyncio.run(server.drop_database(url))
 
 
 if __name__ == "__main__":

@@ -190,7 +190,7 @@ async def local_time(users: int) -> None:
             try:
                 rows.append((server, await local_time_pass(url, users)))
             finally:
-                await drop(server, url)
+                await SERVERS[server].drop_database(url)
     for backend, (local, fixed, read, found) in rows:
         print(
             f"  {backend:8} per-user pass={local:7.2f} ms  fixed-timezone pass={fixed:6.2f} ms "
@@ -204,10 +204,6 @@ async def server_url(server: str) -> str | None:
         return await SERVERS[server].create_database("ralph_bench")
     except Unreachable:
         return None
-
-
-async def drop(server: str, url: str) -> None:
-    await SERVERS[server].drop_database(url)
 
 
 async def main(sizes: list[int]) -> None:
@@ -233,7 +229,7 @@ async def main(sizes: list[int]) -> None:
                     f"next due={wake:6.2f} ms"
                 )
             finally:
-                await drop(server, url)
+                await SERVERS[server].drop_database(url)
 
 
 if __name__ == "__main__":
